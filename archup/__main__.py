@@ -1,0 +1,3 @@
+from archup.cli import main
+
+main()

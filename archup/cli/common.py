@@ -1,0 +1,108 @@
+"""What every command shares: options, opening the journal, errors to exit codes, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from ulid import ULID
+
+from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
+from ..journal import Journal, default_journal_path
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JournalOption = Annotated[
+    Path | None,
+    typer.Option("--journal", help="Journal file [env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
+                 show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed by 'archup upload').",
+                                               show_default=False)]
+EndpointOption = Annotated[
+    str | None,
+    typer.Option("--endpoint-url", help="S3 endpoint URL [env: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
+                 show_default=False),
+]
+ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
+RegionOption = Annotated[str | None, typer.Option("--region", help="Region of the bucket.", show_default=False)]
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int) -> None:
+    # Plain print, never rich markup: messages carry user file names.
+    print(f"archup: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def handles_errors(command: F) -> F:
+    """Map every archup error to its one-line message and documented exit code."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ArchupError as error:
+            fail(str(error), exit_code_for(error))
+        except KeyboardInterrupt:
+            fail("interrupted", int(ExitCode.INTERRUPTED))
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def open_journal(path: Path | None) -> Iterator[Journal]:
+    journal = Journal(path or default_journal_path())
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+def check_batch_id(batch_id: str) -> str:
+    try:
+        return str(ULID.from_str(batch_id.strip().upper()))
+    except ValueError:
+        raise UsageError(f"malformed batch id {batch_id!r}: expected a 26-character ULID "
+                         "such as 01K8RNKN488RQCG3YGG72QBZS5") from None
+
+
+def resolve_endpoint(flag: str | None) -> str | None:
+    return (flag or os.environ.get("ARCHUP_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8MiB', '8M', '16MB', '5242880': binary multiples, like rclone's size suffixes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"bad size {text!r}: use a number of bytes or a suffix such as 8MiB or 64M")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    return number * 1024 ** " kmgt".index(unit or " ")
+
+
+def emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_fields(fields: list[tuple[str, Any]]) -> None:
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name:<{width}}  {value}")

@@ -1,0 +1,62 @@
+"""archup status: what the journal knows about one batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..journal import BatchSummary
+from ..states import FileState
+from .common import (BatchArgument, JournalOption, JsonOption, check_batch_id, emit_json, handles_errors,
+                     open_journal, print_fields)
+
+
+def status_document(summary: BatchSummary) -> dict[str, Any]:
+    batch = summary.batch
+    return {
+        "batch_id": batch.batch_id,
+        "status": batch.state.value,
+        "source_root": batch.source_root,
+        "bucket": batch.bucket,
+        "prefix": batch.batch_prefix,
+        "endpoint_url": batch.endpoint_url,
+        "scan_complete": batch.scan_complete,
+        "files": {state.value: summary.counts[state] for state in FileState} | {"total": summary.files_total},
+        "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
+        "bytes_total": summary.bytes_total,
+        "created_at": batch.created_at,
+        "updated_at": batch.updated_at,
+        "expires_at": batch.expires_at,
+        "finalized_at": batch.finalized_at,
+        "manifest_key": batch.manifest_key,
+        "error": batch.error,
+        "problems": [{"path": f.rel_path, "state": f.state.value, "error": f.error} for f in summary.problems],
+    }
+
+
+@handles_errors
+def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_output: JsonOption = False) -> None:
+    """Show a batch: state, counts per file state, bytes, times, failed and skipped files."""
+    batch_id = check_batch_id(batch_id)
+    with open_journal(journal_path) as journal:
+        document = status_document(journal.get_state(batch_id))
+    if json_output:
+        emit_json(document)
+        return
+    files = document["files"]
+    print_fields([
+        ("batch_id", document["batch_id"]),
+        ("status", document["status"]),
+        ("source", document["source_root"]),
+        ("destination", f"s3://{document['bucket']}/{document['prefix']}"),
+        ("scan", "complete" if document["scan_complete"] else "incomplete"),
+        ("files", ", ".join(f"{count} {state}" for state, count in files.items() if count or state == "total")),
+        ("bytes", f"{document['bytes_uploaded']} of {document['bytes_total']} uploaded"),
+        ("created", document["created_at"]),
+        ("updated", document["updated_at"]),
+        ("expires", document["expires_at"] if not document["finalized_at"] else "never (finalized)"),
+        *([("finalized", document["finalized_at"]), ("manifest", document["manifest_key"])]
+          if document["finalized_at"] else []),
+        *([("error", document["error"])] if document["error"] else []),
+    ])
+    for problem in document["problems"]:
+        print(f"{problem['state']}: {problem['path']}: {problem['error']}")

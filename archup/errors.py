@@ -1,0 +1,133 @@
+"""archup's named errors and the one table that maps them to exit codes.
+
+Every message says what failed, with the value, and what to do next. The CLI
+prints ``str(error)`` on one line and exits with ``exit_code_for(error)``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes archup documents (README, ``archup --help``)."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    PARTIAL = 3
+    BUSY = 4
+    DESTINATION = 5
+    INTERRUPTED = 130
+
+
+class ArchupError(Exception):
+    """Base of every error archup reports to a user."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class UsageError(ArchupError):
+    """Bad input: a missing directory, a malformed batch id, a bad option."""
+
+    exit_code = ExitCode.USAGE
+
+
+class BatchNotFound(UsageError):
+    """The journal has no batch with this id."""
+
+
+class JournalError(ArchupError):
+    """The journal cannot be opened, read or written."""
+
+
+class JournalBusy(JournalError):
+    """Another writer held the journal past the busy timeout."""
+
+    exit_code = ExitCode.BUSY
+
+
+class JournalTooNew(JournalError):
+    """The journal was written by a newer archup (schema version too high)."""
+
+
+class IllegalTransition(ArchupError):
+    """A batch or file was asked to move to a state it cannot reach from its current one."""
+
+
+class FileNotInBatch(IllegalTransition):
+    """A file was completed or failed that the batch never added."""
+
+    def __init__(self, batch_id: str, rel_path: str) -> None:
+        super().__init__(f"File not found in batch: batch {batch_id} has no file {rel_path!r}")
+        self.batch_id = batch_id
+        self.rel_path = rel_path
+
+
+class FileAlreadyUploaded(IllegalTransition):
+    """A file that is already uploaded was completed a second time."""
+
+    def __init__(self, batch_id: str, rel_path: str) -> None:
+        super().__init__(f"batch {batch_id}: file {rel_path!r} is already uploaded")
+        self.batch_id = batch_id
+        self.rel_path = rel_path
+
+
+class BatchClosed(IllegalTransition):
+    """A file was added to a batch that is finalizing, finalized, aborted or expired."""
+
+
+class BatchBusy(ArchupError):
+    """Another archup process owns this batch."""
+
+    exit_code = ExitCode.BUSY
+
+
+class BatchIncomplete(ArchupError):
+    """Finalize was refused: some files are not uploaded, or the scan never finished."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class DestinationError(ArchupError):
+    """The bucket or the credentials are unusable (unreachable, denied, missing)."""
+
+    exit_code = ExitCode.DESTINATION
+
+
+class TransferError(ArchupError):
+    """One request to the store failed after its retries; the file is failed, the batch goes on."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ManifestConflict(ArchupError):
+    """A different manifest already exists under the batch prefix."""
+
+
+class Interrupted(ArchupError):
+    """The run was stopped by SIGINT or SIGTERM; the batch is resumable."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The one place errors become exit codes."""
+    if isinstance(error, ArchupError):
+        return int(error.exit_code)
+    if isinstance(error, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED)
+    return int(ExitCode.ERROR)
+
+
+EXIT_CODE_TABLE: tuple[tuple[int, str], ...] = (
+    (ExitCode.OK, "batch complete (finalized), or the command did what it was asked"),
+    (ExitCode.ERROR, "error (journal unusable, manifest conflict, unexpected failure)"),
+    (ExitCode.USAGE, "usage or bad input: missing directory, malformed or unknown batch id, bad option"),
+    (ExitCode.PARTIAL, "partial: some files failed or are not uploaded; the batch is resumable"),
+    (ExitCode.BUSY, "busy: another archup owns the batch or holds the journal"),
+    (ExitCode.DESTINATION, "destination or credentials unusable"),
+    (ExitCode.INTERRUPTED, "interrupted (SIGINT/SIGTERM); the batch is resumable"),
+)

@@ -1,0 +1,158 @@
+"""Finalize: seal a batch by writing its manifest, once, after checking the bucket.
+
+Order: refuse unless the scan is complete and every file is uploaded; mark the
+batch finalizing; read the bucket back (a listing sweep of the batch's files)
+so that an object gone missing blocks the seal; write the entries; write the
+summary with ``If-None-Match: *``; only then mark the batch enqueued in the
+journal. A crash anywhere before the last step leaves a batch that finalize
+can simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import manifest
+from .errors import BatchClosed, BatchIncomplete, ManifestConflict
+from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
+from .scan import FILES_DIR
+from .states import BatchState, FileState
+from .store import ObjectInfo, S3Store
+
+SHOW_AT_MOST = 20
+
+
+@dataclass(frozen=True)
+class FinalizeSummary:
+    """The contract with the original design (PRODUCT.md)."""
+
+    batch_id: str
+    status: str
+    files_uploaded: int
+    total_bytes: int
+    prefix: str
+    manifest_key: str
+    bucket: str
+    files_skipped: int
+    finalized_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _name_files(files: list[tuple[str, str]], total: int) -> str:
+    shown = "; ".join(f"{path} ({reason})" for path, reason in files[:SHOW_AT_MOST])
+    more = f"; and {total - SHOW_AT_MOST} more" if total > SHOW_AT_MOST else ""
+    return shown + more
+
+
+def _summary_from_journal(journal: Journal, batch: BatchRecord) -> FinalizeSummary:
+    state = journal.get_state(batch.batch_id)
+    assert batch.manifest_key is not None and batch.finalized_at is not None
+    return FinalizeSummary(
+        batch_id=batch.batch_id, status=batch.state.value,
+        files_uploaded=state.counts[FileState.UPLOADED],
+        total_bytes=state.bytes_by_state[FileState.UPLOADED],
+        prefix=batch.batch_prefix, manifest_key=batch.manifest_key, bucket=batch.bucket,
+        files_skipped=state.counts[FileState.SKIPPED], finalized_at=batch.finalized_at)
+
+
+def check_complete(journal: Journal, batch: BatchRecord) -> None:
+    """Raise BatchIncomplete naming the files that keep this batch from being sealed."""
+    if not batch.scan_complete:
+        raise BatchIncomplete(f"batch {batch.batch_id}: the scan of {batch.source_root} never completed; "
+                              f"run 'archup upload --batch {batch.batch_id} {batch.source_root}' to resume")
+    state = journal.get_state(batch.batch_id)
+    not_done = [FileState.PENDING, FileState.UPLOADING, FileState.FAILED]
+    count = sum(state.counts[s] for s in not_done)
+    if count:
+        named: list[tuple[str, str]] = []
+        for record in journal.iter_files(batch.batch_id, not_done):
+            named.append((record.rel_path, f"{record.state.value}: {record.error}" if record.error
+                          else record.state.value))
+            if len(named) >= SHOW_AT_MOST:
+                break
+        raise BatchIncomplete(
+            f"batch {batch.batch_id} has {count} file(s) not uploaded: {_name_files(named, count)}; "
+            f"run 'archup upload --batch {batch.batch_id} {batch.source_root}' to resume")
+
+
+def _read_back(journal: Journal, store: S3Store, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
+    """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
+    listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
+    current = next(listing, None)
+    problems: list[tuple[FileRecord, str]] = []
+    for record in journal.iter_files(batch.batch_id, [FileState.UPLOADED]):
+        while current is not None and current.key < record.key:
+            current = next(listing, None)
+        if current is None or current.key != record.key:
+            problems.append((record, "object missing from the bucket"))
+        elif current.size != record.size:
+            problems.append((record, f"object has {current.size} bytes, expected {record.size}"))
+    return problems
+
+
+def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
+    if store.head(key) is None:
+        return None
+    try:
+        document = json.loads(store.get_bytes(key))
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary:
+    batch = journal.get_batch(batch_id)
+    if batch.state is BatchState.ENQUEUED:
+        return _summary_from_journal(journal, batch)  # idempotent: nothing is written again
+    if batch.state in (BatchState.ABORTED, BatchState.EXPIRED):
+        raise BatchClosed(f"batch {batch_id} is {batch.state.value}; it cannot be finalized")
+    check_complete(journal, batch)
+    journal.set_batch_state(batch_id, BatchState.FINALIZING)
+
+    problems = _read_back(journal, store, batch)
+    if problems:
+        for record, reason in problems:
+            journal.reset_file(batch_id, record.rel_path, reason)
+        journal.set_batch_state(batch_id, BatchState.FAILED,
+                                error=f"{len(problems)} object(s) failed the read-back before finalize")
+        named = [(record.rel_path, reason) for record, reason in problems]
+        raise BatchIncomplete(
+            f"batch {batch_id}: {len(problems)} uploaded file(s) failed the read-back: "
+            f"{_name_files(named, len(problems))}; run 'archup upload --batch {batch_id} "
+            f"{batch.source_root}' to send them again")
+
+    summary_key = manifest.summary_key(batch)
+    files_skipped = journal.get_state(batch_id).counts[FileState.SKIPPED]
+    entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]))
+    with entries.handle:
+        existing = _existing_summary(store, summary_key)
+        if existing is None:
+            # The summary does not exist yet, so overwriting the entries object is safe:
+            # nothing seals it until the summary below is written.
+            store.put_object(manifest.entries_key(batch), entries.handle.read(),
+                             metadata={"archup-sha256": entries.sha256})
+            finalized_at = isoformat(utcnow())
+            body = manifest.encode_summary(
+                manifest.summary(batch, entries, finalized_at=finalized_at, files_skipped=files_skipped))
+            if store.put_if_absent(summary_key, body) is None:
+                existing = _existing_summary(store, summary_key)
+        if existing is not None:
+            finalized_at = _adopt(existing, batch, entries, summary_key)
+    journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key=summary_key, finalized_at=finalized_at)
+    return _summary_from_journal(journal, journal.get_batch(batch_id))
+
+
+def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile, key: str) -> str:
+    """A summary is already there: accept it only if it seals exactly these entries."""
+    same = (existing.get("batch_id") == batch.batch_id
+            and existing.get("entries", {}).get("sha256") == entries.sha256)
+    if not same:
+        raise ManifestConflict(f"{key} already exists and describes other contents; "
+                               "archup will not overwrite a manifest (inspect it, then abort the batch)")
+    # An earlier finalize wrote it and died before the journal's commit.
+    return str(existing.get("finalized_at"))

@@ -1,0 +1,557 @@
+"""The batch journal: the single authority on what a batch holds.
+
+SQLite in WAL mode with ``synchronous=FULL``. Every state change is one
+``BEGIN IMMEDIATE`` transaction through :meth:`Journal.atomic`, so concurrent
+workers (threads or processes) add and complete files without a lost update:
+the read of the current state and the write of the new one happen under the
+same write lock. Each thread gets its own connection; none is shared, and a
+forked child opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    BatchClosed,
+    BatchNotFound,
+    FileAlreadyUploaded,
+    FileNotInBatch,
+    IllegalTransition,
+    JournalBusy,
+    JournalError,
+    JournalTooNew,
+)
+from .states import BatchState, FileState, batch_can_move, file_can_move
+
+SCHEMA_VERSION = 1
+DEFAULT_BUSY_TIMEOUT = 30.0
+BATCH_TTL = timedelta(hours=24)
+
+# Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE batches (
+        batch_id      TEXT PRIMARY KEY,
+        state         TEXT NOT NULL,
+        source_root   TEXT NOT NULL,
+        bucket        TEXT NOT NULL,
+        prefix        TEXT NOT NULL,
+        endpoint_url  TEXT,
+        region        TEXT,
+        part_size     INTEGER NOT NULL,
+        scan_complete INTEGER NOT NULL DEFAULT 0,
+        manifest_key  TEXT,
+        error         TEXT,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        expires_at    TEXT NOT NULL,
+        finalized_at  TEXT
+    );
+    CREATE TABLE files (
+        batch_id   TEXT NOT NULL REFERENCES batches(batch_id) ON DELETE CASCADE,
+        rel_path   TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        mtime_ns   INTEGER NOT NULL,
+        state      TEXT NOT NULL,
+        part_size  INTEGER,
+        upload_id  TEXT,
+        sha256     TEXT,
+        etag       TEXT,
+        error      TEXT,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (batch_id, rel_path),
+        UNIQUE (batch_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX files_by_state ON files (batch_id, state, size);
+    CREATE TABLE parts (
+        batch_id    TEXT NOT NULL,
+        rel_path    TEXT NOT NULL,
+        part_number INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        etag        TEXT NOT NULL,
+        checksum    TEXT,
+        PRIMARY KEY (batch_id, rel_path, part_number),
+        FOREIGN KEY (batch_id, rel_path) REFERENCES files(batch_id, rel_path) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    """,
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def default_journal_path() -> Path:
+    """``$ARCHUP_JOURNAL``, else ``$XDG_STATE_HOME/archup/journal.db``."""
+    explicit = os.environ.get("ARCHUP_JOURNAL")
+    if explicit:
+        return Path(explicit).expanduser()
+    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(state_home) / "archup" / "journal.db"
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    batch_id: str
+    state: BatchState
+    source_root: str
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    region: str | None
+    part_size: int
+    scan_complete: bool
+    manifest_key: str | None
+    error: str | None
+    created_at: str
+    updated_at: str
+    expires_at: str
+    finalized_at: str | None
+
+    @property
+    def batch_prefix(self) -> str:
+        """Everything of this batch lives under this key prefix."""
+        return f"{self.prefix}{self.batch_id}/"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    batch_id: str
+    rel_path: str
+    key: str
+    size: int
+    mtime_ns: int
+    state: FileState
+    part_size: int | None
+    upload_id: str | None
+    sha256: str | None
+    etag: str | None
+    error: str | None
+    attempts: int
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    part_number: int
+    size: int
+    etag: str
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file the scan found, to be added to a batch."""
+
+    rel_path: str
+    key: str
+    size: int
+    mtime_ns: int
+    state: FileState = FileState.PENDING
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What ``archup status`` shows: the batch row plus per-state counts."""
+
+    batch: BatchRecord
+    counts: dict[FileState, int]
+    bytes_by_state: dict[FileState, int]
+    problems: list[FileRecord] = field(default_factory=list)
+
+    @property
+    def files_total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(self.bytes_by_state.values())
+
+
+_BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
+                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at")
+_FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
+                 "error, attempts, updated_at")
+
+
+def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
+    values = dict(row)
+    values["state"] = BatchState(values["state"])
+    values["scan_complete"] = bool(values["scan_complete"])
+    return BatchRecord(**values)
+
+
+def _file_from_row(row: sqlite3.Row) -> FileRecord:
+    values = dict(row)
+    values["state"] = FileState(values["state"])
+    return FileRecord(**values)
+
+
+def _translate(error: sqlite3.Error, path: Path) -> JournalError:
+    text = str(error)
+    if isinstance(error, sqlite3.OperationalError) and "locked" in text:
+        return JournalBusy(f"journal {path} is locked by another writer ({text}); try again when it finishes")
+    return JournalError(f"journal {path}: {text}")
+
+
+class Journal:
+    """A handle on one journal file; safe to share between threads and to pass to forked children."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        self._prepare_file()
+        self._migrate()
+
+    # -- connections -------------------------------------------------------
+
+    def _prepare_file(self) -> None:
+        try:
+            directory = self.path.parent
+            if not directory.exists():
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(directory, 0o700)
+            if not self.path.exists():
+                # Create it private before SQLite does; its -wal and -shm files
+                # inherit the database file's permissions.
+                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+        except OSError as error:
+            raise JournalError(f"cannot create journal {self.path}: {error.strerror or error}") from None
+
+    def _connection(self) -> sqlite3.Connection:
+        if os.getpid() != self._pid:
+            # A forked child must never use its parent's connections.
+            self._local = threading.local()
+            self._connections = []
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                # isolation_level=None: no implicit transactions; atomic() opens them.
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error as error:
+                raise _translate(error, self.path) from None
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this handle opened (call once worker threads are done)."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: ``BEGIN IMMEDIATE``, commit, or roll back on any exception.
+
+        IMMEDIATE takes the write lock before the first read, so a
+        read-check-write sequence inside cannot interleave with another writer's.
+        The original exception always propagates; a failing rollback never hides it.
+        """
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
+        try:
+            yield conn
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction may already be gone; the original error matters
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise _translate(error, self.path) from None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read-only view: several SELECTs that see one consistent state. Never write in it."""
+        conn = self._connection()
+        try:
+            # Read-only, so a deferred transaction is right here: it takes no
+            # write lock and cannot race (it never upgrades to a writer).
+            conn.execute("BEGIN DEFERRED")
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+
+    def _migrate(self) -> None:
+        try:
+            with self.atomic() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise JournalTooNew(
+                        f"journal {self.path} has schema version {version}, newer than this archup "
+                        f"understands ({SCHEMA_VERSION}); upgrade archup")
+                for target in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[target].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                if version != SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise JournalError(f"journal {self.path} is not a usable SQLite database ({error}); "
+                               "move it aside to start a new one") from None
+
+    # -- batches -----------------------------------------------------------
+
+    def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
+                   part_size: int, endpoint_url: str | None = None, region: str | None = None,
+                   ttl: timedelta = BATCH_TTL) -> BatchRecord:
+        now = utcnow()
+        with self.atomic() as conn:
+            conn.execute(
+                "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
+                "part_size, created_at, updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (batch_id, BatchState.OPEN.value, source_root, bucket, prefix, endpoint_url, region,
+                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl)))
+        return self.get_batch(batch_id)
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        row = self._connection().execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; 'archup list' shows the batches")
+        return _batch_from_row(row)
+
+    def list_batches(self, state: BatchState | None = None) -> list[BatchRecord]:
+        sql = f"SELECT {_BATCH_COLUMNS} FROM batches"
+        args: tuple[Any, ...] = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            args = (state.value,)
+        rows = self._connection().execute(sql + " ORDER BY batch_id", args).fetchall()
+        return [_batch_from_row(row) for row in rows]
+
+    def _batch_state(self, conn: sqlite3.Connection, batch_id: str) -> BatchState:
+        row = conn.execute("SELECT state FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch {batch_id} in journal {self.path}")
+        return BatchState(row[0])
+
+    def set_batch_state(self, batch_id: str, target: BatchState, *, error: str | None = None,
+                        manifest_key: str | None = None, finalized_at: str | None = None) -> BatchRecord:
+        with self.atomic() as conn:
+            current = self._batch_state(conn, batch_id)
+            if not batch_can_move(current, target):
+                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become {target.value}")
+            conn.execute(
+                "UPDATE batches SET state = ?, error = ?, updated_at = ?, "
+                "manifest_key = COALESCE(?, manifest_key), finalized_at = COALESCE(?, finalized_at) "
+                "WHERE batch_id = ?",
+                (target.value, error, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+        return self.get_batch(batch_id)
+
+    def mark_scan_complete(self, batch_id: str) -> None:
+        with self.atomic() as conn:
+            self._batch_state(conn, batch_id)
+            conn.execute("UPDATE batches SET scan_complete = 1, updated_at = ? WHERE batch_id = ?",
+                         (isoformat(utcnow()), batch_id))
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self.atomic() as conn:
+            self._batch_state(conn, batch_id)
+            conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+
+    # -- files -------------------------------------------------------------
+
+    def add_file(self, batch_id: str, new_file: NewFile) -> None:
+        """Add one file; an existing file of the same path is an error."""
+        if self.add_files(batch_id, [new_file]) != 1:
+            raise IllegalTransition(f"batch {batch_id} already has file {new_file.rel_path!r}")
+
+    def add_files(self, batch_id: str, new_files: Iterable[NewFile]) -> int:
+        """Add files in one transaction; paths already in the batch are left as they are.
+
+        Returns how many were new.
+        """
+        now = isoformat(utcnow())
+        with self.atomic() as conn:
+            state = self._batch_state(conn, batch_id)
+            if not state.accepts_files:
+                raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING",
+                [(batch_id, f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, now)
+                 for f in new_files])
+            return conn.total_changes - before
+
+    def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
+        row = self._connection().execute(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND rel_path = ?",
+            (batch_id, rel_path)).fetchone()
+        if row is None:
+            raise FileNotInBatch(batch_id, rel_path)
+        return _file_from_row(row)
+
+    def _move_file(self, conn: sqlite3.Connection, batch_id: str, rel_path: str,
+                   target: FileState) -> FileState:
+        """Check a file transition inside an open write transaction; return the current state."""
+        row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
+                           (batch_id, rel_path)).fetchone()
+        if row is None:
+            self._batch_state(conn, batch_id)  # an unknown batch is the clearer error
+            raise FileNotInBatch(batch_id, rel_path)
+        current = FileState(row[0])
+        if current is FileState.UPLOADED and target is FileState.UPLOADED:
+            raise FileAlreadyUploaded(batch_id, rel_path)
+        if not file_can_move(current, target):
+            raise IllegalTransition(
+                f"batch {batch_id}: file {rel_path!r} is {current.value}; it cannot become {target.value}")
+        batch_state = self._batch_state(conn, batch_id)
+        if batch_state.terminal:
+            raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
+        return current
+
+    def start_file(self, batch_id: str, rel_path: str) -> None:
+        """pending/failed -> uploading; counts the attempt."""
+        with self.atomic() as conn:
+            self._move_file(conn, batch_id, rel_path, FileState.UPLOADING)
+            conn.execute("UPDATE files SET state = ?, attempts = attempts + 1, error = NULL, updated_at = ? "
+                         "WHERE batch_id = ? AND rel_path = ?",
+                         (FileState.UPLOADING.value, isoformat(utcnow()), batch_id, rel_path))
+
+    def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int) -> None:
+        """Record a multipart upload the moment it exists, so a crash leaves something to finish or abort."""
+        with self.atomic() as conn:
+            row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
+                               (batch_id, rel_path)).fetchone()
+            if row is None:
+                raise FileNotInBatch(batch_id, rel_path)
+            if FileState(row[0]) is not FileState.UPLOADING:
+                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+            conn.execute("UPDATE files SET upload_id = ?, part_size = ?, updated_at = ? "
+                         "WHERE batch_id = ? AND rel_path = ?",
+                         (upload_id, part_size, isoformat(utcnow()), batch_id, rel_path))
+
+    def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
+        with self.atomic() as conn:
+            row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
+                               (batch_id, rel_path)).fetchone()
+            if row is None:
+                raise FileNotInBatch(batch_id, rel_path)
+            if FileState(row[0]) is not FileState.UPLOADING:
+                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+            conn.execute(
+                "INSERT INTO parts (batch_id, rel_path, part_number, size, etag, checksum) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (batch_id, rel_path, part_number) DO UPDATE SET "
+                "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
+                (batch_id, rel_path, part.part_number, part.size, part.etag, part.checksum))
+
+    def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
+        rows = self._connection().execute(
+            "SELECT part_number, size, etag, checksum FROM parts WHERE batch_id = ? AND rel_path = ? "
+            "ORDER BY part_number", (batch_id, rel_path)).fetchall()
+        return [PartRecord(**dict(row)) for row in rows]
+
+    def complete_file(self, batch_id: str, rel_path: str, *, sha256: str, etag: str) -> None:
+        """-> uploaded. Call only after the store confirmed the object; raises if already uploaded."""
+        with self.atomic() as conn:
+            self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
+            conn.execute("UPDATE files SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
+                         "WHERE batch_id = ? AND rel_path = ?",
+                         (FileState.UPLOADED.value, sha256, etag, isoformat(utcnow()), batch_id, rel_path))
+
+    def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
+        with self.atomic() as conn:
+            self._move_file(conn, batch_id, rel_path, FileState.FAILED)
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, updated_at = ? "
+                         "WHERE batch_id = ? AND rel_path = ?",
+                         (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
+
+    def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
+        """-> pending, forgetting any upload; for an object found missing or an upload the server lost."""
+        with self.atomic() as conn:
+            self._move_file(conn, batch_id, rel_path, FileState.PENDING)
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, sha256 = NULL, etag = NULL, "
+                         "updated_at = ? WHERE batch_id = ? AND rel_path = ?",
+                         (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
+
+    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
+                   page_size: int = 2000) -> Iterator[FileRecord]:
+        """Files of a batch in key order, streamed page by page (no long read transaction)."""
+        wanted = tuple(state.value for state in states) if states is not None else None
+        filter_sql = f" AND state IN ({','.join('?' * len(wanted))})" if wanted else ""
+        conn = self._connection()
+        last_key = ""
+        while True:
+            rows = conn.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND key > ?{filter_sql} "
+                "ORDER BY key LIMIT ?", (batch_id, last_key, *(wanted or ()), page_size)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _file_from_row(row)
+            last_key = rows[-1]["key"]
+
+    def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary:
+        with self.snapshot() as conn:
+            row = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+                               (batch_id,)).fetchone()
+            if row is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; "
+                                    "'archup list' shows the batches")
+            counts = {state: 0 for state in FileState}
+            sizes = {state: 0 for state in FileState}
+            for state, count, total in conn.execute(
+                    "SELECT state, count(*), coalesce(sum(size), 0) FROM files WHERE batch_id = ? "
+                    "GROUP BY state", (batch_id,)):
+                counts[FileState(state)] = count
+                sizes[FileState(state)] = total
+            problems = [_file_from_row(r) for r in conn.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND state IN (?, ?) "
+                "ORDER BY key LIMIT ?",
+                (batch_id, FileState.FAILED.value, FileState.SKIPPED.value, problem_limit))]
+        return BatchSummary(_batch_from_row(row), counts, sizes, problems)
+
+    def integrity_check(self) -> str:
+        return str(self._connection().execute("PRAGMA integrity_check").fetchone()[0])

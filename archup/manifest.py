@@ -1,0 +1,100 @@
+"""The manifest: what a finalized batch holds, written once under its prefix.
+
+Two objects (docs/manifest.md):
+
+* ``<batch prefix>manifest.jsonl``: one JSON object per uploaded file, in key
+  order, streamed from the journal to a temporary file (never held in memory);
+* ``<batch prefix>manifest.json``: the summary, written last with
+  ``If-None-Match: *``. It names the entries object with its SHA-256, so it
+  seals them: the summary's existence is what "finalized" means in the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .journal import BatchRecord, FileRecord
+
+FORMAT = "archup-manifest"
+FORMAT_VERSION = 1
+SUMMARY_NAME = "manifest.json"
+ENTRIES_NAME = "manifest.jsonl"
+
+
+def summary_key(batch: BatchRecord) -> str:
+    return f"{batch.batch_prefix}{SUMMARY_NAME}"
+
+
+def entries_key(batch: BatchRecord) -> str:
+    return f"{batch.batch_prefix}{ENTRIES_NAME}"
+
+
+def entry(record: FileRecord) -> dict[str, Any]:
+    return {
+        "path": record.rel_path,
+        "key": record.key,
+        "size": record.size,
+        "sha256": record.sha256,
+        "etag": record.etag,
+        "part_size": record.part_size,
+        "mtime_ns": record.mtime_ns,
+    }
+
+
+@dataclass(frozen=True)
+class EntriesFile:
+    handle: IO[bytes]
+    sha256: str
+    size: int
+    count: int
+    total_bytes: int
+
+
+def write_entries(records: Iterable[FileRecord]) -> EntriesFile:
+    """Stream entries to a temporary file, hashing as it goes; the caller closes the handle."""
+    handle = tempfile.TemporaryFile()
+    hasher = hashlib.sha256()
+    count = total_bytes = size = 0
+    for record in records:
+        line = (json.dumps(entry(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        handle.write(line)
+        hasher.update(line)
+        size += len(line)
+        count += 1
+        total_bytes += record.size
+    handle.seek(0)
+    return EntriesFile(handle, hasher.hexdigest(), size, count, total_bytes)
+
+
+def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, files_skipped: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "batch_id": batch.batch_id,
+        "created_at": batch.created_at,
+        "finalized_at": finalized_at,
+        "source_root": batch.source_root,
+        "destination": {
+            "bucket": batch.bucket,
+            "endpoint_url": batch.endpoint_url,
+            "prefix": batch.batch_prefix,
+        },
+        "files_uploaded": entries.count,
+        "files_skipped": files_skipped,
+        "total_bytes": entries.total_bytes,
+        "entries": {
+            "key": entries_key(batch),
+            "sha256": entries.sha256,
+            "bytes": entries.size,
+            "count": entries.count,
+        },
+    }
+
+
+def encode_summary(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -1,0 +1,263 @@
+"""The object store: a small interface over one shared boto3 S3 client.
+
+Everything the uploader, finalize and verify need from S3 goes through
+:class:`S3Store`, which turns botocore's exceptions into archup's named errors:
+:class:`DestinationError` when the whole destination is unusable (stop the
+batch), :class:`TransferError` when one request failed after its retries (fail
+the file, go on).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import IO, Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from .errors import DestinationError, TransferError
+
+# Answers that mean no further request to this destination can succeed.
+_FATAL_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "InvalidBucketName",
+    "AccountProblem", "RequestTimeTooSkewed", "403", "404",
+})
+_HINTS = {
+    "RequestTimeTooSkewed": "this machine's clock differs too much from the server's; fix the clock (NTP)",
+    "ExpiredToken": "the session token has expired; refresh the credentials and resume the batch",
+    "NoSuchBucket": "create the bucket or fix --bucket",
+    "InvalidAccessKeyId": "check the credentials (profile, AWS_ACCESS_KEY_ID)",
+    "SignatureDoesNotMatch": "check the secret key of the credentials",
+    "AccessDenied": "the credentials may not write to this bucket and prefix",
+}
+
+
+class ChecksumMode(str, Enum):
+    """How each request proves its body to the server."""
+
+    SHA256 = "sha256"   # x-amz-checksum-sha256 on every PUT and part (archup computes it)
+    CRC32 = "crc32"     # botocore's default (>= 1.36): CRC32 computed by botocore
+    MD5 = "md5"         # Content-MD5, for endpoints that reject the newer checksum headers
+    NONE = "none"       # only what the operation requires
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_pool_connections: int = 10
+    checksum: ChecksumMode = ChecksumMode.SHA256
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    part_number: int
+    etag: str
+    checksum: str | None
+
+
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _error_code(error: botocore.exceptions.ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", "")) or str(
+        error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def translate(error: Exception, what: str) -> Exception:
+    """Map a botocore exception to DestinationError (fatal) or TransferError (this request)."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = _error_code(error)
+        message = error.response.get("Error", {}).get("Message") or code
+        hint = _HINTS.get(code)
+        text = f"{what}: {code}: {message}" + (f"; {hint}" if hint else "")
+        if code in _FATAL_CODES:
+            return DestinationError(text)
+        return TransferError(text, code)
+    if isinstance(error, (botocore.exceptions.NoCredentialsError,
+                          botocore.exceptions.PartialCredentialsError)):
+        return DestinationError(f"{what}: no usable credentials ({error}); set a profile or AWS_* variables")
+    if isinstance(error, botocore.exceptions.ProfileNotFound):
+        return DestinationError(f"{what}: {error}")
+    if isinstance(error, botocore.exceptions.EndpointConnectionError):
+        return DestinationError(f"{what}: cannot reach the endpoint ({error}); check --endpoint-url and the network")
+    if isinstance(error, botocore.exceptions.BotoCoreError):
+        return TransferError(f"{what}: {error}", type(error).__name__)
+    return error
+
+
+class S3Store:
+    """One boto3 client shared by every worker thread (boto3 clients are thread-safe)."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
+        client_config = botocore.config.Config(
+            max_pool_connections=config.max_pool_connections,
+            retries={"mode": "standard", "max_attempts": config.max_attempts},
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            request_checksum_calculation=checksum_calculation,
+            response_checksum_validation="when_required",
+        )
+        try:
+            session = boto3.session.Session(profile_name=config.profile, region_name=config.region)
+            self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
+        except Exception as error:  # profile missing, bad endpoint URL, ...
+            raise translate(error, "opening the S3 client") from None
+
+    # -- checksums ----------------------------------------------------------
+
+    def _body_checksum_args(self, body: bytes, sha256_digest: bytes | None = None) -> dict[str, str]:
+        mode = self.config.checksum
+        if mode is ChecksumMode.SHA256:
+            return {"ChecksumSHA256": b64(sha256_digest or hashlib.sha256(body).digest())}
+        if mode is ChecksumMode.MD5:
+            return {"ContentMD5": b64(hashlib.md5(body).digest())}
+        return {}
+
+    # -- single objects -----------------------------------------------------
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
+                                "Metadata": metadata or {}, **self._body_checksum_args(body, sha256_digest)}
+        if content_type:
+            args["ContentType"] = content_type
+        try:
+            return str(self.client.put_object(**args)["ETag"])
+        except Exception as error:
+            raise translate(error, f"PutObject {key}") from None
+
+    def put_if_absent(self, key: str, body: IO[bytes] | bytes, *, content_type: str = "application/json",
+                      metadata: dict[str, str] | None = None) -> str | None:
+        """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "IfNoneMatch": "*",
+                                "ContentType": content_type, "Metadata": metadata or {}}
+        try:
+            return str(self.client.put_object(**args)["ETag"])
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return None
+            raise translate(error, f"PutObject {key}") from None
+        except Exception as error:
+            raise translate(error, f"PutObject {key}") from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            answer = self.client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise translate(error, f"HeadObject {key}") from None
+        except Exception as error:
+            raise translate(error, f"HeadObject {key}") from None
+        return ObjectInfo(key, int(answer["ContentLength"]), str(answer["ETag"]),
+                          dict(answer.get("Metadata", {})))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except Exception as error:
+            raise translate(error, f"GetObject {key}") from None
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under a prefix, in key order (UTF-8 binary order), page by page."""
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {})
+        except Exception as error:
+            raise translate(error, f"ListObjectsV2 {prefix}") from None
+
+    def check_bucket(self) -> None:
+        """Preflight: the bucket exists and these credentials reach it."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as error:
+            code = _error_code(error)
+            if code in ("404", "NoSuchBucket"):
+                raise DestinationError(f"bucket {self.bucket!r} does not exist; create it or fix --bucket") from None
+            if code in ("403", "AccessDenied"):
+                raise DestinationError(f"access to bucket {self.bucket!r} denied; check the credentials") from None
+            raise translate(error, f"HeadBucket {self.bucket}") from None
+        except Exception as error:
+            raise translate(error, f"HeadBucket {self.bucket}") from None
+
+    # -- multipart ----------------------------------------------------------
+
+    def create_multipart(self, key: str, *, metadata: dict[str, str] | None = None,
+                         content_type: str | None = None) -> str:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata or {}}
+        if self.config.checksum is ChecksumMode.SHA256:
+            args["ChecksumAlgorithm"] = "SHA256"
+        if content_type:
+            args["ContentType"] = content_type
+        try:
+            return str(self.client.create_multipart_upload(**args)["UploadId"])
+        except Exception as error:
+            raise translate(error, f"CreateMultipartUpload {key}") from None
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> UploadedPart:
+        checksum_args = self._body_checksum_args(body)
+        try:
+            answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                             PartNumber=part_number, Body=body, **checksum_args)
+        except Exception as error:
+            raise translate(error, f"UploadPart {key} part {part_number}") from None
+        return UploadedPart(part_number, str(answer["ETag"]), checksum_args.get("ChecksumSHA256"))
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+        listed: list[dict[str, Any]] = []
+        for part in parts:
+            entry: dict[str, Any] = {"PartNumber": part.part_number, "ETag": part.etag}
+            if part.checksum and self.config.checksum is ChecksumMode.SHA256:
+                entry["ChecksumSHA256"] = part.checksum
+            listed.append(entry)
+        try:
+            answer = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
+        except Exception as error:
+            raise translate(error, f"CompleteMultipartUpload {key}") from None
+        return str(answer["ETag"])
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in ("NoSuchUpload", "404"):
+                return
+            raise translate(error, f"AbortMultipartUpload {key}") from None
+        except Exception as error:
+            raise translate(error, f"AbortMultipartUpload {key}") from None
+
+    def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, upload_id) of every multipart upload in progress under a prefix."""
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Uploads", []):
+                    yield str(item["Key"]), str(item["UploadId"])
+        except Exception as error:
+            raise translate(error, f"ListMultipartUploads {prefix}") from None

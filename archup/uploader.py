@@ -1,0 +1,440 @@
+"""The upload engine: scan into the journal, then send every file that needs it.
+
+Durability order (docs/design.md): a file's journal row is marked uploaded only
+after the store confirmed its object; a multipart upload id is recorded the
+moment CreateMultipartUpload returns; each part is recorded after UploadPart
+returned. The journal is the work queue: the scan writes every file into it
+first (grouped transactions), then the dispatcher streams the files that still
+need work out of it, so a rerun of the same batch picks up where a crash left.
+
+Threads: the calling thread walks the directory, dispatches, and reads large
+files part by part (hashing as it reads, so SHA-256 comes from the same read
+pass as the upload); a pool of ``parallel`` workers does the network requests.
+Backpressure: a semaphore bounds the queued tasks and a byte budget of
+``parallel x part_size`` bounds the file bytes held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import ArchupError, DestinationError, TransferError
+from .journal import FileRecord, Journal, NewFile, PartRecord
+from .scan import ScanItem, object_key, scan
+from .states import BatchState, FileState
+from .store import S3Store, UploadedPart
+
+MiB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MiB
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+SCAN_GROUP = 500
+
+
+def part_size_for(size: int, configured: int) -> int:
+    """The configured part size, grown (in whole MiB) so the file needs at most 10,000 parts."""
+    part_size = max(configured, MIN_PART_SIZE)
+    if size > part_size * MAX_PARTS:
+        needed = -(-size // MAX_PARTS)
+        part_size = -(-needed // MiB) * MiB
+    return part_size
+
+
+class UploadObserver(Protocol):
+    """Progress leaves the core through these callbacks (called from worker threads)."""
+
+    def on_file_done(self, rel_path: str, state: FileState, size: int, error: str | None) -> None: ...
+
+    def on_bytes(self, count: int) -> None: ...
+
+
+class NullObserver:
+    def on_file_done(self, rel_path: str, state: FileState, size: int, error: str | None) -> None:
+        pass
+
+    def on_bytes(self, count: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    parallel: int = 5
+    part_size: int = DEFAULT_PART_SIZE
+    multipart_threshold: int = DEFAULT_PART_SIZE
+
+
+@dataclass
+class UploadResult:
+    batch_id: str
+    files_uploaded: int = 0
+    files_failed: int = 0
+    bytes_sent: int = 0
+    interrupted: bool = False
+    fatal: ArchupError | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ByteBudget:
+    """A counting semaphore over bytes: caps the file data held in memory at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._available = capacity
+        self._cond = threading.Condition()
+
+    def acquire(self, count: int) -> int:
+        count = min(count, self.capacity)  # a single oversized request waits for the whole budget
+        with self._cond:
+            self._cond.wait_for(lambda: self._available >= count)
+            self._available -= count
+        return count
+
+    def release(self, count: int) -> None:
+        with self._cond:
+            self._available += count
+            self._cond.notify_all()
+
+
+class FileChanged(Exception):
+    """The file differs from what the scan recorded (size, mtime) or was short-read."""
+
+
+class _MultipartFile:
+    """Book-keeping for one multipart file whose parts are spread over the pool."""
+
+    def __init__(self, record: FileRecord, upload_id: str, part_size: int) -> None:
+        self.record = record
+        self.upload_id = upload_id
+        self.part_size = part_size
+        self.lock = threading.Lock()
+        self.outstanding = 0
+        self.read_done = False
+        self.sha256: str | None = None
+        self.error: str | None = None
+        self.finished = False
+
+    def ready_to_finish(self) -> bool:
+        """Called under lock: the one caller that sees True completes or aborts the upload."""
+        if self.finished or self.outstanding or not (self.read_done or self.error):
+            return False
+        self.finished = True
+        return True
+
+
+class Uploader:
+    def __init__(self, journal: Journal, store: S3Store, batch_id: str, options: UploadOptions,
+                 observer: UploadObserver | None = None, stop: threading.Event | None = None) -> None:
+        self.journal = journal
+        self.store = store
+        self.batch = journal.get_batch(batch_id)
+        self.batch_id = batch_id
+        self.options = options
+        self.observer: UploadObserver = observer or NullObserver()
+        self.stop = stop or threading.Event()
+        self.result = UploadResult(batch_id)
+        self._result_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(options.parallel * 2)
+        self._budget = ByteBudget(options.parallel * options.part_size)
+
+    # -- the run ------------------------------------------------------------
+
+    def run(self, source_dir: str | os.PathLike[str]) -> UploadResult:
+        """Scan (unless an earlier run finished it), then send."""
+        self.scan(source_dir)
+        return self.send(source_dir)
+
+    def scan(self, source_dir: str | os.PathLike[str]) -> None:
+        """Write every file of the source into the journal (grouped transactions), then mark the scan complete."""
+        self.journal.set_batch_state(self.batch_id, BatchState.UPLOADING)
+        if not self.journal.get_batch(self.batch_id).scan_complete:
+            self._scan_into_journal(source_dir)
+
+    def send(self, source_dir: str | os.PathLike[str]) -> UploadResult:
+        """Upload every file the journal says still needs it; never raises for one file's failure."""
+        try:
+            with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-upload") as pool:
+                self._dispatch(pool, source_dir)
+        except ArchupError as error:
+            self._stop_with(error)
+        if self.result.fatal is None and self.stop.is_set():
+            self.result.interrupted = True
+        self._settle_batch_state()
+        return self.result
+
+    def _settle_batch_state(self) -> None:
+        if self.result.fatal is not None or self.result.files_failed:
+            reason = str(self.result.fatal) if self.result.fatal else f"{self.result.files_failed} file(s) failed"
+            self.journal.set_batch_state(self.batch_id, BatchState.FAILED, error=reason)
+
+    def _scan_into_journal(self, source_dir: str | os.PathLike[str]) -> None:
+        group: list[NewFile] = []
+        prefix = self.batch.batch_prefix
+        for item in scan(source_dir):
+            if self.stop.is_set():
+                return
+            group.append(self._new_file(prefix, item))
+            if len(group) >= SCAN_GROUP:
+                self.journal.add_files(self.batch_id, group)
+                group = []
+        if group:
+            self.journal.add_files(self.batch_id, group)
+        self.journal.mark_scan_complete(self.batch_id)
+
+    @staticmethod
+    def _new_file(prefix: str, item: ScanItem) -> NewFile:
+        key = object_key(prefix, item.rel_path)
+        if item.skip_reason:
+            return NewFile(item.rel_path, key, item.size, item.mtime_ns, FileState.SKIPPED, item.skip_reason)
+        return NewFile(item.rel_path, key, item.size, item.mtime_ns)
+
+    def _dispatch(self, pool: ThreadPoolExecutor, source_dir: str | os.PathLike[str]) -> None:
+        root = os.fspath(source_dir)
+        todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
+        for record in self.journal.iter_files(self.batch_id, todo):
+            if self.stop.is_set():
+                break
+            path = os.path.join(root, record.rel_path)
+            if record.size >= self.options.multipart_threshold:
+                self._send_multipart(pool, record, path)
+            else:
+                self._submit(pool, self._send_single, record, path, reserve=record.size)
+
+    def _submit(self, pool: ThreadPoolExecutor, task: Callable[..., None], *args: object,
+                reserve: int = 0) -> None:
+        """Submit with backpressure: blocks while the queue is full or the byte budget is spent."""
+        self._slots.acquire()
+        reserved = self._budget.acquire(reserve) if reserve else 0
+
+        def release(_: Future[None]) -> None:
+            if reserved:
+                self._budget.release(reserved)
+            self._slots.release()
+
+        try:
+            future = pool.submit(self._guarded, task, *args)
+        except BaseException:
+            release(None)  # type: ignore[arg-type]
+            raise
+        future.add_done_callback(release)
+
+    def _guarded(self, task: Callable[..., None], *args: object) -> None:
+        """Run a task; a destination-wide error stops the batch instead of failing every file."""
+        try:
+            task(*args)
+        except ArchupError as error:
+            self._stop_with(error)
+        except Exception as error:  # a bug must stop the batch, never vanish inside a future
+            self._stop_with(ArchupError(f"internal error in an upload worker: {error!r}"))
+
+    def _stop_with(self, error: ArchupError) -> None:
+        with self._result_lock:
+            if self.result.fatal is None:
+                self.result.fatal = error
+        self.stop.set()
+
+    # -- results ------------------------------------------------------------
+
+    def _uploaded(self, record: FileRecord, sha256: str, etag: str) -> None:
+        self.journal.complete_file(self.batch_id, record.rel_path, sha256=sha256, etag=etag)
+        with self._result_lock:
+            self.result.files_uploaded += 1
+        self.observer.on_file_done(record.rel_path, FileState.UPLOADED, record.size, None)
+
+    def _failed(self, record: FileRecord, reason: str) -> None:
+        self.journal.fail_file(self.batch_id, record.rel_path, reason)
+        with self._result_lock:
+            self.result.files_failed += 1
+            self.result.failures.append((record.rel_path, reason))
+        self.observer.on_file_done(record.rel_path, FileState.FAILED, record.size, reason)
+
+    def _sent(self, count: int) -> None:
+        with self._result_lock:
+            self.result.bytes_sent += count
+        self.observer.on_bytes(count)
+
+    def _metadata(self, extra: dict[str, str]) -> dict[str, str]:
+        return {"archup-batch": self.batch_id, **extra}
+
+    # -- single PUT ---------------------------------------------------------
+
+    def _send_single(self, record: FileRecord, path: str) -> None:
+        try:
+            body = _read_whole(path, record)
+        except (OSError, FileChanged) as error:
+            self._failed(record, _describe_read_error(error))
+            return
+        digest = hashlib.sha256(body).digest()
+        sha256 = digest.hex()
+        try:
+            etag = self.store.put_object(record.key, body, sha256_digest=digest,
+                                         metadata=self._metadata({"archup-sha256": sha256}),
+                                         content_type=_content_type(record.rel_path))
+        except TransferError as error:
+            self._failed(record, str(error))
+            return
+        self._sent(len(body))
+        self._uploaded(record, sha256, etag)
+
+    # -- multipart ----------------------------------------------------------
+
+    def _send_multipart(self, pool: ThreadPoolExecutor, record: FileRecord, path: str) -> None:
+        """Runs in the dispatching thread: reads the file part by part, hashing, and hands each part to the pool."""
+        if record.state is FileState.UPLOADING:
+            # An earlier run stopped mid-upload: abort what it recorded and send the
+            # file again from its first part.
+            if record.upload_id:
+                self.store.abort_multipart(record.key, record.upload_id)
+            self.journal.reset_file(self.batch_id, record.rel_path, "restarted after an interrupted run")
+        try:
+            handle = open(path, "rb")
+        except OSError as error:
+            self.journal.start_file(self.batch_id, record.rel_path)
+            self._failed(record, _describe_read_error(error))
+            return
+        with handle:
+            part_size = part_size_for(record.size, record.part_size or self.options.part_size)
+            self.journal.start_file(self.batch_id, record.rel_path)
+            try:
+                upload_id = self.store.create_multipart(
+                    record.key, metadata=self._metadata({"archup-part-size": str(part_size)}),
+                    content_type=_content_type(record.rel_path))
+            except TransferError as error:
+                self._failed(record, str(error))
+                return
+            # Record the undo as soon as the resource exists.
+            self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size)
+            upload = _MultipartFile(record, upload_id, part_size)
+            hasher = hashlib.sha256()
+            part_number = 0
+            total = 0
+            error_text: str | None = None
+            try:
+                _check_unchanged(os.fstat(handle.fileno()), record)
+                while total < record.size:
+                    if self.stop.is_set() or upload.error:
+                        break
+                    want = min(part_size, record.size - total)
+                    reserved = self._budget.acquire(want)
+                    body = handle.read(want)
+                    if len(body) != want:
+                        self._budget.release(reserved)
+                        raise FileChanged(f"short read: got {total + len(body)} of {record.size} bytes")
+                    hasher.update(body)
+                    total += want
+                    part_number += 1
+                    with upload.lock:
+                        upload.outstanding += 1
+                    self._slots.acquire()
+                    future = pool.submit(self._guarded, self._send_part, upload, part_number, body)
+                    future.add_done_callback(_releaser(self._budget, reserved, self._slots))
+                else:
+                    if handle.read(1):
+                        raise FileChanged("file grew during upload")
+                    _check_unchanged(os.fstat(handle.fileno()), record)
+            except (OSError, FileChanged) as error:
+                error_text = _describe_read_error(error)
+            with upload.lock:
+                if error_text and not upload.error:
+                    upload.error = error_text
+                elif total == record.size and not upload.error:
+                    upload.sha256 = hasher.hexdigest()
+                    upload.read_done = True
+                elif not upload.error:
+                    upload.error = "interrupted"
+                finish = upload.ready_to_finish()
+            if finish:
+                self._finish_multipart(upload)
+
+    def _send_part(self, upload: _MultipartFile, part_number: int, body: bytes) -> None:
+        try:
+            if upload.error is None:
+                part = self.store.upload_part(upload.record.key, upload.upload_id, part_number, body)
+                self.journal.record_part(self.batch_id, upload.record.rel_path,
+                                         PartRecord(part_number, len(body), part.etag, part.checksum))
+                self._sent(len(body))
+        except TransferError as error:
+            with upload.lock:
+                upload.error = upload.error or str(error)
+        except DestinationError as error:
+            with upload.lock:
+                upload.error = upload.error or str(error)
+            raise
+        finally:
+            with upload.lock:
+                upload.outstanding -= 1
+                finish = upload.ready_to_finish()
+            if finish:
+                self._finish_multipart(upload)
+
+    def _finish_multipart(self, upload: _MultipartFile) -> None:
+        record = upload.record
+        if upload.error == "interrupted":
+            # Leave the upload recorded: the journal says uploading with an upload id,
+            # so a resumer can finish or abort it.
+            return
+        if upload.error is not None:
+            try:
+                self.store.abort_multipart(record.key, upload.upload_id)
+            except ArchupError:
+                # Not fatal for the file's outcome: an upload left open lives under
+                # the batch prefix, where ListMultipartUploads finds it for abort/gc.
+                pass
+            self._failed(record, upload.error)
+            return
+        # The completion list comes from the journal: exactly the parts it recorded.
+        parts = self.journal.list_parts(self.batch_id, record.rel_path)
+        try:
+            etag = self.store.complete_multipart(
+                record.key, upload.upload_id,
+                [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts])
+        except TransferError as error:
+            self._failed(record, str(error))
+            return
+        assert upload.sha256 is not None
+        self._uploaded(record, upload.sha256, etag)
+
+
+def _releaser(budget: ByteBudget, reserved: int, slots: threading.BoundedSemaphore) -> Callable[[Future[None]], None]:
+    def release(_: Future[None]) -> None:
+        budget.release(reserved)
+        slots.release()
+    return release
+
+
+def _check_unchanged(info: os.stat_result, record: FileRecord) -> None:
+    if info.st_size != record.size or info.st_mtime_ns != record.mtime_ns:
+        raise FileChanged(f"changed since the scan (size {record.size} -> {info.st_size}, "
+                          f"mtime changed: {info.st_mtime_ns != record.mtime_ns})")
+
+
+def _read_whole(path: str, record: FileRecord) -> bytes:
+    with open(path, "rb") as handle:
+        _check_unchanged(os.fstat(handle.fileno()), record)
+        body = handle.read(record.size + 1)
+        if len(body) != record.size:
+            raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
+        _check_unchanged(os.fstat(handle.fileno()), record)
+    return body
+
+
+def _describe_read_error(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "vanished: no such file"
+    if isinstance(error, IsADirectoryError):
+        return "vanished: replaced by a directory"
+    if isinstance(error, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(error, OSError):
+        return f"unreadable: {error.strerror or error}"
+    return str(error)
+
+
+def _content_type(rel_path: str) -> str:
+    return mimetypes.guess_type(rel_path)[0] or "application/octet-stream"
