@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
+from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict
 from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
 from .scan import FILES_DIR
@@ -136,11 +137,13 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
             # nothing seals it until the summary below is written.
             store.put_object(manifest.entries_key(batch), entries.handle.read(),
                              metadata={"archup-sha256": entries.sha256})
+            crash_point("after-manifest-entries")
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(
                 manifest.summary(batch, entries, finalized_at=finalized_at, files_skipped=files_skipped))
             if store.put_if_absent(summary_key, body) is None:
                 existing = _existing_summary(store, summary_key)
+            crash_point("after-manifest-summary")
         if existing is not None:
             finalized_at = _adopt(existing, batch, entries, summary_key)
     journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key=summary_key, finalized_at=finalized_at)

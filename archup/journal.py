@@ -485,6 +485,12 @@ class Journal:
                 "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
                 (batch_id, rel_path, part.part_number, part.size, part.etag, part.checksum))
 
+    def upload_ids(self, batch_id: str) -> set[str]:
+        """The multipart upload ids the journal records for a batch (files still uploading)."""
+        rows = self._connection().execute(
+            "SELECT upload_id FROM files WHERE batch_id = ? AND upload_id IS NOT NULL", (batch_id,))
+        return {row[0] for row in rows}
+
     def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
         rows = self._connection().execute(
             "SELECT part_number, size, etag, checksum FROM parts WHERE batch_id = ? AND rel_path = ? "

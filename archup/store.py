@@ -191,6 +191,32 @@ class S3Store:
         except Exception as error:
             raise translate(error, f"ListObjectsV2 {prefix}") from None
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a prefix (1,000 keys a request); returns how many."""
+        deleted = 0
+        batch: list[dict[str, str]] = []
+
+        def flush() -> None:
+            nonlocal deleted
+            try:
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except Exception as error:
+                raise translate(error, f"DeleteObjects {prefix}") from None
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise TransferError(f"DeleteObjects {prefix}: {first.get('Key')}: {first.get('Code')}",
+                                    str(first.get("Code", "")))
+            deleted += len(batch)
+            batch.clear()
+
+        for item in self.list_objects(prefix):
+            batch.append({"Key": item.key})
+            if len(batch) == 1000:
+                flush()
+        if batch:
+            flush()
+        return deleted
+
     def check_bucket(self) -> None:
         """Preflight: the bucket exists and these credentials reach it."""
         try:
@@ -241,6 +267,22 @@ class S3Store:
         except Exception as error:
             raise translate(error, f"CompleteMultipartUpload {key}") from None
         return str(answer["ETag"])
+
+    def list_parts(self, key: str, upload_id: str) -> dict[int, tuple[int, str]] | None:
+        """part number -> (size, etag) of what the server holds; None if it no longer knows the upload."""
+        parts: dict[int, tuple[int, str]] = {}
+        try:
+            paginator = self.client.get_paginator("list_parts")
+            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                for item in page.get("Parts", []):
+                    parts[int(item["PartNumber"])] = (int(item["Size"]), str(item["ETag"]))
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in ("NoSuchUpload", "404"):
+                return None
+            raise translate(error, f"ListParts {key}") from None
+        except Exception as error:
+            raise translate(error, f"ListParts {key}") from None
+        return parts
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:

@@ -29,7 +29,8 @@ from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
 from .scan import ScanItem, object_key, scan
 from .states import BatchState, FileState
-from .store import S3Store, UploadedPart
+from .crashpoints import crash_point
+from .store import S3Store, UploadedPart, b64
 
 MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
@@ -145,22 +146,25 @@ class Uploader:
 
     # -- the run ------------------------------------------------------------
 
-    def run(self, source_dir: str | os.PathLike[str]) -> UploadResult:
+    def run(self) -> UploadResult:
         """Scan (unless an earlier run finished it), then send."""
-        self.scan(source_dir)
-        return self.send(source_dir)
+        self.scan()
+        return self.send()
 
-    def scan(self, source_dir: str | os.PathLike[str]) -> None:
+    def _path(self, record: FileRecord) -> str:
+        return os.path.join(self.batch.source_root, record.rel_path)
+
+    def scan(self) -> None:
         """Write every file of the source into the journal (grouped transactions), then mark the scan complete."""
         self.journal.set_batch_state(self.batch_id, BatchState.UPLOADING)
         if not self.journal.get_batch(self.batch_id).scan_complete:
-            self._scan_into_journal(source_dir)
+            self._scan_into_journal()
 
-    def send(self, source_dir: str | os.PathLike[str]) -> UploadResult:
+    def send(self) -> UploadResult:
         """Upload every file the journal says still needs it; never raises for one file's failure."""
         try:
             with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-upload") as pool:
-                self._dispatch(pool, source_dir)
+                self._dispatch(pool)
         except ArchupError as error:
             self._stop_with(error)
         if self.result.fatal is None and self.stop.is_set():
@@ -173,10 +177,10 @@ class Uploader:
             reason = str(self.result.fatal) if self.result.fatal else f"{self.result.files_failed} file(s) failed"
             self.journal.set_batch_state(self.batch_id, BatchState.FAILED, error=reason)
 
-    def _scan_into_journal(self, source_dir: str | os.PathLike[str]) -> None:
+    def _scan_into_journal(self) -> None:
         group: list[NewFile] = []
         prefix = self.batch.batch_prefix
-        for item in scan(source_dir):
+        for item in scan(self.batch.source_root):
             if self.stop.is_set():
                 return
             group.append(self._new_file(prefix, item))
@@ -194,13 +198,12 @@ class Uploader:
             return NewFile(item.rel_path, key, item.size, item.mtime_ns, FileState.SKIPPED, item.skip_reason)
         return NewFile(item.rel_path, key, item.size, item.mtime_ns)
 
-    def _dispatch(self, pool: ThreadPoolExecutor, source_dir: str | os.PathLike[str]) -> None:
-        root = os.fspath(source_dir)
+    def _dispatch(self, pool: ThreadPoolExecutor) -> None:
         todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
         for record in self.journal.iter_files(self.batch_id, todo):
             if self.stop.is_set():
                 break
-            path = os.path.join(root, record.rel_path)
+            path = self._path(record)
             if record.size >= self.options.multipart_threshold:
                 self._send_multipart(pool, record, path)
             else:
@@ -265,6 +268,8 @@ class Uploader:
     # -- single PUT ---------------------------------------------------------
 
     def _send_single(self, record: FileRecord, path: str) -> None:
+        if self.stop.is_set():
+            return  # queued before the stop: the file stays pending for the resumer
         try:
             body = _read_whole(path, record)
         except (OSError, FileChanged) as error:
@@ -272,6 +277,7 @@ class Uploader:
             return
         digest = hashlib.sha256(body).digest()
         sha256 = digest.hex()
+        crash_point("before-put-object")
         try:
             etag = self.store.put_object(record.key, body, sha256_digest=digest,
                                          metadata=self._metadata({"archup-sha256": sha256}),
@@ -279,48 +285,99 @@ class Uploader:
         except TransferError as error:
             self._failed(record, str(error))
             return
+        crash_point("after-put-object")
         self._sent(len(body))
         self._uploaded(record, sha256, etag)
 
     # -- multipart ----------------------------------------------------------
 
-    def _send_multipart(self, pool: ThreadPoolExecutor, record: FileRecord, path: str) -> None:
-        """Runs in the dispatching thread: reads the file part by part, hashing, and hands each part to the pool."""
-        if record.state is FileState.UPLOADING:
-            # An earlier run stopped mid-upload: abort what it recorded and send the
-            # file again from its first part.
-            if record.upload_id:
-                self.store.abort_multipart(record.key, record.upload_id)
+    def sweep_orphan_uploads(self) -> int:
+        """Abort multipart uploads under this batch's prefix that the journal does not know.
+
+        They are what a crash between CreateMultipartUpload and the journal's
+        commit of its id leaves behind. Returns how many were aborted.
+        """
+        known = self.journal.upload_ids(self.batch_id)
+        aborted = 0
+        for key, upload_id in self.store.list_multipart_uploads(self.batch.batch_prefix):
+            if upload_id not in known:
+                self.store.abort_multipart(key, upload_id)
+                aborted += 1
+        return aborted
+
+    def _open_upload(self, record: FileRecord) -> tuple[_MultipartFile, dict[int, PartRecord]] | None:
+        """The multipart upload to send this file into: the recorded one if the server still
+        has it (with the parts that can be reused), else a new one. None: the file is settled."""
+        if record.state is FileState.UPLOADING and record.upload_id and record.part_size:
+            on_server = self.store.list_parts(record.key, record.upload_id)
+            if on_server is None:
+                if self._settle_lost_completion(record):
+                    return None
+                self.journal.reset_file(self.batch_id, record.rel_path,
+                                        "the server no longer knows the upload; sending the file again")
+            else:
+                reusable = {part.part_number: part
+                            for part in self.journal.list_parts(self.batch_id, record.rel_path)
+                            if on_server.get(part.part_number) == (part.size, part.etag)}
+                return _MultipartFile(record, record.upload_id, record.part_size), reusable
+        elif record.state is FileState.UPLOADING:
+            # Started but no upload id recorded: any upload the crash left is an
+            # orphan under the batch prefix, which sweep_orphan_uploads aborts.
             self.journal.reset_file(self.batch_id, record.rel_path, "restarted after an interrupted run")
+        part_size = part_size_for(record.size, record.part_size or self.options.part_size)
+        self.journal.start_file(self.batch_id, record.rel_path)
+        upload_id = self.store.create_multipart(
+            record.key, metadata=self._metadata({"archup-part-size": str(part_size)}),
+            content_type=_content_type(record.rel_path))
+        crash_point("after-create-multipart")
+        # Record the undo as soon as the resource exists.
+        self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size)
+        crash_point("after-record-upload-id")
+        return _MultipartFile(record, upload_id, part_size), {}
+
+    def _settle_lost_completion(self, record: FileRecord) -> bool:
+        """The upload is gone: if CompleteMultipartUpload did succeed (its answer was lost),
+        the object is there with the ETag the recorded parts imply. Never guessed: settled
+        only on that match, and with the SHA-256 of a fresh read of the file."""
+        parts = self.journal.list_parts(self.batch_id, record.rel_path)
+        found = self.store.head(record.key)
+        if not parts or found is None or found.size != record.size or found.etag != multipart_etag(parts):
+            return False
+        try:
+            sha256 = _hash_file(self._path(record), record)
+        except (OSError, FileChanged):
+            return False
+        self._uploaded(record, sha256, found.etag)
+        return True
+
+    def _send_multipart(self, pool: ThreadPoolExecutor, record: FileRecord, path: str) -> None:
+        """Runs in the dispatching thread: reads the file part by part, hashing, and hands
+        each part that the server does not already hold to the pool."""
         try:
             handle = open(path, "rb")
-        except OSError as error:
-            self.journal.start_file(self.batch_id, record.rel_path)
+            _check_unchanged(os.fstat(handle.fileno()), record)
+        except (OSError, FileChanged) as error:
+            if record.state is not FileState.UPLOADING:
+                self.journal.start_file(self.batch_id, record.rel_path)
             self._failed(record, _describe_read_error(error))
             return
         with handle:
-            part_size = part_size_for(record.size, record.part_size or self.options.part_size)
-            self.journal.start_file(self.batch_id, record.rel_path)
             try:
-                upload_id = self.store.create_multipart(
-                    record.key, metadata=self._metadata({"archup-part-size": str(part_size)}),
-                    content_type=_content_type(record.rel_path))
+                opened = self._open_upload(record)
             except TransferError as error:
                 self._failed(record, str(error))
                 return
-            # Record the undo as soon as the resource exists.
-            self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size)
-            upload = _MultipartFile(record, upload_id, part_size)
+            if opened is None:
+                return
+            upload, reusable = opened
             hasher = hashlib.sha256()
-            part_number = 0
-            total = 0
+            part_number = total = 0
             error_text: str | None = None
             try:
-                _check_unchanged(os.fstat(handle.fileno()), record)
                 while total < record.size:
                     if self.stop.is_set() or upload.error:
                         break
-                    want = min(part_size, record.size - total)
+                    want = min(upload.part_size, record.size - total)
                     reserved = self._budget.acquire(want)
                     body = handle.read(want)
                     if len(body) != want:
@@ -329,6 +386,10 @@ class Uploader:
                     hasher.update(body)
                     total += want
                     part_number += 1
+                    recorded = reusable.get(part_number)
+                    if recorded is not None and _part_matches(body, recorded):
+                        self._budget.release(reserved)  # the server already holds these bytes
+                        continue
                     with upload.lock:
                         upload.outstanding += 1
                     self._slots.acquire()
@@ -347,25 +408,27 @@ class Uploader:
                     upload.sha256 = hasher.hexdigest()
                     upload.read_done = True
                 elif not upload.error:
-                    upload.error = "interrupted"
+                    upload.error = INTERRUPTED
                 finish = upload.ready_to_finish()
             if finish:
                 self._finish_multipart(upload)
 
     def _send_part(self, upload: _MultipartFile, part_number: int, body: bytes) -> None:
         try:
-            if upload.error is None:
+            if upload.error is None and not self.stop.is_set():
                 part = self.store.upload_part(upload.record.key, upload.upload_id, part_number, body)
+                crash_point("after-upload-part")
                 self.journal.record_part(self.batch_id, upload.record.rel_path,
                                          PartRecord(part_number, len(body), part.etag, part.checksum))
                 self._sent(len(body))
-        except TransferError as error:
+            elif upload.error is None:
+                with upload.lock:
+                    upload.error = INTERRUPTED
+        except (TransferError, DestinationError) as error:
             with upload.lock:
                 upload.error = upload.error or str(error)
-        except DestinationError as error:
-            with upload.lock:
-                upload.error = upload.error or str(error)
-            raise
+            if isinstance(error, DestinationError):
+                raise
         finally:
             with upload.lock:
                 upload.outstanding -= 1
@@ -375,16 +438,16 @@ class Uploader:
 
     def _finish_multipart(self, upload: _MultipartFile) -> None:
         record = upload.record
-        if upload.error == "interrupted":
-            # Leave the upload recorded: the journal says uploading with an upload id,
-            # so a resumer can finish or abort it.
+        if upload.error == INTERRUPTED:
+            # Leave the upload as recorded (uploading, with its id and parts): the
+            # resumer continues it from the parts the server holds.
             return
         if upload.error is not None:
             try:
                 self.store.abort_multipart(record.key, upload.upload_id)
             except ArchupError:
-                # Not fatal for the file's outcome: an upload left open lives under
-                # the batch prefix, where ListMultipartUploads finds it for abort/gc.
+                # An upload left open lives under the batch prefix, where
+                # ListMultipartUploads finds it for 'archup abort' and 'archup gc'.
                 pass
             self._failed(record, upload.error)
             return
@@ -392,13 +455,43 @@ class Uploader:
         parts = self.journal.list_parts(self.batch_id, record.rel_path)
         try:
             etag = self.store.complete_multipart(
-                record.key, upload.upload_id,
-                [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts])
+                record.key, upload.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts])
         except TransferError as error:
+            if error.code == "NoSuchUpload" and self._settle_lost_completion(record):
+                return  # a retried Complete whose first answer was lost
             self._failed(record, str(error))
             return
+        crash_point("after-complete-multipart")
         assert upload.sha256 is not None
         self._uploaded(record, upload.sha256, etag)
+
+
+INTERRUPTED = "interrupted"
+
+
+def multipart_etag(parts: list[PartRecord]) -> str:
+    """The ETag S3 gives a completed multipart object: MD5 of the parts' MD5s, dash, count."""
+    digests = b"".join(bytes.fromhex(part.etag.strip('"')) for part in parts)
+    return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+
+
+def _part_matches(body: bytes, part: PartRecord) -> bool:
+    """Reuse a stored part only if the bytes just read are the bytes it holds."""
+    if len(body) != part.size:
+        return False
+    if part.checksum:
+        return b64(hashlib.sha256(body).digest()) == part.checksum
+    return hashlib.md5(body).hexdigest() == part.etag.strip('"')
+
+
+def _hash_file(path: str, record: FileRecord, chunk: int = 8 * MiB) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        _check_unchanged(os.fstat(handle.fileno()), record)
+        for block in iter(lambda: handle.read(chunk), b""):
+            hasher.update(block)
+        _check_unchanged(os.fstat(handle.fileno()), record)
+    return hasher.hexdigest()
 
 
 def _releaser(budget: ByteBudget, reserved: int, slots: threading.BoundedSemaphore) -> Callable[[Future[None]], None]:

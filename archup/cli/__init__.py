@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from ..errors import EXIT_CODE_TABLE
-from . import finalize, status, upload
+from . import finalize, lifecycle, status, upload
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"{code:>5}  {meaning}" for code, meaning in EXIT_CODE_TABLE)
@@ -21,7 +21,11 @@ app = typer.Typer(
 )
 app.command("upload", epilog=EXIT_CODES_HELP)(upload.upload)
 app.command("status")(status.status)
+app.command("resume")(upload.resume)
 app.command("finalize")(finalize.finalize)
+app.command("list")(lifecycle.list_batches)
+app.command("abort")(lifecycle.abort)
+app.command("gc")(lifecycle.gc)
 
 
 def main() -> None:

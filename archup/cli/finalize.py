@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..finalize import finalize as finalize_batch
+from ..lock import BatchLock
 from ..store import S3Store, StoreConfig
 from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
                      check_batch_id, emit_json, handles_errors, open_journal, print_fields, resolve_endpoint)
@@ -18,7 +19,8 @@ def finalize(batch_id: BatchArgument, endpoint_url: EndpointOption = None, profi
         batch = journal.get_batch(batch_id)
         store = S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
                                     or batch.endpoint_url, region=region or batch.region, profile=profile))
-        summary = finalize_batch(journal, store, batch_id)
+        with BatchLock(journal.path, batch_id):
+            summary = finalize_batch(journal, store, batch_id)
     if json_output:
         emit_json(summary.as_dict())
     else:

@@ -17,11 +17,13 @@ from ulid import ULID
 
 from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
-from ..journal import Journal
+from ..batches import find_resumable
+from ..journal import BatchRecord, Journal
+from ..lock import BatchLock
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
 from ..uploader import MIN_PART_SIZE, UploadOptions, UploadResult, Uploader
-from .common import (EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
+from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
                      check_batch_id, emit_json, handles_errors, open_journal, parse_size, print_fields,
                      resolve_endpoint)
 from .progress import RichProgress
@@ -77,31 +79,46 @@ def _partial_report(journal: Journal, batch_id: str, result: UploadResult, sourc
         "files_skipped": state.counts[FileState.SKIPPED],
         "total_bytes": state.bytes_by_state[FileState.UPLOADED],
         "failures": [{"path": path, "error": error} for path, error in result.failures[:SHOW_AT_MOST]],
+        "bytes_sent": result.bytes_sent,
         "resume": _resume_hint(batch_id, source),
     }
 
 
-def _run(journal: Journal, store: S3Store, batch_id: str, source: str, options: UploadOptions,
+def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions, *, resumed: bool,
          show_bar: bool) -> UploadResult:
     stop = threading.Event()
     with stop_on_signals(stop):
         uploader = Uploader(journal, store, batch_id, options, stop=stop)
-        uploader.scan(source)
+        if resumed:
+            uploader.sweep_orphan_uploads()
+        uploader.scan()
         if not show_bar:
-            return uploader.send(source)
+            return uploader.send()
         state = journal.get_state(batch_id)
         done = (FileState.UPLOADED, FileState.SKIPPED)
         with RichProgress(state.bytes_total - sum(state.bytes_by_state[s] for s in done),
                           state.files_total - sum(state.counts[s] for s in done)) as bar:
             uploader.observer = bar
-            return uploader.send(source)
+            return uploader.send()
+
+
+def _check_parallel(parallel: int) -> None:
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
+
+
+ParallelOption = Annotated[int, typer.Option("--parallel", "-p", envvar="ARCHUP_PARALLEL",
+                                             help="Concurrent requests (threads).")]
+NoFinalizeOption = Annotated[bool, typer.Option("--no-finalize", help="Upload only; finalize later.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
+ChecksumOption = Annotated[ChecksumMode, typer.Option(
+    "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]
 
 
 @handles_errors
 def upload(
     directory: Annotated[Path, typer.Argument(help="Directory to upload.", show_default=False)],
-    parallel: Annotated[int, typer.Option("--parallel", "-p", envvar="ARCHUP_PARALLEL",
-                                          help="Concurrent requests (threads).")] = 5,
+    parallel: ParallelOption = 5,
     bucket: Annotated[str | None, typer.Option("--bucket", envvar="ARCHUP_BUCKET",
                                                help="Destination bucket.", show_default=False)] = None,
     endpoint_url: EndpointOption = None,
@@ -111,85 +128,136 @@ def upload(
                                         help="Key prefix; the batch goes under <prefix><BATCH>/.")] = "staging/",
     part_size: Annotated[str, typer.Option("--part-size", help="Multipart part size (and threshold); grown "
                                            "automatically so no file needs more than 10,000 parts.")] = "8MiB",
-    checksum: Annotated[ChecksumMode, typer.Option("--checksum", help="Integrity check sent with every request "
-                                                   "(sha256, crc32, md5, none).")] = ChecksumMode.SHA256,
+    checksum: ChecksumOption = ChecksumMode.SHA256,
     batch: Annotated[str | None, typer.Option("--batch", help="Continue this unfinished batch.",
                                               show_default=False)] = None,
-    no_finalize: Annotated[bool, typer.Option("--no-finalize", help="Upload only; finalize later.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
+    new_batch: Annotated[bool, typer.Option("--new-batch", help="Start a new batch even if an unfinished "
+                                            "one of this source and destination exists.")] = False,
+    no_finalize: NoFinalizeOption = False,
+    quiet: QuietOption = False,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Upload DIR as one batch under <prefix><BATCH>/, then finalize it (write the manifest)."""
+    """Upload DIR as one batch under <prefix><BATCH>/, then finalize it (write the manifest).
+
+    An unfinished batch of the same source and destination is resumed instead
+    of starting over (--new-batch starts a new one).
+    """
     if not directory.exists():
         raise UsageError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory")
-    if not 1 <= parallel <= MAX_PARALLEL:
-        raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
+    _check_parallel(parallel)
     part_bytes = parse_size(part_size)
     if not MIN_PART_SIZE <= part_bytes <= MAX_PART_SIZE:
         raise UsageError(f"--part-size {part_size}: must be between 5MiB and 5GiB (S3's part limits)")
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
+    if batch and new_batch:
+        raise UsageError("--batch and --new-batch exclude each other")
     source = str(directory.resolve())
     endpoint = resolve_endpoint(endpoint_url)
+    key_prefix = normalize_prefix(prefix)
     store = S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
                                 max_pool_connections=max(10, parallel + 4), checksum=checksum))
     store.check_bucket()
     talk = not (quiet or json_output)
 
     with open_journal(journal_path) as journal:
+        record: BatchRecord | None
         if batch:
-            batch_id = check_batch_id(batch)
-            record = journal.get_batch(batch_id)
+            record = journal.get_batch(check_batch_id(batch))
             if record.source_root != source:
-                raise UsageError(f"batch {batch_id} archives {record.source_root}, not {source}")
+                raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {source}")
             if record.bucket != bucket:
-                raise UsageError(f"batch {batch_id} goes to bucket {record.bucket}, not {bucket}")
+                raise UsageError(f"batch {record.batch_id} goes to bucket {record.bucket}, not {bucket}")
         else:
-            batch_id = str(ULID())
-            record = journal.init_batch(batch_id, source_root=source, bucket=bucket,
-                                        prefix=normalize_prefix(prefix), part_size=part_bytes,
-                                        endpoint_url=endpoint, region=region)
-        if talk:
-            print(f"archup: batch {batch_id}: uploading {source} to s3://{bucket}/{record.batch_prefix} "
-                  f"with {parallel} streams", file=sys.stderr)
-
-        if record.state is BatchState.ENQUEUED:
-            result = UploadResult(batch_id)  # already sealed: finalize below just reprints its summary
-        elif record.state.terminal:
-            raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+            record = None if new_batch else find_resumable(journal, source, bucket, key_prefix, endpoint)
+            if record is not None and talk:
+                print(f"archup: resuming unfinished batch {record.batch_id} of {source} "
+                      "(--new-batch starts a new one)", file=sys.stderr)
+        if record is None:
+            record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
+                                        part_size=part_bytes, endpoint_url=endpoint, region=region)
+            resumed = False
         else:
-            result = _run(journal, store, batch_id, source, UploadOptions(
-                parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size),
-                show_bar=talk and sys.stderr.isatty())
+            resumed = True
+        with BatchLock(journal.path, record.batch_id):
+            _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
+                          resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output)
 
-        if result.fatal is not None:
-            raise result.fatal
-        if result.interrupted:
-            raise Interrupted(f"batch {batch_id} interrupted; resume with '{_resume_hint(batch_id, source)}'")
-        if result.files_failed:
-            report = _partial_report(journal, batch_id, result, source)
-            if json_output:
-                emit_json(report)
-            else:
-                for failure in report["failures"]:  # type: ignore[attr-defined]
-                    print(f"failed: {failure['path']}: {failure['error']}", file=sys.stderr)
-                if result.files_failed > SHOW_AT_MOST:
-                    print(f"... and {result.files_failed - SHOW_AT_MOST} more failed", file=sys.stderr)
-            raise BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "
-                                  f"resume with '{_resume_hint(batch_id, source)}'")
-        if no_finalize:
-            report = _partial_report(journal, batch_id, result, source)
-            if json_output:
-                emit_json(report)
-            elif not quiet:
-                print_fields([(k, v) for k, v in report.items() if k != "failures"])
-            return
-        summary = finalize(journal, store, batch_id)
+
+@handles_errors
+def resume(
+    batch_id: BatchArgument,
+    parallel: ParallelOption = 5,
+    endpoint_url: EndpointOption = None,
+    profile: ProfileOption = None,
+    region: RegionOption = None,
+    checksum: ChecksumOption = ChecksumMode.SHA256,
+    no_finalize: NoFinalizeOption = False,
+    quiet: QuietOption = False,
+    journal_path: JournalOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
+    _check_parallel(parallel)
+    batch_id = check_batch_id(batch_id)
+    with open_journal(journal_path) as journal:
+        record = journal.get_batch(batch_id)
+        if not os.path.isdir(record.source_root):
+            raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
+        store = S3Store(StoreConfig(bucket=record.bucket, endpoint_url=resolve_endpoint(endpoint_url)
+                                    or record.endpoint_url, region=region or record.region, profile=profile,
+                                    max_pool_connections=max(10, parallel + 4), checksum=checksum))
+        store.check_bucket()
+        with BatchLock(journal.path, batch_id):
+            _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
+                          no_finalize=no_finalize, quiet=quiet, json_output=json_output)
+
+
+def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
+                  no_finalize: bool, quiet: bool, json_output: bool) -> None:
+    """Upload (or continue) one batch while holding its lock, then finalize and report."""
+    batch_id, source = record.batch_id, record.source_root
+    talk = not (quiet or json_output)
+    if talk:
+        print(f"archup: batch {batch_id}: uploading {source} to s3://{record.bucket}/{record.batch_prefix} "
+              f"with {parallel} streams", file=sys.stderr)
+    if record.state is BatchState.ENQUEUED:
+        result = UploadResult(batch_id)  # already sealed: finalize below just reprints its summary
+    elif record.state.terminal:
+        raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+    else:
+        result = _run(journal, store, batch_id, UploadOptions(
+            parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size),
+            resumed=resumed, show_bar=talk and sys.stderr.isatty())
+
+    if result.fatal is not None:
+        raise result.fatal
+    if result.interrupted:
+        raise Interrupted(f"batch {batch_id} interrupted; resume with '{_resume_hint(batch_id, source)}'")
+    if result.files_failed:
+        report = _partial_report(journal, batch_id, result, source)
         if json_output:
-            emit_json(summary.as_dict())
+            emit_json(report)
+        else:
+            for path, error in result.failures[:SHOW_AT_MOST]:
+                print(f"failed: {path}: {error}", file=sys.stderr)
+            if result.files_failed > SHOW_AT_MOST:
+                print(f"... and {result.files_failed - SHOW_AT_MOST} more failed", file=sys.stderr)
+        raise BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "
+                              f"resume with '{_resume_hint(batch_id, source)}'")
+    if no_finalize:
+        report = _partial_report(journal, batch_id, result, source)
+        if json_output:
+            emit_json(report)
         elif not quiet:
-            print_fields(list(summary.as_dict().items()))
-
+            print_fields([(k, v) for k, v in report.items() if k != "failures"])
+        return
+    summary = finalize(journal, store, batch_id).as_dict()
+    summary["bytes_sent"] = result.bytes_sent
+    if json_output:
+        emit_json(summary)
+    elif not quiet:
+        print_fields(list(summary.items()))

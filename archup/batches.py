@@ -1,0 +1,133 @@
+"""Batch lifecycle beyond uploading: find one to resume, abort, expire, find orphans."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from .errors import ArchupError, BatchBusy, BatchClosed
+from .journal import BatchRecord, Journal, isoformat, utcnow
+from .lock import BatchLock
+from .states import BatchState
+from .store import S3Store
+
+StoreFactory = Callable[[BatchRecord], S3Store]
+
+_RESUMABLE = (BatchState.OPEN, BatchState.UPLOADING, BatchState.FAILED, BatchState.FINALIZING)
+
+
+def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,
+                   endpoint_url: str | None) -> BatchRecord | None:
+    """The newest unfinished, unexpired batch of this source to this destination, if any."""
+    now = isoformat(utcnow())
+    candidates = [batch for batch in journal.list_batches()
+                  if batch.state in _RESUMABLE and batch.source_root == source_root
+                  and batch.bucket == bucket and batch.prefix == prefix
+                  and batch.endpoint_url == endpoint_url and batch.expires_at > now]
+    # ULIDs sort by creation time.
+    return max(candidates, key=lambda batch: batch.batch_id, default=None)
+
+
+@dataclass
+class AbortReport:
+    batch_id: str
+    state: str
+    uploads_aborted: int = 0
+    objects_deleted: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord) -> int:
+    """Abort every multipart upload of the batch: those the journal records, and any
+    other under its prefix (left by a crash before the id was recorded)."""
+    aborted: set[str] = set()
+    for record in journal.iter_files(batch.batch_id):
+        if record.upload_id and record.upload_id not in aborted:
+            store.abort_multipart(record.key, record.upload_id)
+            aborted.add(record.upload_id)
+    for key, upload_id in store.list_multipart_uploads(batch.batch_prefix):
+        if upload_id not in aborted:
+            store.abort_multipart(key, upload_id)
+            aborted.add(upload_id)
+    return len(aborted)
+
+
+def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool = False) -> AbortReport:
+    """Abort a batch's multipart uploads and mark it aborted; with purge, delete its staged objects too."""
+    batch = journal.get_batch(batch_id)
+    if batch.state is BatchState.ENQUEUED:
+        raise BatchClosed(f"batch {batch_id} is finalized (enqueued); archup will not abort an archived batch")
+    with BatchLock(journal.path, batch_id):
+        report = AbortReport(batch_id, batch.state.value)
+        report.uploads_aborted = _abort_uploads(journal, store, batch)
+        if purge:
+            report.objects_deleted = store.delete_prefix(batch.batch_prefix)
+        if batch.state is not BatchState.ABORTED:
+            report.state = journal.set_batch_state(batch_id, BatchState.ABORTED, error="aborted by the user").state.value
+        return report
+
+
+@dataclass
+class GcReport:
+    expired: list[AbortReport] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    orphan_uploads: list[dict[str, str]] = field(default_factory=list)
+    orphans_aborted: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"expired": [report.as_dict() for report in self.expired], "busy": self.busy,
+                "errors": self.errors, "orphan_uploads": self.orphan_uploads,
+                "orphans_aborted": self.orphans_aborted}
+
+
+def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: timedelta | None = None,
+                    now: datetime | None = None, abort_orphans: bool = False) -> GcReport:
+    """Expire unfinalized batches past their time to live; report (and optionally abort)
+    multipart uploads under a known staging prefix that no batch in the journal owns."""
+    now = now or utcnow()
+    report = GcReport()
+    batches = journal.list_batches()
+    deadline = isoformat(now - older_than) if older_than is not None else None
+    for batch in batches:
+        if batch.state.terminal:
+            continue
+        stale = batch.created_at < deadline if deadline else batch.expires_at <= isoformat(now)
+        if not stale:
+            continue
+        try:
+            with BatchLock(journal.path, batch.batch_id):
+                aborted = _abort_uploads(journal, store_for(batch), batch)
+                journal.set_batch_state(batch.batch_id, BatchState.EXPIRED, error="expired: not finalized in time")
+            report.expired.append(AbortReport(batch.batch_id, BatchState.EXPIRED.value, aborted))
+        except BatchBusy:
+            report.busy.append(batch.batch_id)
+        except ArchupError as error:
+            report.errors.append(f"{batch.batch_id}: {error}")
+
+    known_uploads = {upload_id for batch in batches for upload_id in journal.upload_ids(batch.batch_id)}
+    seen_destinations: set[tuple[str, str | None, str]] = set()
+    for batch in batches:
+        destination = (batch.bucket, batch.endpoint_url, batch.prefix)
+        if destination in seen_destinations:
+            continue
+        seen_destinations.add(destination)
+        store = store_for(batch)
+        try:
+            for key, upload_id in store.list_multipart_uploads(batch.prefix):
+                if upload_id in known_uploads:
+                    continue
+                owner = key[len(batch.prefix):].split("/", 1)[0]
+                owner_batch = next((b for b in batches if b.batch_id == owner), None)
+                if owner_batch is not None and not owner_batch.state.terminal:
+                    continue  # a live batch's own upload, in flight right now or swept on its resume
+                report.orphan_uploads.append({"bucket": batch.bucket, "key": key, "upload_id": upload_id})
+                if abort_orphans:
+                    store.abort_multipart(key, upload_id)
+                    report.orphans_aborted += 1
+        except ArchupError as error:
+            report.errors.append(f"listing uploads under s3://{batch.bucket}/{batch.prefix}: {error}")
+    return report

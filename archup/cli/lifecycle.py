@@ -1,0 +1,128 @@
+"""archup list, abort and gc: the batches in the journal and their end of life."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Annotated
+
+import typer
+
+from ..batches import abort_batch, collect_garbage
+from ..errors import UsageError
+from ..journal import BatchRecord, utcnow
+from ..states import BatchState, FileState
+from ..store import S3Store, StoreConfig
+from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
+                     check_batch_id, emit_json, handles_errors, open_journal, print_fields, resolve_endpoint)
+
+
+def _store_for(endpoint_url: str | None, profile: str | None, region: str | None):  # type: ignore[no-untyped-def]
+    def factory(batch: BatchRecord) -> S3Store:
+        return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
+                                   or batch.endpoint_url, region=region or batch.region, profile=profile))
+    return factory
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """'24h', '90m', '7d'."""
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"bad duration {text!r}: use a number and a unit (s, m, h, d, w), such as 24h")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _age(created_at: str) -> str:
+    created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    seconds = int((utcnow() - created).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@handles_errors
+def list_batches(
+    status: Annotated[BatchState | None, typer.Option("--status", help="Only batches in this state.",
+                                                      show_default=False)] = None,
+    journal_path: JournalOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List the batches in the journal with state, age, file counts and bytes."""
+    with open_journal(journal_path) as journal:
+        rows = []
+        for batch in journal.list_batches(status):
+            summary = journal.get_state(batch.batch_id, problem_limit=0)
+            rows.append({
+                "batch_id": batch.batch_id, "status": batch.state.value, "created_at": batch.created_at,
+                "age": _age(batch.created_at), "source_root": batch.source_root,
+                "destination": f"s3://{batch.bucket}/{batch.batch_prefix}",
+                "files_total": summary.files_total, "files_uploaded": summary.counts[FileState.UPLOADED],
+                "files_failed": summary.counts[FileState.FAILED],
+                "bytes_total": summary.bytes_total, "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
+            })
+    if json_output:
+        emit_json({"batches": rows})
+        return
+    for row in rows:
+        print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
+              f"{row['files_uploaded']}/{row['files_total']} files  "
+              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}")
+
+
+@handles_errors
+def abort(
+    batch_id: BatchArgument,
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete the batch's staged objects.")] = False,
+    endpoint_url: EndpointOption = None,
+    profile: ProfileOption = None,
+    region: RegionOption = None,
+    journal_path: JournalOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Abort a batch: abort its multipart uploads and mark it aborted (--purge deletes its objects)."""
+    batch_id = check_batch_id(batch_id)
+    with open_journal(journal_path) as journal:
+        store = _store_for(endpoint_url, profile, region)(journal.get_batch(batch_id))
+        report = abort_batch(journal, store, batch_id, purge=purge)
+    if json_output:
+        emit_json(report.as_dict())
+    else:
+        print_fields(list(report.as_dict().items()))
+
+
+@handles_errors
+def gc(
+    older_than: Annotated[str | None, typer.Option(
+        "--older-than", help="Expire unfinalized batches created longer ago than this (e.g. 24h); "
+        "default: each batch's own expiry, 24 hours after it was created.", show_default=False)] = None,
+    abort_orphans: Annotated[bool, typer.Option(
+        "--abort-orphans", help="Also abort the orphan multipart uploads it finds.")] = False,
+    endpoint_url: EndpointOption = None,
+    profile: ProfileOption = None,
+    region: RegionOption = None,
+    journal_path: JournalOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Expire stale unfinalized batches (aborting their uploads) and report orphan multipart uploads."""
+    age = parse_duration(older_than) if older_than else None
+    with open_journal(journal_path) as journal:
+        report = collect_garbage(journal, _store_for(endpoint_url, profile, region), older_than=age,
+                                 abort_orphans=abort_orphans)
+    if json_output:
+        emit_json(report.as_dict())
+        return
+    for expired in report.expired:
+        print(f"expired {expired.batch_id} ({expired.uploads_aborted} multipart upload(s) aborted)")
+    for batch_id in report.busy:
+        print(f"busy {batch_id}: another archup owns it; left alone")
+    for orphan in report.orphan_uploads:
+        print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
+              + (" aborted" if abort_orphans else ""))
+    for error in report.errors:
+        print(f"error: {error}")
+    print(f"{len(report.expired)} batch(es) expired, {len(report.orphan_uploads)} orphan upload(s) found")

@@ -1,0 +1,63 @@
+"""archup verify: re-check the bucket against a batch's manifest (or its journal before finalize)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from ..store import S3Store, StoreConfig
+from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
+from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
+                     check_batch_id, emit_json, handles_errors, open_journal, resolve_endpoint)
+
+MAX_PARALLEL = 256
+_BYTE_COUNTS = frozenset({Problem.MISSING, Problem.UNEXPECTED, Problem.SIZE_MISMATCH,
+                          Problem.ENTRIES_SIZE_MISMATCH, Problem.TOTAL_BYTES_MISMATCH})
+
+
+def describe(difference: Difference) -> str:
+    """One line per difference; plain text, since paths are user file names."""
+
+    def show(value: object) -> str:
+        if value is None:
+            return "no object"
+        return f"{value} bytes" if difference.problem in _BYTE_COUNTS else str(value)
+
+    name = difference.path or difference.key or "(batch)"
+    return f"{difference.problem.value}: {name}: expected {show(difference.expected)}, found {show(difference.actual)}"
+
+
+@handles_errors
+def verify(batch_id: BatchArgument,
+           deep: Annotated[bool, typer.Option("--deep", help="Download every object and re-hash its bytes "
+                                              "(SHA-256).")] = False,
+           parallel: Annotated[int, typer.Option("--parallel", "-p", help="Concurrent requests "
+                                                 "(HEAD, or GET with --deep).")] = DEFAULT_PARALLEL,
+           endpoint_url: EndpointOption = None, profile: ProfileOption = None, region: RegionOption = None,
+           journal_path: JournalOption = None, json_output: JsonOption = False) -> None:
+    """Check the bucket against a batch's manifest (or its journal, before finalize): missing, changed
+    and unexpected objects. Exits 3 on any difference."""
+    batch_id = check_batch_id(batch_id)
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
+
+    def print_difference(difference: Difference) -> None:
+        print(describe(difference), flush=True)
+
+    with open_journal(journal_path) as journal:
+        batch = journal.get_batch(batch_id)
+        store = S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
+                                    or batch.endpoint_url, region=region or batch.region, profile=profile,
+                                    max_pool_connections=max(10, parallel + 2)))
+        report = verify_batch(journal, store, batch_id, deep=deep, parallel=parallel,
+                              on_difference=None if json_output else print_difference)
+    if json_output:
+        emit_json(report.as_dict())
+    else:
+        how = "re-hashed" if deep else "checked"
+        print(f"batch {batch_id}: {report.checked} file(s) {how} against the {report.source.value}: "
+              f"{len(report.differences)} difference(s)")
+    if not report.ok:
+        raise report.failure()

@@ -1,0 +1,67 @@
+"""One owner per batch: an OS-level lock that dies with its process.
+
+``flock`` on ``<journal dir>/locks/<BATCH>.lock``. The kernel releases it when
+the owning process exits for any reason, ``kill -9`` included, so it can never
+go stale and nothing has to guess whether a PID is still alive. The file's
+contents (host, pid, since) only name the holder in the error message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from .errors import BatchBusy, JournalError
+from .journal import isoformat, utcnow
+
+
+class BatchLock:
+    def __init__(self, journal_path: Path, batch_id: str) -> None:
+        self.batch_id = batch_id
+        self.path = journal_path.parent / "locks" / f"{batch_id}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> BatchLock:
+        try:
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise JournalError(f"cannot create lock file {self.path}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise BatchBusy(f"batch {self.batch_id} is busy: another archup owns it ({holder}); "
+                            "wait for it to finish, or stop that process") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "since": isoformat(utcnow())}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            # Closing the descriptor releases the lock. The file stays: unlinking it
+            # would let a waiter lock an orphaned inode while a newcomer locks a new one.
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> BatchLock:
+        return self.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.release()
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
