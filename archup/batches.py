@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .errors import ArchupError, BatchBusy, BatchClosed
+from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
 from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
 from .states import BatchState
@@ -27,6 +28,28 @@ def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,
                   and batch.endpoint_url == endpoint_url and batch.expires_at > now]
     # ULIDs sort by creation time.
     return max(candidates, key=lambda batch: batch.batch_id, default=None)
+
+
+MARKER_NAME = "batch.json"
+
+
+def write_marker(store: S3Store, batch: BatchRecord) -> str:
+    """Preflight and record in one: write ``<batch prefix>batch.json`` before any file is read.
+
+    It proves the credentials, the bucket, write permission and the checksum
+    mode all work (exit 5 otherwise), and marks the batch in the bucket. Its
+    content depends only on the journal, so a resumed run writes the same bytes.
+    """
+    key = f"{batch.batch_prefix}{MARKER_NAME}"
+    body = json.dumps({"format": "archup-batch", "batch_id": batch.batch_id, "created_at": batch.created_at,
+                       "source_root": batch.source_root}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    try:
+        store.put_object(key, body, metadata={"archup-batch": batch.batch_id}, content_type="application/json")
+    except TransferError as error:
+        hint = "" if store.config.checksum.value in ("none",) else (
+            "; if this endpoint rejects checksum headers, try --checksum md5 or --checksum none")
+        raise DestinationError(f"preflight: cannot write s3://{store.bucket}/{key}: {error}{hint}") from None
+    return key
 
 
 @dataclass

@@ -268,11 +268,11 @@ class _Verification:
             self.add(Difference(summary_key, None, Problem.MANIFEST_INVALID, f"{what}: {expected}", actual))
             return None
         seal = document["entries"]
-        body = self._open_body(seal["key"])
-        if body is None:
+        response = self._open_body(seal["key"])
+        if response is None:
             self.add(Difference(seal["key"], None, Problem.ENTRIES_MISSING, seal["sha256"], None))
             return None
-        return self._manifest_files(document, _EntriesStream(body, seal["key"]))
+        return self._manifest_files(document, _EntriesStream(response["Body"], seal["key"]))
 
     def _manifest_files(self, summary: dict[str, Any], stream: _EntriesStream) -> Iterator[Expected]:
         seal = summary["entries"]
@@ -368,7 +368,7 @@ class _Verification:
             return [Difference(item.key, item.path, Problem.METADATA_CHECKSUM_MISMATCH, item.sha256, recorded)]
         return []
 
-    def _open_body(self, key: str) -> Any | None:
+    def _open_body(self, key: str) -> dict[str, Any] | None:
         """A GetObject response, or None if the key does not exist."""
         try:
             return self.store.client.get_object(Bucket=self.store.bucket, Key=key)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from ..errors import EXIT_CODE_TABLE
+from pathlib import Path
+from typing import Annotated
+
+from ..errors import EXIT_CODE_TABLE, ArchupError, exit_code_for
+from . import config as config_file
 from . import finalize, lifecycle, status, upload
+from .common import fail
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"{code:>5}  {meaning}" for code, meaning in EXIT_CODE_TABLE)
@@ -19,6 +24,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+@app.callback()
+def settings(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="TOML config file [env: ARCHUP_CONFIG; default: ~/.config/archup/config.toml]. "
+        "Precedence: flags, then environment, then this file.", show_default=False)] = None,
+) -> None:
+    """Parallel archival uploader for S3-compatible storage, with a crash-safe journal."""
+    # Runs after the group's options are parsed and before the command's are, so the
+    # command sees the file's values as its defaults.
+    try:
+        ctx.default_map = config_file.load(config, ctx.command)  # type: ignore[arg-type]
+    except ArchupError as error:
+        fail(str(error), exit_code_for(error))
+
+
 app.command("upload", epilog=EXIT_CODES_HELP)(upload.upload)
 app.command("status")(status.status)
 app.command("resume")(upload.resume)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -37,27 +38,37 @@ EndpointOption = Annotated[
 ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
 RegionOption = Annotated[str | None, typer.Option("--region", help="Region of the bucket.", show_default=False)]
 
-stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def fail(message: str, code: int) -> None:
+_json_emitted = threading.local()
+
+
+def fail(message: str, code: int, *, as_json: bool = False) -> None:
     # Plain print, never rich markup: messages carry user file names.
     print(f"archup: error: {message}", file=sys.stderr)
+    if as_json and not getattr(_json_emitted, "done", False):
+        emit_json({"error": message, "exit_code": code})
     raise typer.Exit(code)
 
 
 def handles_errors(command: F) -> F:
-    """Map every archup error to its one-line message and documented exit code."""
+    """Map every archup error to its one-line message and documented exit code.
+
+    With --json, stdout still carries exactly one JSON object: the command's own,
+    or ``{"error": ..., "exit_code": ...}`` if it failed before printing one.
+    """
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("json_output"))
+        _json_emitted.done = False
         try:
             return command(*args, **kwargs)
         except ArchupError as error:
-            fail(str(error), exit_code_for(error))
+            fail(str(error), exit_code_for(error), as_json=as_json)
         except KeyboardInterrupt:
-            fail("interrupted", int(ExitCode.INTERRUPTED))
+            fail("interrupted", int(ExitCode.INTERRUPTED), as_json=as_json)
         return None
 
     return wrapper  # type: ignore[return-value]
@@ -98,6 +109,7 @@ def parse_size(text: str) -> int:
 
 
 def emit_json(document: Any) -> None:
+    _json_emitted.done = True
     sys.stdout.write(json.dumps(document, ensure_ascii=False, sort_keys=False) + "\n")
     sys.stdout.flush()
 

@@ -17,7 +17,7 @@ from ulid import ULID
 
 from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
-from ..batches import find_resumable
+from ..batches import find_resumable, write_marker
 from ..journal import BatchRecord, Journal
 from ..lock import BatchLock
 from ..states import BatchState, FileState
@@ -229,6 +229,7 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     elif record.state.terminal:
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
     else:
+        write_marker(store, record)
         result = _run(journal, store, batch_id, UploadOptions(
             parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size),
             resumed=resumed, show_bar=talk and sys.stderr.isatty())
