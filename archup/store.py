@@ -21,6 +21,7 @@ import botocore.config
 import botocore.exceptions
 
 from .errors import DestinationError, TransferError
+from .logs import register_secrets
 
 # Answers that mean no further request to this destination can succeed.
 _FATAL_CODES = frozenset({
@@ -124,8 +125,12 @@ class S3Store:
         try:
             session = boto3.session.Session(profile_name=config.profile, region_name=config.region)
             self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
+            credentials = session.get_credentials()
         except Exception as error:  # profile missing, bad endpoint URL, ...
             raise translate(error, "opening the S3 client") from None
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
 
     # -- checksums ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ Backpressure: a semaphore bounds the queued tasks and a byte budget of
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 import os
 import threading
@@ -31,6 +32,8 @@ from .scan import ScanItem, object_key, scan
 from .states import BatchState, FileState
 from .crashpoints import crash_point
 from .store import S3Store, UploadedPart, b64
+
+log = logging.getLogger("archup.upload")
 
 MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
@@ -246,12 +249,14 @@ class Uploader:
 
     def _uploaded(self, record: FileRecord, sha256: str, etag: str) -> None:
         self.journal.complete_file(self.batch_id, record.rel_path, sha256=sha256, etag=etag)
+        log.info("uploaded %s (%d bytes, sha256 %s)", record.rel_path, record.size, sha256)
         with self._result_lock:
             self.result.files_uploaded += 1
         self.observer.on_file_done(record.rel_path, FileState.UPLOADED, record.size, None)
 
     def _failed(self, record: FileRecord, reason: str) -> None:
         self.journal.fail_file(self.batch_id, record.rel_path, reason)
+        log.info("failed %s: %s", record.rel_path, reason)
         with self._result_lock:
             self.result.files_failed += 1
             self.result.failures.append((record.rel_path, reason))

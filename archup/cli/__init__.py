@@ -7,6 +7,7 @@ import typer
 from pathlib import Path
 from typing import Annotated
 
+from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, exit_code_for
 from . import config as config_file
 from . import finalize, lifecycle, status, upload
@@ -32,10 +33,19 @@ def settings(
     config: Annotated[Path | None, typer.Option(
         "--config", help="TOML config file [env: ARCHUP_CONFIG; default: ~/.config/archup/config.toml]. "
         "Precedence: flags, then environment, then this file.", show_default=False)] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More log output: -v info, -vv debug, -vvv botocore too. "
+                                         "Credentials and signatures are always scrubbed.")] = 0,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="Also write the log to this file (0600).",
+                                                  show_default=False)] = None,
 ) -> None:
     """Parallel archival uploader for S3-compatible storage, with a crash-safe journal."""
     # Runs after the group's options are parsed and before the command's are, so the
     # command sees the file's values as its defaults.
+    try:
+        logs.configure(verbose, log_file)
+    except OSError as error:
+        fail(f"cannot open log file {log_file}: {error.strerror}", 2)
     try:
         ctx.default_map = config_file.load(config, ctx.command)  # type: ignore[arg-type]
     except ArchupError as error:
