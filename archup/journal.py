@@ -32,7 +32,7 @@ from .errors import (
 )
 from .states import BatchState, FileState, batch_can_move, file_can_move
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_BUSY_TIMEOUT = 30.0
 BATCH_TTL = timedelta(hours=24)
 
@@ -84,6 +84,10 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (batch_id, rel_path, part_number),
         FOREIGN KEY (batch_id, rel_path) REFERENCES files(batch_id, rel_path) ON DELETE CASCADE
     ) WITHOUT ROWID;
+    """,
+    # 2: --skip-archived looks files up by path across batches.
+    """
+    CREATE INDEX files_by_path ON files (rel_path, size, mtime_ns);
     """,
 )
 
@@ -422,6 +426,18 @@ class Journal:
                 [(batch_id, f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, now)
                  for f in new_files])
             return conn.total_changes - before
+
+    def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
+        """The newest finalized batch of the same source and destination holding this file
+        unchanged (same path, size and mtime), if any."""
+        row = self._connection().execute(
+            "SELECT b.batch_id FROM files f JOIN batches b ON b.batch_id = f.batch_id "
+            "WHERE f.rel_path = ? AND f.size = ? AND f.mtime_ns = ? AND f.state = ? AND b.state = ? "
+            "AND b.batch_id != ? AND b.source_root = ? AND b.bucket = ? AND b.prefix = ? "
+            "AND b.endpoint_url IS ? ORDER BY b.batch_id DESC LIMIT 1",
+            (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value, batch.batch_id,
+             batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url)).fetchone()
+        return None if row is None else str(row[0])
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
         row = self._connection().execute(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 FILES_DIR = "files/"
@@ -44,7 +44,20 @@ def _valid_utf8(name: str) -> bool:
     return True
 
 
-def scan(root: str | os.PathLike[str]) -> Iterator[ScanItem]:
+def _item(rel_path: str, path: str, info: os.stat_result) -> ScanItem | None:
+    """A file's scan item from its lstat; None for a directory."""
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISREG(mode):
+        return ScanItem(rel_path, path, info.st_size, info.st_mtime_ns)
+    if stat.S_ISLNK(mode):
+        return ScanItem(rel_path, path, 0, info.st_mtime_ns, "symlink (not followed)")
+    return ScanItem(rel_path, path, 0, info.st_mtime_ns, "not a regular file (fifo, socket or device)")
+
+
+def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = None) -> Iterator[ScanItem]:
+    """Every file under root (depth first, directories as a stack, never the whole list)."""
     root_path = os.fspath(root)
     pending: list[tuple[str, str]] = [(root_path, "")]
     while pending:
@@ -68,13 +81,25 @@ def scan(root: str | os.PathLike[str]) -> Iterator[ScanItem]:
                 except OSError as error:
                     yield ScanItem(rel_path, entry.path, 0, 0, f"vanished or unreadable: {error.strerror}")
                     continue
-                mode = info.st_mode
-                if stat.S_ISDIR(mode):
+                item = _item(rel_path, entry.path, info)
+                if item is None:
                     pending.append((entry.path, rel_path + "/"))
-                elif stat.S_ISREG(mode):
-                    yield ScanItem(rel_path, entry.path, info.st_size, info.st_mtime_ns)
-                elif stat.S_ISLNK(mode):
-                    yield ScanItem(rel_path, entry.path, 0, info.st_mtime_ns, "symlink (not followed)")
-                else:
-                    yield ScanItem(rel_path, entry.path, 0, info.st_mtime_ns,
-                                   "not a regular file (fifo, socket or device)")
+                elif select is None or select(rel_path):
+                    yield item
+
+
+def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
+              select: Callable[[str], bool] | None = None) -> Iterator[ScanItem]:
+    """The files a --files-from list names, in its order; a listed path that is missing is reported."""
+    root_path = os.fspath(root)
+    for rel_path in rel_paths:
+        if select is not None and not select(rel_path):
+            continue
+        path = os.path.join(root_path, rel_path)
+        try:
+            info = os.lstat(path)
+        except OSError as error:
+            yield ScanItem(rel_path, path, 0, 0, f"listed in --files-from but {error.strerror.lower()}")
+            continue
+        item = _item(rel_path, path, info)
+        yield item if item is not None else ScanItem(rel_path, path, 0, 0, "listed in --files-from but a directory")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -57,8 +60,17 @@ class StoreConfig:
     max_pool_connections: int = 10
     checksum: ChecksumMode = ChecksumMode.SHA256
     max_attempts: int = 5
+    retry_mode: str = "standard"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # Archive options: storage class, tags and user metadata go on file objects;
+    # server-side encryption on every object archup writes.
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    user_metadata: tuple[tuple[str, str], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
 
 
 @dataclass(frozen=True)
@@ -113,10 +125,12 @@ class S3Store:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self.bucket = config.bucket
+        self._rate_lock = threading.Lock()
+        self._rate_next = 0.0
         checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
         client_config = botocore.config.Config(
             max_pool_connections=config.max_pool_connections,
-            retries={"mode": "standard", "max_attempts": config.max_attempts},
+            retries={"mode": config.retry_mode, "max_attempts": config.max_attempts},
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             request_checksum_calculation=checksum_calculation,
@@ -132,7 +146,20 @@ class S3Store:
             frozen = credentials.get_frozen_credentials()
             register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
 
-    # -- checksums ----------------------------------------------------------
+    # -- request arguments ---------------------------------------------------
+
+    def _object_args(self, *, archive: bool, metadata: dict[str, str] | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"Metadata": {**(dict(self.config.user_metadata) if archive else {}),
+                                             **(metadata or {})}}
+        if self.config.sse:
+            args["ServerSideEncryption"] = self.config.sse
+        if self.config.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.config.sse_kms_key_id
+        if archive and self.config.storage_class:
+            args["StorageClass"] = self.config.storage_class
+        if archive and self.config.tags:
+            args["Tagging"] = urllib.parse.urlencode(self.config.tags)
+        return args
 
     def _body_checksum_args(self, body: bytes, sha256_digest: bytes | None = None) -> dict[str, str]:
         mode = self.config.checksum
@@ -142,14 +169,29 @@ class S3Store:
             return {"ContentMD5": b64(hashlib.md5(body).digest())}
         return {}
 
+    def _throttle(self, count: int) -> None:
+        """--bwlimit: reserve ``count`` bytes of the shared budget; wait until they are due."""
+        if not self.config.bwlimit:
+            return
+        with self._rate_lock:
+            now = time.monotonic()
+            start = max(now, self._rate_next)
+            self._rate_next = start + count / self.config.bwlimit
+        if start > now:
+            time.sleep(start - now)
+
     # -- single objects -----------------------------------------------------
 
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
-                   metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        """PUT one object; ``archive`` marks a source file's object (storage class, tags, user metadata)."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
-                                "Metadata": metadata or {}, **self._body_checksum_args(body, sha256_digest)}
+                                **self._object_args(archive=archive, metadata=metadata),
+                                **self._body_checksum_args(body, sha256_digest)}
         if content_type:
             args["ContentType"] = content_type
+        self._throttle(len(body))
         try:
             return str(self.client.put_object(**args)["ETag"])
         except Exception as error:
@@ -159,7 +201,7 @@ class S3Store:
                       metadata: dict[str, str] | None = None) -> str | None:
         """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "IfNoneMatch": "*",
-                                "ContentType": content_type, "Metadata": metadata or {}}
+                                "ContentType": content_type, **self._object_args(archive=False, metadata=metadata)}
         try:
             return str(self.client.put_object(**args)["ETag"])
         except botocore.exceptions.ClientError as error:
@@ -240,7 +282,8 @@ class S3Store:
 
     def create_multipart(self, key: str, *, metadata: dict[str, str] | None = None,
                          content_type: str | None = None) -> str:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata or {}}
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                **self._object_args(archive=True, metadata=metadata)}
         if self.config.checksum is ChecksumMode.SHA256:
             args["ChecksumAlgorithm"] = "SHA256"
         if content_type:
@@ -252,6 +295,7 @@ class S3Store:
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> UploadedPart:
         checksum_args = self._body_checksum_args(body)
+        self._throttle(len(body))
         try:
             answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                              PartNumber=part_number, Body=body, **checksum_args)

@@ -23,12 +23,12 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
-from .scan import ScanItem, object_key, scan
+from .scan import ScanItem, object_key, scan, scan_list
 from .states import BatchState, FileState
 from .crashpoints import crash_point
 from .store import S3Store, UploadedPart, b64
@@ -40,6 +40,7 @@ DEFAULT_PART_SIZE = 8 * MiB
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 SCAN_GROUP = 500
+ARCHIVED_REASON = "unchanged since archived in batch"
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -72,6 +73,9 @@ class UploadOptions:
     parallel: int = 5
     part_size: int = DEFAULT_PART_SIZE
     multipart_threshold: int = DEFAULT_PART_SIZE
+    select: Callable[[str], bool] | None = None   # --include / --exclude
+    files_from: tuple[str, ...] | None = None     # --files-from: only these paths
+    skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
 
 
 @dataclass
@@ -183,9 +187,16 @@ class Uploader:
     def _scan_into_journal(self) -> None:
         group: list[NewFile] = []
         prefix = self.batch.batch_prefix
-        for item in scan(self.batch.source_root):
+        root, select = self.batch.source_root, self.options.select
+        items = (scan_list(root, self.options.files_from, select) if self.options.files_from is not None
+                 else scan(root, select))
+        for item in items:
             if self.stop.is_set():
                 return
+            if self.options.skip_archived and item.skip_reason is None:
+                archived = self.journal.archived_in(self.batch, item.rel_path, item.size, item.mtime_ns)
+                if archived is not None:
+                    item = replace(item, skip_reason=f"{ARCHIVED_REASON} {archived}")
             group.append(self._new_file(prefix, item))
             if len(group) >= SCAN_GROUP:
                 self.journal.add_files(self.batch_id, group)
@@ -286,7 +297,7 @@ class Uploader:
         try:
             etag = self.store.put_object(record.key, body, sha256_digest=digest,
                                          metadata=self._metadata({"archup-sha256": sha256}),
-                                         content_type=_content_type(record.rel_path))
+                                         content_type=_content_type(record.rel_path), archive=True)
         except TransferError as error:
             self._failed(record, str(error))
             return

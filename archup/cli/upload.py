@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
+from enum import Enum
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -20,6 +22,8 @@ from ..finalize import finalize
 from ..batches import find_resumable, write_marker
 from ..journal import BatchRecord, Journal
 from ..lock import BatchLock
+from ..scan import object_key, scan, scan_list
+from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
 from ..uploader import MIN_PART_SIZE, UploadOptions, UploadResult, Uploader
@@ -102,6 +106,49 @@ def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions
             return uploader.send()
 
 
+class RetryMode(str, Enum):
+    STANDARD = "standard"
+    ADAPTIVE = "adaptive"
+
+
+def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {value!r}: expected key=value")
+        if not (key + item).isascii():
+            raise UsageError(f"{option} {value!r}: S3 accepts only ASCII here")
+        pairs.append((key.strip(), item))
+    return pairs
+
+
+def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ...] | None, as_json: bool) -> None:
+    """Scan with the selection applied and say what an upload would send; no bucket, no journal."""
+    select = selector if selector.active else None
+    items = scan_list(source, listed, select) if listed is not None else scan(source, select)
+    count = total = skipped = 0
+    first: list[str] = []
+    for item in items:
+        if item.skip_reason:
+            skipped += 1
+            continue
+        count += 1
+        total += item.size
+        if len(first) < SHOW_AT_MOST:
+            first.append(object_key(f"{prefix}<BATCH>/", item.rel_path))
+    report = {"dry_run": True, "source_root": source, "files": count, "bytes": total,
+              "files_skipped": skipped, "first_keys": first}
+    if as_json:
+        emit_json(report)
+        return
+    print(f"would upload {count} file(s), {total} bytes, from {source} ({skipped} skipped)")
+    for key in first:
+        print(f"  {key}")
+    if count > len(first):
+        print(f"  ... and {count - len(first)} more")
+
+
 def _check_parallel(parallel: int) -> None:
     if not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
@@ -134,6 +181,34 @@ def upload(
     new_batch: Annotated[bool, typer.Option("--new-batch", help="Start a new batch even if an unfinished "
                                             "one of this source and destination exists.")] = False,
     no_finalize: NoFinalizeOption = False,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Only files matching this glob (repeatable).", show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="Leave out files matching this glob (repeatable).", show_default=False)] = None,
+    files_from: Annotated[Path | None, typer.Option(
+        "--files-from", help="Only the relative paths listed in this file, one a line.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; touch neither "
+                                          "bucket nor journal.")] = False,
+    skip_archived: Annotated[bool, typer.Option(
+        "--skip-archived", help="Skip files unchanged (path, size, mtime) since an earlier finalized batch "
+        "of this source to this destination.")] = False,
+    storage_class: Annotated[str | None, typer.Option(
+        "--storage-class", help="STANDARD, STANDARD_IA, GLACIER_IR, GLACIER, DEEP_ARCHIVE, ...",
+        show_default=False)] = None,
+    sse: Annotated[str | None, typer.Option("--sse", help="Server-side encryption: AES256 or aws:kms.",
+                                            show_default=False)] = None,
+    sse_kms_key_id: Annotated[str | None, typer.Option("--sse-kms-key-id", help="KMS key for --sse aws:kms.",
+                                                       show_default=False)] = None,
+    metadata: Annotated[list[str] | None, typer.Option(
+        "--metadata", help="User metadata k=v on every file object (repeatable).", show_default=False)] = None,
+    tag: Annotated[list[str] | None, typer.Option(
+        "--tag", help="Object tag k=v on every file object (repeatable).", show_default=False)] = None,
+    bwlimit: Annotated[str | None, typer.Option(
+        "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).",
+        show_default=False)] = None,
+    retries: Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")] = 4,
+    retry_mode: Annotated[RetryMode, typer.Option(
+        "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")] = RetryMode.STANDARD,
     quiet: QuietOption = False,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
@@ -151,17 +226,32 @@ def upload(
     part_bytes = parse_size(part_size)
     if not MIN_PART_SIZE <= part_bytes <= MAX_PART_SIZE:
         raise UsageError(f"--part-size {part_size}: must be between 5MiB and 5GiB (S3's part limits)")
-    if not bucket:
-        raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
     if batch and new_batch:
         raise UsageError("--batch and --new-batch exclude each other")
+    if not 0 <= retries <= 50:
+        raise UsageError(f"--retries {retries}: must be between 0 and 50")
+    if sse is not None and sse not in ("AES256", "aws:kms", "aws:kms:dsse"):
+        raise UsageError(f"--sse {sse}: use AES256 or aws:kms")
     source = str(directory.resolve())
-    endpoint = resolve_endpoint(endpoint_url)
     key_prefix = normalize_prefix(prefix)
-    store = S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
-                                max_pool_connections=max(10, parallel + 4), checksum=checksum))
+    selector = Selector(include or (), exclude or ())
+    listed = tuple(read_files_from(files_from)) if files_from else None
+    if dry_run:
+        _dry_run(source, key_prefix, selector, listed, json_output)
+        return
+    if not bucket:
+        raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
+    endpoint = resolve_endpoint(endpoint_url)
+    store = S3Store(StoreConfig(
+        bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
+        max_pool_connections=max(10, parallel + 4), checksum=checksum, max_attempts=retries + 1,
+        retry_mode=retry_mode.value, storage_class=storage_class, sse=sse, sse_kms_key_id=sse_kms_key_id,
+        user_metadata=tuple(parse_pairs("--metadata", metadata or [])), tags=tuple(parse_pairs("--tag", tag or [])),
+        bwlimit=parse_size(bwlimit) if bwlimit else None))
     store.check_bucket()
     talk = not (quiet or json_output)
+    selection = UploadOptions(select=selector if selector.active else None, files_from=listed,
+                              skip_archived=skip_archived)
 
     with open_journal(journal_path) as journal:
         record: BatchRecord | None
@@ -184,7 +274,8 @@ def upload(
             resumed = True
         with BatchLock(journal.path, record.batch_id):
             _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
-                          resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output)
+                          resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
+                          selection=selection)
 
 
 @handles_errors
@@ -217,7 +308,8 @@ def resume(
 
 
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
-                  no_finalize: bool, quiet: bool, json_output: bool) -> None:
+                  no_finalize: bool, quiet: bool, json_output: bool,
+                  selection: UploadOptions | None = None) -> None:
     """Upload (or continue) one batch while holding its lock, then finalize and report."""
     batch_id, source = record.batch_id, record.source_root
     talk = not (quiet or json_output)
@@ -230,9 +322,9 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
     else:
         write_marker(store, record)
-        result = _run(journal, store, batch_id, UploadOptions(
-            parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size),
-            resumed=resumed, show_bar=talk and sys.stderr.isatty())
+        options = replace(selection or UploadOptions(), parallel=parallel, part_size=record.part_size,
+                          multipart_threshold=record.part_size)
+        result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty())
 
     if result.fatal is not None:
         raise result.fatal

@@ -1,0 +1,85 @@
+"""Which files of the source a batch takes: --include, --exclude, --files-from.
+
+Glob rules (documented in the README): ``*`` and ``?`` never cross a ``/``;
+``**`` does. A pattern without a ``/`` matches a file's name in any directory;
+a pattern with one matches the path relative to the source root (a leading
+``/`` anchors it there explicitly). A file is taken if it matches some
+--include (or none is given) and no --exclude.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    anchored = "/" in pattern.rstrip("/")
+    body = pattern.lstrip("/")
+    out: list[str] = []
+    index = 0
+    while index < len(body):
+        char = body[index]
+        if body.startswith("**", index):
+            out.append(".*")
+            index += 2
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            end = body.find("]", index + 2)
+            if end == -1:
+                out.append(re.escape(char))
+            else:
+                inner = body[index + 1:end]
+                if inner.startswith("!"):
+                    inner = "^" + inner[1:]
+                out.append(f"[{inner}]")
+                index = end
+        else:
+            out.append(re.escape(char))
+        index += 1
+    prefix = "" if anchored else "(?:.*/)?"
+    try:
+        return re.compile(f"^{prefix}{''.join(out)}$", re.DOTALL)
+    except re.error as error:
+        raise UsageError(f"bad glob {pattern!r}: {error}") from None
+
+
+class Selector:
+    def __init__(self, includes: Iterable[str] = (), excludes: Iterable[str] = ()) -> None:
+        self.includes = [compile_glob(pattern) for pattern in includes]
+        self.excludes = [compile_glob(pattern) for pattern in excludes]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.includes or self.excludes)
+
+    def __call__(self, rel_path: str) -> bool:
+        if self.includes and not any(p.match(rel_path) for p in self.includes):
+            return False
+        return not any(p.match(rel_path) for p in self.excludes)
+
+
+def read_files_from(path: Path) -> list[str]:
+    """Relative paths, one a line; blank lines and lines starting with '#' are ignored."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--files-from {path}: {getattr(error, 'strerror', None) or error}") from None
+    paths = []
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        while entry.startswith("./"):
+            entry = entry[2:]
+        if entry.startswith("/") or ".." in entry.split("/"):
+            raise UsageError(f"--files-from {path}: {entry!r} must be relative to the source, without '..'")
+        paths.append(entry)
+    return paths
