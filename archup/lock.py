@@ -9,6 +9,7 @@ contents (host, pid, since) only name the holder in the error message.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -20,8 +21,9 @@ from .journal import isoformat, utcnow
 
 
 class BatchLock:
-    def __init__(self, journal_path: Path, batch_id: str) -> None:
+    def __init__(self, journal_path: Path, batch_id: str, *, label: str | None = None) -> None:
         self.batch_id = batch_id
+        self.label = label or f"batch {batch_id}"
         self.path = journal_path.parent / "locks" / f"{batch_id}.lock"
         self._fd: int | None = None
 
@@ -36,7 +38,7 @@ class BatchLock:
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
-            raise BatchBusy(f"batch {self.batch_id} is busy: another archup owns it ({holder}); "
+            raise BatchBusy(f"{self.label} is busy: another archup owns it ({holder}); "
                             "wait for it to finish, or stop that process") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
@@ -65,3 +67,11 @@ def _describe_holder(fd: int) -> str:
         return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+def source_lock(journal_path: Path, source_root: str, bucket: str, prefix: str,
+                endpoint_url: str | None) -> BatchLock:
+    """Held by a plain ``upload`` while it picks (or creates) and runs its batch, so two
+    overlapping cron runs of one job cannot both start a new batch: the second exits busy."""
+    digest = hashlib.sha256(json.dumps([source_root, bucket, prefix, endpoint_url]).encode()).hexdigest()[:24]
+    return BatchLock(journal_path, f"source-{digest}", label=f"upload of {source_root} to s3://{bucket}/{prefix}")

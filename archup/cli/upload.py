@@ -21,7 +21,7 @@ from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
 from ..batches import find_resumable, write_marker
 from ..journal import BatchRecord, Journal
-from ..lock import BatchLock
+from ..lock import BatchLock, source_lock
 from ..scan import object_key, scan, scan_list
 from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
@@ -253,7 +253,8 @@ def upload(
     selection = UploadOptions(select=selector if selector.active else None, files_from=listed,
                               skip_archived=skip_archived)
 
-    with open_journal(journal_path) as journal:
+    with open_journal(journal_path) as journal, \
+            source_lock(journal.path, source, bucket, key_prefix, endpoint):
         record: BatchRecord | None
         if batch:
             record = journal.get_batch(check_batch_id(batch))
