@@ -538,6 +538,21 @@ class Journal:
                          (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
 
+    def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int) -> FileRecord:
+        """A pending or failed file changed on disk: the batch takes it as it is now."""
+        with self.atomic() as conn:
+            row = conn.execute("SELECT state, upload_id FROM files WHERE batch_id = ? AND rel_path = ?",
+                               (batch_id, rel_path)).fetchone()
+            if row is None:
+                raise FileNotInBatch(batch_id, rel_path)
+            if FileState(row[0]) not in (FileState.PENDING, FileState.FAILED) or row[1] is not None:
+                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}; "
+                                        "only a pending or failed file can be re-scanned")
+            conn.execute("UPDATE files SET size = ?, mtime_ns = ?, part_size = NULL, updated_at = ? "
+                         "WHERE batch_id = ? AND rel_path = ?",
+                         (size, mtime_ns, isoformat(utcnow()), batch_id, rel_path))
+        return self.get_file(batch_id, rel_path)
+
     def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
                    page_size: int = 2000) -> Iterator[FileRecord]:
         """Files of a batch in key order, streamed page by page (no long read transaction)."""

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import mimetypes
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,7 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 SCAN_GROUP = 500
 ARCHIVED_REASON = "unchanged since archived in batch"
+CHANGED_ATTEMPTS = 3  # reads of a small file that keeps changing before it is failed
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -218,7 +220,9 @@ class Uploader:
             if self.stop.is_set():
                 break
             path = self._path(record)
-            if record.size >= self.options.multipart_threshold:
+            if record.state is FileState.FAILED:
+                record = self._rescan(record, path)
+            if record.size >= self.options.multipart_threshold or record.upload_id:
                 self._send_multipart(pool, record, path)
             else:
                 self._submit(pool, self._send_single, record, path, reserve=record.size)
@@ -283,14 +287,35 @@ class Uploader:
 
     # -- single PUT ---------------------------------------------------------
 
+    def _rescan(self, record: FileRecord, path: str) -> FileRecord:
+        """A file to send again takes its current size and mtime (it may have changed since the scan)."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return record  # the read reports it (vanished, unreadable)
+        if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns) == (record.size, record.mtime_ns):
+            return record
+        return self.journal.refresh_file(self.batch_id, record.rel_path, info.st_size, info.st_mtime_ns)
+
     def _send_single(self, record: FileRecord, path: str) -> None:
         if self.stop.is_set():
             return  # queued before the stop: the file stays pending for the resumer
-        try:
-            body = _read_whole(path, record)
-        except (OSError, FileChanged) as error:
-            self._failed(record, _describe_read_error(error))
-            return
+        for attempt in range(1, CHANGED_ATTEMPTS + 1):
+            try:
+                body = _read_whole(path, record)
+                break
+            except FileChanged as error:
+                fresh = self._rescan(record, path)
+                if attempt == CHANGED_ATTEMPTS or fresh is record:
+                    self._failed(record, f"{error} ({attempt} attempt(s))")
+                    return
+                if fresh.size >= self.options.multipart_threshold:
+                    self._failed(fresh, "grew past the multipart threshold during upload; resuming sends it")
+                    return
+                record = fresh
+            except OSError as error:
+                self._failed(record, _describe_read_error(error))
+                return
         digest = hashlib.sha256(body).digest()
         sha256 = digest.hex()
         crash_point("before-put-object")

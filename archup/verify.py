@@ -147,30 +147,54 @@ Expected = Union[ExpectedFile, Difference]
 
 
 class _EntriesStream:
-    """The lines of manifest.jsonl as they arrive, hashed and counted on the way."""
+    """The lines of manifest.jsonl as they arrive, hashed and counted on the way.
 
-    def __init__(self, body: Any, key: str) -> None:
-        self.body = body
+    The main thread reads it between waits on the object checks, which with
+    ``deep`` can be long, so the server may drop the idle connection: the
+    stream then resumes with a ranged GET from the byte it reached, pinned to
+    the same object by its ETag.
+    """
+
+    RESUMES = 3
+
+    def __init__(self, store: S3Store, key: str, response: dict[str, Any]) -> None:
+        self.store = store
         self.key = key
+        self.response = response
+        self.etag = str(response.get("ETag", ""))
         self.hasher = hashlib.sha256()
         self.bytes = 0
 
+    def _chunks(self) -> Iterator[bytes]:
+        resumes = 0
+        while True:
+            body = self.response["Body"]
+            with closing(body):
+                try:
+                    for chunk in body.iter_chunks(CHUNK_SIZE):
+                        yield chunk
+                    return
+                except (botocore.exceptions.BotoCoreError, OSError) as error:
+                    resumes += 1
+                    if resumes > self.RESUMES:
+                        raise translate(error, f"GetObject {self.key}") from None
+            args: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key,
+                                    "Range": f"bytes={self.bytes}-"}
+            if self.etag:
+                args["IfMatch"] = self.etag
+            try:
+                self.response = self.store.client.get_object(**args)
+            except Exception as error:  # 412: the entries changed while we read them
+                raise translate(error, f"GetObject {self.key} from byte {self.bytes}") from None
+
     def lines(self) -> Iterator[bytes]:
         pending = b""
-        with closing(self.body):
-            chunks = self.body.iter_chunks(CHUNK_SIZE)
-            while True:
-                try:
-                    chunk = next(chunks, None)
-                except Exception as error:  # a broken stream mid-read
-                    raise translate(error, f"GetObject {self.key}") from None
-                if chunk is None:
-                    break
-                self.hasher.update(chunk)
-                self.bytes += len(chunk)
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                yield from complete
+        for chunk in self._chunks():
+            self.hasher.update(chunk)
+            self.bytes += len(chunk)
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            yield from complete
         if pending:
             yield pending
 
@@ -272,7 +296,7 @@ class _Verification:
         if response is None:
             self.add(Difference(seal["key"], None, Problem.ENTRIES_MISSING, seal["sha256"], None))
             return None
-        return self._manifest_files(document, _EntriesStream(response["Body"], seal["key"]))
+        return self._manifest_files(document, _EntriesStream(self.store, seal["key"], response))
 
     def _manifest_files(self, summary: dict[str, Any], stream: _EntriesStream) -> Iterator[Expected]:
         seal = summary["entries"]

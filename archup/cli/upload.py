@@ -308,6 +308,19 @@ def resume(
                           no_finalize=no_finalize, quiet=quiet, json_output=json_output)
 
 
+def _name_skipped(journal: Journal, batch_id: str) -> None:
+    state = journal.get_state(batch_id, problem_limit=SHOW_AT_MOST)
+    skipped = [f for f in state.problems if f.state is FileState.SKIPPED]
+    count = state.counts[FileState.SKIPPED]
+    if not count:
+        return
+    print(f"archup: {count} file(s) skipped:", file=sys.stderr)
+    for record in skipped:
+        print(f"  skipped: {record.rel_path}: {record.error}", file=sys.stderr)
+    if count > len(skipped):
+        print(f"  ... and {count - len(skipped)} more ('archup status {batch_id}' lists them)", file=sys.stderr)
+
+
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
                   no_finalize: bool, quiet: bool, json_output: bool,
                   selection: UploadOptions | None = None) -> None:
@@ -327,6 +340,8 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
                           multipart_threshold=record.part_size)
         result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty())
 
+    if talk:
+        _name_skipped(journal, batch_id)
     if result.fatal is not None:
         raise result.fatal
     if result.interrupted:
