@@ -107,6 +107,16 @@ class ManifestConflict(ArchupError):
     """A different manifest already exists under the batch prefix."""
 
 
+class VerificationFailed(ArchupError):
+    """verify found differences between the bucket and the batch's manifest or journal."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class UnsupportedManifest(ArchupError):
+    """The manifest was written in a newer format than this archup reads."""
+
+
 class Interrupted(ArchupError):
     """The run was stopped by SIGINT or SIGTERM; the batch is resumable."""
 

@@ -19,7 +19,7 @@ from . import manifest
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict
 from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
-from .scan import FILES_DIR
+from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
 from .store import ObjectInfo, S3Store
 
@@ -45,7 +45,7 @@ class FinalizeSummary:
 
 
 def _name_files(files: list[tuple[str, str]], total: int) -> str:
-    shown = "; ".join(f"{path} ({reason})" for path, reason in files[:SHOW_AT_MOST])
+    shown = "; ".join(f"{display_path(path)} ({reason})" for path, reason in files[:SHOW_AT_MOST])
     more = f"; and {total - SHOW_AT_MOST} more" if total > SHOW_AT_MOST else ""
     return shown + more
 
@@ -93,6 +93,8 @@ def _read_back(journal: Journal, store: S3Store, batch: BatchRecord) -> list[tup
             problems.append((record, "object missing from the bucket"))
         elif current.size != record.size:
             problems.append((record, f"object has {current.size} bytes, expected {record.size}"))
+        elif record.etag and current.etag and current.etag != record.etag:
+            problems.append((record, f"object was replaced (ETag {current.etag}, expected {record.etag})"))
     return problems
 
 
@@ -152,8 +154,9 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
 
 def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile, key: str) -> str:
     """A summary is already there: accept it only if it seals exactly these entries."""
+    sealed = existing.get("entries")
     same = (existing.get("batch_id") == batch.batch_id
-            and existing.get("entries", {}).get("sha256") == entries.sha256)
+            and isinstance(sealed, dict) and sealed.get("sha256") == entries.sha256)
     if not same:
         raise ManifestConflict(f"{key} already exists and describes other contents; "
                                "archup will not overwrite a manifest (inspect it, then abort the batch)")

@@ -294,11 +294,14 @@ class Journal:
             raise _translate(error, self.path) from None
         try:
             yield conn
-        except BaseException:
+        except BaseException as error:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the transaction may already be gone; the original error matters
+            if isinstance(error, sqlite3.Error):
+                # Disk full, I/O error, constraint: a named error, the original kept as its cause.
+                raise _translate(error, self.path) from error
             raise
         try:
             conn.execute("COMMIT")
@@ -321,8 +324,13 @@ class Journal:
             raise _translate(error, self.path) from None
         try:
             yield conn
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from error
         finally:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # never hide the body's own error
 
     def _migrate(self) -> None:
         try:
@@ -557,6 +565,8 @@ class Journal:
                    page_size: int = 2000) -> Iterator[FileRecord]:
         """Files of a batch in key order, streamed page by page (no long read transaction)."""
         wanted = tuple(state.value for state in states) if states is not None else None
+        if wanted == ():
+            return
         filter_sql = f" AND state IN ({','.join('?' * len(wanted))})" if wanted else ""
         conn = self._connection()
         last_key = ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -52,16 +53,32 @@ class ScrubbingFormatter(logging.Formatter):
         return scrub(super().format(record))
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record is emitted (not when configured)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def configure(verbosity: int, log_file: Path | None) -> None:
     """-v: archup's info; -vv: archup's debug; -vvv: botocore's debug too. Warnings always."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     formatter = ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if log_file is not None:
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.setLevel(level)
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(logging.WARNING)

@@ -36,6 +36,14 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def display_path(name: str) -> str:
+    """A file name made safe for one line of terminal output: control characters escaped."""
+    if name.isprintable():
+        return name
+    return "".join(char if char.isprintable() or char == " " else
+                   char.encode("unicode_escape").decode("ascii") for char in name)
+
+
 def _valid_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")

@@ -30,7 +30,9 @@ from .logs import register_secrets
 _FATAL_CODES = frozenset({
     "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "InvalidBucketName",
-    "AccountProblem", "RequestTimeTooSkewed", "403", "404",
+    # A bare 403 (no body, as on HEAD) is access denied; a bare 404 is not fatal: it is
+    # how some servers answer one odd key, while a missing bucket says NoSuchBucket.
+    "AccountProblem", "RequestTimeTooSkewed", "403",
 })
 _HINTS = {
     "RequestTimeTooSkewed": "this machine's clock differs too much from the server's; fix the clock (NTP)",

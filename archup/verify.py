@@ -31,7 +31,7 @@ from typing import Any, Union
 import botocore.exceptions
 
 from . import manifest
-from .errors import ArchupError, DestinationError, ExitCode, TransferError
+from .errors import ArchupError, DestinationError, TransferError, UnsupportedManifest, VerificationFailed
 from .journal import BatchRecord, Journal
 from .scan import FILES_DIR
 from .states import BatchState, FileState
@@ -41,16 +41,6 @@ CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
 SHA256_METADATA = "archup-sha256"
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-class VerificationFailed(ArchupError):
-    """verify found differences between the bucket and the batch's manifest or journal."""
-
-    exit_code = ExitCode.PARTIAL
-
-
-class UnsupportedManifest(ArchupError):
-    """The manifest was written in a newer format than this archup reads."""
 
 
 class Source(str, Enum):

@@ -36,6 +36,20 @@ def moto_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
+def quiet_server_logs() -> Iterator[None]:
+    """The in-process moto server logs each request; keep that out of the CLI's captured stderr,
+    and give back whatever handlers a CLI run installed on the root logger."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test ever sees the developer's real credentials, config or journal."""
     for name in list(os.environ):

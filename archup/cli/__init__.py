@@ -10,7 +10,7 @@ from typing import Annotated
 from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, exit_code_for
 from . import config as config_file
-from . import finalize, lifecycle, status, upload
+from . import finalize, lifecycle, status, upload, verify
 from .common import fail
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
@@ -56,6 +56,7 @@ app.command("upload", epilog=EXIT_CODES_HELP)(upload.upload)
 app.command("status")(status.status)
 app.command("resume")(upload.resume)
 app.command("finalize")(finalize.finalize)
+app.command("verify")(verify.verify)
 app.command("list")(lifecycle.list_batches)
 app.command("abort")(lifecycle.abort)
 app.command("gc")(lifecycle.gc)

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -19,6 +20,7 @@ from ulid import ULID
 
 from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
 from ..journal import Journal, default_journal_path
+from ..scan import display_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,8 +47,9 @@ _json_emitted = threading.local()
 
 
 def fail(message: str, code: int, *, as_json: bool = False) -> None:
-    # Plain print, never rich markup: messages carry user file names.
-    print(f"archup: error: {message}", file=sys.stderr)
+    # Plain print, never rich markup: messages carry user file names; and one line,
+    # whatever control characters a name smuggles in.
+    print(f"archup: error: {display_path(message)}", file=sys.stderr)
     if as_json and not getattr(_json_emitted, "done", False):
         emit_json({"error": message, "exit_code": code})
     raise typer.Exit(code)
@@ -92,8 +95,17 @@ def check_batch_id(batch_id: str) -> str:
 
 
 def resolve_endpoint(flag: str | None) -> str | None:
-    return (flag or os.environ.get("ARCHUP_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or None)
+    endpoint = (flag or os.environ.get("ARCHUP_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+    if endpoint is not None:
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port]")
+        if parts.username or parts.password:
+            # It would be recorded in the journal and the manifest: credentials belong in the AWS chain.
+            raise UsageError("the endpoint URL must not carry credentials (user:password@); "
+                             "use a profile or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    return endpoint
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -7,6 +7,7 @@ import threading
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
+from ..scan import display_path
 from ..states import FileState
 from .common import stderr
 
@@ -39,4 +40,4 @@ class RichProgress:
             done = self._done
         self._progress.update(self._task, files=f"{done}/{self._total_files} files")
         if state is FileState.FAILED:
-            self._progress.console.print(f"failed: {rel_path}: {error}", markup=False)
+            self._progress.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False)

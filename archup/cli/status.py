@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..journal import BatchSummary
+from ..scan import display_path
 from ..states import FileState
 from .common import (BatchArgument, JournalOption, JsonOption, check_batch_id, emit_json, handles_errors,
                      open_journal, print_fields)
@@ -59,4 +60,4 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         *([("error", document["error"])] if document["error"] else []),
     ])
     for problem in document["problems"]:
-        print(f"{problem['state']}: {problem['path']}: {problem['error']}")
+        print(f"{problem['state']}: {display_path(problem['path'])}: {problem['error']}")

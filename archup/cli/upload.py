@@ -22,7 +22,7 @@ from ..finalize import finalize
 from ..batches import find_resumable, write_marker
 from ..journal import BatchRecord, Journal
 from ..lock import BatchLock, source_lock
-from ..scan import object_key, scan, scan_list
+from ..scan import display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
@@ -136,7 +136,7 @@ def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ..
         count += 1
         total += item.size
         if len(first) < SHOW_AT_MOST:
-            first.append(object_key(f"{prefix}<BATCH>/", item.rel_path))
+            first.append(display_path(object_key(f"{prefix}<BATCH>/", item.rel_path)))
     report = {"dry_run": True, "source_root": source, "files": count, "bytes": total,
               "files_skipped": skipped, "first_keys": first}
     if as_json:
@@ -316,7 +316,7 @@ def _name_skipped(journal: Journal, batch_id: str) -> None:
         return
     print(f"archup: {count} file(s) skipped:", file=sys.stderr)
     for record in skipped:
-        print(f"  skipped: {record.rel_path}: {record.error}", file=sys.stderr)
+        print(f"  skipped: {display_path(record.rel_path)}: {record.error}", file=sys.stderr)
     if count > len(skipped):
         print(f"  ... and {count - len(skipped)} more ('archup status {batch_id}' lists them)", file=sys.stderr)
 
@@ -352,7 +352,7 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
             emit_json(report)
         else:
             for path, error in result.failures[:SHOW_AT_MOST]:
-                print(f"failed: {path}: {error}", file=sys.stderr)
+                print(f"failed: {display_path(path)}: {display_path(error)}", file=sys.stderr)
             if result.files_failed > SHOW_AT_MOST:
                 print(f"... and {result.files_failed - SHOW_AT_MOST} more failed", file=sys.stderr)
         raise BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "

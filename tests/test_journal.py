@@ -1,0 +1,770 @@
+"""Unit tests of the Journal API against a real journal file.
+
+Whatever a writer claims to have committed is read back through a second
+Journal (its own connection) or a raw sqlite3 connection, never the writer's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from ulid import ULID
+
+from archup.errors import (
+    BatchClosed,
+    BatchNotFound,
+    FileAlreadyUploaded,
+    FileNotInBatch,
+    IllegalTransition,
+    JournalBusy,
+    JournalError,
+    JournalTooNew,
+)
+from archup.journal import (
+    BATCH_TTL,
+    DEFAULT_BUSY_TIMEOUT,
+    SCHEMA_VERSION,
+    Journal,
+    NewFile,
+    PartRecord,
+)
+from archup.states import BatchState, FileState
+
+SHA = "ab" * 32
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def new_batch_id() -> str:
+    return str(ULID())
+
+
+def key_for(batch_id: str, rel_path: str) -> str:
+    return f"staging/{batch_id}/files/{rel_path}"
+
+
+def new_file(batch_id: str, rel_path: str, size: int = 100, *, state: FileState = FileState.PENDING,
+             error: str | None = None) -> NewFile:
+    return NewFile(rel_path=rel_path, key=key_for(batch_id, rel_path), size=size, mtime_ns=1_700_000_000,
+                   state=state, error=error)
+
+
+def open_batch(journal: Journal, batch_id: str | None = None) -> str:
+    batch_id = batch_id or new_batch_id()
+    journal.init_batch(batch_id, source_root="/data/src", bucket="archive", prefix="staging/",
+                       part_size=8 * 1024 * 1024)
+    return batch_id
+
+
+def uploaded_file(journal: Journal, batch_id: str, rel_path: str, size: int = 100) -> None:
+    journal.add_file(batch_id, new_file(batch_id, rel_path, size))
+    journal.start_file(batch_id, rel_path)
+    journal.complete_file(batch_id, rel_path, sha256=SHA, etag=f"etag-{rel_path}")
+
+
+def move_batch(journal: Journal, batch_id: str, *path: BatchState) -> None:
+    for target in path:
+        journal.set_batch_state(batch_id, target)
+
+
+@contextmanager
+def second_journal(path: Path) -> Iterator[Journal]:
+    """A fresh handle, hence a fresh connection: what any other process would see."""
+    reader = Journal(path)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def raw_connection(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def journal(journal_path: Path) -> Iterator[Journal]:
+    handle = Journal(journal_path)
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@pytest.fixture
+def batch_id(journal: Journal) -> str:
+    return open_batch(journal)
+
+
+# -- connection settings and schema ---------------------------------------------
+
+
+def _pragmas(conn: sqlite3.Connection) -> dict[str, object]:
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")}
+
+
+def test_every_connection_runs_wal_with_full_sync_and_a_busy_timeout(journal: Journal) -> None:
+    expected = {"journal_mode": "wal", "synchronous": 2,  # 2 is FULL
+                "busy_timeout": int(DEFAULT_BUSY_TIMEOUT * 1000), "foreign_keys": 1}
+    with journal.atomic() as conn:
+        assert _pragmas(conn) == expected
+
+    # Every thread gets its own connection; each must carry the same settings.
+    seen: dict[str, object] = {}
+
+    def in_thread() -> None:
+        with journal.atomic() as conn:
+            seen.update(_pragmas(conn))
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert seen == expected
+
+
+def test_synchronous_and_busy_timeout_options_are_applied(journal_path: Path) -> None:
+    handle = Journal(journal_path, synchronous="NORMAL", busy_timeout=1.5)
+    try:
+        with handle.atomic() as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+            assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 1500
+    finally:
+        handle.close()
+
+
+def test_new_journal_carries_the_schema_version(journal: Journal, journal_path: Path) -> None:
+    with closing(raw_connection(journal_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_journal_from_a_newer_archup_is_refused(journal_path: Path) -> None:
+    Journal(journal_path).close()
+    newer = SCHEMA_VERSION + 1
+    with closing(raw_connection(journal_path)) as conn:
+        conn.execute(f"PRAGMA user_version={newer}")
+
+    with pytest.raises(JournalTooNew) as excinfo:
+        Journal(journal_path)
+
+    message = str(excinfo.value)
+    assert str(journal_path) in message
+    assert f"schema version {newer}" in message
+    assert "upgrade archup" in message
+    with closing(raw_connection(journal_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == newer
+
+
+@pytest.mark.parametrize("garbage", [b"hello", b"\x00garbage\xff" * 1000], ids=["short", "long"])
+def test_garbage_file_is_a_journal_error(journal_path: Path, garbage: bytes) -> None:
+    journal_path.parent.mkdir(mode=0o700)
+    journal_path.write_bytes(garbage)
+
+    # pytest.raises(JournalError) lets a raw sqlite3.DatabaseError through as a failure.
+    with pytest.raises(JournalError) as excinfo:
+        Journal(journal_path)
+
+    assert str(journal_path) in str(excinfo.value)
+    assert journal_path.read_bytes() == garbage
+
+
+def test_empty_file_is_migrated_to_the_current_schema(journal_path: Path) -> None:
+    journal_path.parent.mkdir(mode=0o700)
+    journal_path.touch(mode=0o600)
+
+    handle = Journal(journal_path)
+    try:
+        batch_id = open_batch(handle)
+    finally:
+        handle.close()
+
+    with closing(raw_connection(journal_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"batches", "files", "parts"} <= tables
+    with second_journal(journal_path) as reader:
+        assert reader.get_batch(batch_id).state is BatchState.OPEN
+
+
+# -- permissions ----------------------------------------------------------------
+
+
+def test_new_journal_directory_and_files_are_private(journal_path: Path) -> None:
+    # With umask 0 nothing masks a missing explicit mode, so the test sees what the code asks for.
+    previous = os.umask(0)
+    try:
+        handle = Journal(journal_path)
+        try:
+            assert mode_of(journal_path.parent) == 0o700
+            assert mode_of(journal_path) == 0o600
+            uploaded_file(handle, open_batch(handle), "a.bin")
+            for suffix in ("-wal", "-shm"):
+                sidecar = journal_path.with_name(journal_path.name + suffix)
+                assert sidecar.exists(), suffix
+                assert mode_of(sidecar) == 0o600, suffix
+        finally:
+            handle.close()
+    finally:
+        os.umask(previous)
+
+
+# -- batches ----------------------------------------------------------------------
+
+
+def test_init_batch_records_an_open_batch(journal: Journal, journal_path: Path) -> None:
+    batch_id = new_batch_id()
+    record = journal.init_batch(batch_id, source_root="/data/src", bucket="archive", prefix="staging/",
+                                part_size=16 * 1024 * 1024, endpoint_url="http://127.0.0.1:9000",
+                                region="eu-west-1")
+
+    with second_journal(journal_path) as reader:
+        stored = reader.get_batch(batch_id)
+    assert stored == record
+    assert stored.state is BatchState.OPEN
+    assert (stored.source_root, stored.bucket, stored.prefix) == ("/data/src", "archive", "staging/")
+    assert (stored.endpoint_url, stored.region, stored.part_size) == ("http://127.0.0.1:9000", "eu-west-1",
+                                                                       16 * 1024 * 1024)
+    assert not stored.scan_complete
+    assert stored.batch_prefix == f"staging/{batch_id}/"
+    lifetime = datetime.fromisoformat(stored.expires_at) - datetime.fromisoformat(stored.created_at)
+    assert lifetime == BATCH_TTL
+
+
+def test_set_batch_state_walks_to_enqueued_and_records_the_manifest(journal: Journal, batch_id: str,
+                                                                    journal_path: Path) -> None:
+    move_batch(journal, batch_id, BatchState.UPLOADING, BatchState.FINALIZING)
+    record = journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key="staging/x/manifest.json",
+                                     finalized_at="2026-11-28T10:00:00.000Z")
+    # Finalize is idempotent: enqueued -> enqueued is allowed and keeps the manifest.
+    journal.set_batch_state(batch_id, BatchState.ENQUEUED)
+
+    with second_journal(journal_path) as reader:
+        stored = reader.get_batch(batch_id)
+    assert record.state is stored.state is BatchState.ENQUEUED
+    assert stored.manifest_key == "staging/x/manifest.json"
+    assert stored.finalized_at == "2026-11-28T10:00:00.000Z"
+
+
+def test_set_batch_state_records_and_clears_the_error(journal: Journal, batch_id: str) -> None:
+    assert journal.set_batch_state(batch_id, BatchState.FAILED, error="3 files failed").error == "3 files failed"
+    assert journal.set_batch_state(batch_id, BatchState.UPLOADING).error is None
+
+
+@pytest.mark.parametrize(("path", "target"), [
+    ((BatchState.UPLOADING, BatchState.FINALIZING, BatchState.ENQUEUED), BatchState.UPLOADING),
+    ((BatchState.ABORTED,), BatchState.OPEN),
+    ((BatchState.EXPIRED,), BatchState.UPLOADING),
+    ((BatchState.UPLOADING,), BatchState.OPEN),
+], ids=["enqueued->uploading", "aborted->open", "expired->uploading", "uploading->open"])
+def test_illegal_batch_move_raises_and_changes_nothing(journal: Journal, batch_id: str,
+                                                       path: tuple[BatchState, ...], target: BatchState,
+                                                       journal_path: Path) -> None:
+    move_batch(journal, batch_id, *path)
+
+    with pytest.raises(IllegalTransition) as excinfo:
+        journal.set_batch_state(batch_id, target)
+
+    assert batch_id in str(excinfo.value)
+    assert target.value in str(excinfo.value)
+    with second_journal(journal_path) as reader:
+        assert reader.get_batch(batch_id).state is path[-1]
+
+
+def test_mark_scan_complete(journal: Journal, batch_id: str, journal_path: Path) -> None:
+    journal.mark_scan_complete(batch_id)
+
+    with second_journal(journal_path) as reader:
+        assert reader.get_batch(batch_id).scan_complete
+
+
+def test_list_batches_in_id_order_with_state_filter(journal: Journal) -> None:
+    batch_ids = [open_batch(journal) for _ in range(4)]
+    move_batch(journal, batch_ids[1], BatchState.UPLOADING)
+    move_batch(journal, batch_ids[3], BatchState.UPLOADING)
+
+    assert [b.batch_id for b in journal.list_batches()] == sorted(batch_ids)
+    assert [b.batch_id for b in journal.list_batches(BatchState.UPLOADING)] == sorted(
+        [batch_ids[1], batch_ids[3]])
+    assert journal.list_batches(BatchState.ENQUEUED) == []
+
+
+def test_delete_batch_cascades_to_files_and_parts(journal: Journal, journal_path: Path) -> None:
+    doomed, kept = open_batch(journal), open_batch(journal)
+    for batch_id in (doomed, kept):
+        journal.add_files(batch_id, [new_file(batch_id, "a.bin"), new_file(batch_id, "b.bin")])
+        journal.start_file(batch_id, "a.bin")
+        journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
+        journal.record_part(batch_id, "a.bin", PartRecord(1, 5 * 1024 * 1024, "etag-1", None))
+
+    journal.delete_batch(doomed)
+
+    with closing(raw_connection(journal_path)) as conn:
+        def count(table: str, batch_id: str) -> int:
+            return int(conn.execute(f"SELECT count(*) FROM {table} WHERE batch_id = ?", (batch_id,))
+                       .fetchone()[0])
+        assert [count(table, doomed) for table in ("batches", "files", "parts")] == [0, 0, 0]
+        assert [count(table, kept) for table in ("batches", "files", "parts")] == [1, 2, 1]
+    with pytest.raises(BatchNotFound):
+        journal.delete_batch(doomed)
+
+
+# -- files ------------------------------------------------------------------------
+
+
+def test_add_file_records_a_pending_file(journal: Journal, batch_id: str, journal_path: Path) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "dir/a.bin", size=1234))
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "dir/a.bin")
+    assert record.state is FileState.PENDING
+    assert (record.key, record.size, record.mtime_ns) == (key_for(batch_id, "dir/a.bin"), 1234, 1_700_000_000)
+    assert (record.attempts, record.upload_id, record.sha256, record.etag) == (0, None, None, None)
+
+
+def test_add_file_twice_is_refused(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+
+    with pytest.raises(IllegalTransition, match="already has file 'a.bin'"):
+        journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+
+
+def test_add_files_counts_new_rows_and_leaves_existing_ones_alone(journal: Journal, batch_id: str,
+                                                                  journal_path: Path) -> None:
+    assert journal.add_files(batch_id, [new_file(batch_id, name) for name in ("a", "b", "c")]) == 3
+    journal.start_file(batch_id, "a")
+
+    again = [new_file(batch_id, "a", size=999), new_file(batch_id, "b", size=999),
+             new_file(batch_id, "d"), new_file(batch_id, "e"), new_file(batch_id, "e")]
+    assert journal.add_files(batch_id, again) == 2
+    assert journal.add_files(batch_id, []) == 0
+
+    with second_journal(journal_path) as reader:
+        files = {f.rel_path: f for f in reader.iter_files(batch_id)}
+    assert sorted(files) == ["a", "b", "c", "d", "e"]
+    assert files["a"].state is FileState.UPLOADING
+    assert files["a"].size == files["b"].size == 100
+
+
+def test_start_file_counts_attempts_and_clears_the_last_error(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.start_file(batch_id, "a.bin")
+    journal.fail_file(batch_id, "a.bin", "AccessDenied")
+    journal.start_file(batch_id, "a.bin")
+
+    record = journal.get_file(batch_id, "a.bin")
+    assert (record.state, record.attempts, record.error) == (FileState.UPLOADING, 2, None)
+
+
+def test_upload_id_and_parts_are_recorded(journal: Journal, batch_id: str, journal_path: Path) -> None:
+    part_size = 5 * 1024 * 1024
+    journal.add_file(batch_id, new_file(batch_id, "big.bin", size=2 * part_size))
+    journal.start_file(batch_id, "big.bin")
+    journal.record_upload_id(batch_id, "big.bin", "upload-1", part_size)
+    journal.record_part(batch_id, "big.bin", PartRecord(2, part_size, "etag-2", "crc-2"))
+    journal.record_part(batch_id, "big.bin", PartRecord(1, part_size, "etag-1-old", None))
+    # A retried part replaces its earlier record.
+    journal.record_part(batch_id, "big.bin", PartRecord(1, part_size, "etag-1", "crc-1"))
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "big.bin")
+        parts = reader.list_parts(batch_id, "big.bin")
+    assert (record.upload_id, record.part_size) == ("upload-1", part_size)
+    assert parts == [PartRecord(1, part_size, "etag-1", "crc-1"), PartRecord(2, part_size, "etag-2", "crc-2")]
+
+
+def test_complete_file_records_digest_and_etag(journal: Journal, batch_id: str, journal_path: Path) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.start_file(batch_id, "a.bin")
+    journal.complete_file(batch_id, "a.bin", sha256=SHA, etag='"etag-a"')
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "a.bin")
+    assert (record.state, record.sha256, record.etag, record.error) == (FileState.UPLOADED, SHA, '"etag-a"', None)
+
+
+def test_pending_file_completes_directly(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "small.bin"))
+    journal.complete_file(batch_id, "small.bin", sha256=SHA, etag="e")
+
+    assert journal.get_file(batch_id, "small.bin").state is FileState.UPLOADED
+
+
+def test_fail_file_forgets_the_upload_and_its_parts(journal: Journal, batch_id: str,
+                                                    journal_path: Path) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.start_file(batch_id, "a.bin")
+    journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
+    journal.record_part(batch_id, "a.bin", PartRecord(1, 5 * 1024 * 1024, "etag-1", None))
+    journal.fail_file(batch_id, "a.bin", "read error: Input/output error")
+    journal.fail_file(batch_id, "a.bin", "read error: again")  # failed -> failed keeps the newer reason
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "a.bin")
+        parts = reader.list_parts(batch_id, "a.bin")
+    assert (record.state, record.error, record.upload_id) == (FileState.FAILED, "read error: again", None)
+    assert parts == []
+
+
+def test_reset_file_returns_an_uploaded_file_to_pending(journal: Journal, batch_id: str,
+                                                        journal_path: Path) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.start_file(batch_id, "a.bin")
+    journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
+    journal.record_part(batch_id, "a.bin", PartRecord(1, 5 * 1024 * 1024, "etag-1", None))
+    journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
+    journal.reset_file(batch_id, "a.bin", "object missing on read-back")
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "a.bin")
+        parts = reader.list_parts(batch_id, "a.bin")
+    assert record.state is FileState.PENDING
+    assert (record.upload_id, record.sha256, record.etag) == (None, None, None)
+    assert record.error == "object missing on read-back"
+    assert parts == []
+
+
+def test_get_state_counts_files_and_bytes_per_state_and_lists_problems(journal: Journal, batch_id: str) -> None:
+    journal.add_files(batch_id, [new_file(batch_id, "p1", 1), new_file(batch_id, "p2", 2),
+                                 new_file(batch_id, "u1", 10), new_file(batch_id, "u2", 20),
+                                 new_file(batch_id, "s1", 0, state=FileState.SKIPPED, error="symlink"),
+                                 new_file(batch_id, "f1", 300), new_file(batch_id, "f2", 400),
+                                 new_file(batch_id, "up", 5000)])
+    for rel_path in ("u1", "u2"):
+        journal.complete_file(batch_id, rel_path, sha256=SHA, etag="e")
+    for rel_path in ("f2", "f1"):
+        journal.fail_file(batch_id, rel_path, f"{rel_path}: AccessDenied")
+    journal.start_file(batch_id, "up")
+    other = open_batch(journal)
+    journal.add_file(other, new_file(other, "elsewhere", 7))
+
+    summary = journal.get_state(batch_id)
+
+    assert summary.batch.batch_id == batch_id
+    assert summary.counts == {FileState.PENDING: 2, FileState.UPLOADING: 1, FileState.UPLOADED: 2,
+                              FileState.FAILED: 2, FileState.SKIPPED: 1}
+    assert summary.bytes_by_state == {FileState.PENDING: 3, FileState.UPLOADING: 5000, FileState.UPLOADED: 30,
+                                      FileState.FAILED: 700, FileState.SKIPPED: 0}
+    assert (summary.files_total, summary.bytes_total) == (8, 5733)
+    assert [(f.rel_path, f.state, f.error) for f in summary.problems] == [
+        ("f1", FileState.FAILED, "f1: AccessDenied"),
+        ("f2", FileState.FAILED, "f2: AccessDenied"),
+        ("s1", FileState.SKIPPED, "symlink"),
+    ]
+    assert [f.rel_path for f in journal.get_state(batch_id, problem_limit=2).problems] == ["f1", "f2"]
+
+
+def test_get_state_of_an_empty_batch_is_all_zero(journal: Journal, batch_id: str) -> None:
+    summary = journal.get_state(batch_id)
+
+    assert set(summary.counts) == set(FileState)
+    assert (summary.files_total, summary.bytes_total, summary.problems) == (0, 0, [])
+
+
+def test_iter_files_streams_in_key_order_across_pages(journal: Journal, batch_id: str) -> None:
+    names = [f"d{index % 3}/f{index:02d}" for index in (7, 3, 9, 0, 5, 1, 8, 2, 6, 4)]
+    journal.add_files(batch_id, [new_file(batch_id, name) for name in names])
+    for name in names[::2]:
+        journal.complete_file(batch_id, name, sha256=SHA, etag="e")
+    other = open_batch(journal)
+    journal.add_file(other, new_file(other, "d0/f00"))
+
+    all_keys = [f.key for f in journal.iter_files(batch_id, page_size=3)]
+    uploaded = [f.rel_path for f in journal.iter_files(batch_id, [FileState.UPLOADED], page_size=2)]
+    pending_or_failed = [f.rel_path for f in journal.iter_files(
+        batch_id, [FileState.PENDING, FileState.FAILED], page_size=1)]
+
+    assert all_keys == sorted(key_for(batch_id, name) for name in names)
+    assert uploaded == sorted(names[::2])
+    assert pending_or_failed == sorted(names[1::2])
+    assert list(journal.iter_files(batch_id, [FileState.SKIPPED], page_size=3)) == []
+
+
+def test_iter_files_with_an_empty_state_filter_yields_nothing(journal: Journal, batch_id: str) -> None:
+    journal.add_files(batch_id, [new_file(batch_id, "a"), new_file(batch_id, "b")])
+
+    assert list(journal.iter_files(batch_id, states=[])) == []
+
+
+# -- illegal transitions ----------------------------------------------------------
+
+
+def test_completing_a_file_twice_raises_file_already_uploaded(journal: Journal, batch_id: str,
+                                                             journal_path: Path) -> None:
+    uploaded_file(journal, batch_id, "a.bin")
+
+    with pytest.raises(FileAlreadyUploaded) as excinfo:
+        journal.complete_file(batch_id, "a.bin", sha256="cd" * 32, etag="other")
+
+    assert batch_id in str(excinfo.value) and "a.bin" in str(excinfo.value)
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "a.bin")
+    assert (record.sha256, record.etag) == (SHA, "etag-a.bin")
+
+
+def test_completing_a_file_not_in_the_batch_raises_file_not_in_batch(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+
+    with pytest.raises(FileNotInBatch) as excinfo:
+        journal.complete_file(batch_id, "never/added.bin", sha256=SHA, etag="e")
+
+    message = str(excinfo.value)
+    assert "File not found in batch" in message
+    assert batch_id in message
+    assert "never/added.bin" in message
+    assert (excinfo.value.batch_id, excinfo.value.rel_path) == (batch_id, "never/added.bin")
+
+
+@pytest.mark.parametrize("path", [
+    (BatchState.FINALIZING,),
+    (BatchState.UPLOADING, BatchState.FINALIZING, BatchState.ENQUEUED),
+    (BatchState.ABORTED,),
+    (BatchState.EXPIRED,),
+], ids=["finalizing", "enqueued", "aborted", "expired"])
+def test_adding_to_a_closed_batch_raises_batch_closed(journal: Journal, batch_id: str,
+                                                      path: tuple[BatchState, ...], journal_path: Path) -> None:
+    move_batch(journal, batch_id, *path)
+
+    with pytest.raises(BatchClosed) as excinfo:
+        journal.add_file(batch_id, new_file(batch_id, "late.bin"))
+    with pytest.raises(BatchClosed):
+        journal.add_files(batch_id, [new_file(batch_id, "late2.bin")])
+
+    assert batch_id in str(excinfo.value) and path[-1].value in str(excinfo.value)
+    with second_journal(journal_path) as reader:
+        assert list(reader.iter_files(batch_id)) == []
+
+
+@pytest.mark.parametrize("state", [BatchState.UPLOADING, BatchState.FAILED])
+def test_a_batch_uploading_or_failed_still_accepts_files(journal: Journal, batch_id: str,
+                                                         state: BatchState) -> None:
+    journal.set_batch_state(batch_id, state)
+
+    assert journal.add_files(batch_id, [new_file(batch_id, "a.bin")]) == 1
+
+
+def test_files_of_an_aborted_batch_can_no_longer_change(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.set_batch_state(batch_id, BatchState.ABORTED)
+
+    with pytest.raises(BatchClosed):
+        journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
+    assert journal.get_file(batch_id, "a.bin").state is FileState.PENDING
+
+
+UNKNOWN_BATCH_CALLS: dict[str, Callable[[Journal, str], object]] = {
+    "get_batch": lambda j, b: j.get_batch(b),
+    "get_state": lambda j, b: j.get_state(b),
+    "set_batch_state": lambda j, b: j.set_batch_state(b, BatchState.UPLOADING),
+    "mark_scan_complete": lambda j, b: j.mark_scan_complete(b),
+    "delete_batch": lambda j, b: j.delete_batch(b),
+    "add_file": lambda j, b: j.add_file(b, new_file(b, "a.bin")),
+    "add_files": lambda j, b: j.add_files(b, [new_file(b, "a.bin")]),
+    "start_file": lambda j, b: j.start_file(b, "a.bin"),
+    "complete_file": lambda j, b: j.complete_file(b, "a.bin", sha256=SHA, etag="e"),
+    "fail_file": lambda j, b: j.fail_file(b, "a.bin", "boom"),
+}
+
+
+@pytest.mark.parametrize("call", UNKNOWN_BATCH_CALLS.values(), ids=UNKNOWN_BATCH_CALLS.keys())
+def test_unknown_batch_raises_batch_not_found(journal: Journal, call: Callable[[Journal, str], object]) -> None:
+    open_batch(journal)
+    unknown = new_batch_id()
+
+    with pytest.raises(BatchNotFound) as excinfo:
+        call(journal, unknown)
+
+    assert unknown in str(excinfo.value)
+
+
+def test_record_part_on_a_file_not_uploading_raises_illegal_transition(journal: Journal, batch_id: str) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+
+    with pytest.raises(IllegalTransition, match="not uploading"):
+        journal.record_part(batch_id, "a.bin", PartRecord(1, 5 * 1024 * 1024, "etag-1", None))
+    with pytest.raises(IllegalTransition, match="not uploading"):
+        journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
+
+    assert journal.list_parts(batch_id, "a.bin") == []
+    assert journal.get_file(batch_id, "a.bin").upload_id is None
+
+
+def test_record_part_of_an_unknown_file_raises_file_not_in_batch(journal: Journal, batch_id: str) -> None:
+    with pytest.raises(FileNotInBatch):
+        journal.record_part(batch_id, "ghost.bin", PartRecord(1, 1, "etag-1", None))
+
+
+@pytest.mark.parametrize(("setup", "move"), [
+    ("skipped", "start"),
+    ("uploaded", "start"),
+    ("uploaded", "fail"),
+    ("pending", "reset"),
+], ids=["skipped->uploading", "uploaded->uploading", "uploaded->failed", "pending->pending"])
+def test_illegal_file_moves_raise(journal: Journal, batch_id: str, setup: str, move: str) -> None:
+    if setup == "skipped":
+        journal.add_file(batch_id, new_file(batch_id, "a.bin", state=FileState.SKIPPED, error="fifo"))
+    elif setup == "uploaded":
+        uploaded_file(journal, batch_id, "a.bin")
+    else:
+        journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    before = journal.get_file(batch_id, "a.bin")
+    moves: dict[str, Callable[[], None]] = {
+        "start": lambda: journal.start_file(batch_id, "a.bin"),
+        "fail": lambda: journal.fail_file(batch_id, "a.bin", "boom"),
+        "reset": lambda: journal.reset_file(batch_id, "a.bin", "why"),
+    }
+
+    with pytest.raises(IllegalTransition, match="cannot become"):
+        moves[move]()
+
+    assert journal.get_file(batch_id, "a.bin") == before
+
+
+# -- the transaction helper ----------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def _insert_batch_row(conn: sqlite3.Connection, batch_id: str) -> None:
+    conn.execute("INSERT INTO batches (batch_id, state, source_root, bucket, prefix, part_size, created_at, "
+                 "updated_at, expires_at) VALUES (?, 'open', '/s', 'b', 'staging/', 1, 'x', 'x', 'x')",
+                 (batch_id,))
+
+
+def _assert_nothing_written_and_unlocked(journal: Journal, journal_path: Path, batch_id: str) -> None:
+    # A short busy timeout: a transaction left open by the writer fails this at once instead of hanging.
+    reader = Journal(journal_path, busy_timeout=0.2)
+    try:
+        assert reader.list_batches() == []
+        with pytest.raises(BatchNotFound):
+            reader.get_batch(batch_id)
+        open_batch(reader)
+    finally:
+        reader.close()
+    open_batch(journal)  # the writer's own connection is out of its transaction too
+
+
+@pytest.mark.parametrize("error", [Boom("inside"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+def test_atomic_rolls_back_and_reraises_the_same_exception(journal: Journal, journal_path: Path,
+                                                           error: BaseException) -> None:
+    batch_id = new_batch_id()
+
+    with pytest.raises(type(error)) as excinfo:
+        with journal.atomic() as conn:
+            _insert_batch_row(conn, batch_id)
+            raise error
+
+    assert excinfo.value is error
+    _assert_nothing_written_and_unlocked(journal, journal_path, batch_id)
+
+
+def test_atomic_keeps_the_original_exception_when_rollback_fails(journal: Journal, journal_path: Path) -> None:
+    batch_id = new_batch_id()
+    error = Boom("original")
+
+    with pytest.raises(Boom) as excinfo:
+        with journal.atomic() as conn:
+            _insert_batch_row(conn, batch_id)
+            conn.execute("ROLLBACK")  # atomic()'s own ROLLBACK now fails: no transaction is active
+            raise error
+
+    assert excinfo.value is error
+    _assert_nothing_written_and_unlocked(journal, journal_path, batch_id)
+
+
+def test_atomic_commits_for_every_other_connection(journal: Journal, journal_path: Path) -> None:
+    batch_id = new_batch_id()
+    with journal.atomic() as conn:
+        _insert_batch_row(conn, batch_id)
+
+    with closing(raw_connection(journal_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0] == 1
+
+
+def test_atomic_holds_the_write_lock_from_its_first_read(journal: Journal, journal_path: Path) -> None:
+    """A deferred BEGIN takes no lock for a read, so another writer could slip in before our write."""
+    other = Journal(journal_path, busy_timeout=0.2)
+    try:
+        with journal.atomic() as conn:
+            conn.execute("SELECT count(*) FROM batches").fetchone()
+            with pytest.raises(JournalBusy) as excinfo:
+                open_batch(other)
+        assert str(journal_path) in str(excinfo.value)
+        open_batch(other)  # and the lock is released on commit
+    finally:
+        other.close()
+
+
+# -- durability and processes ------------------------------------------------------
+
+
+def test_completed_file_is_durable_for_a_fresh_journal(journal: Journal, batch_id: str,
+                                                       journal_path: Path) -> None:
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.start_file(batch_id, "a.bin")
+    journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
+
+    with second_journal(journal_path) as reader:
+        record = reader.get_file(batch_id, "a.bin")
+        summary = reader.get_state(batch_id)
+    assert (record.state, record.sha256) == (FileState.UPLOADED, SHA)
+    assert summary.counts[FileState.UPLOADED] == 1
+
+
+def _child_completes_a_file(journal: Journal, parent_conn: sqlite3.Connection, batch_id: str) -> None:
+    with journal.atomic() as conn:
+        if conn is parent_conn:
+            raise SystemExit(3)  # the child reused the connection it inherited
+    uploaded_file(journal, batch_id, "from-child.bin")
+
+
+def test_forked_child_opens_its_own_connection(journal: Journal, batch_id: str, journal_path: Path) -> None:
+    uploaded_file(journal, batch_id, "from-parent-before.bin")
+    with journal.atomic() as parent_conn:
+        pass
+
+    child = multiprocessing.get_context("fork").Process(
+        target=_child_completes_a_file, args=(journal, parent_conn, batch_id))
+    child.start()
+    child.join(timeout=60)
+
+    assert child.exitcode == 0, "child failed (3: it used the parent's connection)"
+    uploaded_file(journal, batch_id, "from-parent-after.bin")
+    with journal.atomic() as conn_after:
+        assert conn_after is parent_conn  # the parent keeps its own connection
+    assert journal.integrity_check() == "ok"
+    with second_journal(journal_path) as reader:
+        files = {f.rel_path: f.state for f in reader.iter_files(batch_id)}
+    assert files == {name: FileState.UPLOADED
+                     for name in ("from-parent-before.bin", "from-child.bin", "from-parent-after.bin")}
+
+
+# -- bugs ---------------------------------------------------------------------------
+
+
+def test_a_full_disk_during_a_write_is_a_journal_error(journal: Journal, batch_id: str) -> None:
+    with journal.atomic() as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        # Cap the database at its current size: the next growth fails as a full disk would.
+        conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()
+    many = [new_file(batch_id, f"dir/{'x' * 200}-{index}") for index in range(500)]
+
+    with pytest.raises(JournalError):
+        journal.add_files(batch_id, many)

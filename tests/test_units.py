@@ -1,0 +1,110 @@
+"""Small pure pieces: globs, sizes, part sizes, multipart ETags, the byte budget, log scrubbing."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+
+from archup.cli.common import parse_size
+from archup.cli.lifecycle import parse_duration
+from archup.errors import UsageError
+from archup.journal import PartRecord
+from archup.logs import register_secrets, scrub
+from archup.select import Selector, compile_glob
+from archup.uploader import MAX_PARTS, MiB, ByteBudget, multipart_etag, part_size_for
+
+
+@pytest.mark.parametrize(("pattern", "path", "matches"), [
+    ("*.txt", "a.txt", True),
+    ("*.txt", "deep/dir/a.txt", True),          # no '/': a name in any directory
+    ("/*.txt", "deep/a.txt", False),            # leading '/': anchored at the root
+    ("docs/*.md", "docs/a.md", True),
+    ("docs/*.md", "docs/sub/a.md", False),      # '*' never crosses '/'
+    ("docs/**", "docs/sub/a.md", True),         # '**' does
+    ("file?.bin", "file1.bin", True),
+    ("file?.bin", "file10.bin", False),
+    ("[ab].log", "b.log", True),
+    ("[!ab].log", "b.log", False),
+    ("a+b (1).txt", "a+b (1).txt", True),       # regex characters are literal
+])
+def test_globs(pattern: str, path: str, matches: bool) -> None:
+    assert bool(compile_glob(pattern).match(path)) is matches
+
+
+def test_selector_include_then_exclude() -> None:
+    selector = Selector(["*.txt", "keep/**"], ["*secret*"])
+    assert selector("a.txt") and selector("keep/x.bin")
+    assert not selector("a.bin")
+    assert not selector("my-secret.txt")
+    assert Selector()("anything") and not Selector().active
+
+
+@pytest.mark.parametrize(("text", "value"), [("5242880", 5242880), ("8MiB", 8 * MiB), ("8M", 8 * MiB),
+                                             ("1g", 1024 ** 3), ("64KiB", 65536)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "8XB", "-1", "1.5M"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("24h").total_seconds() == 86400
+    assert parse_duration("0s").total_seconds() == 0
+    with pytest.raises(UsageError):
+        parse_duration("tomorrow")
+
+
+@pytest.mark.parametrize("size", [0, 8 * MiB, 80 * 1024 * MiB, 100 * 1024 ** 3, 5 * 1024 ** 4])
+def test_part_size_keeps_every_file_within_10000_parts(size: int) -> None:
+    part_size = part_size_for(size, 8 * MiB)
+    assert part_size >= 8 * MiB
+    assert -(-size // part_size) <= MAX_PARTS
+    assert part_size % MiB == 0
+
+
+def test_part_size_is_never_below_s3_minimum() -> None:
+    assert part_size_for(100 * MiB, 1 * MiB) == 5 * MiB
+
+
+def test_multipart_etag_is_md5_of_part_md5s() -> None:
+    bodies = [b"a" * 10, b"b" * 7]
+    parts = [PartRecord(n + 1, len(b), f'"{hashlib.md5(b).hexdigest()}"', None) for n, b in enumerate(bodies)]
+    expected = hashlib.md5(b"".join(hashlib.md5(b).digest() for b in bodies)).hexdigest()
+    assert multipart_etag(parts) == f'"{expected}-2"'
+
+
+def test_byte_budget_blocks_until_released() -> None:
+    budget = ByteBudget(10)
+    assert budget.acquire(8) == 8
+    acquired = threading.Event()
+
+    def taker() -> None:
+        budget.acquire(5)
+        acquired.set()
+
+    thread = threading.Thread(target=taker)
+    thread.start()
+    assert not acquired.wait(0.1)  # 8 + 5 > 10: it must wait
+    budget.release(8)
+    assert acquired.wait(5)
+    thread.join()
+    budget.release(5)
+    assert budget.acquire(50) == 10  # an oversized request waits for, and takes, the whole budget
+
+
+def test_scrub_masks_registered_secrets_and_signature_shapes() -> None:
+    register_secrets("AKIAUNITTESTCANARY", "unit-test-secret-canary")
+    line = ("headers={'Authorization': b'AWS4-HMAC-SHA256 Credential=AKIAUNITTESTCANARY/20261128/us-east-1/s3/"
+            "aws4_request, SignedHeaders=host, Signature=" + "ab" * 32 + "'} secret=unit-test-secret-canary "
+            "X-Amz-Security-Token: FQoGZXIvYXdzEXAMPLETOKEN")
+    cleaned = scrub(line)
+    assert "AKIAUNITTESTCANARY" not in cleaned
+    assert "unit-test-secret-canary" not in cleaned
+    assert "ab" * 32 not in cleaned
+    assert "FQoGZXIvYXdzEXAMPLETOKEN" not in cleaned
