@@ -1,0 +1,157 @@
+"""Cron-grade options over HTTP: selection, dry run, --skip-archived, archive options, config, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+
+def _tree(root: Path) -> Path:
+    (root / "docs" / "old").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "b.tmp").write_text("scratch")
+    (root / "docs" / "c.md").write_text("see")
+    (root / "docs" / "old" / "d.md").write_text("old")
+    return root
+
+
+def _file_keys(s3, bucket: str, summary: dict) -> set[str]:  # type: ignore[no-untyped-def]
+    prefix = summary["prefix"] + "files/"
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {item["Key"][len(prefix):] for item in listing}
+
+
+def test_include_and_exclude_select_files(cli, s3, bucket, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    result = cli("upload", "--json", "--exclude", "*.tmp", "--exclude", "docs/old/**", str(source))
+    assert result.exit_code == 0, result.stderr
+    assert _file_keys(s3, bucket, json.loads(result.stdout)) == {"a.txt", "docs/c.md"}
+
+
+def test_files_from_takes_exactly_the_listed_paths(cli, s3, bucket, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# wanted\n./a.txt\n\ndocs/old/d.md\nmissing.bin\n")
+    result = cli("upload", "--json", "--files-from", str(listing), str(source))
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert _file_keys(s3, bucket, summary) == {"a.txt", "docs/old/d.md"}
+    assert summary["files_skipped"] == 1  # the listed file that does not exist is reported, not invented
+
+
+def test_dry_run_touches_neither_bucket_nor_journal(cli, s3, bucket, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    result = cli("upload", "--dry-run", "--json", "--include", "*.md", str(source))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["files"] == 2 and report["bytes"] == 6
+    assert all(key.endswith(".md") for key in report["first_keys"])
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+    assert not cli.journal.exists()
+
+
+def test_skip_archived_sends_only_what_is_new(cli, s3, bucket, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    first = cli("upload", "--json", "--skip-archived", str(source))
+    assert first.exit_code == 0, first.stderr
+    (source / "new.txt").write_text("new")
+    (source / "a.txt").write_text("alpha, changed")
+    second = cli("upload", "--json", "--skip-archived", str(source))
+    assert second.exit_code == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["batch_id"] != json.loads(first.stdout)["batch_id"]
+    assert _file_keys(s3, bucket, summary) == {"new.txt", "a.txt"}
+    assert summary["files_skipped"] == 3  # b.tmp, docs/c.md, docs/old/d.md: unchanged since the first batch
+    status = json.loads(cli("status", "--json", summary["batch_id"]).stdout)
+    assert any("archived in batch" in (problem["error"] or "") for problem in status["problems"])
+
+
+def test_archive_options_reach_the_objects(cli, s3, bucket, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "small.bin").write_bytes(b"x" * 100)
+    (source / "large.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    result = cli("upload", "--json", "--part-size", "5MiB", "--storage-class", "STANDARD_IA",
+                 "--sse", "AES256", "--metadata", "project=alpha", "--tag", "retention=7y", str(source))
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for name in ("small.bin", "large.bin"):
+        key = f"{summary['prefix']}files/{name}"
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["StorageClass"] == "STANDARD_IA"
+        assert head["ServerSideEncryption"] == "AES256"
+        assert head["Metadata"]["project"] == "alpha"
+        assert head["Metadata"]["archup-batch"] == summary["batch_id"]
+        tags = s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+        assert {"Key": "retention", "Value": "7y"} in tags
+    manifest = s3.head_object(Bucket=bucket, Key=summary["manifest_key"])
+    assert manifest.get("StorageClass", "STANDARD") == "STANDARD"  # the manifest stays readable
+
+
+@pytest.mark.parametrize(("value", "message"), [("--metadata=novalue", "key=value"), ("--tag=k=é", "ASCII"),
+                                                ("--sse=rot13", "AES256"), ("--retries=-1", "between")])
+def test_bad_archive_options_are_usage_errors(cli, tmp_path: Path, value: str, message: str) -> None:
+    source = _tree(tmp_path / "src")
+    result = cli("upload", value, str(source))
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_config_file_is_the_lowest_layer(cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _tree(tmp_path / "src")
+    config = tmp_path / "config.toml"
+    config.write_text(f'bucket = "no-such-bucket-from-config"\n[upload]\nprefix = "from-config/"\n'
+                      f'exclude = ["*.tmp"]\n')
+    monkeypatch.setenv("ARCHUP_CONFIG", str(config))
+    monkeypatch.setenv("ARCHUP_PREFIX", "from-env/")
+    from typer.testing import CliRunner
+
+    from archup.cli import app
+
+    # --bucket (a flag) beats the file; ARCHUP_PREFIX (environment) beats the file; exclude comes from the file.
+    result = CliRunner().invoke(app, ["upload", "--journal", str(cli.journal), "--bucket", bucket,
+                                      "--endpoint-url", cli.endpoint, "--json", str(source)])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["prefix"].startswith("from-env/")
+    assert "b.tmp" not in _file_keys(s3, bucket, summary)
+
+
+def test_config_file_with_unknown_setting_is_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from archup.cli import app
+
+    config = tmp_path / "config.toml"
+    config.write_text('buckett = "typo"\n')
+    result = CliRunner().invoke(app, ["--config", str(config), "list", "--journal", str(tmp_path / "j.db")])
+    assert result.exit_code == 2
+    assert "buckett" in result.stderr
+
+
+def test_preflight_fails_before_any_file_is_read(cli, bucket, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    result = cli.subprocess("upload", "--bucket", "archup-no-such-bucket", str(source))
+    assert result.exit_code == 5, result.stderr
+    assert "does not exist" in result.stderr
+    if cli.journal.exists():
+        with sqlite3.connect(cli.journal) as conn:
+            assert conn.execute("SELECT count(*) FROM files").fetchone()[0] == 0
+
+
+def test_cron_output_has_no_escape_codes_and_quiet_prints_nothing(cli, tmp_path: Path) -> None:
+    source = _tree(tmp_path / "src")
+    (source / "link").symlink_to(source / "a.txt")
+    plain = cli.subprocess("upload", str(source))  # stdout and stderr are pipes, as under cron
+    assert plain.exit_code == 0, plain.stderr
+    assert "\x1b" not in plain.stdout + plain.stderr
+    assert "uploading" in plain.stderr and "status" in plain.stdout and "enqueued" in plain.stdout
+    assert "skipped: link: symlink" in plain.stderr  # the run names what it skipped
+    (source / "more.txt").write_text("more")
+    quiet = cli.subprocess("upload", "--quiet", "--new-batch", str(source))
+    assert quiet.exit_code == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == ""
