@@ -279,6 +279,14 @@ class Journal:
             self._connections.clear()
         self._local = threading.local()
 
+    def _begin(self, statement: str) -> sqlite3.Connection:
+        conn = self._connection()
+        try:
+            conn.execute(statement)
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
+        return conn
+
     @contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: ``BEGIN IMMEDIATE``, commit, or roll back on any exception.
@@ -287,11 +295,7 @@ class Journal:
         read-check-write sequence inside cannot interleave with another writer's.
         The original exception always propagates; a failing rollback never hides it.
         """
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+        conn = self._begin("BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException as error:
@@ -315,13 +319,9 @@ class Journal:
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A read-only view: several SELECTs that see one consistent state. Never write in it."""
-        conn = self._connection()
-        try:
-            # Read-only, so a deferred transaction is right here: it takes no
-            # write lock and cannot race (it never upgrades to a writer).
-            conn.execute("BEGIN DEFERRED")
-        except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+        # Read-only, so a deferred transaction is right here: it takes no
+        # write lock and cannot race (it never upgrades to a writer).
+        conn = self._begin("BEGIN DEFERRED")
         try:
             yield conn
         except sqlite3.Error as error:

@@ -107,7 +107,7 @@ def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
         try:
             info = os.lstat(path)
         except OSError as error:
-            yield ScanItem(rel_path, path, 0, 0, f"listed in --files-from but {error.strerror.lower()}")
+            yield ScanItem(rel_path, path, 0, 0, f"listed in --files-from but {(error.strerror or str(error)).lower()}")
             continue
         item = _item(rel_path, path, info)
         yield item if item is not None else ScanItem(rel_path, path, 0, 0, "listed in --files-from but a directory")

@@ -27,11 +27,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from .crashpoints import crash_point
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
 from .scan import ScanItem, object_key, scan, scan_list
 from .states import BatchState, FileState
-from .crashpoints import crash_point
 from .store import S3Store, UploadedPart, b64
 
 log = logging.getLogger("archup.upload")

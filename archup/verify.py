@@ -31,7 +31,7 @@ from typing import Any, Union
 import botocore.exceptions
 
 from . import manifest
-from .errors import ArchupError, DestinationError, TransferError, UnsupportedManifest, VerificationFailed
+from .errors import DestinationError, TransferError, UnsupportedManifest, VerificationFailed
 from .journal import BatchRecord, Journal
 from .scan import FILES_DIR
 from .states import BatchState, FileState

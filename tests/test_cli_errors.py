@@ -7,7 +7,6 @@ code, stderr or the absence of a traceback is what is being tested.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import socket
@@ -30,19 +29,6 @@ from archup.journal import Journal, NewFile
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 130}
-
-
-@pytest.fixture(autouse=True)
-def quiet_moto_request_log() -> Any:
-    """The moto server shares this process: keep its per-request log lines out of in-process stderr,
-    and give the root logger back its handlers after archup's in-process runs reconfigured it."""
-    werkzeug = logging.getLogger("werkzeug")
-    root = logging.getLogger()
-    level, handlers = werkzeug.level, root.handlers[:]
-    werkzeug.setLevel(logging.WARNING)
-    yield
-    werkzeug.setLevel(level)
-    root.handlers[:] = handlers
 
 
 def archup(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -104,8 +104,8 @@ def test_bad_archive_options_are_usage_errors(cli, tmp_path: Path, value: str, m
 def test_config_file_is_the_lowest_layer(cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _tree(tmp_path / "src")
     config = tmp_path / "config.toml"
-    config.write_text(f'bucket = "no-such-bucket-from-config"\n[upload]\nprefix = "from-config/"\n'
-                      f'exclude = ["*.tmp"]\n')
+    config.write_text('bucket = "no-such-bucket-from-config"\n[upload]\nprefix = "from-config/"\n'
+                      'exclude = ["*.tmp"]\n')
     monkeypatch.setenv("ARCHUP_CONFIG", str(config))
     monkeypatch.setenv("ARCHUP_PREFIX", "from-env/")
     from typer.testing import CliRunner

@@ -13,7 +13,7 @@ from archup.errors import UsageError
 from archup.journal import PartRecord
 from archup.logs import register_secrets, scrub
 from archup.select import Selector, compile_glob
-from archup.uploader import MAX_PARTS, MiB, ByteBudget, multipart_etag, part_size_for
+from archup.uploader import MAX_PARTS, ByteBudget, MiB, multipart_etag, part_size_for
 
 
 @pytest.mark.parametrize(("pattern", "path", "matches"), [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,19 +36,6 @@ SMALL_TREE: dict[str, bytes] = {
     "empty.txt": b"",
     "a/b/empty-deep": b"",
 }
-
-
-@pytest.fixture(autouse=True)
-def quiet_moto_request_log() -> Any:
-    """The moto server shares this process: keep its per-request log lines out of in-process stderr,
-    and give the root logger back its handlers after archup's in-process runs reconfigured it."""
-    werkzeug = logging.getLogger("werkzeug")
-    root = logging.getLogger()
-    level, handlers = werkzeug.level, root.handlers[:]
-    werkzeug.setLevel(logging.WARNING)
-    yield
-    werkzeug.setLevel(level)
-    root.handlers[:] = handlers
 
 
 def sha256(data: bytes) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import typer
-
 from pathlib import Path
 from typing import Annotated
+
+import typer
 
 from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, exit_code_for

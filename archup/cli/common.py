@@ -19,8 +19,9 @@ from rich.console import Console
 from ulid import ULID
 
 from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
-from ..journal import Journal, default_journal_path
+from ..journal import BatchRecord, Journal, default_journal_path
 from ..scan import display_path
+from ..store import S3Store, StoreConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -106,6 +107,13 @@ def resolve_endpoint(flag: str | None) -> str | None:
             raise UsageError("the endpoint URL must not carry credentials (user:password@); "
                              "use a profile or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     return endpoint
+
+
+def store_for_batch(batch: BatchRecord, endpoint_url: str | None, profile: str | None, region: str | None,
+                    **settings: Any) -> S3Store:
+    """The store a recorded batch goes to; flags override what the journal recorded."""
+    return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url) or batch.endpoint_url,
+                               region=region or batch.region, profile=profile, **settings))
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from ..finalize import finalize as finalize_batch
 from ..lock import BatchLock
-from ..store import S3Store, StoreConfig
-from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
-                     check_batch_id, emit_json, handles_errors, open_journal, print_fields, resolve_endpoint)
+from .common import (
+    BatchArgument,
+    EndpointOption,
+    JournalOption,
+    JsonOption,
+    ProfileOption,
+    RegionOption,
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    open_journal,
+    print_fields,
+    store_for_batch,
+)
 
 
 @handles_errors
@@ -17,8 +28,7 @@ def finalize(batch_id: BatchArgument, endpoint_url: EndpointOption = None, profi
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path) as journal:
         batch = journal.get_batch(batch_id)
-        store = S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
-                                    or batch.endpoint_url, region=region or batch.region, profile=profile))
+        store = store_for_batch(batch, endpoint_url, profile, region)
         with BatchLock(journal.path, batch_id):
             summary = finalize_batch(journal, store, batch_id)
     if json_output:

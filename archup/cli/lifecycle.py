@@ -12,15 +12,26 @@ from ..batches import abort_batch, collect_garbage
 from ..errors import UsageError
 from ..journal import BatchRecord, utcnow
 from ..states import BatchState, FileState
-from ..store import S3Store, StoreConfig
-from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
-                     check_batch_id, emit_json, handles_errors, open_journal, print_fields, resolve_endpoint)
+from ..store import S3Store
+from .common import (
+    BatchArgument,
+    EndpointOption,
+    JournalOption,
+    JsonOption,
+    ProfileOption,
+    RegionOption,
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    open_journal,
+    print_fields,
+    store_for_batch,
+)
 
 
 def _store_for(endpoint_url: str | None, profile: str | None, region: str | None):  # type: ignore[no-untyped-def]
     def factory(batch: BatchRecord) -> S3Store:
-        return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
-                                   or batch.endpoint_url, region=region or batch.region, profile=profile))
+        return store_for_batch(batch, endpoint_url, profile, region)
     return factory
 
 

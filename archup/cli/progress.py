@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..scan import display_path
 from ..states import FileState

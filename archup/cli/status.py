@@ -7,8 +7,16 @@ from typing import Any
 from ..journal import BatchSummary
 from ..scan import display_path
 from ..states import FileState
-from .common import (BatchArgument, JournalOption, JsonOption, check_batch_id, emit_json, handles_errors,
-                     open_journal, print_fields)
+from .common import (
+    BatchArgument,
+    JournalOption,
+    JsonOption,
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    open_journal,
+    print_fields,
+)
 
 
 def status_document(summary: BatchSummary) -> dict[str, Any]:

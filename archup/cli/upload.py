@@ -7,9 +7,9 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from enum import Enum
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -17,19 +17,32 @@ from typing import Annotated
 import typer
 from ulid import ULID
 
+from ..batches import find_resumable, write_marker
 from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
-from ..batches import find_resumable, write_marker
 from ..journal import BatchRecord, Journal
 from ..lock import BatchLock, source_lock
 from ..scan import display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
-from ..uploader import MIN_PART_SIZE, UploadOptions, UploadResult, Uploader
-from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
-                     check_batch_id, emit_json, handles_errors, open_journal, parse_size, print_fields,
-                     resolve_endpoint)
+from ..uploader import MIN_PART_SIZE, Uploader, UploadOptions, UploadResult
+from .common import (
+    BatchArgument,
+    EndpointOption,
+    JournalOption,
+    JsonOption,
+    ProfileOption,
+    RegionOption,
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    open_journal,
+    parse_size,
+    print_fields,
+    resolve_endpoint,
+    store_for_batch,
+)
 from .progress import RichProgress
 
 MAX_PARALLEL = 256
@@ -299,9 +312,8 @@ def resume(
         record = journal.get_batch(batch_id)
         if not os.path.isdir(record.source_root):
             raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
-        store = S3Store(StoreConfig(bucket=record.bucket, endpoint_url=resolve_endpoint(endpoint_url)
-                                    or record.endpoint_url, region=region or record.region, profile=profile,
-                                    max_pool_connections=max(10, parallel + 4), checksum=checksum))
+        store = store_for_batch(record, endpoint_url, profile, region,
+                                max_pool_connections=max(10, parallel + 4), checksum=checksum)
         store.check_bucket()
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,

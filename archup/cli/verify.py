@@ -7,10 +7,20 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..store import S3Store, StoreConfig
 from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
-from .common import (BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption,
-                     check_batch_id, emit_json, handles_errors, open_journal, resolve_endpoint)
+from .common import (
+    BatchArgument,
+    EndpointOption,
+    JournalOption,
+    JsonOption,
+    ProfileOption,
+    RegionOption,
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    open_journal,
+    store_for_batch,
+)
 
 MAX_PARALLEL = 256
 _BYTE_COUNTS = frozenset({Problem.MISSING, Problem.UNEXPECTED, Problem.SIZE_MISMATCH,
@@ -48,9 +58,7 @@ def verify(batch_id: BatchArgument,
 
     with open_journal(journal_path) as journal:
         batch = journal.get_batch(batch_id)
-        store = S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url)
-                                    or batch.endpoint_url, region=region or batch.region, profile=profile,
-                                    max_pool_connections=max(10, parallel + 2)))
+        store = store_for_batch(batch, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 2))
         report = verify_batch(journal, store, batch_id, deep=deep, parallel=parallel,
                               on_difference=None if json_output else print_difference)
     if json_output:
