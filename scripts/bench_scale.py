@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Scale benchmark: scan a directory of many tiny files into the journal, then `archup status`.
+
+Makes COUNT empty files (1,000 directories of COUNT/1,000) in a temp directory
+on local disk, then, each in a child process so its peak RSS is its own:
+  walk    archup.scan.scan() alone (the directory walk, no journal): the floor
+  scan    Uploader(...).scan(): the walk plus the grouped journal inserts
+          (the store is never called by scan, so it is None)
+The scan is also run on a tenth of the files: peak RSS that stays flat from
+COUNT/10 to COUNT is what "bounded memory" means. Then `archup status BATCH`
+is timed as a subprocess. Targets: >= 50,000 files/s scan, status < 1 s.
+The files are removed at the end.
+
+    .venv/bin/python scripts/bench_scale.py [--count 1000000] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+KiB, MiB = 1024, 1024 * 1024
+BATCH_ID = "01JSCA1E000000000000000000"  # a valid ULID (Crockford base32 has no L)
+
+
+def make_files(root: Path, count: int, per_dir: int = 1000) -> float:
+    start = time.perf_counter()
+    flags = os.O_CREAT | os.O_WRONLY | os.O_EXCL
+    for index in range(count):
+        if index % per_dir == 0:
+            directory = root / f"d{index // per_dir:05d}"
+            directory.mkdir()
+            prefix = str(directory) + "/f"
+        os.close(os.open(f"{prefix}{index:07d}", flags, 0o644))
+    return time.perf_counter() - start
+
+
+def child(mode: str, source: str, journal_path: str) -> None:
+    """Runs in a child process; prints one JSON line."""
+    from archup.journal import Journal
+    from archup.scan import scan
+    from archup.store import S3Store
+    from archup.uploader import UploadOptions, Uploader
+
+    if mode == "walk":
+        start = time.perf_counter()
+        count = sum(1 for _ in scan(source))
+        print(json.dumps({"files": count, "seconds": time.perf_counter() - start}))
+        return
+    journal = Journal(journal_path)
+    journal.init_batch(BATCH_ID, source_root=source, bucket="bench", prefix="bench/", part_size=8 * MiB)
+    uploader = Uploader(journal, cast(S3Store, None), BATCH_ID, UploadOptions())
+    start = time.perf_counter()
+    uploader.scan()
+    elapsed = time.perf_counter() - start
+    files = journal.get_state(BATCH_ID).files_total
+    journal.close()
+    print(json.dumps({"files": files, "seconds": elapsed}))
+
+
+def run_child(mode: str, source: Path, journal_path: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", mode, str(source), str(journal_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} child exited {proc.returncode}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result.update(cpu=usage.ru_utime + usage.ru_stime, maxrss_mib=usage.ru_maxrss * KiB / MiB,
+                  files_per_s=result["files"] / result["seconds"])
+    return result
+
+
+def time_status(journal_path: Path, runs: int = 5) -> list[float]:
+    archup = ROOT / ".venv" / "bin" / "archup"
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([str(archup), "status", BATCH_ID, "--journal", str(journal_path), "--json"],
+                       check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child(*sys.argv[2:5])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--dir", default=None, help="parent of the temp directory (local disk; default: $TMPDIR)")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="archup-bench-scale-", dir=args.dir))
+    report: dict[str, Any] = {"count": args.count, "load_start": os.getloadavg()}
+    try:
+        tenth = max(1000, args.count // 10)
+        small_src, big_src = work / "tenth", work / "all"
+        small_src.mkdir()
+        big_src.mkdir()
+        print(f"making {tenth:,} + {args.count:,} empty files under {work} ...", file=sys.stderr, flush=True)
+        make_files(small_src, tenth)
+        report["make_seconds"] = make_files(big_src, args.count)
+        print(f"  {report['make_seconds']:.0f} s", file=sys.stderr, flush=True)
+        report["walk"] = run_child("walk", big_src, work / "unused.db")
+        report["scan_tenth"] = run_child("scan", small_src, work / "tenth.db")
+        report["scan"] = run_child("scan", big_src, work / "journal.db")
+        report["journal_mib"] = sum(p.stat().st_size for p in work.glob("journal.db*")) / MiB
+        report["status_seconds"] = time_status(work / "journal.db")
+        report["load_end"] = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    scan, walk, tenth_scan = report["scan"], report["walk"], report["scan_tenth"]
+    status = statistics.median(report["status_seconds"])
+    print(f"| measure | value | target | verdict |\n|---|---|---|---|\n"
+          f"| walk only (archup.scan.scan) | {walk['files_per_s']:,.0f} files/s, {walk['maxrss_mib']:.0f} MiB | - | - |\n"
+          f"| scan into journal, {scan['files']:,} files | {scan['files_per_s']:,.0f} files/s "
+          f"({scan['seconds']:.1f} s, CPU {scan['cpu']:.1f} s) | >= 50,000 files/s | "
+          f"{'MET' if scan['files_per_s'] >= 50_000 else 'MISSED'} |\n"
+          f"| peak RSS, {tenth_scan['files']:,} -> {scan['files']:,} files | {tenth_scan['maxrss_mib']:.0f} -> "
+          f"{scan['maxrss_mib']:.0f} MiB | bounded | "
+          f"{'MET' if scan['maxrss_mib'] <= tenth_scan['maxrss_mib'] * 1.25 + 10 else 'MISSED'} |\n"
+          f"| journal size | {report['journal_mib']:.0f} MiB | - | - |\n"
+          f"| archup status (median of {len(report['status_seconds'])}) | {status:.2f} s | < 1 s | "
+          f"{'MET' if status < 1 else 'MISSED'} |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
