@@ -224,6 +224,7 @@ class Journal:
         self.synchronous = synchronous
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._pid = os.getpid()
         self._prepare_file()
@@ -251,6 +252,7 @@ class Journal:
             self._local = threading.local()
             self._connections = []
             self._lock = threading.Lock()
+            self._write_lock = threading.Lock()
             self._pid = os.getpid()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -295,26 +297,29 @@ class Journal:
         read-check-write sequence inside cannot interleave with another writer's.
         The original exception always propagates; a failing rollback never hides it.
         """
-        conn = self._begin("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException as error:
+        # Threads of this process queue on a lock instead of in SQLite's busy handler,
+        # whose sleep-and-retry is unfair and slow; other processes still meet SQLite's lock.
+        with self._write_lock:
+            conn = self._begin("BEGIN IMMEDIATE")
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the transaction may already be gone; the original error matters
-            if isinstance(error, sqlite3.Error):
-                # Disk full, I/O error, constraint: a named error, the original kept as its cause.
-                raise _translate(error, self.path) from error
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as error:
+                yield conn
+            except BaseException as error:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the transaction may already be gone; the original error matters
+                if isinstance(error, sqlite3.Error):
+                    # Disk full, I/O error, constraint: a named error, the original kept as its cause.
+                    raise _translate(error, self.path) from error
+                raise
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise _translate(error, self.path) from None
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise _translate(error, self.path) from None
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -417,13 +422,15 @@ class Journal:
         if self.add_files(batch_id, [new_file]) != 1:
             raise IllegalTransition(f"batch {batch_id} already has file {new_file.rel_path!r}")
 
-    def add_files(self, batch_id: str, new_files: Iterable[NewFile]) -> int:
+    def add_files(self, batch_id: str, new_files: Iterable[NewFile], *, durable: bool = True) -> int:
         """Add files in one transaction; paths already in the batch are left as they are.
 
-        Returns how many were new.
+        Returns how many were new. ``durable=False`` (the scan) skips this commit's
+        fsync: in WAL mode the next FULL commit (``mark_scan_complete``) syncs it
+        along, and a scan that never reached that commit is simply run again.
         """
         now = isoformat(utcnow())
-        with self.atomic() as conn:
+        with self._synchronous("FULL" if durable else "NORMAL"), self.atomic() as conn:
             state = self._batch_state(conn, batch_id)
             if not state.accepts_files:
                 raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
@@ -446,6 +453,18 @@ class Journal:
             (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value, batch.batch_id,
              batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url)).fetchone()
         return None if row is None else str(row[0])
+
+    @contextmanager
+    def _synchronous(self, level: str) -> Iterator[None]:
+        if level == self.synchronous:
+            yield
+            return
+        conn = self._connection()
+        conn.execute(f"PRAGMA synchronous={level}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
         row = self._connection().execute(
@@ -528,6 +547,27 @@ class Journal:
             conn.execute("UPDATE files SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (FileState.UPLOADED.value, sha256, etag, isoformat(utcnow()), batch_id, rel_path))
+
+    def complete_files(self, batch_id: str,
+                       completions: list[tuple[str, str, str]]) -> list[tuple[str, IllegalTransition]]:
+        """Many (rel_path, sha256, etag) -> uploaded in one transaction (one fsync for the group).
+
+        Each file's transition is checked as in complete_file; the illegal ones are left
+        unchanged and returned with their error, the others committed.
+        """
+        refused: list[tuple[str, IllegalTransition]] = []
+        now = isoformat(utcnow())
+        with self.atomic() as conn:
+            for rel_path, sha256, etag in completions:
+                try:
+                    self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
+                except IllegalTransition as error:
+                    refused.append((rel_path, error))
+                    continue
+                conn.execute("UPDATE files SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
+                             "WHERE batch_id = ? AND rel_path = ?",
+                             (FileState.UPLOADED.value, sha256, etag, now, batch_id, rel_path))
+        return refused
 
     def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
         with self.atomic() as conn:

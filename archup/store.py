@@ -22,6 +22,7 @@ from typing import IO, Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from .errors import DestinationError, TransferError
 from .logs import register_secrets
@@ -139,7 +140,12 @@ class S3Store:
             response_checksum_validation="when_required",
         )
         try:
-            session = boto3.session.Session(profile_name=config.profile, region_name=config.region)
+            core = botocore.session.get_session()
+            # archup never reads a response's timestamps: leave them as text instead of
+            # parsing every LastModified of every listing (aws-cli does the same).
+            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+            session = boto3.session.Session(botocore_session=core, profile_name=config.profile,
+                                            region_name=config.region)
             self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
             credentials = session.get_credentials()
         except Exception as error:  # profile missing, bad endpoint URL, ...

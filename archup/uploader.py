@@ -20,6 +20,7 @@ import hashlib
 import logging
 import mimetypes
 import os
+import queue
 import stat
 import threading
 from collections.abc import Callable
@@ -40,7 +41,7 @@ MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
-SCAN_GROUP = 500
+SCAN_GROUP = 5000
 ARCHIVED_REASON = "unchanged since archived in batch"
 CHANGED_ATTEMPTS = 3  # reads of a small file that keeps changing before it is failed
 
@@ -112,6 +113,68 @@ class ByteBudget:
             self._cond.notify_all()
 
 
+class CompletionWriter:
+    """One thread commits the completions of single-PUT files in groups.
+
+    Workers hand over (record, sha256, etag) the moment PutObject returned and go
+    on to the next file; the writer commits everything waiting in one transaction
+    (one fsync), and only then reports those files done. A crash before that
+    commit leaves them pending, and a resumer sends them again: a PUT of the same
+    bytes is idempotent. So no file is ever reported done before its commit.
+    """
+
+    GROUP = 1000
+
+    def __init__(self, journal: Journal, batch_id: str, on_committed: Callable[[FileRecord, str, str], None],
+                 on_error: Callable[[ArchupError], None]) -> None:
+        self._journal = journal
+        self._batch_id = batch_id
+        self._on_committed = on_committed
+        self._on_error = on_error
+        self._queue: queue.SimpleQueue[tuple[FileRecord, str, str] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="archup-journal-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, record: FileRecord, sha256: str, etag: str) -> None:
+        self._queue.put((record, sha256, etag))
+
+    def close(self) -> None:
+        """Commit whatever is still waiting, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < self.GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                group.append(item)
+            self._commit(group)
+
+    def _commit(self, group: list[tuple[FileRecord, str, str]]) -> None:
+        try:
+            refused = dict(self._journal.complete_files(
+                self._batch_id, [(record.rel_path, sha256, etag) for record, sha256, etag in group]))
+        except ArchupError as error:
+            self._on_error(error)  # nothing of this group was committed: the files stay pending
+            return
+        for record, sha256, etag in group:
+            if record.rel_path in refused:
+                self._on_error(refused[record.rel_path])
+            else:
+                self._on_committed(record, sha256, etag)
+
+
 class FileChanged(Exception):
     """The file differs from what the scan recorded (size, mtime) or was short-read."""
 
@@ -152,6 +215,7 @@ class Uploader:
         self._result_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(options.parallel * 2)
         self._budget = ByteBudget(options.parallel * options.part_size)
+        self._writer: CompletionWriter  # one per send()
 
     # -- the run ------------------------------------------------------------
 
@@ -171,11 +235,14 @@ class Uploader:
 
     def send(self) -> UploadResult:
         """Upload every file the journal says still needs it; never raises for one file's failure."""
+        self._writer = CompletionWriter(self.journal, self.batch_id, self._reported, self._stop_with)
         try:
             with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-upload") as pool:
                 self._dispatch(pool)
         except ArchupError as error:
             self._stop_with(error)
+        finally:
+            self._writer.close()  # after the pool: every completion handed over is committed
         if self.result.fatal is None and self.stop.is_set():
             self.result.interrupted = True
         self._settle_batch_state()
@@ -201,10 +268,10 @@ class Uploader:
                     item = replace(item, skip_reason=f"{ARCHIVED_REASON} {archived}")
             group.append(self._new_file(prefix, item))
             if len(group) >= SCAN_GROUP:
-                self.journal.add_files(self.batch_id, group)
+                self.journal.add_files(self.batch_id, group, durable=False)
                 group = []
         if group:
-            self.journal.add_files(self.batch_id, group)
+            self.journal.add_files(self.batch_id, group, durable=False)
         self.journal.mark_scan_complete(self.batch_id)
 
     @staticmethod
@@ -263,7 +330,12 @@ class Uploader:
     # -- results ------------------------------------------------------------
 
     def _uploaded(self, record: FileRecord, sha256: str, etag: str) -> None:
+        """A multipart file (rare, large): committed right here, by the finishing thread."""
         self.journal.complete_file(self.batch_id, record.rel_path, sha256=sha256, etag=etag)
+        self._reported(record, sha256, etag)
+
+    def _reported(self, record: FileRecord, sha256: str, etag: str) -> None:
+        """Called only after the file's completion is committed."""
         log.info("uploaded %s (%d bytes, sha256 %s)", record.rel_path, record.size, sha256)
         with self._result_lock:
             self.result.files_uploaded += 1
@@ -328,7 +400,7 @@ class Uploader:
             return
         crash_point("after-put-object")
         self._sent(len(body))
-        self._uploaded(record, sha256, etag)
+        self._writer.put(record, sha256, etag)
 
     # -- multipart ----------------------------------------------------------
 

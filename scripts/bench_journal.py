@@ -105,9 +105,38 @@ def grouped_writer(committer: GroupCommitter, names: list[str], barrier: threadi
             committer.submit(op, name)
 
 
+def archup_writer(journal: Journal, batch_id: str, names: list[str], writer_: "CompletionWriter",
+                  barrier: threading.Barrier) -> None:
+    """archup's own path for a small file: added with the scan (grouped), completed through the
+    CompletionWriter (grouped, the worker does not wait; done is reported after the commit)."""
+    from archup.journal import NewFile as New
+    barrier.wait()
+    for start in range(0, len(names), 100):
+        journal.add_files(batch_id, [New(n, f"bench/files/{n}", 4096, 1) for n in names[start:start + 100]],
+                          durable=False)
+    for name in names:
+        writer_.put(journal.get_file(batch_id, name), "0" * 64, '"etag"')
+
+
 def threads_in_process(path: str, batch_id: str, names: list[str], threads: int, synchronous: str,
-                       start_at: float | None = None, grouped: bool = False) -> None:
+                       start_at: float | None = None, grouped: bool = False, mode: str = "") -> None:
     journal = Journal(path, synchronous=synchronous)
+    if mode == "w":
+        from archup.uploader import CompletionWriter
+        errors: list[Exception] = []
+        completion = CompletionWriter(journal, batch_id, lambda *done: None, errors.append)
+        barrier = threading.Barrier(threads)
+        workers = [threading.Thread(target=archup_writer, args=(journal, batch_id, names[i::threads], completion,
+                                                                barrier)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        completion.close()
+        journal.close()
+        if errors:
+            raise RuntimeError(errors[0])
+        return
     shares = [names[i::threads] for i in range(threads)]
     barrier = threading.Barrier(threads)
     committer = GroupCommitter(journal, batch_id) if grouped else None
@@ -125,7 +154,7 @@ def threads_in_process(path: str, batch_id: str, names: list[str], threads: int,
 
 
 def one_run(processes: int, threads: int, files: int, synchronous: str, grouped: bool = False,
-            directory: str | None = None) -> float:
+            directory: str | None = None, mode: str = "") -> float:
     with tempfile.TemporaryDirectory(prefix="archup-bench-journal-", dir=directory) as tmp:
         path = os.path.join(tmp, "journal.db")
         setup = Journal(path, synchronous=synchronous)
@@ -135,7 +164,7 @@ def one_run(processes: int, threads: int, files: int, synchronous: str, grouped:
         names = [f"d{i % 37}/f{i:07d}" for i in range(files)]
         if processes == 1:
             start = time.perf_counter()
-            threads_in_process(path, batch_id, names, threads, synchronous, grouped=grouped)
+            threads_in_process(path, batch_id, names, threads, synchronous, grouped=grouped, mode=mode)
             elapsed = time.perf_counter() - start
         else:
             context = multiprocessing.get_context("fork")
@@ -156,7 +185,7 @@ def one_run(processes: int, threads: int, files: int, synchronous: str, grouped:
         check.close()
         if counts[FileState.UPLOADED] != files or sum(counts.values()) != files:
             raise RuntimeError(f"lost updates: {dict(counts)} for {files} files")
-    return files * TRANSITIONS_PER_FILE / elapsed
+    return files * (2 if mode == "w" else TRANSITIONS_PER_FILE) / elapsed
 
 
 def fsync_latency(directory: str | None) -> float:
@@ -180,9 +209,10 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=1500, help="files per run (3 transitions each)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
-    parser.add_argument("--configs", default="1x1,1x16,4x1,4x4,1x16g,4x4g",
+    parser.add_argument("--configs", default="1x1,1x16,4x1,4x4,1x16g,4x4g,1x16w",
                         help="PROCESSESxTHREADS, comma separated; a trailing g runs the group-commit prototype "
-                             "(one writer thread per process) instead of Journal's per-transition commits")
+                             "(one writer thread per process) instead of Journal's per-transition commits; "
+                             "a trailing w runs archup's own small-file path (2 transitions a file)")
     parser.add_argument("--dir", default=None, help="where the journal goes (default $TMPDIR; local disk)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -198,13 +228,15 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for config in args.configs.split(","):
         grouped = config.endswith("g")
-        processes, threads = (int(x) for x in config.rstrip("g").split("x"))
-        rates = [one_run(processes, threads, args.files, args.synchronous, grouped, args.dir)
+        mode = "w" if config.endswith("w") else ""
+        processes, threads = (int(x) for x in config.rstrip("gw").split("x"))
+        rates = [one_run(processes, threads, args.files, args.synchronous, grouped, args.dir, mode)
                  for _ in range(args.runs)]
         median = statistics.median(rates)
         writers = processes * threads
         verdict = ("MET" if median >= 5000 else "MISSED") if writers >= 16 and not grouped else "-"
-        label = f"{processes} x {threads}" + (" (group-commit prototype)" if grouped else "")
+        label = f"{processes} x {threads}" + (" (group-commit prototype)" if grouped else "") + (
+            " (archup: grouped scan + CompletionWriter)" if mode else "")
         print(f"| {label} | {writers} | {median:,.0f} | {min(rates):,.0f} | {max(rates):,.0f} | "
               f"{verdict} |", flush=True)
         results.append({"processes": processes, "threads": threads, "grouped": grouped, "rates": rates,
