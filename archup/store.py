@@ -19,10 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import IO, Any
 
-import boto3
-import botocore.config
 import botocore.exceptions
-import botocore.session
 
 from .errors import DestinationError, TransferError
 from .logs import register_secrets
@@ -126,6 +123,12 @@ class S3Store:
     """One boto3 client shared by every worker thread (boto3 clients are thread-safe)."""
 
     def __init__(self, config: StoreConfig) -> None:
+        # boto3 is imported here, not at module level: commands that only read the
+        # journal (status, list) start without paying for it.
+        import boto3
+        import botocore.config
+        import botocore.session
+
         self.config = config
         self.bucket = config.bucket
         self._rate_lock = threading.Lock()
