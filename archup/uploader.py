@@ -168,6 +168,9 @@ class CompletionWriter:
         except ArchupError as error:
             self._on_error(error)  # nothing of this group was committed: the files stay pending
             return
+        except Exception as error:  # a bug must stop the batch, never kill this thread silently
+            self._on_error(ArchupError(f"internal error in the journal writer: {error!r}"))
+            return
         for record, sha256, etag in group:
             if record.rel_path in refused:
                 self._on_error(refused[record.rel_path])
