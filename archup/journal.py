@@ -32,7 +32,7 @@ from .errors import (
 )
 from .states import BatchState, FileState, batch_can_move, file_can_move
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT = 30.0
 BATCH_TTL = timedelta(hours=24)
 
@@ -88,6 +88,11 @@ _MIGRATIONS: tuple[str, ...] = (
     # 2: --skip-archived looks files up by path across batches.
     """
     CREATE INDEX files_by_path ON files (rel_path, size, mtime_ns);
+    """,
+    # 3: what the scan saw of a file beyond size and mtime (device, inode, ctime), so a
+    # file replaced or rewritten with its mtime put back is caught before upload.
+    """
+    ALTER TABLE files ADD COLUMN identity TEXT;
     """,
 )
 
@@ -148,6 +153,7 @@ class FileRecord:
     error: str | None
     attempts: int
     updated_at: str
+    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ class NewFile:
     mtime_ns: int
     state: FileState = FileState.PENDING
     error: str | None = None
+    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,7 @@ class BatchSummary:
 _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
                   "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
-                 "error, attempts, updated_at")
+                 "error, attempts, updated_at, identity")
 
 
 def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
@@ -211,6 +218,9 @@ def _translate(error: sqlite3.Error, path: Path) -> JournalError:
     text = str(error)
     if isinstance(error, sqlite3.OperationalError) and "locked" in text:
         return JournalBusy(f"journal {path} is locked by another writer ({text}); try again when it finishes")
+    if "malformed" in text or "not a database" in text:
+        return JournalError(f"journal {path} is damaged ({text}); move it aside (with its -wal and -shm files) "
+                            "to start a new journal (the objects already in the bucket are not affected)")
     return JournalError(f"journal {path}: {text}")
 
 
@@ -260,14 +270,22 @@ class Journal:
                 # isolation_level=None: no implicit transactions; atomic() opens them.
                 conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                        check_same_thread=False)
+            except sqlite3.Error as error:
+                raise _translate(error, self.path) from None
+            try:
                 conn.row_factory = sqlite3.Row
+                # Refuse a newer journal before touching it: switching to WAL rewrites the header.
+                self._refuse_newer(int(conn.execute("PRAGMA user_version").fetchone()[0]))
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.execute("PRAGMA foreign_keys=ON")
-            except sqlite3.Error as error:
-                raise _translate(error, self.path) from None
+            except (sqlite3.Error, JournalError) as error:
+                conn.close()
+                if isinstance(error, sqlite3.Error):
+                    raise _translate(error, self.path) from None
+                raise
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -337,14 +355,23 @@ class Journal:
             except sqlite3.Error:
                 pass  # never hide the body's own error
 
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise JournalTooNew(f"journal {self.path} has schema version {version}, newer than this archup "
+                                f"understands ({SCHEMA_VERSION}); upgrade archup")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """A read outside any transaction; a damaged file is a named error, not a traceback."""
+        try:
+            return self._connection().execute(sql, args).fetchall()
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from error
+
     def _migrate(self) -> None:
         try:
             with self.atomic() as conn:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise JournalTooNew(
-                        f"journal {self.path} has schema version {version}, newer than this archup "
-                        f"understands ({SCHEMA_VERSION}); upgrade archup")
+                self._refuse_newer(version)
                 for target in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[target].split(";"):
                         if statement.strip():
@@ -370,8 +397,8 @@ class Journal:
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:
-        row = self._connection().execute(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        row = next(iter(self._query(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,))), None)
         if row is None:
             raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; 'archup list' shows the batches")
         return _batch_from_row(row)
@@ -382,7 +409,7 @@ class Journal:
         if state is not None:
             sql += " WHERE state = ?"
             args = (state.value,)
-        rows = self._connection().execute(sql + " ORDER BY batch_id", args).fetchall()
+        rows = self._query(sql + " ORDER BY batch_id", args)
         return [_batch_from_row(row) for row in rows]
 
     def _batch_state(self, conn: sqlite3.Connection, batch_id: str) -> BatchState:
@@ -436,22 +463,22 @@ class Journal:
                 raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
             before = conn.total_changes
             conn.executemany(
-                "INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING",
-                [(batch_id, f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, now)
+                "INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING",
+                [(batch_id, f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, f.identity, now)
                  for f in new_files])
             return conn.total_changes - before
 
     def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
         """The newest finalized batch of the same source and destination holding this file
         unchanged (same path, size and mtime), if any."""
-        row = self._connection().execute(
+        row = next(iter(self._query(
             "SELECT b.batch_id FROM files f JOIN batches b ON b.batch_id = f.batch_id "
             "WHERE f.rel_path = ? AND f.size = ? AND f.mtime_ns = ? AND f.state = ? AND b.state = ? "
             "AND b.batch_id != ? AND b.source_root = ? AND b.bucket = ? AND b.prefix = ? "
             "AND b.endpoint_url IS ? ORDER BY b.batch_id DESC LIMIT 1",
             (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value, batch.batch_id,
-             batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url)).fetchone()
+             batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url))), None)
         return None if row is None else str(row[0])
 
     @contextmanager
@@ -467,9 +494,9 @@ class Journal:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
-        row = self._connection().execute(
+        row = next(iter(self._query(
             f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND rel_path = ?",
-            (batch_id, rel_path)).fetchone()
+            (batch_id, rel_path))), None)
         if row is None:
             raise FileNotInBatch(batch_id, rel_path)
         return _file_from_row(row)
@@ -530,14 +557,14 @@ class Journal:
 
     def upload_ids(self, batch_id: str) -> set[str]:
         """The multipart upload ids the journal records for a batch (files still uploading)."""
-        rows = self._connection().execute(
+        rows = self._query(
             "SELECT upload_id FROM files WHERE batch_id = ? AND upload_id IS NOT NULL", (batch_id,))
         return {row[0] for row in rows}
 
     def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
-        rows = self._connection().execute(
+        rows = self._query(
             "SELECT part_number, size, etag, checksum FROM parts WHERE batch_id = ? AND rel_path = ? "
-            "ORDER BY part_number", (batch_id, rel_path)).fetchall()
+            "ORDER BY part_number", (batch_id, rel_path))
         return [PartRecord(**dict(row)) for row in rows]
 
     def complete_file(self, batch_id: str, rel_path: str, *, sha256: str, etag: str) -> None:
@@ -586,7 +613,8 @@ class Journal:
                          (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
 
-    def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int) -> FileRecord:
+    def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int,
+                     identity: str | None = None) -> FileRecord:
         """A pending or failed file changed on disk: the batch takes it as it is now."""
         with self.atomic() as conn:
             row = conn.execute("SELECT state, upload_id FROM files WHERE batch_id = ? AND rel_path = ?",
@@ -596,9 +624,9 @@ class Journal:
             if FileState(row[0]) not in (FileState.PENDING, FileState.FAILED) or row[1] is not None:
                 raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}; "
                                         "only a pending or failed file can be re-scanned")
-            conn.execute("UPDATE files SET size = ?, mtime_ns = ?, part_size = NULL, updated_at = ? "
+            conn.execute("UPDATE files SET size = ?, mtime_ns = ?, identity = ?, part_size = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
-                         (size, mtime_ns, isoformat(utcnow()), batch_id, rel_path))
+                         (size, mtime_ns, identity, isoformat(utcnow()), batch_id, rel_path))
         return self.get_file(batch_id, rel_path)
 
     def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
@@ -608,12 +636,11 @@ class Journal:
         if wanted == ():
             return
         filter_sql = f" AND state IN ({','.join('?' * len(wanted))})" if wanted else ""
-        conn = self._connection()
         last_key = ""
         while True:
-            rows = conn.execute(
+            rows = self._query(
                 f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND key > ?{filter_sql} "
-                "ORDER BY key LIMIT ?", (batch_id, last_key, *(wanted or ()), page_size)).fetchall()
+                "ORDER BY key LIMIT ?", (batch_id, last_key, *(wanted or ()), page_size))
             if not rows:
                 return
             for row in rows:
@@ -641,4 +668,4 @@ class Journal:
         return BatchSummary(_batch_from_row(row), counts, sizes, problems)
 
     def integrity_check(self) -> str:
-        return str(self._connection().execute("PRAGMA integrity_check").fetchone()[0])
+        return str(self._query("PRAGMA integrity_check")[0][0])

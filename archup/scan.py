@@ -25,6 +25,13 @@ class ScanItem:
     size: int
     mtime_ns: int
     skip_reason: str | None = None
+    identity: str | None = None
+
+
+def identity_of(info: os.stat_result) -> str:
+    """Device, inode and ctime: a file replaced, or rewritten with its mtime put back
+    (cp -p, rsync -t, touch -r), differs here though its size and mtime do not."""
+    return f"{info.st_dev}:{info.st_ino}:{info.st_ctime_ns}"
 
 
 def object_key(batch_prefix: str, rel_path: str) -> str:
@@ -58,7 +65,7 @@ def _item(rel_path: str, path: str, info: os.stat_result) -> ScanItem | None:
     if stat.S_ISDIR(mode):
         return None
     if stat.S_ISREG(mode):
-        return ScanItem(rel_path, path, info.st_size, info.st_mtime_ns)
+        return ScanItem(rel_path, path, info.st_size, info.st_mtime_ns, identity=identity_of(info))
     if stat.S_ISLNK(mode):
         return ScanItem(rel_path, path, 0, info.st_mtime_ns, "symlink (not followed)")
     return ScanItem(rel_path, path, 0, info.st_mtime_ns, "not a regular file (fifo, socket or device)")
@@ -82,7 +89,9 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
             for entry in entries:
                 rel_path = rel_dir + entry.name
                 if not _valid_utf8(rel_path):
-                    yield ScanItem(_printable(rel_path), entry.path, 0, 0, "file name is not valid UTF-8")
+                    # The trailing '/' keeps this name apart from a real file whose name is
+                    # literally the escaped form: no real file's relative path ends in '/'.
+                    yield ScanItem(_printable(rel_path) + "/", entry.path, 0, 0, "file name is not valid UTF-8")
                     continue
                 try:
                     info = entry.stat(follow_symlinks=False)
@@ -96,6 +105,15 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
                     yield item
 
 
+def _symlinked_parent(root: str, rel_path: str) -> str | None:
+    """The first directory on the way to rel_path that is a symlink (never followed), if any."""
+    parts = rel_path.split("/")[:-1]
+    for depth in range(1, len(parts) + 1):
+        if os.path.islink(os.path.join(root, *parts[:depth])):
+            return "/".join(parts[:depth])
+    return None
+
+
 def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
               select: Callable[[str], bool] | None = None) -> Iterator[ScanItem]:
     """The files a --files-from list names, in its order; a listed path that is missing is reported."""
@@ -104,6 +122,10 @@ def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
         if select is not None and not select(rel_path):
             continue
         path = os.path.join(root_path, rel_path)
+        parent = _symlinked_parent(root_path, rel_path)
+        if parent is not None:
+            yield ScanItem(rel_path, path, 0, 0, f"symlink (not followed): {parent}")
+            continue
         try:
             info = os.lstat(path)
         except OSError as error:

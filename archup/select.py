@@ -77,9 +77,10 @@ def read_files_from(path: Path) -> list[str]:
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        while entry.startswith("./"):
-            entry = entry[2:]
         if entry.startswith("/") or ".." in entry.split("/"):
             raise UsageError(f"--files-from {path}: {entry!r} must be relative to the source, without '..'")
-        paths.append(entry)
+        # One file, one key: 'a/./b', 'a//b' and './a/b' all name 'a/b'.
+        canonical = "/".join(part for part in entry.split("/") if part not in ("", "."))
+        if canonical:
+            paths.append(canonical)
     return paths

@@ -16,6 +16,7 @@ Backpressure: a semaphore bounds the queued tasks and a byte budget of
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mimetypes
@@ -26,12 +27,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import IO, Protocol
 
 from .crashpoints import crash_point
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
-from .scan import ScanItem, object_key, scan, scan_list
+from .scan import ScanItem, identity_of, object_key, scan, scan_list
 from .states import BatchState, FileState
 from .store import S3Store, UploadedPart, b64
 
@@ -282,7 +283,7 @@ class Uploader:
         key = object_key(prefix, item.rel_path)
         if item.skip_reason:
             return NewFile(item.rel_path, key, item.size, item.mtime_ns, FileState.SKIPPED, item.skip_reason)
-        return NewFile(item.rel_path, key, item.size, item.mtime_ns)
+        return NewFile(item.rel_path, key, item.size, item.mtime_ns, identity=item.identity)
 
     def _dispatch(self, pool: ThreadPoolExecutor) -> None:
         todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
@@ -368,9 +369,10 @@ class Uploader:
             info = os.lstat(path)
         except OSError:
             return record  # the read reports it (vanished, unreadable)
-        if not stat.S_ISREG(info.st_mode) or (info.st_size, info.st_mtime_ns) == (record.size, record.mtime_ns):
+        if not stat.S_ISREG(info.st_mode) or _same_file(info, record):
             return record
-        return self.journal.refresh_file(self.batch_id, record.rel_path, info.st_size, info.st_mtime_ns)
+        return self.journal.refresh_file(self.batch_id, record.rel_path, info.st_size, info.st_mtime_ns,
+                                         identity_of(info))
 
     def _send_single(self, record: FileRecord, path: str) -> None:
         if self.stop.is_set():
@@ -470,7 +472,7 @@ class Uploader:
         """Runs in the dispatching thread: reads the file part by part, hashing, and hands
         each part that the server does not already hold to the pool."""
         try:
-            handle = open(path, "rb")
+            handle = _open_regular(path)
             _check_unchanged(os.fstat(handle.fileno()), record)
         except (OSError, FileChanged) as error:
             if record.state is not FileState.UPLOADING:
@@ -602,7 +604,7 @@ def _part_matches(body: bytes, part: PartRecord) -> bool:
 
 def _hash_file(path: str, record: FileRecord, chunk: int = 8 * MiB) -> str:
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         _check_unchanged(os.fstat(handle.fileno()), record)
         for block in iter(lambda: handle.read(chunk), b""):
             hasher.update(block)
@@ -617,14 +619,37 @@ def _releaser(budget: ByteBudget, reserved: int, slots: threading.BoundedSemapho
     return release
 
 
+def _same_file(info: os.stat_result, record: FileRecord) -> bool:
+    return (info.st_size == record.size and info.st_mtime_ns == record.mtime_ns
+            and (record.identity is None or identity_of(info) == record.identity))
+
+
 def _check_unchanged(info: os.stat_result, record: FileRecord) -> None:
-    if info.st_size != record.size or info.st_mtime_ns != record.mtime_ns:
+    if not _same_file(info, record):
         raise FileChanged(f"changed since the scan (size {record.size} -> {info.st_size}, "
-                          f"mtime changed: {info.st_mtime_ns != record.mtime_ns})")
+                          f"mtime changed: {info.st_mtime_ns != record.mtime_ns}, "
+                          f"inode or ctime changed: {identity_of(info) != record.identity})")
+
+
+def _open_regular(path: str) -> IO[bytes]:
+    """Open for reading without following a symlink or blocking on a FIFO that replaced the
+    file since the scan; anything but a regular file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "replaced by a directory", path)
+        if not stat.S_ISREG(mode):
+            raise FileChanged("no longer a regular file (replaced by a fifo, socket or device)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_whole(path: str, record: FileRecord) -> bytes:
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         _check_unchanged(os.fstat(handle.fileno()), record)
         body = handle.read(record.size + 1)
         if len(body) != record.size:
@@ -640,6 +665,8 @@ def _describe_read_error(error: BaseException) -> str:
         return "vanished: replaced by a directory"
     if isinstance(error, PermissionError):
         return "unreadable: permission denied"
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return "replaced by a symlink (not followed)"
     if isinstance(error, OSError):
         return f"unreadable: {error.strerror or error}"
     return str(error)
