@@ -59,12 +59,17 @@ def part_size_for(size: int, configured: int) -> int:
 class UploadObserver(Protocol):
     """Progress leaves the core through these callbacks (called from worker threads)."""
 
+    def on_file_started(self, rel_path: str, size: int) -> None: ...
+
     def on_file_done(self, rel_path: str, state: FileState, size: int, error: str | None) -> None: ...
 
     def on_bytes(self, count: int) -> None: ...
 
 
 class NullObserver:
+    def on_file_started(self, rel_path: str, size: int) -> None:
+        pass
+
     def on_file_done(self, rel_path: str, state: FileState, size: int, error: str | None) -> None:
         pass
 
@@ -377,6 +382,7 @@ class Uploader:
     def _send_single(self, record: FileRecord, path: str) -> None:
         if self.stop.is_set():
             return  # queued before the stop: the file stays pending for the resumer
+        self.observer.on_file_started(record.rel_path, record.size)
         for attempt in range(1, CHANGED_ATTEMPTS + 1):
             try:
                 body = _read_whole(path, record)
@@ -488,6 +494,7 @@ class Uploader:
             if opened is None:
                 return
             upload, reusable = opened
+            self.observer.on_file_started(record.rel_path, record.size)
             hasher = hashlib.sha256()
             part_number = total = 0
             error_text: str | None = None
