@@ -29,7 +29,7 @@ class BatchLock:
 
     def acquire(self) -> BatchLock:
         try:
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
             raise JournalError(f"cannot create lock file {self.path}: {error.strerror or error}") from None
