@@ -528,27 +528,26 @@ class Journal:
                          "WHERE batch_id = ? AND rel_path = ?",
                          (FileState.UPLOADING.value, isoformat(utcnow()), batch_id, rel_path))
 
+    @staticmethod
+    def _require_uploading(conn: sqlite3.Connection, batch_id: str, rel_path: str) -> None:
+        row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
+                           (batch_id, rel_path)).fetchone()
+        if row is None:
+            raise FileNotInBatch(batch_id, rel_path)
+        if FileState(row[0]) is not FileState.UPLOADING:
+            raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+
     def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int) -> None:
         """Record a multipart upload the moment it exists, so a crash leaves something to finish or abort."""
         with self.atomic() as conn:
-            row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
-                               (batch_id, rel_path)).fetchone()
-            if row is None:
-                raise FileNotInBatch(batch_id, rel_path)
-            if FileState(row[0]) is not FileState.UPLOADING:
-                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+            self._require_uploading(conn, batch_id, rel_path)
             conn.execute("UPDATE files SET upload_id = ?, part_size = ?, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (upload_id, part_size, isoformat(utcnow()), batch_id, rel_path))
 
     def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
         with self.atomic() as conn:
-            row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
-                               (batch_id, rel_path)).fetchone()
-            if row is None:
-                raise FileNotInBatch(batch_id, rel_path)
-            if FileState(row[0]) is not FileState.UPLOADING:
-                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+            self._require_uploading(conn, batch_id, rel_path)
             conn.execute(
                 "INSERT INTO parts (batch_id, rel_path, part_number, size, etag, checksum) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT (batch_id, rel_path, part_number) DO UPDATE SET "

@@ -15,7 +15,6 @@ file is read), never by racing a sleep.
 from __future__ import annotations
 
 import builtins
-import ctypes
 import errno
 import hashlib
 import io
@@ -29,10 +28,14 @@ import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self
 
 import botocore.awsrequest
 import pytest
+from privileges import can_drop_read_override, drop_read_override
 from ulid import ULID
 
 import archup.uploader
@@ -167,26 +170,6 @@ def after_scan(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> N
     monkeypatch.setattr(Uploader, "scan", scan_then_act)
 
 
-def drop_file_read_override() -> None:
-    """preexec_fn: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
-    the exec'd archup obeys permission bits (root's new permitted set is the bounding set)."""
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def can_drop_read_override() -> bool:
-    if os.geteuid() != 0:
-        return True
-    import subprocess
-    probe = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=drop_file_read_override,
-                           capture_output=True, check=False)
-    return probe.returncode == 0
-
-
 # -- unreadable ------------------------------------------------------------------------------------
 
 
@@ -208,7 +191,7 @@ def test_unreadable_file_and_directory_with_real_permission_bits(cli, s3, bucket
     try:
         full = [sys.executable, "-m", "archup", "upload", *cli.common("upload"), str(source)]
         proc = subprocess.run(full, capture_output=True, text=True, timeout=120, check=False,
-                              preexec_fn=drop_file_read_override)
+                              preexec_fn=drop_read_override)
     finally:
         locked.chmod(0o644)
         locked_dir.chmod(0o755)

@@ -16,7 +16,6 @@ archup without CAP_DAC_OVERRIDE (dropped from its capability bounding set).
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import boto3
 import pytest
+from privileges import can_drop_read_override, drop_read_override
 from typer.testing import CliRunner
 from ulid import ULID
 
@@ -90,22 +90,6 @@ def file_digests(directory: Path) -> dict[str, str]:
 def raw(path: Path) -> sqlite3.Connection:
     """A second connection that is not archup's: durability is checked through it."""
     return sqlite3.connect(path, isolation_level=None)
-
-
-def drop_read_override() -> None:
-    """preexec_fn: as root, drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
-    the exec'd archup obeys permission bits (root's new permitted set is the bounding set)."""
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def can_drop_read_override() -> bool:
-    return os.geteuid() != 0 or subprocess.run([sys.executable, "-c", "pass"], preexec_fn=drop_read_override,
-                                               capture_output=True, check=False).returncode == 0
 
 
 def can_unshare_mounts() -> bool:
@@ -597,9 +581,12 @@ def test_credentials_never_in_output_log_journal_wal_manifest_or_command_line(
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 60
             while not _process_has_open(proc.pid, cli.journal):  # a bounded poll, short interval
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "archup never opened the journal"
-                time.sleep(0.01)
+                try:
+                    proc.wait(timeout=0.01)
+                except subprocess.TimeoutExpired:
+                    assert time.monotonic() < deadline, "archup never opened the journal"
+                else:
+                    pytest.fail(f"archup ended before it opened the journal: {proc.communicate()}")
             command_line = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr[-3000:]
