@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testdata import pattern_bytes
 
 from archup.crashpoints import POINTS
 
@@ -37,17 +38,6 @@ UPLOAD_ARGS = ("--part-size", "5MiB", "--parallel", "3", "--json")
 
 
 # -- source trees -------------------------------------------------------------
-
-
-def pattern_bytes(size: int, seed: int) -> bytes:
-    """Deterministic bytes that differ from MiB to MiB (a swapped or repeated part changes the content)."""
-    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += counter.to_bytes(8, "big") + block[: MiB - 8]
-        counter += 1
-    return bytes(out[:size])
 
 
 def write_tree(root: Path, files: dict[str, bytes]) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testdata import pattern_bytes
 from ulid import ULID
 
 from archup.journal import Journal, NewFile
@@ -47,17 +48,6 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         path = root / rel_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-
-
-def pattern_bytes(size: int, seed: int) -> bytes:
-    """Deterministic bytes that differ between parts (a swapped or repeated part changes the content)."""
-    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += counter.to_bytes(8, "big") + block[: MiB - 8]
-        counter += 1
-    return bytes(out[:size])
 
 
 def list_keys(s3: Any, bucket: str, prefix: str = "") -> list[str]:
