@@ -21,7 +21,7 @@ from .errors import BatchClosed, BatchIncomplete, ManifestConflict
 from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
-from .store import ObjectInfo, S3Store
+from .store import SHA256_METADATA, ObjectInfo, S3Store
 
 SHOW_AT_MOST = 20
 
@@ -138,7 +138,7 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
             # The summary does not exist yet, so overwriting the entries object is safe:
             # nothing seals it until the summary below is written.
             store.put_object(manifest.entries_key(batch), entries.handle.read(),
-                             metadata={"archup-sha256": entries.sha256})
+                             metadata={SHA256_METADATA: entries.sha256})
             crash_point("after-manifest-entries")
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(

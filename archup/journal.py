@@ -537,13 +537,17 @@ class Journal:
         if FileState(row[0]) is not FileState.UPLOADING:
             raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
 
-    def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int) -> None:
-        """Record a multipart upload the moment it exists, so a crash leaves something to finish or abort."""
+    def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int,
+                         sha256: str | None = None) -> None:
+        """Record a multipart upload the moment it exists, so a crash leaves something to finish or abort.
+
+        ``sha256`` is the whole-file digest the upload was created with (its object metadata):
+        while the file is uploading it is what the upload pass must read again, not yet proof."""
         with self.atomic() as conn:
             self._require_uploading(conn, batch_id, rel_path)
-            conn.execute("UPDATE files SET upload_id = ?, part_size = ?, updated_at = ? "
+            conn.execute("UPDATE files SET upload_id = ?, part_size = ?, sha256 = ?, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
-                         (upload_id, part_size, isoformat(utcnow()), batch_id, rel_path))
+                         (upload_id, part_size, sha256, isoformat(utcnow()), batch_id, rel_path))
 
     def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
         with self.atomic() as conn:
@@ -598,7 +602,7 @@ class Journal:
     def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
         with self.atomic() as conn:
             self._move_file(conn, batch_id, rel_path, FileState.FAILED)
-            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, updated_at = ? "
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, sha256 = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))

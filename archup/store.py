@@ -14,9 +14,11 @@ import hashlib
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import IO, Any
 
 import botocore.exceptions
@@ -40,6 +42,10 @@ _HINTS = {
     "SignatureDoesNotMatch": "check the secret key of the credentials",
     "AccessDenied": "the credentials may not write to this bucket and prefix",
 }
+
+
+# The whole file's SHA-256 (hex) in every file object's user metadata (x-amz-meta-archup-sha256).
+SHA256_METADATA = "archup-sha256"
 
 
 class ChecksumMode(str, Enum):
@@ -71,6 +77,9 @@ class StoreConfig:
     user_metadata: tuple[tuple[str, str], ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
     bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
+    # Multipart uploads keep a full-object CRC32 (S3's ChecksumType FULL_OBJECT) instead of a
+    # checksum of part checksums; off for endpoints that do not know the header.
+    full_object_checksum: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,11 +94,76 @@ class ObjectInfo:
 class UploadedPart:
     part_number: int
     etag: str
-    checksum: str | None
+    checksum: str | None  # the part's x-amz-checksum-* value (base64), if one was sent
+
+
+@dataclass(frozen=True)
+class MultipartChecksum:
+    """How one multipart upload proves its bytes: the algorithm of its per-part checksums
+    (None: Content-MD5 or nothing) and whether the server keeps a full-object checksum
+    (CRC32 of the whole object, checked at completion) instead of a checksum of checksums."""
+
+    algorithm: str | None
+    full_object: bool = False
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """What ListParts says of an upload in progress: its parts and how it checksums them."""
+
+    parts: dict[int, tuple[int, str]] = field(default_factory=dict)  # number -> (size, etag)
+    checksum: MultipartChecksum = MultipartChecksum(None)
 
 
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
+
+
+def crc32_b64(crc: int) -> str:
+    """A CRC32 as S3 writes it: the four bytes, big-endian, in base64."""
+    return b64(crc.to_bytes(4, "big"))
+
+
+# -- CRC32 of a concatenation from the CRC32s of its pieces (zlib's crc32_combine) ----------
+# Appending n bytes to a message acts on its CRC as a linear map over GF(2); the map for n
+# zero bytes is a 32x32 bit matrix, built once per length by repeated squaring.
+
+def _gf2_times(matrix: tuple[int, ...], vector: int) -> int:
+    total, index = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[index]
+        vector >>= 1
+        index += 1
+    return total
+
+
+def _gf2_product(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_gf2_times(outer, column) for column in inner)
+
+
+@lru_cache(maxsize=16)
+def _crc32_shift(length: int) -> tuple[int, ...]:
+    """The matrix that moves a CRC32 past ``length`` zero bytes."""
+    one_bit = (0xEDB88320,) + tuple(1 << n for n in range(31))  # one zero bit
+    power = _gf2_product(one_bit, one_bit)                       # two
+    power = _gf2_product(power, power)                           # four
+    power = _gf2_product(power, power)                           # eight bits: one byte
+    result = tuple(1 << n for n in range(32))                    # identity
+    while length:
+        if length & 1:
+            result = _gf2_product(power, result)
+        length >>= 1
+        if length:
+            power = _gf2_product(power, power)
+    return result
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """zlib.crc32(a + b) from zlib.crc32(a), zlib.crc32(b) and len(b)."""
+    if length2 <= 0:
+        return crc1
+    return _gf2_times(_crc32_shift(length2), crc1) ^ crc2
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -291,12 +365,23 @@ class S3Store:
 
     # -- multipart ----------------------------------------------------------
 
-    def create_multipart(self, key: str, *, metadata: dict[str, str] | None = None,
+    def multipart_checksum(self) -> MultipartChecksum:
+        """How a new multipart upload checksums its parts, by --checksum and --full-object-checksum."""
+        mode = self.config.checksum
+        if mode in (ChecksumMode.SHA256, ChecksumMode.CRC32) and self.config.full_object_checksum:
+            return MultipartChecksum("CRC32", full_object=True)
+        if mode is ChecksumMode.SHA256:
+            return MultipartChecksum("SHA256")
+        return MultipartChecksum(None)  # crc32 without full-object: botocore's own; md5; none
+
+    def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
                          content_type: str | None = None) -> str:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
                                 **self._object_args(archive=True, metadata=metadata)}
-        if self.config.checksum is ChecksumMode.SHA256:
-            args["ChecksumAlgorithm"] = "SHA256"
+        if checksum.algorithm:
+            args["ChecksumAlgorithm"] = checksum.algorithm
+        if checksum.full_object:
+            args["ChecksumType"] = "FULL_OBJECT"
         if content_type:
             args["ContentType"] = content_type
         try:
@@ -304,36 +389,60 @@ class S3Store:
         except Exception as error:
             raise translate(error, f"CreateMultipartUpload {key}") from None
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> UploadedPart:
-        checksum_args = self._body_checksum_args(body)
+    def _part_checksum_args(self, body: bytes, checksum: MultipartChecksum, crc32: int | None) -> dict[str, str]:
+        if checksum.algorithm == "CRC32":
+            return {"ChecksumCRC32": crc32_b64(crc32 if crc32 is not None else zlib.crc32(body))}
+        if checksum.algorithm == "SHA256":
+            return {"ChecksumSHA256": b64(hashlib.sha256(body).digest())}
+        if self.config.checksum is ChecksumMode.MD5:
+            return {"ContentMD5": b64(hashlib.md5(body).digest())}
+        return {}
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
+                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+        """Send one part; ``crc32`` is the part's CRC32 if the caller already computed it."""
+        checksum_args = self._part_checksum_args(body, checksum, crc32)
         self._throttle(len(body))
         try:
             answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                              PartNumber=part_number, Body=body, **checksum_args)
         except Exception as error:
             raise translate(error, f"UploadPart {key} part {part_number}") from None
-        return UploadedPart(part_number, str(answer["ETag"]), checksum_args.get("ChecksumSHA256"))
+        value = checksum_args.get("ChecksumCRC32") or checksum_args.get("ChecksumSHA256")
+        return UploadedPart(part_number, str(answer["ETag"]), value)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
+                           *, full_crc32: int | None = None, size: int | None = None) -> str:
+        """Complete from the listed parts. A full-object upload also sends the CRC32 of the
+        whole file as read, which the server checks against the parts it holds."""
         listed: list[dict[str, Any]] = []
         for part in parts:
             entry: dict[str, Any] = {"PartNumber": part.part_number, "ETag": part.etag}
-            if part.checksum and self.config.checksum is ChecksumMode.SHA256:
-                entry["ChecksumSHA256"] = part.checksum
+            if part.checksum and checksum.algorithm:
+                entry[f"Checksum{checksum.algorithm}"] = part.checksum
             listed.append(entry)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+                                "MultipartUpload": {"Parts": listed}}
+        if checksum.full_object and full_crc32 is not None:
+            args.update(ChecksumType="FULL_OBJECT", ChecksumCRC32=crc32_b64(full_crc32))
+            if size is not None:
+                args["MpuObjectSize"] = size
         try:
-            answer = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
+            answer = self.client.complete_multipart_upload(**args)
         except Exception as error:
             raise translate(error, f"CompleteMultipartUpload {key}") from None
         return str(answer["ETag"])
 
-    def list_parts(self, key: str, upload_id: str) -> dict[int, tuple[int, str]] | None:
-        """part number -> (size, etag) of what the server holds; None if it no longer knows the upload."""
+    def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
+        """The parts the server holds of an upload and its checksum kind; None if it no longer knows it."""
         parts: dict[int, tuple[int, str]] = {}
+        algorithm: str | None = None
+        checksum_type = ""
         try:
             paginator = self.client.get_paginator("list_parts")
             for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                algorithm = page.get("ChecksumAlgorithm") or algorithm
+                checksum_type = page.get("ChecksumType") or checksum_type
                 for item in page.get("Parts", []):
                     parts[int(item["PartNumber"])] = (int(item["Size"]), str(item["ETag"]))
         except botocore.exceptions.ClientError as error:
@@ -342,7 +451,7 @@ class S3Store:
             raise translate(error, f"ListParts {key}") from None
         except Exception as error:
             raise translate(error, f"ListParts {key}") from None
-        return parts
+        return OpenUpload(parts, MultipartChecksum(algorithm, full_object=checksum_type == "FULL_OBJECT"))
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:

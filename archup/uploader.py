@@ -24,6 +24,7 @@ import os
 import queue
 import stat
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
 from .scan import ScanItem, identity_of, object_key, scan, scan_list
 from .states import BatchState, FileState
-from .store import S3Store, UploadedPart, b64
+from .store import SHA256_METADATA, MultipartChecksum, S3Store, UploadedPart, b64, crc32_b64, crc32_combine
 
 log = logging.getLogger("archup.upload")
 
@@ -85,6 +86,7 @@ class UploadOptions:
     select: Callable[[str], bool] | None = None   # --include / --exclude
     files_from: tuple[str, ...] | None = None     # --files-from: only these paths
     skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
+    prehash: bool = True                          # hash a multipart file first, for its object metadata
 
 
 @dataclass
@@ -191,14 +193,19 @@ class FileChanged(Exception):
 class _MultipartFile:
     """Book-keeping for one multipart file whose parts are spread over the pool."""
 
-    def __init__(self, record: FileRecord, upload_id: str, part_size: int) -> None:
+    def __init__(self, record: FileRecord, upload_id: str, part_size: int, checksum: MultipartChecksum,
+                 expected_sha256: str | None) -> None:
         self.record = record
         self.upload_id = upload_id
         self.part_size = part_size
+        self.checksum = checksum
+        # The SHA-256 the upload was created with (its metadata), from a read before this one.
+        self.expected_sha256 = expected_sha256
         self.lock = threading.Lock()
         self.outstanding = 0
         self.read_done = False
         self.sha256: str | None = None
+        self.crc32 = 0  # of the whole file as read, for a full-object checksum
         self.error: str | None = None
         self.finished = False
 
@@ -404,7 +411,7 @@ class Uploader:
         crash_point("before-put-object")
         try:
             etag = self.store.put_object(record.key, body, sha256_digest=digest,
-                                         metadata=self._metadata({"archup-sha256": sha256}),
+                                         metadata=self._metadata({SHA256_METADATA: sha256}),
                                          content_type=_content_type(record.rel_path), archive=True)
         except TransferError as error:
             self._failed(record, str(error))
@@ -429,7 +436,7 @@ class Uploader:
                 aborted += 1
         return aborted
 
-    def _open_upload(self, record: FileRecord) -> tuple[_MultipartFile, dict[int, PartRecord]] | None:
+    def _open_upload(self, record: FileRecord, handle: IO[bytes]) -> tuple[_MultipartFile, dict[int, PartRecord]] | None:
         """The multipart upload to send this file into: the recorded one if the server still
         has it (with the parts that can be reused), else a new one. None: the file is settled."""
         if record.state is FileState.UPLOADING and record.upload_id and record.part_size:
@@ -440,24 +447,33 @@ class Uploader:
                 self.journal.reset_file(self.batch_id, record.rel_path,
                                         "the server no longer knows the upload; sending the file again")
             else:
-                reusable = {part.part_number: part
-                            for part in self.journal.list_parts(self.batch_id, record.rel_path)
-                            if on_server.get(part.part_number) == (part.size, part.etag)}
-                return _MultipartFile(record, record.upload_id, record.part_size), reusable
+                recorded = self.journal.list_parts(self.batch_id, record.rel_path)
+                reusable = {part.part_number: part for part in recorded
+                            if on_server.parts.get(part.part_number) == (part.size, part.etag)}
+                # The upload keeps the checksum kind it was created with, whatever this run's options.
+                checksum = _resumed_checksum(on_server.checksum, recorded, self.store.multipart_checksum())
+                return _MultipartFile(record, record.upload_id, record.part_size, checksum, record.sha256), reusable
         elif record.state is FileState.UPLOADING:
             # Started but no upload id recorded: any upload the crash left is an
             # orphan under the batch prefix, which sweep_orphan_uploads aborts.
             self.journal.reset_file(self.batch_id, record.rel_path, "restarted after an interrupted run")
         part_size = part_size_for(record.size, record.part_size or self.options.part_size)
         self.journal.start_file(self.batch_id, record.rel_path)
-        upload_id = self.store.create_multipart(
-            record.key, metadata=self._metadata({"archup-part-size": str(part_size)}),
-            content_type=_content_type(record.rel_path))
+        metadata = {"archup-part-size": str(part_size)}
+        expected: str | None = None
+        if self.options.prehash:
+            # Object metadata is fixed at creation, before the upload pass has read the file:
+            # hash it first (as rclone does), and the upload pass must read the same digest.
+            expected = _hash_handle(handle, record)
+            metadata[SHA256_METADATA] = expected
+        checksum = self.store.multipart_checksum()
+        upload_id = self.store.create_multipart(record.key, checksum, metadata=self._metadata(metadata),
+                                                content_type=_content_type(record.rel_path))
         crash_point("after-create-multipart")
         # Record the undo as soon as the resource exists.
-        self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size)
+        self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size, expected)
         crash_point("after-record-upload-id")
-        return _MultipartFile(record, upload_id, part_size), {}
+        return _MultipartFile(record, upload_id, part_size, checksum, expected), {}
 
     def _settle_lost_completion(self, record: FileRecord) -> bool:
         """The upload is gone: if CompleteMultipartUpload did succeed (its answer was lost),
@@ -487,16 +503,20 @@ class Uploader:
             return
         with handle:
             try:
-                opened = self._open_upload(record)
+                opened = self._open_upload(record, handle)
             except TransferError as error:
                 self._failed(record, str(error))
+                return
+            except (OSError, FileChanged) as error:  # the hash before the upload
+                self._failed(record, _describe_read_error(error))
                 return
             if opened is None:
                 return
             upload, reusable = opened
             self.observer.on_file_started(record.rel_path, record.size)
             hasher = hashlib.sha256()
-            part_number = total = 0
+            full_object = upload.checksum.full_object
+            part_number = total = crc32 = 0
             error_text: str | None = None
             try:
                 while total < record.size:
@@ -509,16 +529,19 @@ class Uploader:
                         self._budget.release(reserved)
                         raise FileChanged(f"short read: got {total + len(body)} of {record.size} bytes")
                     hasher.update(body)
+                    part_crc = zlib.crc32(body) if full_object else None
+                    if part_crc is not None:
+                        crc32 = crc32_combine(crc32, part_crc, want)
                     total += want
                     part_number += 1
                     recorded = reusable.get(part_number)
-                    if recorded is not None and _part_matches(body, recorded):
+                    if recorded is not None and _part_matches(body, recorded, part_crc):
                         self._budget.release(reserved)  # the server already holds these bytes
                         continue
                     with upload.lock:
                         upload.outstanding += 1
                     self._slots.acquire()
-                    future = pool.submit(self._guarded, self._send_part, upload, part_number, body)
+                    future = pool.submit(self._guarded, self._send_part, upload, part_number, body, part_crc)
                     future.add_done_callback(_releaser(self._budget, reserved, self._slots))
                 else:
                     if handle.read(1):
@@ -531,17 +554,22 @@ class Uploader:
                     upload.error = error_text
                 elif total == record.size and not upload.error:
                     upload.sha256 = hasher.hexdigest()
+                    upload.crc32 = crc32
                     upload.read_done = True
+                    if upload.expected_sha256 and upload.sha256 != upload.expected_sha256:
+                        upload.error = ("changed during upload: its SHA-256 differs from the one read "
+                                        "before the upload (and put in the object's metadata)")
                 elif not upload.error:
                     upload.error = INTERRUPTED
                 finish = upload.ready_to_finish()
             if finish:
                 self._finish_multipart(upload)
 
-    def _send_part(self, upload: _MultipartFile, part_number: int, body: bytes) -> None:
+    def _send_part(self, upload: _MultipartFile, part_number: int, body: bytes, crc32: int | None) -> None:
         try:
             if upload.error is None and not self.stop.is_set():
-                part = self.store.upload_part(upload.record.key, upload.upload_id, part_number, body)
+                part = self.store.upload_part(upload.record.key, upload.upload_id, part_number, body,
+                                              upload.checksum, crc32=crc32)
                 crash_point("after-upload-part")
                 self.journal.record_part(self.batch_id, upload.record.rel_path,
                                          PartRecord(part_number, len(body), part.etag, part.checksum))
@@ -580,7 +608,8 @@ class Uploader:
         parts = self.journal.list_parts(self.batch_id, record.rel_path)
         try:
             etag = self.store.complete_multipart(
-                record.key, upload.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts])
+                record.key, upload.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts],
+                upload.checksum, full_crc32=upload.crc32, size=record.size)
         except TransferError as error:
             if error.code == "NoSuchUpload" and self._settle_lost_completion(record):
                 return  # a retried Complete whose first answer was lost
@@ -600,22 +629,53 @@ def multipart_etag(parts: list[PartRecord]) -> str:
     return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
 
 
-def _part_matches(body: bytes, part: PartRecord) -> bool:
-    """Reuse a stored part only if the bytes just read are the bytes it holds."""
+def _part_matches(body: bytes, part: PartRecord, crc32: int | None = None) -> bool:
+    """Reuse a stored part only if the bytes just read are the bytes it holds (by the checksum
+    it was sent with; a full-object upload's completion checks every part's CRC32 once more)."""
     if len(body) != part.size:
         return False
+    if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
+        return crc32_b64(zlib.crc32(body) if crc32 is None else crc32) == part.checksum
     if part.checksum:
         return b64(hashlib.sha256(body).digest()) == part.checksum
     return hashlib.md5(body).hexdigest() == part.etag.strip('"')
 
 
-def _hash_file(path: str, record: FileRecord, chunk: int = 8 * MiB) -> str:
-    hasher = hashlib.sha256()
+CRC32_B64_LENGTH = 8    # four bytes in base64
+SHA256_B64_LENGTH = 44  # thirty-two
+
+
+def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
+                      configured: MultipartChecksum) -> MultipartChecksum:
+    """The checksum kind of an upload created by an earlier run: as ListParts reports it, else
+    as the parts the journal recorded show it, else (nothing sent yet) as configured now."""
+    if reported.algorithm:
+        return reported
+    for part in recorded:
+        if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
+            return MultipartChecksum("CRC32", full_object=True)
+        if part.checksum and len(part.checksum) == SHA256_B64_LENGTH:
+            return MultipartChecksum("SHA256")
+        if part.checksum is None:
+            return MultipartChecksum(None)
+    return configured
+
+
+def _hash_file(path: str, record: FileRecord) -> str:
     with _open_regular(path) as handle:
-        _check_unchanged(os.fstat(handle.fileno()), record)
-        for block in iter(lambda: handle.read(chunk), b""):
-            hasher.update(block)
-        _check_unchanged(os.fstat(handle.fileno()), record)
+        return _hash_handle(handle, record)
+
+
+def _hash_handle(handle: IO[bytes], record: FileRecord, chunk: int = 8 * MiB) -> str:
+    """SHA-256 of an open file from its start, checked unchanged around the read; leaves the
+    file positioned at its start again."""
+    hasher = hashlib.sha256()
+    handle.seek(0)
+    _check_unchanged(os.fstat(handle.fileno()), record)
+    for block in iter(lambda: handle.read(chunk), b""):
+        hasher.update(block)
+    _check_unchanged(os.fstat(handle.fileno()), record)
+    handle.seek(0)
     return hasher.hexdigest()
 
 

@@ -9,8 +9,8 @@ order is the same order), so one merge-join finds missing and unexpected
 objects with bounded memory.
 
 Per object present: its size and ETag from the listing; then, without
-``deep``, the ``archup-sha256`` metadata of a single-PUT object (HEAD; a
-multipart object has none, so its ETag is its check); with ``deep``, the
+``deep``, its ``archup-sha256`` metadata (HEAD; a multipart object uploaded
+with ``--no-prehash`` has none, so its size and ETag are its check); with ``deep``, the
 object's bytes re-hashed with SHA-256 as they stream. The per-object requests
 run on a small thread pool behind a bounded window, and their results are
 taken back in key order, so the differences come out in key order.
@@ -35,11 +35,10 @@ from .errors import DestinationError, TransferError, UnsupportedManifest, Verifi
 from .journal import BatchRecord, Journal
 from .scan import FILES_DIR
 from .states import BatchState, FileState
-from .store import ObjectInfo, S3Store, translate
+from .store import SHA256_METADATA, ObjectInfo, S3Store, translate
 
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
-SHA256_METADATA = "archup-sha256"
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
@@ -359,9 +358,6 @@ class _Verification:
         expected_etag, actual_etag = _bare_etag(item.etag), _bare_etag(listed.etag)
         if expected_etag is not None and actual_etag and expected_etag != actual_etag:
             found.append(Difference(item.key, item.path, Problem.ETAG_MISMATCH, expected_etag, actual_etag))
-        if not self.deep and item.multipart:
-            return found  # no archup-sha256 metadata to read: size and ETag are the check
-
         def check() -> list[Difference]:
             return found + (self._hash_object(item) if self.deep else self._check_metadata(item))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import archup
 from archup import verify as verify_core
 from archup.cli.verify import verify
 from archup.errors import TransferError
-from archup.store import S3Store, StoreConfig
+from archup.store import S3Store, StoreConfig, crc32_b64
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = Path(archup.__file__).parent / "manifest.schema.json"
@@ -167,21 +168,27 @@ def test_extra_objects_under_files_are_unexpected(cli, s3, bucket, batch) -> Non
     assert document["checked"] == len(FILES)
 
 
-def test_multipart_file_verifies_and_a_rewrite_is_caught(cli, s3, bucket, tmp_path) -> None:
+@pytest.mark.parametrize("prehash", [True, False], ids=["prehash", "no-prehash"])
+def test_multipart_file_verifies_and_a_rewrite_is_caught(cli, s3, bucket, tmp_path, prehash: bool) -> None:
     big = hashlib.sha256(b"seed").digest() * (11 * MiB // 32) + b"tail"
     source = make_source(tmp_path / "src", {"big.bin": big, "small.txt": b"small"})
-    summary = upload(cli, source, "--part-size", "5MiB")
+    summary = upload(cli, source, "--part-size", "5MiB", *(() if prehash else ("--no-prehash",)))
     key = summary["prefix"] + "files/big.bin"
-    head = s3.head_object(Bucket=bucket, Key=key)
+    head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert head["ETag"].strip('"').endswith("-3")  # really multipart: 5 + 5 + 1 MiB
-    assert "archup-sha256" not in head["Metadata"]
+    # The server keeps a CRC32 of the whole object (checked against the parts at completion).
+    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", crc32_b64(zlib.crc32(big)))
+    if prehash:  # hashed before the upload: the whole file's SHA-256 is in the metadata
+        assert head["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
+    else:
+        assert "archup-sha256" not in head["Metadata"]
 
     code, document = verify_json(cli, summary["batch_id"])
     assert (code, document["ok"], document["checked"]) == (0, True, 2)
     code, document = verify_json(cli, summary["batch_id"], "--deep")
     assert (code, document["ok"]) == (0, True), document
 
-    # No checksum metadata to compare: a same-size rewrite shows in the ETag, and --deep rehashes it.
+    # A same-size rewrite (its metadata copied) shows in the ETag, and --deep rehashes it.
     forged = big[:-4] + b"TAIL"
     s3.put_object(Bucket=bucket, Key=key, Body=forged, Metadata=head["Metadata"])
     code, document = verify_json(cli, summary["batch_id"])

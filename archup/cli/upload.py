@@ -173,6 +173,14 @@ NoFinalizeOption = Annotated[bool, typer.Option("--no-finalize", help="Upload on
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
 ChecksumOption = Annotated[ChecksumMode, typer.Option(
     "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]
+FullObjectOption = Annotated[bool, typer.Option(
+    "--full-object-checksum/--no-full-object-checksum",
+    help="Multipart objects keep a CRC32 of the whole object, checked by the server at completion "
+    "(with --checksum sha256 or crc32); off for endpoints that reject ChecksumType FULL_OBJECT.")]
+PrehashOption = Annotated[bool, typer.Option(
+    "--prehash/--no-prehash",
+    help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
+    "(a second read of large files, as rclone does).")]
 
 
 @handles_errors
@@ -189,6 +197,8 @@ def upload(
     part_size: Annotated[str, typer.Option("--part-size", help="Multipart part size (and threshold); grown "
                                            "automatically so no file needs more than 10,000 parts.")] = "8MiB",
     checksum: ChecksumOption = ChecksumMode.SHA256,
+    full_object_checksum: FullObjectOption = True,
+    prehash: PrehashOption = True,
     batch: Annotated[str | None, typer.Option("--batch", help="Continue this unfinished batch.",
                                               show_default=False)] = None,
     new_batch: Annotated[bool, typer.Option("--new-batch", help="Start a new batch even if an unfinished "
@@ -257,14 +267,15 @@ def upload(
     endpoint = resolve_endpoint(endpoint_url)
     store = S3Store(StoreConfig(
         bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
-        max_pool_connections=max(10, parallel + 4), checksum=checksum, max_attempts=retries + 1,
+        max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
+        max_attempts=retries + 1,
         retry_mode=retry_mode.value, storage_class=storage_class, sse=sse, sse_kms_key_id=sse_kms_key_id,
         user_metadata=tuple(parse_pairs("--metadata", metadata or [])), tags=tuple(parse_pairs("--tag", tag or [])),
         bwlimit=parse_size(bwlimit) if bwlimit else None))
     store.check_bucket()
     talk = not (quiet or json_output)
     selection = UploadOptions(select=selector if selector.active else None, files_from=listed,
-                              skip_archived=skip_archived)
+                              skip_archived=skip_archived, prehash=prehash)
 
     with open_journal(journal_path) as journal, \
             source_lock(journal.path, source, bucket, key_prefix, endpoint):
@@ -300,6 +311,8 @@ def resume(
     profile: ProfileOption = None,
     region: RegionOption = None,
     checksum: ChecksumOption = ChecksumMode.SHA256,
+    full_object_checksum: FullObjectOption = True,
+    prehash: PrehashOption = True,
     no_finalize: NoFinalizeOption = False,
     quiet: QuietOption = False,
     journal_path: JournalOption = None,
@@ -312,12 +325,13 @@ def resume(
         record = journal.get_batch(batch_id)
         if not os.path.isdir(record.source_root):
             raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
-        store = store_for_batch(record, endpoint_url, profile, region,
-                                max_pool_connections=max(10, parallel + 4), checksum=checksum)
+        store = store_for_batch(record, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
+                                checksum=checksum, full_object_checksum=full_object_checksum)
         store.check_bucket()
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
-                          no_finalize=no_finalize, quiet=quiet, json_output=json_output)
+                          no_finalize=no_finalize, quiet=quiet, json_output=json_output,
+                          selection=UploadOptions(prehash=prehash))
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
