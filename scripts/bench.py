@@ -332,10 +332,11 @@ def one_run(tool: str, server: Server, dataset: str, parallel: int, round_no: in
 def boto3_upload(args: argparse.Namespace) -> int:
     """The library limit: one client, a thread pool of N, put_object under the multipart
     threshold and upload_file (s3transfer) above it, nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import boto3
     import boto3.s3.transfer
     import botocore.config
-    from concurrent.futures import ThreadPoolExecutor
 
     client = boto3.client("s3", endpoint_url=args.endpoint, region_name=REGION,
                           config=botocore.config.Config(max_pool_connections=max(10, args.parallel + 4),

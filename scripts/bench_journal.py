@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archup.journal import Journal, NewFile  # noqa: E402
 from archup.states import FileState  # noqa: E402
+from archup.uploader import CompletionWriter  # noqa: E402
 
 TRANSITIONS_PER_FILE = 3  # add_file, start_file, complete_file
 
@@ -66,6 +67,7 @@ class GroupCommitter:
 
     def _run(self) -> None:
         import queue
+
         from archup.journal import isoformat, utcnow
         journal, batch_id = self.journal, self.batch_id
         while True:
@@ -105,7 +107,7 @@ def grouped_writer(committer: GroupCommitter, names: list[str], barrier: threadi
             committer.submit(op, name)
 
 
-def archup_writer(journal: Journal, batch_id: str, names: list[str], writer_: "CompletionWriter",
+def archup_writer(journal: Journal, batch_id: str, names: list[str], writer_: CompletionWriter,
                   barrier: threading.Barrier) -> None:
     """archup's own path for a small file: added with the scan (grouped), completed through the
     CompletionWriter (grouped, the worker does not wait; done is reported after the commit)."""
@@ -122,7 +124,6 @@ def threads_in_process(path: str, batch_id: str, names: list[str], threads: int,
                        start_at: float | None = None, grouped: bool = False, mode: str = "") -> None:
     journal = Journal(path, synchronous=synchronous)
     if mode == "w":
-        from archup.uploader import CompletionWriter
         errors: list[Exception] = []
         completion = CompletionWriter(journal, batch_id, lambda *done: None, errors.append)
         barrier = threading.Barrier(threads)
