@@ -7,10 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from . import manifest
 from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
 from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
-from .states import BatchState
+from .states import BatchState, FileState
 from .store import S3Store
 
 StoreFactory = Callable[[BatchRecord], S3Store]
@@ -63,14 +64,25 @@ class AbortReport:
         return dict(self.__dict__)
 
 
-def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord) -> int:
-    """Abort every multipart upload of the batch: those the journal records, and any
-    other under its prefix (left by a crash before the id was recorded)."""
+def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord, reason: str) -> int:
+    """Abort the batch's multipart uploads in progress and return how many.
+
+    Those the journal records are its files still uploading: an uploaded file keeps
+    the id of its completed upload, which is no longer there to abort. Each such
+    file is failed with ``reason`` once its upload is aborted, so a second run
+    neither aborts nor counts it again. Then any other upload under the batch
+    prefix (left by a crash before its id was recorded) is aborted too.
+    """
     aborted: set[str] = set()
-    for record in journal.iter_files(batch.batch_id):
-        if record.upload_id and record.upload_id not in aborted:
-            store.abort_multipart(record.key, record.upload_id)
-            aborted.add(record.upload_id)
+    # Materialized first: failing a file while paging through the files would move the pages.
+    uploading = list(journal.iter_files(batch.batch_id, [FileState.UPLOADING]))
+    for record in uploading:
+        if record.upload_id is None:
+            continue
+        store.abort_multipart(record.key, record.upload_id)
+        aborted.add(record.upload_id)
+        if not batch.state.terminal:  # a closed batch's files can no longer change
+            journal.fail_file(batch.batch_id, record.rel_path, reason)
     for key, upload_id in store.list_multipart_uploads(batch.batch_prefix):
         if upload_id not in aborted:
             store.abort_multipart(key, upload_id)
@@ -78,14 +90,33 @@ def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord) -> int:
     return len(aborted)
 
 
+def sealed_manifest(store: S3Store, batch: BatchRecord) -> str | None:
+    """The key of the batch's manifest.json if it is in the bucket: the batch is sealed there,
+    whatever the journal says (a finalize that died between the PUT and its commit)."""
+    key = manifest.summary_key(batch)
+    return key if store.head(key) is not None else None
+
+
 def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool = False) -> AbortReport:
-    """Abort a batch's multipart uploads and mark it aborted; with purge, delete its staged objects too."""
-    batch = journal.get_batch(batch_id)
-    if batch.state is BatchState.ENQUEUED:
-        raise BatchClosed(f"batch {batch_id} is finalized (enqueued); archup will not abort an archived batch")
+    """Abort a batch's multipart uploads and mark it aborted; with purge, delete its staged objects too.
+
+    A batch sealed in the bucket (its manifest.json written) is refused like a finalized
+    one, whatever state the journal records: abort never destroys an archived batch.
+    """
     with BatchLock(journal.path, batch_id):
+        # Read under the lock: a finalize that ended just before it was taken has sealed the batch.
+        batch = journal.get_batch(batch_id)
+        if batch.state is BatchState.ENQUEUED:
+            raise BatchClosed(f"batch {batch_id} is finalized (enqueued); archup will not abort an archived batch")
+        sealed = sealed_manifest(store, batch)
+        if sealed is not None:
+            next_step = (f"run 'archup finalize {batch_id}' to record the seal in the journal"
+                         if not batch.state.terminal else "delete the manifest yourself first if you mean it")
+            raise BatchClosed(
+                f"batch {batch_id} is sealed: s3://{store.bucket}/{sealed} exists although the journal says "
+                f"{batch.state.value}; archup will not abort a finalized batch; {next_step}")
         report = AbortReport(batch_id, batch.state.value)
-        report.uploads_aborted = _abort_uploads(journal, store, batch)
+        report.uploads_aborted = _abort_uploads(journal, store, batch, "multipart upload aborted by 'archup abort'")
         if purge:
             report.objects_deleted = store.delete_prefix(batch.batch_prefix)
         if batch.state is not BatchState.ABORTED:
@@ -97,13 +128,16 @@ def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool 
 class GcReport:
     expired: list[AbortReport] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    # Stale batches left alone because their manifest.json is in the bucket: sealed there,
+    # only the journal's commit is missing; 'archup finalize' records it.
+    sealed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     orphan_uploads: list[dict[str, str]] = field(default_factory=list)
     orphans_aborted: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {"expired": [report.as_dict() for report in self.expired], "busy": self.busy,
-                "errors": self.errors, "orphan_uploads": self.orphan_uploads,
+                "sealed": self.sealed, "errors": self.errors, "orphan_uploads": self.orphan_uploads,
                 "orphans_aborted": self.orphans_aborted}
 
 
@@ -123,7 +157,14 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
             continue
         try:
             with BatchLock(journal.path, batch.batch_id):
-                aborted = _abort_uploads(journal, store_for(batch), batch)
+                current = journal.get_batch(batch.batch_id)  # as it is now that no other archup can change it
+                if current.state.terminal:
+                    continue
+                store = store_for(current)
+                if sealed_manifest(store, current) is not None:
+                    report.sealed.append(batch.batch_id)
+                    continue
+                aborted = _abort_uploads(journal, store, current, "multipart upload aborted: the batch expired")
                 journal.set_batch_state(batch.batch_id, BatchState.EXPIRED, error="expired: not finalized in time")
             report.expired.append(AbortReport(batch.batch_id, BatchState.EXPIRED.value, aborted))
         except BatchBusy:

@@ -44,9 +44,11 @@ _BATCH_TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
     BatchState.FAILED: frozenset({BatchState.UPLOADING, BatchState.FINALIZING,
                                   BatchState.ABORTED, BatchState.EXPIRED}),
     # Finalize can find a problem (an object missing on read-back) and hand the
-    # batch back for another upload pass.
+    # batch back for another upload pass. A finalize that died and was never run
+    # again expires like any unfinished batch; gc first checks that no manifest
+    # was written, which would make the batch sealed in the bucket.
     BatchState.FINALIZING: frozenset({BatchState.ENQUEUED, BatchState.UPLOADING,
-                                      BatchState.FAILED, BatchState.ABORTED}),
+                                      BatchState.FAILED, BatchState.ABORTED, BatchState.EXPIRED}),
     BatchState.ENQUEUED: frozenset(),
     BatchState.ABORTED: frozenset(),
     BatchState.EXPIRED: frozenset(),

@@ -131,6 +131,9 @@ def gc(
         print(f"expired {expired.batch_id} ({expired.uploads_aborted} multipart upload(s) aborted)")
     for batch_id in report.busy:
         print(f"busy {batch_id}: another archup owns it; left alone")
+    for batch_id in report.sealed:
+        print(f"sealed {batch_id}: its manifest.json is in the bucket but the journal never recorded it; "
+              f"left alone; run 'archup finalize {batch_id}' to record it")
     for orphan in report.orphan_uploads:
         print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
               + (" aborted" if abort_orphans else ""))
