@@ -159,6 +159,7 @@ def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.Entri
             and isinstance(sealed, dict) and sealed.get("sha256") == entries.sha256)
     if not same:
         raise ManifestConflict(f"{key} already exists and describes other contents; "
-                               "archup will not overwrite a manifest (inspect it, then abort the batch)")
+                               "archup will not overwrite a manifest (inspect it; to give the batch up, delete "
+                               "that manifest yourself, then 'archup abort' the batch)")
     # An earlier finalize wrote it and died before the journal's commit.
     return str(existing.get("finalized_at"))
