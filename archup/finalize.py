@@ -11,17 +11,20 @@ can simply run again.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
 from .crashpoints import crash_point
-from .errors import BatchClosed, BatchIncomplete, ManifestConflict
+from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
 from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectInfo, S3Store
+
+log = logging.getLogger("archup.finalize")
 
 SHOW_AT_MOST = 20
 
@@ -108,6 +111,20 @@ def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else {}
 
 
+def _abort_leftover_uploads(store: S3Store, batch: BatchRecord) -> None:
+    """Every file is uploaded, so a multipart upload still open under the batch is a leftover:
+    a retried CreateMultipartUpload whose first answer was lost, or a crash's orphan. The
+    batch is sealed with none left behind. A server that cannot list multipart uploads
+    (s3rver answers NotImplemented) has nothing this sweep could find."""
+    try:
+        for key, upload_id in store.list_multipart_uploads(batch.batch_prefix):
+            store.abort_multipart(key, upload_id)
+    except TransferError as error:
+        if error.code not in ("NotImplemented", "501"):
+            raise
+        log.info("%s: the server cannot list multipart uploads; no sweep before the seal", batch.batch_id)
+
+
 def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary:
     batch = journal.get_batch(batch_id)
     if batch.state is BatchState.ENQUEUED:
@@ -117,6 +134,7 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
     check_complete(journal, batch)
     journal.set_batch_state(batch_id, BatchState.FINALIZING)
 
+    _abort_leftover_uploads(store, batch)
     problems = _read_back(journal, store, batch)
     if problems:
         for record, reason in problems:
@@ -145,6 +163,11 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
                 manifest.summary(batch, entries, finalized_at=finalized_at, files_skipped=files_skipped))
             if store.put_if_absent(summary_key, body) is None:
                 existing = _existing_summary(store, summary_key)
+                if existing is None:
+                    # 412 yet nothing there: never take a refusal for a seal.
+                    raise TransferError(f"PutObject {summary_key}: the server refused the write (412 "
+                                        "PreconditionFailed) but no manifest is there; run finalize again",
+                                        "PreconditionFailed")
             crash_point("after-manifest-summary")
         if existing is not None:
             finalized_at = _adopt(existing, batch, entries, summary_key)

@@ -10,6 +10,7 @@ the file, go on).
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import threading
 import time
@@ -171,6 +172,24 @@ def _error_code(error: botocore.exceptions.ClientError) -> str:
         error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
 
+MAX_CLOCK_SKEW = 15 * 60  # seconds: S3 refuses a request signed further from its own clock
+
+
+def _clock_skew(error: botocore.exceptions.ClientError) -> float | None:
+    """Server clock minus ours, in seconds, from the answer's Date header (a HEAD's 403 has
+    no body to say RequestTimeTooSkewed); None without a usable Date."""
+    date = error.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        server = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    if server.tzinfo is None:
+        return None
+    return server.timestamp() - time.time()
+
+
 def translate(error: Exception, what: str) -> Exception:
     """Map a botocore exception to DestinationError (fatal) or TransferError (this request)."""
     if isinstance(error, botocore.exceptions.ClientError):
@@ -210,7 +229,8 @@ class S3Store:
         checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
         client_config = botocore.config.Config(
             max_pool_connections=config.max_pool_connections,
-            retries={"mode": config.retry_mode, "max_attempts": config.max_attempts},
+            # total_max_attempts counts the first try (botocore's max_attempts does not).
+            retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             request_checksum_calculation=checksum_calculation,
@@ -358,6 +378,11 @@ class S3Store:
             if code in ("404", "NoSuchBucket"):
                 raise DestinationError(f"bucket {self.bucket!r} does not exist; create it or fix --bucket") from None
             if code in ("403", "AccessDenied"):
+                skew = _clock_skew(error)
+                if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
+                    raise DestinationError(
+                        f"HeadBucket {self.bucket}: 403 and the server's clock differs from this machine's by "
+                        f"{abs(skew) / 60:.0f} minutes; {_HINTS['RequestTimeTooSkewed']}") from None
                 raise DestinationError(f"access to bucket {self.bucket!r} denied; check the credentials") from None
             raise translate(error, f"HeadBucket {self.bucket}") from None
         except Exception as error:

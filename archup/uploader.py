@@ -589,6 +589,16 @@ class Uploader:
             if finish:
                 self._finish_multipart(upload)
 
+    def _give_up(self, upload: _MultipartFile, reason: str) -> None:
+        """Abort the upload (its parts stop costing storage), then fail the file by name."""
+        try:
+            self.store.abort_multipart(upload.record.key, upload.upload_id)
+        except ArchupError:
+            # An upload left open lives under the batch prefix, where finalize's sweep,
+            # 'archup abort' and 'archup gc' find it with ListMultipartUploads.
+            pass
+        self._failed(upload.record, reason)
+
     def _finish_multipart(self, upload: _MultipartFile) -> None:
         record = upload.record
         if upload.error == INTERRUPTED:
@@ -596,13 +606,7 @@ class Uploader:
             # resumer continues it from the parts the server holds.
             return
         if upload.error is not None:
-            try:
-                self.store.abort_multipart(record.key, upload.upload_id)
-            except ArchupError:
-                # An upload left open lives under the batch prefix, where
-                # ListMultipartUploads finds it for 'archup abort' and 'archup gc'.
-                pass
-            self._failed(record, upload.error)
+            self._give_up(upload, upload.error)
             return
         # The completion list comes from the journal: exactly the parts it recorded.
         parts = self.journal.list_parts(self.batch_id, record.rel_path)
@@ -613,7 +617,7 @@ class Uploader:
         except TransferError as error:
             if error.code == "NoSuchUpload" and self._settle_lost_completion(record):
                 return  # a retried Complete whose first answer was lost
-            self._failed(record, str(error))
+            self._give_up(upload, str(error))
             return
         crash_point("after-complete-multipart")
         assert upload.sha256 is not None

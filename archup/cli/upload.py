@@ -162,6 +162,12 @@ def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ..
         print(f"  ... and {count - len(first)} more")
 
 
+def _check_timeouts(timeout: float, connect_timeout: float) -> None:
+    for name, value in (("--timeout", timeout), ("--connect-timeout", connect_timeout)):
+        if not 0 < value <= 3600:
+            raise UsageError(f"{name} {value:g}: must be more than 0 and at most 3600 seconds")
+
+
 def _check_parallel(parallel: int) -> None:
     if not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
@@ -177,6 +183,11 @@ FullObjectOption = Annotated[bool, typer.Option(
     "--full-object-checksum/--no-full-object-checksum",
     help="Multipart objects keep a CRC32 of the whole object, checked by the server at completion "
     "(with --checksum sha256 or crc32); off for endpoints that reject ChecksumType FULL_OBJECT.")]
+TimeoutOption = Annotated[float, typer.Option(
+    "--timeout", help="Seconds to wait for an answer to a request before it counts as failed and is retried "
+    "(the read timeout).")]
+ConnectTimeoutOption = Annotated[float, typer.Option(
+    "--connect-timeout", help="Seconds to wait for a connection to the endpoint.")]
 PrehashOption = Annotated[bool, typer.Option(
     "--prehash/--no-prehash",
     help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
@@ -230,6 +241,8 @@ def upload(
         "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).",
         show_default=False)] = None,
     retries: Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")] = 4,
+    timeout: TimeoutOption = 60.0,
+    connect_timeout: ConnectTimeoutOption = 10.0,
     retry_mode: Annotated[RetryMode, typer.Option(
         "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")] = RetryMode.STANDARD,
     quiet: QuietOption = False,
@@ -253,6 +266,7 @@ def upload(
         raise UsageError("--batch and --new-batch exclude each other")
     if not 0 <= retries <= 50:
         raise UsageError(f"--retries {retries}: must be between 0 and 50")
+    _check_timeouts(timeout, connect_timeout)
     if sse is not None and sse not in ("AES256", "aws:kms", "aws:kms:dsse"):
         raise UsageError(f"--sse {sse}: use AES256 or aws:kms")
     source = str(directory.resolve())
@@ -268,7 +282,7 @@ def upload(
     store = S3Store(StoreConfig(
         bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
         max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
-        max_attempts=retries + 1,
+        max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
         retry_mode=retry_mode.value, storage_class=storage_class, sse=sse, sse_kms_key_id=sse_kms_key_id,
         user_metadata=tuple(parse_pairs("--metadata", metadata or [])), tags=tuple(parse_pairs("--tag", tag or [])),
         bwlimit=parse_size(bwlimit) if bwlimit else None))
@@ -313,6 +327,8 @@ def resume(
     checksum: ChecksumOption = ChecksumMode.SHA256,
     full_object_checksum: FullObjectOption = True,
     prehash: PrehashOption = True,
+    timeout: TimeoutOption = 60.0,
+    connect_timeout: ConnectTimeoutOption = 10.0,
     no_finalize: NoFinalizeOption = False,
     quiet: QuietOption = False,
     journal_path: JournalOption = None,
@@ -320,13 +336,15 @@ def resume(
 ) -> None:
     """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
     _check_parallel(parallel)
+    _check_timeouts(timeout, connect_timeout)
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path) as journal:
         record = journal.get_batch(batch_id)
         if not os.path.isdir(record.source_root):
             raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
         store = store_for_batch(record, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
-                                checksum=checksum, full_object_checksum=full_object_checksum)
+                                checksum=checksum, full_object_checksum=full_object_checksum,
+                                read_timeout=timeout, connect_timeout=connect_timeout)
         store.check_bucket()
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,

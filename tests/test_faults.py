@@ -1,0 +1,630 @@
+"""Network and server faults: archup through a misbehaving network and server.
+
+Two tools. ``faultproxy.FaultProxy`` is a reverse proxy on 127.0.0.1 in front of the
+moto server that answers 500 InternalError and 503 SlowDown, resets connections in
+the middle of a request body, stalls past the client's read timeout, drops answers
+and gives canned S3 errors, at a seeded rate or by rule; archup talks to it over
+real HTTP through the real boto3 stack (retries included), and every check of the
+bucket goes to moto directly, through the separate ``s3`` client. botocore's
+``Stubber`` gives exact sequences of answers to the library (``Uploader`` over a
+real journal) where the order of requests is the point.
+
+The runs through stalls pass ``--timeout 2`` (the read timeout; 60 s by default), so a
+stall costs 2 s, not 60.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import random
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.config
+import botocore.exceptions
+import pytest
+from botocore.stub import Stubber
+from conftest import Cli
+from faultproxy import (
+    DEFAULT_KINDS,
+    Canned,
+    FaultProxy,
+    RequestHead,
+    Rule,
+    operation_is,
+)
+from testdata import pattern_bytes
+from ulid import ULID
+
+from archup.errors import DestinationError, ExitCode
+from archup.journal import Journal
+from archup.states import BatchState, FileState
+from archup.store import S3Store, StoreConfig
+from archup.uploader import Uploader, UploadOptions
+
+MiB = 1024 * 1024
+PART_SIZE = 5 * MiB
+READ_TIMEOUT = 2.0
+SEED = 20261128
+
+
+# -- fixtures and helpers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    with FaultProxy(moto_endpoint, seed=SEED) as started:
+        yield started
+
+
+@pytest.fixture
+def proxied(proxy: FaultProxy, bucket: str, journal_path: Path) -> Cli:
+    """archup's CLI (in-process) with its endpoint at the proxy."""
+    return Cli(proxy.url, bucket, journal_path)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel_path, data in files.items():
+        path = root / rel_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def small_files(count: int, seed: int, prefix: str = "") -> dict[str, bytes]:
+    """Tiny files (0 to 2 KiB, some empty) spread over a few directories."""
+    rng = random.Random(seed)
+    return {f"{prefix}d{index % 7}/f{index:04d}.bin": rng.randbytes(rng.choice((0, 1, 17, 300, 2048)))
+            for index in range(count)}
+
+
+def one_json_object(stdout: str) -> dict[str, Any]:
+    document = json.loads(stdout)
+    assert isinstance(document, dict), stdout
+    return document
+
+
+def get_bytes(s3: Any, bucket: str, key: str) -> bytes:
+    return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def list_keys(s3: Any, bucket: str, prefix: str) -> set[str]:
+    keys: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys |= {item["Key"] for item in page.get("Contents", [])}
+    return keys
+
+
+def open_uploads(s3: Any, bucket: str) -> list[str]:
+    return [upload["Key"] for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def assert_sealed_with_exactly(s3: Any, bucket: str, batch_id: str, files: dict[str, bytes]) -> None:
+    """Every file's object holds exactly its bytes; the manifest lists exactly the files; the
+    summary seals the entries; no multipart upload is left open. All read from moto directly."""
+    prefix = f"staging/{batch_id}/"
+    assert list_keys(s3, bucket, prefix + "files/") == {prefix + "files/" + rel for rel in files}
+    for rel_path, data in files.items():
+        assert get_bytes(s3, bucket, prefix + "files/" + rel_path) == data, rel_path
+    entries_body = get_bytes(s3, bucket, prefix + "manifest.jsonl")
+    entries = [json.loads(line) for line in entries_body.decode().splitlines()]
+    assert sorted(entry["path"] for entry in entries) == sorted(files)
+    for entry in entries:
+        assert entry["sha256"] == hashlib.sha256(files[entry["path"]]).hexdigest(), entry["path"]
+        assert entry["size"] == len(files[entry["path"]])
+    summary = json.loads(get_bytes(s3, bucket, prefix + "manifest.json"))
+    assert summary["batch_id"] == batch_id
+    assert summary["entries"]["sha256"] == hashlib.sha256(entries_body).hexdigest()
+    assert summary["files_uploaded"] == len(files)
+    assert open_uploads(s3, bucket) == []
+
+
+def only_batch(journal_path: Path) -> str:
+    journal = Journal(journal_path)
+    try:
+        batches = journal.list_batches()
+        assert len(batches) == 1, batches
+        return batches[0].batch_id
+    finally:
+        journal.close()
+
+
+def assert_journal_consistent(journal_path: Path, s3: Any, bucket: str, files: dict[str, bytes]) -> dict[str, int]:
+    """Read back through a new connection: the journal is intact, and every file it calls
+    uploaded has its object with exactly the bytes and SHA-256 it recorded. Returns the counts."""
+    journal = Journal(journal_path)
+    try:
+        assert journal.integrity_check() == "ok"
+        (batch,) = journal.list_batches()
+        counts: dict[str, int] = {}
+        for record in journal.iter_files(batch.batch_id):
+            counts[record.state.value] = counts.get(record.state.value, 0) + 1
+            if record.state is FileState.UPLOADED:
+                assert get_bytes(s3, bucket, record.key) == files[record.rel_path], record.rel_path
+                assert record.sha256 == hashlib.sha256(files[record.rel_path]).hexdigest()
+        assert sum(counts.values()) == len(files)
+        return counts
+    finally:
+        journal.close()
+
+
+def on_path(operation: str, suffix: str) -> Any:
+    return lambda head: head.operation == operation and head.path.endswith(suffix)
+
+
+# -- the proxy itself ----------------------------------------------------------------------------
+
+
+def test_proxy_forwards_faithfully_and_each_fault_reaches_the_client(proxy: FaultProxy, s3: Any,
+                                                                       bucket: str) -> None:
+    """Without faults every request and answer passes unchanged (a 6 MiB body, a file object
+    with Expect: 100-continue, a chunked body); each forced fault reaches a client without
+    retries as the documented error, and only lost-response lets the server do the work."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1", config=botocore.config.Config(
+        retries={"mode": "standard", "total_max_attempts": 1}, read_timeout=1.0, connect_timeout=1.0))
+    big = pattern_bytes(6 * MiB + 5, seed=1)
+    client.put_object(Bucket=bucket, Key="big", Body=big)
+    assert get_bytes(s3, bucket, "big") == big
+    assert get_bytes(client, bucket, "big") == big
+    with open(__file__, "rb") as handle:  # a file object: botocore sends Expect: 100-continue
+        client.put_object(Bucket=bucket, Key="this-file", Body=handle)
+    assert get_bytes(s3, bucket, "this-file") == Path(__file__).read_bytes()
+
+    host, port = urllib.parse.urlsplit(proxy.url).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("PUT", f"/{bucket}/chunked", body=iter([b"abc", b"", b"defgh"]),
+                       headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert get_bytes(s3, bucket, "chunked") == b"abcdefgh"
+    clean = proxy.snapshot()
+    assert clean.requests == clean.forwarded and not clean.faults
+
+    expected: dict[str, tuple[type[Exception], str | None, bool]] = {
+        "500": (botocore.exceptions.ClientError, "InternalError", False),
+        "503": (botocore.exceptions.ClientError, "SlowDown", False),
+        "reset": (botocore.exceptions.ConnectionClosedError, None, False),
+        "stall": (botocore.exceptions.ReadTimeoutError, None, False),
+        "lost-response": (botocore.exceptions.ConnectionClosedError, None, True),
+    }
+    for kind, (error_class, code, stored) in expected.items():
+        key = f"faulted-{kind}"
+        proxy.add_rule(Rule(on_path("PutObject", "/" + key), kind, times=1))
+        with pytest.raises(error_class) as caught:
+            client.put_object(Bucket=bucket, Key=key, Body=pattern_bytes(300_000, seed=2))
+        if code is not None:
+            assert isinstance(caught.value, botocore.exceptions.ClientError)
+            assert caught.value.response["Error"]["Code"] == code
+        assert (key in list_keys(s3, bucket, key)) is stored, kind
+    stats = proxy.snapshot()
+    assert stats.faults == {kind: 1 for kind in expected}
+    assert stats.stalls_abandoned_by_client == 1
+    assert stats.upstream_errors == 0
+
+
+# -- a whole batch through a faulty network ----------------------------------------------------
+
+
+MULTIPART_SIZES = (PART_SIZE, 6 * MiB + 123, 11 * MiB, 15 * MiB + 7)
+
+
+def test_batch_of_300_files_through_ten_percent_faults_completes_byte_identical(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """10 % of the requests fail (500, 503 SlowDown, reset mid-body, stall past the read
+    timeout), plus one forced fault of each kind on the multipart operations. With --retries 10
+    (what a user on a bad network does) the batch completes, every object byte-identical."""
+    files = small_files(300 - len(MULTIPART_SIZES), seed=SEED)
+    for index, size in enumerate(MULTIPART_SIZES):
+        files[f"large/part-{index}.bin"] = pattern_bytes(size, seed=index)
+    source = write_tree(tmp_path / "src", files)
+    # Faults the random draw may miss: every multipart operation meets one.
+    proxy.add_rule(Rule(operation_is("CreateMultipartUpload"), "503", times=1))
+    proxy.add_rule(Rule(operation_is("UploadPart"), "reset", times=1))
+    proxy.add_rule(Rule(operation_is("UploadPart"), "stall", times=1))
+    proxy.add_rule(Rule(operation_is("CompleteMultipartUpload"), "500", times=1))
+    proxy.set_rate(0.10)
+
+    result = proxied("upload", "--json", "--parallel", "8", "--part-size", "5MiB", "--retries", "10",
+                     "--timeout", str(READ_TIMEOUT), "--connect-timeout", str(READ_TIMEOUT), str(source))
+    stats = proxy.snapshot()
+
+    assert result.exit_code == 0, (result.stdout, result.stderr, stats)
+    summary = one_json_object(result.stdout)
+    assert summary["status"] == "enqueued"
+    assert summary["files_uploaded"] == len(files) == 300
+    assert summary["total_bytes"] == sum(len(data) for data in files.values())
+    assert_sealed_with_exactly(s3, bucket, summary["batch_id"], files)
+    assert assert_journal_consistent(journal_path, s3, bucket, files) == {"uploaded": 300}
+    # The faults really happened, every kind, at about the rate asked.
+    assert all(stats.faults[kind] >= 2 for kind in DEFAULT_KINDS), stats.faults
+    assert stats.stalls_abandoned_by_client == stats.faults["stall"]  # each one was a client read timeout
+    assert 0.05 * stats.requests <= sum(stats.faults.values()) <= 0.2 * stats.requests, stats
+    assert stats.upstream_errors == 0
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+def test_retries_option_is_the_number_of_retries(proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str,
+                                                 tmp_path: Path) -> None:
+    """--retries 2: three attempts in all. A request refused three times fails its file (exit 3)."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n", "b.txt": b"bravo\n"})
+    rule = proxy.add_rule(Rule(on_path("PutObject", "/files/a.txt"), "500", times=3))
+
+    result = proxied("upload", "--retries", "2", str(source))
+
+    assert rule.hits == 3
+    assert result.exit_code == ExitCode.PARTIAL, (result.stdout, result.stderr)
+    assert "failed: a.txt" in result.stderr and "InternalError" in result.stderr
+
+
+# -- 200 with an error body on CompleteMultipartUpload -----------------------------------------
+
+
+COMPLETE_ERROR_IN_200 = Canned(200, "InternalError", "We encountered an internal error. Please try again.")
+
+
+def test_200_with_error_body_on_complete_is_retried_then_succeeds(proxy: FaultProxy, proxied: Cli, s3: Any,
+                                                                  bucket: str, tmp_path: Path) -> None:
+    """Real HTTP: a 200 whose body is an S3 error is an error (botocore retries it); the retried
+    Complete reaches the server and the object is whole."""
+    files = {"big.bin": pattern_bytes(PART_SIZE + 1000, seed=3), "small.txt": b"small\n"}
+    source = write_tree(tmp_path / "src", files)
+    rule = proxy.add_rule(Rule(operation_is("CompleteMultipartUpload"), COMPLETE_ERROR_IN_200, times=1))
+
+    result = proxied("upload", "--json", "--part-size", "5MiB", str(source))
+
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert rule.hits == 1 and proxy.snapshot().canned["InternalError"] == 1
+    assert_sealed_with_exactly(s3, bucket, one_json_object(result.stdout)["batch_id"], files)
+
+
+
+def test_200_with_error_body_on_every_complete_fails_the_file(proxy: FaultProxy, proxied: Cli, s3: Any,
+                                                              bucket: str, tmp_path: Path,
+                                                              journal_path: Path) -> None:
+    """Real HTTP: every Complete answered 200-with-error: the file is failed by name (exit 3),
+    never recorded uploaded, its upload aborted, the batch not sealed."""
+    files = {"big.bin": pattern_bytes(PART_SIZE + 1000, seed=4), "small.txt": b"small\n"}
+    source = write_tree(tmp_path / "src", files)
+    rule = proxy.add_rule(Rule(operation_is("CompleteMultipartUpload"), COMPLETE_ERROR_IN_200))
+
+    result = proxied("upload", "--part-size", "5MiB", "--retries", "2", str(source))
+
+    assert result.exit_code == ExitCode.PARTIAL, (result.stdout, result.stderr)
+    assert rule.hits >= 1
+    assert "failed: big.bin" in result.stderr and "InternalError" in result.stderr
+    batch_id = only_batch(journal_path)
+    assert assert_journal_consistent(journal_path, s3, bucket, files) == {"uploaded": 1, "failed": 1}
+    assert list_keys(s3, bucket, f"staging/{batch_id}/") == {f"staging/{batch_id}/batch.json",
+                                                             f"staging/{batch_id}/files/small.txt"}
+    assert open_uploads(s3, bucket) == []
+
+
+# -- answers lost after the server did the work ------------------------------------------------
+
+
+
+
+@pytest.mark.parametrize("operation", [
+    "PutObject",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "CompleteMultipartUpload",
+])
+def test_answer_lost_after_the_server_did_the_work(proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str,
+                                                  tmp_path: Path, operation: str) -> None:
+    """The server does the request, the answer never arrives (the connection is reset), and
+    botocore sends it again: a PUT or part again is harmless; a Complete again meets NoSuchUpload
+    and archup recognises its own completed object; the batch completes with nothing left open."""
+    files = {"big.bin": pattern_bytes(PART_SIZE + 4321, seed=8), "small.txt": b"small\n"}
+    source = write_tree(tmp_path / "src", files)
+    rule = proxy.add_rule(Rule(operation_is(operation), "lost-response", times=1))
+
+    result = proxied("upload", "--json", "--part-size", "5MiB", str(source))
+
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert rule.hits == 1 and proxy.snapshot().faults["lost-response"] == 1
+    assert_sealed_with_exactly(s3, bucket, one_json_object(result.stdout)["batch_id"], files)
+
+
+# -- exact sequences (botocore Stubber, the library over a real journal) ----------------------
+
+
+STUB_BUCKET = "stub-bucket"
+
+
+class Stubbed:
+    """An Uploader's world: a source directory, a real journal, an S3Store whose client answers
+    from a Stubber (no request leaves the process)."""
+
+    def __init__(self, tmp_path: Path, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.source = write_tree(tmp_path / "src", files)
+        # Stubbed answers skip botocore's retries: each one is what is left after them.
+        self.store = S3Store(StoreConfig(bucket=STUB_BUCKET, endpoint_url="http://127.0.0.1:9", region="us-east-1"))
+        self.stubber = Stubber(self.store.client)
+        self.stubber.activate()
+        self.journal = Journal(tmp_path / "journal" / "journal.db")
+        self.batch_id = self.journal.init_batch(str(ULID()), source_root=str(self.source), bucket=STUB_BUCKET,
+                                                prefix="staging/", part_size=PART_SIZE).batch_id
+
+    def run(self) -> Any:
+        # One worker: the stubbed answers are consumed in exactly the order listed.
+        options = UploadOptions(parallel=1, part_size=PART_SIZE, multipart_threshold=PART_SIZE)
+        return Uploader(self.journal, self.store, self.batch_id, options).run()
+
+    def assert_all_answers_used(self) -> None:
+        self.stubber.assert_no_pending_responses()
+
+    def record(self, rel_path: str) -> Any:
+        return self.journal.get_file(self.batch_id, rel_path)
+
+    def ok(self, method: str, answer: dict[str, Any] | None = None) -> None:
+        self.stubber.add_response(method, answer or {})
+
+    def error(self, method: str, code: str, status: int, message: str = "stubbed") -> None:
+        self.stubber.add_client_error(method, service_error_code=code, service_message=message,
+                                      http_status_code=status)
+
+    def multipart_until_complete(self, upload_id: str, parts: int) -> None:
+        self.ok("create_multipart_upload", {"UploadId": upload_id})
+        for number in range(1, parts + 1):
+            self.ok("upload_part", {"ETag": f'"{hashlib.md5(str(number).encode()).hexdigest()}"'})
+
+    def close(self) -> None:
+        self.stubber.deactivate()
+        self.journal.close()
+
+
+@pytest.fixture
+def stubbed(tmp_path: Path) -> Iterator[Any]:
+    made: list[Stubbed] = []
+
+    def make(files: dict[str, bytes]) -> Stubbed:
+        made.append(Stubbed(tmp_path, files))
+        return made[-1]
+
+    yield make
+    for world in made:
+        world.close()
+
+
+
+def test_stubbed_200_error_on_complete_fails_the_file_and_aborts(stubbed: Any) -> None:
+    """CompleteMultipartUpload ends in InternalError, as a 200 with an error body does once
+    botocore has turned it into a 500 and run out of retries (the Stubber answers after that
+    conversion; test_200_with_error_body_* send the real 200 over HTTP): the upload is aborted,
+    the file failed, never uploaded."""
+    world = stubbed({"big.bin": pattern_bytes(2 * PART_SIZE, seed=5)})
+    world.multipart_until_complete("upload-1", parts=2)
+    world.error("complete_multipart_upload", "InternalError", 500)
+    world.ok("abort_multipart_upload")
+
+    result = world.run()
+
+    assert (result.files_uploaded, result.files_failed, result.fatal) == (0, 1, None)
+    record = world.record("big.bin")
+    assert record.state is FileState.FAILED and "InternalError" in (record.error or "")
+    assert world.journal.get_batch(world.batch_id).state is BatchState.FAILED
+    world.assert_all_answers_used()  # the AbortMultipartUpload was sent
+
+
+def test_stubbed_no_such_upload_on_upload_part_fails_cleanly_then_restarts(stubbed: Any) -> None:
+    """UploadPart answers NoSuchUpload (the upload vanished: expired, aborted by someone else):
+    the file is failed, never uploaded; the next run restarts it with a new upload."""
+    data = pattern_bytes(2 * PART_SIZE, seed=6)
+    world = stubbed({"big.bin": data})
+    world.ok("create_multipart_upload", {"UploadId": "upload-1"})
+    world.ok("upload_part", {"ETag": '"e1"'})
+    world.error("upload_part", "NoSuchUpload", 404)
+    world.error("abort_multipart_upload", "NoSuchUpload", 404)
+
+    first = world.run()
+
+    assert (first.files_uploaded, first.files_failed, first.fatal) == (0, 1, None)
+    record = world.record("big.bin")
+    assert record.state is FileState.FAILED and "NoSuchUpload" in (record.error or "")
+    world.assert_all_answers_used()
+
+    # The next run creates a new upload (it does not send into the vanished one).
+    world.multipart_until_complete("upload-2", parts=2)
+    world.ok("complete_multipart_upload", {"ETag": '"abc-2"'})
+    second = world.run()
+
+    assert (second.files_uploaded, second.files_failed, second.fatal) == (1, 0, None)
+    record = world.record("big.bin")
+    assert record.state is FileState.UPLOADED and record.sha256 == hashlib.sha256(data).hexdigest()
+    world.assert_all_answers_used()  # a new CreateMultipartUpload, both parts sent again
+
+
+@pytest.mark.parametrize(("code", "status"), [("ExpiredToken", 400), ("AccessDenied", 403)])
+def test_stubbed_credentials_failing_mid_batch_stop_the_run_and_resume(stubbed: Any, code: str,
+                                                                       status: int) -> None:
+    """Two PUTs succeed, the third is refused for the credentials: the run stops with a
+    DestinationError (no further request: the Stubber holds no more answers), the two stay
+    uploaded, nothing else is; the next run sends exactly the three others."""
+    files = {f"f{index}.txt": f"file {index}\n".encode() for index in range(5)}
+    world = stubbed(files)
+    world.ok("put_object", {"ETag": '"1"'})
+    world.ok("put_object", {"ETag": '"2"'})
+    world.error("put_object", code, status)
+
+    first = world.run()
+
+    assert isinstance(first.fatal, DestinationError) and code in str(first.fatal)
+    assert first.files_uploaded == 2 and first.files_failed == 0
+    assert world.journal.get_batch(world.batch_id).state is BatchState.FAILED
+    states = [record.state for record in world.journal.iter_files(world.batch_id)]
+    assert sorted(state.value for state in states) == ["pending"] * 3 + ["uploaded"] * 2
+    assert world.journal.integrity_check() == "ok"
+    world.assert_all_answers_used()
+
+    for index in range(3):
+        world.ok("put_object", {"ETag": f'"{index + 3}"'})
+    second = world.run()
+
+    assert (second.files_uploaded, second.files_failed, second.fatal) == (3, 0, None)
+    assert all(record.state is FileState.UPLOADED for record in world.journal.iter_files(world.batch_id))
+    world.assert_all_answers_used()
+
+
+# -- credentials and clocks failing in the middle of a real batch -------------------------------
+
+
+class FromFirst:
+    """Matches every request from the first one of ``operation`` on (credentials expire, a
+    policy changes, the clock jumps: from then on, every request)."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        self.started = False
+
+    def __call__(self, head: RequestHead) -> bool:
+        self.started = self.started or head.operation == self.operation
+        return self.started
+
+
+@pytest.mark.parametrize(("code", "status", "hint"), [
+    ("ExpiredToken", 400, "refresh the credentials"),
+    ("AccessDenied", 403, "may not write"),
+    ("RequestTimeTooSkewed", 403, "clock"),
+])
+def test_credentials_or_clock_failing_mid_batch_exit_5_and_the_batch_resumes(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path,
+        code: str, status: int, hint: str) -> None:
+    """From the first UploadPart of a large file on, every request is refused (after some small
+    files are stored, while a multipart upload is open): the run stops, exit 5, one line naming
+    the cause and what to do; the journal is consistent (each file it calls uploaded has its
+    bytes); the same command, once the cause is gone, resumes the same batch and seals it with
+    exactly the files and no multipart upload left open."""
+    files = {**small_files(20, seed=1, prefix="a/"), "b-big.bin": pattern_bytes(PART_SIZE + 77, seed=7),
+             **small_files(20, seed=2, prefix="c/")}
+    source = write_tree(tmp_path / "src", files)
+    proxy.add_rule(Rule(FromFirst("UploadPart"), Canned(status, code, f"stubbed {code}")))
+
+    first = proxied("upload", "--parallel", "4", "--part-size", "5MiB", str(source))
+
+    assert first.exit_code == ExitCode.DESTINATION, (first.stdout, first.stderr)
+    errors = [line for line in first.stderr.splitlines() if line.startswith("archup: error:")]
+    assert len(errors) == 1 and code in errors[0] and hint in errors[0], first.stderr
+    assert "Traceback" not in first.stderr
+    counts = assert_journal_consistent(journal_path, s3, bucket, files)
+    assert 1 <= counts.get("uploaded", 0) < len(files), counts
+    batch_id = only_batch(journal_path)
+
+    proxy.clear_rules()
+    second = proxied("upload", "--json", "--parallel", "4", "--part-size", "5MiB", str(source))
+
+    assert second.exit_code == 0, (second.stdout, second.stderr)
+    assert one_json_object(second.stdout)["batch_id"] == batch_id
+    assert_sealed_with_exactly(s3, bucket, batch_id, files)
+
+
+CLOCK_SKEWED = Canned(403, "RequestTimeTooSkewed",
+                      "The difference between the request time and the current time is too large.",
+                      headers=(("Date", "Sat, 01 Jan 2000 00:00:00 GMT"),))
+
+
+def test_clock_skewed_from_the_start_names_the_clock(proxy: FaultProxy, proxied: Cli, tmp_path: Path,
+                                                     journal_path: Path) -> None:
+    """Every request refused with RequestTimeTooSkewed (a HEAD, as S3 answers it, with no body):
+    exit 5, and the one error line says that the clock is the problem."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n"})
+    proxy.add_rule(Rule(lambda head: True, CLOCK_SKEWED))
+
+    result = proxied("upload", str(source))
+
+    assert result.exit_code == ExitCode.DESTINATION, (result.stdout, result.stderr)
+    assert proxy.snapshot().canned["RequestTimeTooSkewed"] >= 1
+    assert "clock" in result.stderr, result.stderr
+
+
+# -- the manifest write answered 412 ---------------------------------------------------------
+
+
+def manifest_put(head: RequestHead) -> bool:
+    return head.operation == "PutObject" and head.path.endswith("/manifest.json") \
+        and head.header("If-None-Match") == "*"
+
+
+PRECONDITION_FAILED = Canned(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+
+
+def test_manifest_write_lost_then_412_for_archups_own_manifest_is_adopted(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path) -> None:
+    """The server stores the manifest but its answer is lost; botocore's retry gets 412 (it
+    exists now): it is archup's own, identical manifest, so finalize succeeds, once."""
+    files = {"a.txt": b"alpha\n", "b.txt": b"bravo\n"}
+    source = write_tree(tmp_path / "src", files)
+    rule = proxy.add_rule(Rule(manifest_put, "lost-response", times=1))
+
+    result = proxied("upload", "--json", str(source))
+
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert rule.hits == 1 and proxy.snapshot().faults["lost-response"] == 1
+    summary = one_json_object(result.stdout)
+    assert summary["status"] == "enqueued"
+    assert_sealed_with_exactly(s3, bucket, summary["batch_id"], files)
+    # The retry really met a 412: the server keeps If-None-Match (a retry could not overwrite).
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        s3.put_object(Bucket=bucket, Key=summary["manifest_key"], Body=b"{}", IfNoneMatch="*")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+
+
+def test_manifest_written_by_someone_else_meanwhile_is_a_conflict(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """Between finalize's look and its write, another writer puts a different manifest.json:
+    the write gets 412, finalize refuses to claim the batch (exit 1, the batch not enqueued)
+    and leaves the other manifest untouched."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n"})
+    foreign = b'{"batch_id": "someone else", "entries": {"sha256": "0"}}\n'
+    written: list[str] = []
+
+    def concurrent_writer(head: RequestHead) -> bool:
+        if not manifest_put(head):
+            return False
+        key = head.path.split("/", 2)[2]
+        s3.put_object(Bucket=bucket, Key=key, Body=foreign)
+        written.append(key)
+        return True
+
+    proxy.add_rule(Rule(concurrent_writer, PRECONDITION_FAILED, times=1))
+
+    result = proxied("upload", str(source))
+
+    assert result.exit_code == ExitCode.ERROR, (result.stdout, result.stderr)
+    assert "already exists and describes other contents" in result.stderr
+    assert len(written) == 1 and get_bytes(s3, bucket, written[0]) == foreign
+    journal = Journal(journal_path)
+    try:
+        (batch,) = journal.list_batches()
+        assert batch.state is not BatchState.ENQUEUED and batch.manifest_key is None
+    finally:
+        journal.close()
+
+
+def test_manifest_write_refused_412_with_no_manifest_there_is_not_success(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """The manifest write is answered 412 but no manifest exists (a conflicting write that did
+    not stick, a confused server): finalize must not claim the batch sealed."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n"})
+    rule = proxy.add_rule(Rule(manifest_put, PRECONDITION_FAILED))
+
+    result = proxied("upload", "--json", str(source))
+
+    assert rule.hits >= 1
+    batch_id = only_batch(journal_path)
+    assert f"staging/{batch_id}/manifest.json" not in list_keys(s3, bucket, f"staging/{batch_id}/")
+    assert result.exit_code != 0, (result.stdout, result.stderr)
+    journal = Journal(journal_path)
+    try:
+        assert journal.get_batch(batch_id).state is not BatchState.ENQUEUED
+    finally:
+        journal.close()
