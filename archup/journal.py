@@ -10,6 +10,7 @@ forked child opens its own.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -35,6 +36,10 @@ from .states import BatchState, FileState, batch_can_move, file_can_move
 SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT = 30.0
 BATCH_TTL = timedelta(hours=24)
+# The scan's groups let the WAL grow to 64 MiB between checkpoints (a B-tree page
+# changed by several groups is copied back once): 20 % less insert time at 1,000,000
+# files. The WAL file keeps that size on disk afterwards; SQLite reuses it.
+SCAN_CHECKPOINT_PAGES = 16384
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
 _MIGRATIONS: tuple[str, ...] = (
@@ -178,6 +183,14 @@ class NewFile:
 
 
 @dataclass(frozen=True)
+class EncodedFiles:
+    """A group of new files made ready for one INSERT (see :meth:`Journal.encode_files`)."""
+
+    count: int
+    rows_json: str
+
+
+@dataclass(frozen=True)
 class BatchSummary:
     """What ``archup status`` shows: the batch row plus per-state counts."""
 
@@ -199,6 +212,22 @@ _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, r
                   "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
                  "error, attempts, updated_at, identity")
+
+
+_INSERT_FILE = ("INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING")
+# Rows of Journal.encode_files, in their order. "WHERE true" lets SQLite parse the
+# ON CONFLICT clause after a SELECT.
+_INSERT_FILES_JSON = (
+    "INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
+    "SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), "
+    "json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), "
+    "json_extract(value, '$[6]'), ?3 FROM json_each(?2) WHERE true ORDER BY key "
+    "ON CONFLICT (batch_id, rel_path) DO NOTHING")
+
+
+def _first(row: list[Any]) -> Any:
+    return row[0]
 
 
 def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
@@ -449,24 +478,44 @@ class Journal:
         if self.add_files(batch_id, [new_file]) != 1:
             raise IllegalTransition(f"batch {batch_id} already has file {new_file.rel_path!r}")
 
-    def add_files(self, batch_id: str, new_files: Iterable[NewFile], *, durable: bool = True) -> int:
+    @staticmethod
+    def encode_files(new_files: Iterable[NewFile]) -> EncodedFiles:
+        """New files as one JSON array for :meth:`add_files`, in path order; needs no connection.
+
+        The scan calls this in its walking thread, so the Python work of a group is done
+        while the previous group is being inserted. Path order puts neighbouring rows
+        on the same B-tree pages (the walk yields a directory in hash order).
+        """
+        rows = sorted(([f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, f.identity]
+                       for f in new_files), key=_first)
+        return EncodedFiles(len(rows), json.dumps(rows, ensure_ascii=False))
+
+    def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
+                  durable: bool = True) -> int:
         """Add files in one transaction; paths already in the batch are left as they are.
 
         Returns how many were new. ``durable=False`` (the scan) skips this commit's
         fsync: in WAL mode the next FULL commit (``mark_scan_complete``) syncs it
         along, and a scan that never reached that commit is simply run again.
         """
+        encoded = new_files if isinstance(new_files, EncodedFiles) else self.encode_files(new_files)
         now = isoformat(utcnow())
-        with self._synchronous("FULL" if durable else "NORMAL"), self.atomic() as conn:
+        with self._synchronous("FULL" if durable else "NORMAL"), \
+                self._pragma("wal_autocheckpoint", None if durable else SCAN_CHECKPOINT_PAGES), \
+                self.atomic() as conn:
             state = self._batch_state(conn, batch_id)
             if not state.accepts_files:
                 raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
+            if not encoded.count:
+                return 0
             before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING",
-                [(batch_id, f.rel_path, f.key, f.size, f.mtime_ns, f.state.value, f.error, f.identity, now)
-                 for f in new_files])
+            if "\\u0000" in encoded.rows_json:
+                # SQLite's JSON functions end a string at NUL; bind such a group row by row.
+                conn.executemany(_INSERT_FILE, [(batch_id, *row, now) for row in json.loads(encoded.rows_json)])
+            else:
+                # One statement for the whole group: sqlite3 releases the GIL for the
+                # entire insert, so the scan's walking thread runs meanwhile.
+                conn.execute(_INSERT_FILES_JSON, (batch_id, encoded.rows_json, now))
             return conn.total_changes - before
 
     def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
@@ -480,6 +529,20 @@ class Journal:
             (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value, batch.batch_id,
              batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url))), None)
         return None if row is None else str(row[0])
+
+    @contextmanager
+    def _pragma(self, name: str, value: int | None) -> Iterator[None]:
+        """A connection's integer setting changed for one block (None: left alone), then put back."""
+        if value is None:
+            yield
+            return
+        conn = self._connection()
+        previous = int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+        conn.execute(f"PRAGMA {name}={int(value)}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA {name}={previous}")
 
     @contextmanager
     def _synchronous(self, level: str) -> Iterator[None]:
@@ -664,11 +727,25 @@ class Journal:
                     "GROUP BY state", (batch_id,)):
                 counts[FileState(state)] = count
                 sizes[FileState(state)] = total
-            problems = [_file_from_row(r) for r in conn.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND state IN (?, ?) "
-                "ORDER BY key LIMIT ?",
+            problem_count = counts[FileState.FAILED] + counts[FileState.SKIPPED]
+            plan = self._problem_plan(problem_count, sum(counts.values()), problem_limit)
+            problems = [] if not problem_count else [_file_from_row(r) for r in conn.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state IN (?, ?) ORDER BY key LIMIT ?",
                 (batch_id, FileState.FAILED.value, FileState.SKIPPED.value, problem_limit))]
         return BatchSummary(_batch_from_row(row), counts, sizes, problems)
+
+    @staticmethod
+    def _problem_plan(problem_count: int, files_total: int, limit: int) -> str:
+        """How to find the first failed or skipped files in key order, given how many there are.
+
+        Walking the batch in key order stops after about ``limit * files_total / problem_count``
+        rows: quick when problems are common, a scan of the whole batch when they are rare
+        (1.4 s for 1,000,000 files). Reading just the problem rows through the state index
+        and sorting them costs ``problem_count``. Take whichever is smaller; the answer is the same.
+        """
+        if limit >= 0 and problem_count * problem_count > limit * files_total:
+            return ""
+        return "INDEXED BY files_by_state "
 
     def integrity_check(self) -> str:
         return str(self._query("PRAGMA integrity_check")[0][0])

@@ -3,15 +3,22 @@
 The walk never holds the whole file list: it keeps a stack of directories still
 to visit and yields files as ``os.scandir`` finds them. Symlinks are not
 followed; they, and anything that is not a regular file, are yielded with a
-skip reason so the batch reports them by name.
+skip reason so the batch reports them by name. :func:`read_ahead` runs a walk in
+its own thread, a bounded number of groups ahead of the journal writes.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import stat
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+G = TypeVar("G")
 
 FILES_DIR = "files/"
 """Source files live under ``<batch prefix>files/``; the manifest sits beside that
@@ -133,3 +140,67 @@ def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
             continue
         item = _item(rel_path, path, info)
         yield item if item is not None else ScanItem(rel_path, path, 0, 0, "listed in --files-from but a directory")
+
+
+class _Done:
+    """The producer's last message: the walk ended, normally or with ``error``."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def read_ahead(items: Iterable[T], group_size: int, prepare: Callable[[list[T]], G],
+               depth: int = 2) -> Generator[G, None, None]:
+    """``prepare(group)`` for each group of up to ``group_size`` items, computed in a background thread.
+
+    The walk (and ``prepare``) run while the caller writes the previous group, so a
+    journal insert that releases the GIL overlaps the Python-heavy walk. At most
+    ``depth`` prepared groups wait in the queue: the producer blocks when the caller
+    falls behind, so memory stays bounded by ``(depth + 2) * group_size`` items.
+    An exception in the walk is raised here, in the caller's thread. Stopping early
+    (break, an exception, close()) stops the producer at its next item.
+    """
+    if group_size < 1 or depth < 1:
+        raise ValueError(f"group_size and depth must be at least 1 (got {group_size}, {depth})")
+    handoff: queue.Queue[G | _Done] = queue.Queue(maxsize=depth)
+    cancelled = threading.Event()
+
+    def put(message: G | _Done) -> bool:
+        while not cancelled.is_set():
+            try:
+                handoff.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            group: list[T] = []
+            for item in items:
+                if cancelled.is_set():
+                    return
+                group.append(item)
+                if len(group) >= group_size:
+                    if not put(prepare(group)):
+                        return
+                    group = []
+            if group and not put(prepare(group)):
+                return
+            put(_Done())
+        except BaseException as error:  # noqa: BLE001 -- handed to the caller, who re-raises it
+            put(_Done(error))
+
+    producer = threading.Thread(target=produce, name="archup-scan", daemon=True)
+    producer.start()
+    try:
+        while True:
+            message = handoff.get()
+            if isinstance(message, _Done):
+                if message.error is not None:
+                    raise message.error
+                return
+            yield message
+    finally:
+        cancelled.set()
+        producer.join()

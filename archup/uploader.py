@@ -25,7 +25,7 @@ import queue
 import stat
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import IO, Protocol
@@ -33,7 +33,7 @@ from typing import IO, Protocol
 from .crashpoints import crash_point
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
-from .scan import ScanItem, identity_of, object_key, scan, scan_list
+from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, MultipartChecksum, S3Store, UploadedPart, b64, crc32_b64, crc32_combine
 
@@ -270,25 +270,35 @@ class Uploader:
             self.journal.set_batch_state(self.batch_id, BatchState.FAILED, error=reason)
 
     def _scan_into_journal(self) -> None:
-        group: list[NewFile] = []
         prefix = self.batch.batch_prefix
         root, select = self.batch.source_root, self.options.select
         items = (scan_list(root, self.options.files_from, select) if self.options.files_from is not None
                  else scan(root, select))
-        for item in items:
-            if self.stop.is_set():
-                return
-            if self.options.skip_archived and item.skip_reason is None:
-                archived = self.journal.archived_in(self.batch, item.rel_path, item.size, item.mtime_ns)
-                if archived is not None:
-                    item = replace(item, skip_reason=f"{ARCHIVED_REASON} {archived}")
-            group.append(self._new_file(prefix, item))
-            if len(group) >= SCAN_GROUP:
+        stopped = False
+
+        def new_files() -> Iterator[NewFile]:  # runs in read_ahead's thread
+            nonlocal stopped
+            for item in items:
+                if self.stop.is_set():
+                    stopped = True
+                    return
+                if self.options.skip_archived and item.skip_reason is None:
+                    archived = self.journal.archived_in(self.batch, item.rel_path, item.size, item.mtime_ns)
+                    if archived is not None:
+                        item = replace(item, skip_reason=f"{ARCHIVED_REASON} {archived}")
+                yield self._new_file(prefix, item)
+
+        # The walk runs a few groups ahead in its own thread while this one inserts.
+        groups = read_ahead(new_files(), SCAN_GROUP, Journal.encode_files)
+        try:
+            for group in groups:
+                if self.stop.is_set():
+                    return
                 self.journal.add_files(self.batch_id, group, durable=False)
-                group = []
-        if group:
-            self.journal.add_files(self.batch_id, group, durable=False)
-        self.journal.mark_scan_complete(self.batch_id)
+        finally:
+            groups.close()  # stops the walking thread now, whatever ended the loop
+        if not stopped:
+            self.journal.mark_scan_complete(self.batch_id)
 
     @staticmethod
     def _new_file(prefix: str, item: ScanItem) -> NewFile:

@@ -9,9 +9,11 @@ on local disk, then, each in a child process so its peak RSS is its own:
 The scan is also run on a tenth of the files: peak RSS that stays flat from
 COUNT/10 to COUNT is what "bounded memory" means. Then `archup status BATCH`
 is timed as a subprocess. Targets: >= 50,000 files/s scan, status < 1 s.
-The files are removed at the end.
+The files are removed at the end, unless --tree keeps them for the next run.
+Each scan is run --runs times on a fresh journal; the table shows medians.
 
-    .venv/bin/python scripts/bench_scale.py [--count 1000000] [--dir /var/tmp]
+    .venv/bin/python scripts/bench_scale.py [--count 1000000] [--dir /var/tmp] [--runs 3]
+    .venv/bin/python scripts/bench_scale.py --tree /var/tmp/archup-scale-tree --runs 3   # reuse the files
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def child(mode: str, source: str, journal_path: str) -> None:
     from archup.journal import Journal
     from archup.scan import scan
     from archup.store import S3Store
-    from archup.uploader import UploadOptions, Uploader
+    from archup.uploader import Uploader, UploadOptions
 
     if mode == "walk":
         start = time.perf_counter()
@@ -102,23 +104,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--dir", default=None, help="parent of the temp directory (local disk; default: $TMPDIR)")
+    parser.add_argument("--runs", type=int, default=1, help="scans of each tree (fresh journal each); medians")
+    parser.add_argument("--tree", type=Path, default=None,
+                        help="keep the files in this directory (made once if missing) and reuse them next time")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="archup-bench-scale-", dir=args.dir))
-    report: dict[str, Any] = {"count": args.count, "load_start": os.getloadavg()}
+    tree = args.tree or work
+    report: dict[str, Any] = {"count": args.count, "runs": args.runs, "load_start": os.getloadavg()}
     try:
         tenth = max(1000, args.count // 10)
-        small_src, big_src = work / "tenth", work / "all"
-        small_src.mkdir()
-        big_src.mkdir()
-        print(f"making {tenth:,} + {args.count:,} empty files under {work} ...", file=sys.stderr, flush=True)
-        make_files(small_src, tenth)
-        report["make_seconds"] = make_files(big_src, args.count)
-        print(f"  {report['make_seconds']:.0f} s", file=sys.stderr, flush=True)
-        report["walk"] = run_child("walk", big_src, work / "unused.db")
-        report["scan_tenth"] = run_child("scan", small_src, work / "tenth.db")
-        report["scan"] = run_child("scan", big_src, work / "journal.db")
+        small_src, big_src = tree / f"tenth-{tenth}", tree / f"all-{args.count}"
+        for source, count in ((small_src, tenth), (big_src, args.count)):
+            if not source.exists():
+                print(f"making {count:,} empty files under {source} ...", file=sys.stderr, flush=True)
+                partial = source.with_name(source.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+                report["make_seconds"] = make_files(partial, count)
+                partial.rename(source)
+                print(f"  {report['make_seconds']:.0f} s", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {"walk": [], "scan_tenth": [], "scan": []}
+        for run in range(args.runs):
+            for journal in work.glob("*.db*"):
+                journal.unlink()
+            runs["walk"].append(run_child("walk", big_src, work / "unused.db"))
+            runs["scan_tenth"].append(run_child("scan", small_src, work / "tenth.db"))
+            runs["scan"].append(run_child("scan", big_src, work / "journal.db"))
+            print(f"  run {run + 1}: scan {runs['scan'][-1]['files_per_s']:,.0f} files/s", file=sys.stderr, flush=True)
+        report["runs_detail"] = runs
+        for mode, results in runs.items():
+            report[mode] = {field: statistics.median(r[field] for r in results) for field in results[0]}
         report["journal_mib"] = sum(p.stat().st_size for p in work.glob("journal.db*")) / MiB
         report["status_seconds"] = time_status(work / "journal.db")
         report["load_end"] = os.getloadavg()
@@ -127,6 +144,7 @@ def main() -> int:
 
     scan, walk, tenth_scan = report["scan"], report["walk"], report["scan_tenth"]
     status = statistics.median(report["status_seconds"])
+    print(f"{args.runs} run(s), medians; load {report['load_start'][0]:.2f} -> {report['load_end'][0]:.2f}")
     print(f"| measure | value | target | verdict |\n|---|---|---|---|\n"
           f"| walk only (archup.scan.scan) | {walk['files_per_s']:,.0f} files/s, {walk['maxrss_mib']:.0f} MiB | - | - |\n"
           f"| scan into journal, {scan['files']:,} files | {scan['files_per_s']:,.0f} files/s "
