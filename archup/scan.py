@@ -2,13 +2,16 @@
 
 The walk never holds the whole file list: it keeps a stack of directories still
 to visit and yields files as ``os.scandir`` finds them. Symlinks are not
-followed; they, and anything that is not a regular file, are yielded with a
-skip reason so the batch reports them by name. :func:`read_ahead` runs a walk in
+followed unless asked (``follow_symlinks``, then only to a target inside the
+source root, and never into a directory already on the path: no loop); they,
+and anything that is not a regular file, are yielded with a skip reason so the
+batch reports them by name. :func:`read_ahead` runs a walk in
 its own thread, a bounded number of groups ahead of the journal writes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import stat
@@ -78,12 +81,55 @@ def _item(rel_path: str, path: str, info: os.stat_result) -> ScanItem | None:
     return ScanItem(rel_path, path, 0, info.st_mtime_ns, "not a regular file (fifo, socket or device)")
 
 
-def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = None) -> Iterator[ScanItem]:
-    """Every file under root (depth first, directories as a stack, never the whole list)."""
+def inside(root_real: str, path: str) -> bool:
+    """Whether a resolved path is the root itself or lies under it."""
+    return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+DirId = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _follow(rel_path: str, path: str, root_real: str,
+            ancestors: tuple[DirId, ...]) -> ScanItem | tuple[os.stat_result, DirId]:
+    """A symlink met with follow_symlinks: the item it stands for (a file, or a skip with
+    its reason), or the stat and id of the directory it leads to, to walk."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return ScanItem(rel_path, path, 0, 0, "symlink loop (not followed)")
+        if error.errno == errno.ENOENT:
+            return ScanItem(rel_path, path, 0, 0, "dangling symlink (its target does not exist)")
+        return ScanItem(rel_path, path, 0, 0, f"symlink unreadable: {error.strerror}")
+    if not inside(root_real, os.path.realpath(path)):
+        return ScanItem(rel_path, path, 0, info.st_mtime_ns, "symlink leads out of the source root (not followed)")
+    if stat.S_ISDIR(info.st_mode):
+        directory = (info.st_dev, info.st_ino)
+        if directory in ancestors:
+            return ScanItem(rel_path, path, 0, info.st_mtime_ns,
+                            "symlink loop: leads to a directory above it (not followed)")
+        return info, directory
+    if stat.S_ISREG(info.st_mode):
+        return ScanItem(rel_path, path, info.st_size, info.st_mtime_ns, identity=identity_of(info))
+    return ScanItem(rel_path, path, 0, info.st_mtime_ns, "not a regular file (fifo, socket or device)")
+
+
+def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = None, *,
+         follow_symlinks: bool = False) -> Iterator[ScanItem]:
+    """Every file under root (depth first, directories as a stack, never the whole list).
+
+    With ``follow_symlinks`` a symlink to a file or directory inside the root is taken
+    as what it points to, under the symlink's own path; one that leads out of the root,
+    dangles, or leads to a directory on its own path (a loop) is skipped with the reason.
+    """
     root_path = os.fspath(root)
-    pending: list[tuple[str, str]] = [(root_path, "")]
+    root_real = os.path.realpath(root_path)
+    root_info = os.stat(root_path)
+    # Each directory still to visit carries the (device, inode) of the directories on its
+    # path: a followed symlink into one of them would walk for ever.
+    pending: list[tuple[str, str, tuple[DirId, ...]]] = [(root_path, "", ((root_info.st_dev, root_info.st_ino),))]
     while pending:
-        directory, rel_dir = pending.pop()
+        directory, rel_dir, ancestors = pending.pop()
         try:
             entries = os.scandir(directory)
         except OSError as error:
@@ -105,9 +151,17 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
                 except OSError as error:
                     yield ScanItem(rel_path, entry.path, 0, 0, f"vanished or unreadable: {error.strerror}")
                     continue
+                if follow_symlinks and stat.S_ISLNK(info.st_mode):
+                    followed = _follow(rel_path, entry.path, root_real, ancestors)
+                    if isinstance(followed, ScanItem):
+                        if select is None or select(rel_path):
+                            yield followed
+                    else:
+                        pending.append((entry.path, rel_path + "/", ancestors + (followed[1],)))
+                    continue
                 item = _item(rel_path, entry.path, info)
                 if item is None:
-                    pending.append((entry.path, rel_path + "/"))
+                    pending.append((entry.path, rel_path + "/", ancestors + ((info.st_dev, info.st_ino),)))
                 elif select is None or select(rel_path):
                     yield item
 
@@ -122,13 +176,19 @@ def _symlinked_parent(root: str, rel_path: str) -> str | None:
 
 
 def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
-              select: Callable[[str], bool] | None = None) -> Iterator[ScanItem]:
+              select: Callable[[str], bool] | None = None, *, follow_symlinks: bool = False) -> Iterator[ScanItem]:
     """The files a --files-from list names, in its order; a listed path that is missing is reported."""
     root_path = os.fspath(root)
+    root_real = os.path.realpath(root_path)
     for rel_path in rel_paths:
         if select is not None and not select(rel_path):
             continue
         path = os.path.join(root_path, rel_path)
+        if follow_symlinks and os.path.lexists(path):
+            followed = _follow(rel_path, path, root_real, ())
+            yield (followed if isinstance(followed, ScanItem)
+                   else ScanItem(rel_path, path, 0, 0, "listed in --files-from but a directory"))
+            continue
         parent = _symlinked_parent(root_path, rel_path)
         if parent is not None:
             yield ScanItem(rel_path, path, 0, 0, f"symlink (not followed): {parent}")

@@ -33,7 +33,7 @@ from typing import IO, Protocol
 from .crashpoints import crash_point
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
-from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
+from .scan import ScanItem, identity_of, inside, object_key, read_ahead, scan, scan_list
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, MultipartChecksum, S3Store, UploadedPart, b64, crc32_b64, crc32_combine
 
@@ -87,6 +87,7 @@ class UploadOptions:
     files_from: tuple[str, ...] | None = None     # --files-from: only these paths
     skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
     prehash: bool = True                          # hash a multipart file first, for its object metadata
+    follow_symlinks: bool = False                 # take a symlink inside the source root as its target
 
 
 @dataclass
@@ -190,6 +191,11 @@ class FileChanged(Exception):
     """The file differs from what the scan recorded (size, mtime) or was short-read."""
 
 
+class PathEscaped(FileChanged):
+    """What was opened is not the file the scan found there: a directory on its path was
+    replaced by a symlink, or (following symlinks) one now leads out of the source root."""
+
+
 class _MultipartFile:
     """Book-keeping for one multipart file whose parts are spread over the pool."""
 
@@ -232,6 +238,9 @@ class Uploader:
         self._slots = threading.BoundedSemaphore(options.parallel * 2)
         self._budget = ByteBudget(options.parallel * options.part_size)
         self._writer: CompletionWriter  # one per send()
+        # Every open is checked against where the file must be (see _open_regular).
+        self._root_real = os.path.realpath(self.batch.source_root)
+        self._guard = PathGuard(within=self._root_real) if options.follow_symlinks else PathGuard(exact=True)
 
     # -- the run ------------------------------------------------------------
 
@@ -241,7 +250,9 @@ class Uploader:
         return self.send()
 
     def _path(self, record: FileRecord) -> str:
-        return os.path.join(self.batch.source_root, record.rel_path)
+        path = os.path.join(self._root_real, record.rel_path)
+        # Following symlinks, the file is opened where its links lead (checked inside the root).
+        return os.path.realpath(path) if self.options.follow_symlinks else path
 
     def scan(self) -> None:
         """Write every file of the source into the journal (grouped transactions), then mark the scan complete."""
@@ -272,8 +283,9 @@ class Uploader:
     def _scan_into_journal(self) -> None:
         prefix = self.batch.batch_prefix
         root, select = self.batch.source_root, self.options.select
-        items = (scan_list(root, self.options.files_from, select) if self.options.files_from is not None
-                 else scan(root, select))
+        follow = self.options.follow_symlinks
+        items = (scan_list(root, self.options.files_from, select, follow_symlinks=follow)
+                 if self.options.files_from is not None else scan(root, select, follow_symlinks=follow))
         stopped = False
 
         def new_files() -> Iterator[NewFile]:  # runs in read_ahead's thread
@@ -388,7 +400,7 @@ class Uploader:
     def _rescan(self, record: FileRecord, path: str) -> FileRecord:
         """A file to send again takes its current size and mtime (it may have changed since the scan)."""
         try:
-            info = os.lstat(path)
+            info = os.stat(path) if self.options.follow_symlinks else os.lstat(path)
         except OSError:
             return record  # the read reports it (vanished, unreadable)
         if not stat.S_ISREG(info.st_mode) or _same_file(info, record):
@@ -402,7 +414,7 @@ class Uploader:
         self.observer.on_file_started(record.rel_path, record.size)
         for attempt in range(1, CHANGED_ATTEMPTS + 1):
             try:
-                body = _read_whole(path, record)
+                body = _read_whole(path, record, self._guard)
                 break
             except FileChanged as error:
                 fresh = self._rescan(record, path)
@@ -494,7 +506,7 @@ class Uploader:
         if not parts or found is None or found.size != record.size or found.etag != multipart_etag(parts):
             return False
         try:
-            sha256 = _hash_file(self._path(record), record)
+            sha256 = _hash_file(self._path(record), record, self._guard)
         except (OSError, FileChanged):
             return False
         self._uploaded(record, sha256, found.etag)
@@ -504,7 +516,7 @@ class Uploader:
         """Runs in the dispatching thread: reads the file part by part, hashing, and hands
         each part that the server does not already hold to the pool."""
         try:
-            handle = _open_regular(path)
+            handle = _open_regular(path, self._guard)
             _check_unchanged(os.fstat(handle.fileno()), record)
         except (OSError, FileChanged) as error:
             if record.state is not FileState.UPLOADING:
@@ -675,8 +687,8 @@ def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
     return configured
 
 
-def _hash_file(path: str, record: FileRecord) -> str:
-    with _open_regular(path) as handle:
+def _hash_file(path: str, record: FileRecord, guard: PathGuard | None = None) -> str:
+    with _open_regular(path, guard) as handle:
         return _hash_handle(handle, record)
 
 
@@ -712,11 +724,36 @@ def _check_unchanged(info: os.stat_result, record: FileRecord) -> None:
                           f"inode or ctime changed: {identity_of(info) != record.identity})")
 
 
-def _open_regular(path: str) -> IO[bytes]:
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel resolved for an open file (Linux: /proc/self/fd); None if unknown."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class PathGuard:
+    """Where an opened file must turn out to be: ``exact``, the very path asked for (no
+    directory on the way swapped for a symlink since the scan); ``within``, inside that
+    directory (following symlinks, but never out of the source root)."""
+
+    within: str | None = None
+    exact: bool = False
+
+
+def _open_regular(path: str, guard: PathGuard | None = None) -> IO[bytes]:
     """Open for reading without following a symlink or blocking on a FIFO that replaced the
-    file since the scan; anything but a regular file is refused."""
+    file since the scan; anything but a regular file is refused. Then the guard is checked
+    against what the kernel says it opened."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
+        opened = _opened_path(fd) if guard is not None else None
+        if guard is not None and opened is not None:
+            if guard.exact and opened != path:
+                raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
+            if guard.within and not inside(guard.within, opened):
+                raise PathEscaped("a symlink on its path now leads out of the source root (not followed)")
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "replaced by a directory", path)
@@ -729,8 +766,8 @@ def _open_regular(path: str) -> IO[bytes]:
         raise
 
 
-def _read_whole(path: str, record: FileRecord) -> bytes:
-    with _open_regular(path) as handle:
+def _read_whole(path: str, record: FileRecord, guard: PathGuard | None = None) -> bytes:
+    with _open_regular(path, guard) as handle:
         _check_unchanged(os.fstat(handle.fileno()), record)
         body = handle.read(record.size + 1)
         if len(body) != record.size:

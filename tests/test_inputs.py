@@ -841,13 +841,3 @@ def test_file_changing_during_multipart_upload_is_failed_and_its_upload_aborted(
         rerun = cli("upload", "--part-size", "5MiB", str(source))
         assert rerun.exit_code == 0, rerun.stderr
         check_batch(cli, s3, bucket, uploaded={**files, "big.bin": big.read_bytes()}, finalized=True)
-
-
-# -- left out --------------------------------------------------------------------------------------
-
-
-def test_follow_symlinks_option_does_not_exist_yet(cli, tmp_path: Path) -> None:
-    """--follow-symlinks is left out (docs/reliability.md): the option is refused, exit 2."""
-    (tmp_path / "src").mkdir()
-    result = cli("upload", "--follow-symlinks", str(tmp_path / "src"))
-    assert result.exit_code == 2

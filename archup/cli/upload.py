@@ -15,7 +15,6 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from ulid import ULID
 
 from ..batches import find_resumable, write_marker
 from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
@@ -136,10 +135,12 @@ def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ...] | None, as_json: bool) -> None:
+def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ...] | None, as_json: bool,
+             follow_symlinks: bool) -> None:
     """Scan with the selection applied and say what an upload would send; no bucket, no journal."""
     select = selector if selector.active else None
-    items = scan_list(source, listed, select) if listed is not None else scan(source, select)
+    items = (scan_list(source, listed, select, follow_symlinks=follow_symlinks) if listed is not None
+             else scan(source, select, follow_symlinks=follow_symlinks))
     count = total = skipped = 0
     first: list[str] = []
     for item in items:
@@ -188,6 +189,9 @@ TimeoutOption = Annotated[float, typer.Option(
     "(the read timeout).")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     "--connect-timeout", help="Seconds to wait for a connection to the endpoint.")]
+FollowOption = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Take a symlink to a file or directory inside DIR as what it points to; "
+    "links out of DIR, dangling links and loops are skipped. Pass it again when resuming.")]
 PrehashOption = Annotated[bool, typer.Option(
     "--prehash/--no-prehash",
     help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
@@ -223,6 +227,7 @@ def upload(
         "--files-from", help="Only the relative paths listed in this file, one a line.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; touch neither "
                                           "bucket nor journal.")] = False,
+    follow_symlinks: FollowOption = False,
     skip_archived: Annotated[bool, typer.Option(
         "--skip-archived", help="Skip files unchanged (path, size, mtime) since an earlier finalized batch "
         "of this source to this destination.")] = False,
@@ -274,7 +279,7 @@ def upload(
     selector = Selector(include or (), exclude or ())
     listed = tuple(read_files_from(files_from)) if files_from else None
     if dry_run:
-        _dry_run(source, key_prefix, selector, listed, json_output)
+        _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
         return
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
@@ -289,7 +294,7 @@ def upload(
     store.check_bucket()
     talk = not (quiet or json_output)
     selection = UploadOptions(select=selector if selector.active else None, files_from=listed,
-                              skip_archived=skip_archived, prehash=prehash)
+                              skip_archived=skip_archived, prehash=prehash, follow_symlinks=follow_symlinks)
 
     with open_journal(journal_path) as journal, \
             source_lock(journal.path, source, bucket, key_prefix, endpoint):
@@ -306,6 +311,8 @@ def upload(
                 print(f"archup: resuming unfinished batch {record.batch_id} of {source} "
                       "(--new-batch starts a new one)", file=sys.stderr)
         if record is None:
+            from ulid import ULID  # here, not at the top: only a new batch needs it
+
             record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
                                         part_size=part_bytes, endpoint_url=endpoint, region=region)
             resumed = False
@@ -327,6 +334,7 @@ def resume(
     checksum: ChecksumOption = ChecksumMode.SHA256,
     full_object_checksum: FullObjectOption = True,
     prehash: PrehashOption = True,
+    follow_symlinks: FollowOption = False,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
     no_finalize: NoFinalizeOption = False,
@@ -349,7 +357,7 @@ def resume(
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
                           no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          selection=UploadOptions(prehash=prehash))
+                          selection=UploadOptions(prehash=prehash, follow_symlinks=follow_symlinks))
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
