@@ -136,7 +136,7 @@ EXIT_CODE_TABLE: tuple[tuple[int, str], ...] = (
     (ExitCode.OK, "batch complete (finalized), or the command did what it was asked"),
     (ExitCode.ERROR, "error (journal unusable, manifest conflict, unexpected failure)"),
     (ExitCode.USAGE, "usage or bad input: missing directory, malformed or unknown batch id, bad option"),
-    (ExitCode.PARTIAL, "partial: some files failed or are not uploaded; the batch is resumable"),
+    (ExitCode.PARTIAL, "partial: some files failed or are not uploaded (the batch is resumable), or could not be read (the batch is sealed without them)"),
     (ExitCode.BUSY, "busy: another archup owns the batch or holds the journal"),
     (ExitCode.DESTINATION, "destination or credentials unusable"),
     (ExitCode.INTERRUPTED, "interrupted (SIGINT/SIGTERM); the batch is resumable"),

@@ -518,6 +518,18 @@ class Journal:
                 conn.execute(_INSERT_FILES_JSON, (batch_id, encoded.rows_json, now))
             return conn.total_changes - before
 
+    def count_skipped(self, batch_id: str, reasons: Iterable[str]) -> int:
+        """How many of the batch's skipped files were skipped for a reason starting with one of these."""
+        prefixes = list(reasons)
+        if not prefixes:
+            return 0
+        match = " OR ".join("substr(error, 1, ?) = ?" for _ in prefixes)
+        args: list[Any] = [batch_id, FileState.SKIPPED.value]
+        for prefix in prefixes:
+            args += [len(prefix), prefix]
+        rows = self._query(f"SELECT count(*) FROM files WHERE batch_id = ? AND state = ? AND ({match})", tuple(args))
+        return int(rows[0][0])
+
     def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
         """The newest finalized batch of the same source and destination holding this file
         unchanged (same path, size and mtime), if any."""

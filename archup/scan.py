@@ -23,6 +23,10 @@ from typing import TypeVar
 T = TypeVar("T")
 G = TypeVar("G")
 
+# Skip reasons that are not a policy but a failure to read what should be archived: a
+# run that meets one still seals what it could, and exits 3 (partial).
+UNREADABLE_REASONS = ("directory unreadable", "vanished or unreadable", "symlink unreadable")
+
 FILES_DIR = "files/"
 """Source files live under ``<batch prefix>files/``; the manifest sits beside that
 folder, so no source file name can collide with it."""
@@ -100,7 +104,7 @@ def _follow(rel_path: str, path: str, root_real: str,
             return ScanItem(rel_path, path, 0, 0, "symlink loop (not followed)")
         if error.errno == errno.ENOENT:
             return ScanItem(rel_path, path, 0, 0, "dangling symlink (its target does not exist)")
-        return ScanItem(rel_path, path, 0, 0, f"symlink unreadable: {error.strerror}")
+        return ScanItem(rel_path, path, 0, 0, f"{UNREADABLE_REASONS[2]}: {error.strerror}")
     if not inside(root_real, os.path.realpath(path)):
         return ScanItem(rel_path, path, 0, info.st_mtime_ns, "symlink leads out of the source root (not followed)")
     if stat.S_ISDIR(info.st_mode):
@@ -135,7 +139,7 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
         except OSError as error:
             if rel_dir:
                 yield ScanItem(_printable(rel_dir.rstrip("/")), directory, 0, 0,
-                               f"directory unreadable: {error.strerror}")
+                               f"{UNREADABLE_REASONS[0]}: {error.strerror}")
                 continue
             raise
         with entries:
@@ -149,7 +153,7 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
                 try:
                     info = entry.stat(follow_symlinks=False)
                 except OSError as error:
-                    yield ScanItem(rel_path, entry.path, 0, 0, f"vanished or unreadable: {error.strerror}")
+                    yield ScanItem(rel_path, entry.path, 0, 0, f"{UNREADABLE_REASONS[1]}: {error.strerror}")
                     continue
                 if follow_symlinks and stat.S_ISLNK(info.st_mode):
                     followed = _follow(rel_path, entry.path, root_real, ancestors)

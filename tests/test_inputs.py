@@ -841,3 +841,34 @@ def test_file_changing_during_multipart_upload_is_failed_and_its_upload_aborted(
         rerun = cli("upload", "--part-size", "5MiB", str(source))
         assert rerun.exit_code == 0, rerun.stderr
         check_batch(cli, s3, bucket, uploaded={**files, "big.bin": big.read_bytes()}, finalized=True)
+
+
+def test_an_unreadable_directory_alone_seals_the_rest_and_exits_partial(cli, s3, bucket, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No file failed, but a directory could not be listed: its files should be archived and
+    are not, so the run is partial (exit 3), though the batch is sealed with what was read."""
+    source = tmp_path / "src"
+    files = {"ok.txt": b"readable\n", "sub/also-ok.txt": b"also readable\n"}
+    for rel, data in files.items():
+        write(source / rel, data)
+    write(source / "locked-dir" / "inner.txt", b"never read\n")
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path).endswith("locked-dir"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, summary = upload_json(cli, source)
+    assert code == 3, summary
+    assert (summary["status"], summary["files_unreadable"], summary["files_skipped"]) == ("enqueued", 1, 1)
+    check_batch(cli, s3, bucket, uploaded=files, skipped={"locked-dir": "directory unreadable"}, finalized=True)
+
+    # A skip by policy alone (a symlink) is no failure: exit 0, nothing unreadable.
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    (source / "locked-dir" / "inner.txt").unlink()
+    (source / "locked-dir").rmdir()
+    os.symlink("ok.txt", source / "link")
+    code, summary = upload_json(cli, source, "--new-batch")
+    assert (code, summary["files_unreadable"], summary["files_skipped"]) == (0, 0, 1), summary

@@ -21,7 +21,7 @@ from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
 from ..journal import BatchRecord, Journal
 from ..lock import BatchLock, source_lock
-from ..scan import display_path, object_key, scan, scan_list
+from ..scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
@@ -418,7 +418,15 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
         return
     summary = finalize(journal, store, batch_id).as_dict()
     summary["bytes_sent"] = result.bytes_sent
+    unreadable = journal.count_skipped(batch_id, UNREADABLE_REASONS)
+    summary["files_unreadable"] = unreadable
     if json_output:
         emit_json(summary)
     elif not quiet:
         print_fields(list(summary.items()))
+    if unreadable:
+        # Sealed with what could be read; the exit code still tells cron that something
+        # that should be archived is not (as rclone and the AWS CLI do).
+        raise BatchIncomplete(f"batch {batch_id} sealed without {unreadable} path(s) that could not be read "
+                              f"(named above; 'archup status {batch_id}' lists them); make them readable and "
+                              "run again (--skip-archived sends only what is missing)")
