@@ -4,6 +4,7 @@
 Tools, one run of each per round (interleaved, the start rotated every round so
 no tool always runs first on a cold or warm machine):
   archup   archup upload --parallel N --json (fresh journal, fresh bucket per run)
+  archup-noprehash  the same with --no-prehash (no whole-file read before a multipart upload)
   aws      aws s3 cp --recursive, max_concurrent_requests = N (temp AWS_CONFIG_FILE)
   rclone   rclone copy --transfers N (configured through RCLONE_CONFIG_BENCH_*)
   rclone-nohead  the same with --s3-no-head (needed on moto for multipart objects)
@@ -225,6 +226,13 @@ def count_and_empty(client, bucket: str) -> int:  # type: ignore[no-untyped-def]
 
 # -- the tools ----------------------------------------------------------------
 
+# archup runs with its defaults; a variant adds flags (its ratios against every
+# other tool, archup included, are reported like archup's own).
+ARCHUP_VARIANTS: dict[str, list[str]] = {
+    "archup": [],
+    "archup-noprehash": ["--no-prehash"],
+}
+
 @dataclass
 class Run:
     server: str
@@ -243,10 +251,11 @@ class Run:
 def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: int, dataset: str,
                  tmp: Path, sha256_peers: bool) -> tuple[list[str], dict[str, str]]:
     env = clean_env()
-    if tool == "archup":
+    if tool in ARCHUP_VARIANTS:
         cmd = [str(ROOT / ".venv" / "bin" / "archup"), "upload", str(src), "--bucket", bucket,
                "--endpoint-url", endpoint, "--region", REGION, "--parallel", str(parallel),
-               "--journal", str(tmp / "journal.db"), "--prefix", "bench/", "--json", "--quiet"]
+               "--journal", str(tmp / "journal.db"), "--prefix", "bench/", "--json", "--quiet",
+               *ARCHUP_VARIANTS[tool]]
         return cmd, env
     if tool == "aws":
         config = tmp / "aws-config"
@@ -545,11 +554,13 @@ def summarize(runs: list[Run]) -> list[Summary]:
     # archup / peer: ratio of medians and median of same-round ratios.
     by_key = {(s.server, s.dataset, s.parallel, s.tool): s for s in out}
     for summary in out:
-        if summary.tool != "archup":
+        if summary.tool not in ARCHUP_VARIANTS:
             continue
-        mine = {r.round: r for r in groups[(summary.server, summary.dataset, summary.parallel, "archup")] if r.ok}
+        mine = {r.round: r for r in groups[(summary.server, summary.dataset, summary.parallel, summary.tool)]
+                if r.ok}
         for (server, dataset, parallel, tool), group in groups.items():
-            if (server, dataset, parallel) != (summary.server, summary.dataset, summary.parallel) or tool == "archup":
+            if (server, dataset, parallel) != (summary.server, summary.dataset, summary.parallel) \
+                    or tool == summary.tool:
                 continue
             peer = by_key[(server, dataset, parallel, tool)]
             pairs = [(mine[r.round], r) for r in group if r.ok and r.round in mine]
@@ -568,16 +579,16 @@ def summarize(runs: list[Run]) -> list[Summary]:
 def markdown(summaries: list[Summary]) -> str:
     lines = ["| server | dataset | N | tool | runs (failed) | wall s | rate | CPU s | CPU ms/file | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    order = {"archup": 0, "boto3": 1, "aws": 2, "rclone": 3, "rclone-nohead": 4}
+    order = {"archup": 0, "archup-noprehash": 0.5, "boto3": 1, "aws": 2, "rclone": 3, "rclone-nohead": 4}
     summaries = sorted(summaries, key=lambda s: (s.server, s.dataset, s.parallel, order.get(s.tool, 9)))
     for s in summaries:
         lines.append(f"| {s.server} | {s.dataset} | {s.parallel} | {s.tool} | {s.runs} ({s.failed}) | "
                      f"{s.wall:.2f} | {s.rate} | {s.cpu:.2f} | {s.cpu_per_file_ms:.2f} | {s.maxrss_mib:.0f} |")
     lines += ["", "archup / peer (ratio of medians; in brackets the median of same-round ratios):", "",
-              "| server | dataset | N | vs | wall | CPU | peak RSS |", "|---|---|---|---|---|---|---|"]
+              "| server | dataset | N | tool | vs | wall | CPU | peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         for tool, r in sorted(s.ratios.items(), key=lambda kv: order.get(kv[0], 9)):
-            lines.append(f"| {s.server} | {s.dataset} | {s.parallel} | {tool} | {r['wall']:.2f} ({r['wall_paired']:.2f}) | "
+            lines.append(f"| {s.server} | {s.dataset} | {s.parallel} | {s.tool} | {tool} | {r['wall']:.2f} ({r['wall_paired']:.2f}) | "
                          f"{r['cpu']:.2f} ({r['cpu_paired']:.2f}) | {r['rss']:.2f} |")
     return "\n".join(lines)
 
@@ -631,7 +642,7 @@ def main() -> int:
     parser.add_argument("--parallel", default="5,16", help="values of N, comma separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tools", default="archup,boto3,aws,rclone",
-                        help="archup, boto3, aws, rclone, rclone-nohead; on moto 'rclone' runs as rclone-nohead "
+                        help="archup, archup-noprehash, boto3, aws, rclone, rclone-nohead; on moto 'rclone' runs as rclone-nohead "
                              "(its post-upload HEAD fails there for multipart objects)")
     parser.add_argument("--sha256-peers", default="large", choices=["large", "all", "none"],
                         help="datasets on which aws and boto3 send SHA-256 checksums (archup always does)")
