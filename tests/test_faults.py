@@ -37,6 +37,7 @@ from faultproxy import (
     Rule,
     operation_is,
 )
+from test_crash import write_tree
 from testdata import pattern_bytes
 from ulid import ULID
 
@@ -65,14 +66,6 @@ def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
 def proxied(proxy: FaultProxy, bucket: str, journal_path: Path) -> Cli:
     """archup's CLI (in-process) with its endpoint at the proxy."""
     return Cli(proxy.url, bucket, journal_path)
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for rel_path, data in files.items():
-        path = root / rel_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def small_files(count: int, seed: int, prefix: str = "") -> dict[str, bytes]:
