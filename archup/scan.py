@@ -20,6 +20,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .select import Selector
+
 T = TypeVar("T")
 G = TypeVar("G")
 
@@ -118,7 +120,7 @@ def _follow(rel_path: str, path: str, root_real: str,
     return ScanItem(rel_path, path, 0, info.st_mtime_ns, "not a regular file (fifo, socket or device)")
 
 
-def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = None, *,
+def scan(root: str | os.PathLike[str], select: Selector | None = None, *,
          follow_symlinks: bool = False) -> Iterator[ScanItem]:
     """Every file under root (depth first, directories as a stack, never the whole list).
 
@@ -137,6 +139,8 @@ def scan(root: str | os.PathLike[str], select: Callable[[str], bool] | None = No
         try:
             entries = os.scandir(directory)
         except OSError as error:
+            if rel_dir and select is not None and select.excludes_dir(rel_dir.rstrip("/")):
+                continue  # excluded as a whole (e.g. --exclude lost+found/): nothing of it was wanted
             if rel_dir:
                 yield ScanItem(_printable(rel_dir.rstrip("/")), directory, 0, 0,
                                f"{UNREADABLE_REASONS[0]}: {error.strerror}")
@@ -180,7 +184,7 @@ def _symlinked_parent(root: str, rel_path: str) -> str | None:
 
 
 def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
-              select: Callable[[str], bool] | None = None, *, follow_symlinks: bool = False) -> Iterator[ScanItem]:
+              select: Selector | None = None, *, follow_symlinks: bool = False) -> Iterator[ScanItem]:
     """The files a --files-from list names, in its order; a listed path that is missing is reported."""
     root_path = os.fspath(root)
     root_real = os.path.realpath(root_path)

@@ -3,8 +3,9 @@
 Glob rules (documented in the README): ``*`` and ``?`` never cross a ``/``;
 ``**`` does. A pattern without a ``/`` matches a file's name in any directory;
 a pattern with one matches the path relative to the source root (a leading
-``/`` anchors it there explicitly). A file is taken if it matches some
---include (or none is given) and no --exclude.
+``/`` anchors it there explicitly). A pattern ending in ``/`` names a directory
+and matches everything under it (``cache/`` is ``**/cache/**``). A file is taken
+if it matches some --include (or none is given) and no --exclude.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .errors import UsageError
 def compile_glob(pattern: str) -> re.Pattern[str]:
     anchored = "/" in pattern.rstrip("/")
     body = pattern.lstrip("/")
+    if body.endswith("/"):
+        body += "**"  # a directory: everything under it
     out: list[str] = []
     index = 0
     while index < len(body):
@@ -64,6 +67,12 @@ class Selector:
         if self.includes and not any(p.match(rel_path) for p in self.includes):
             return False
         return not any(p.match(rel_path) for p in self.excludes)
+
+    def excludes_dir(self, rel_dir: str) -> bool:
+        """Whether some --exclude takes every path under the directory, whatever its names
+        (``cache/``, ``cache/**``, ``**``): probed with NUL names, which no file can have."""
+        deep = (f"{rel_dir}/\0", f"{rel_dir}/\0/\0")
+        return any(all(p.match(path) for path in deep) for p in self.excludes)
 
 
 def read_files_from(path: Path) -> list[str]:

@@ -34,6 +34,7 @@ from .crashpoints import crash_point
 from .errors import ArchupError, DestinationError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
 from .scan import ScanItem, identity_of, inside, object_key, read_ahead, scan, scan_list
+from .select import Selector
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, MultipartChecksum, S3Store, UploadedPart, b64, crc32_b64, crc32_combine
 
@@ -83,7 +84,7 @@ class UploadOptions:
     parallel: int = 5
     part_size: int = DEFAULT_PART_SIZE
     multipart_threshold: int = DEFAULT_PART_SIZE
-    select: Callable[[str], bool] | None = None   # --include / --exclude
+    select: Selector | None = None   # --include / --exclude
     files_from: tuple[str, ...] | None = None     # --files-from: only these paths
     skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
     prehash: bool = True                          # hash a multipart file first, for its object metadata

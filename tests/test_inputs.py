@@ -231,6 +231,39 @@ def test_unreadable_file_is_failed_by_name_in_process(cli, s3, bucket, tmp_path:
                 finalized=False)
 
 
+@pytest.mark.parametrize(("exclude", "reported"), [
+    pytest.param(None, True, id="no-exclude"),
+    pytest.param("*.tmp", True, id="exclude-other-files"),
+    pytest.param("lost+found/", False, id="exclude-dir-pattern"),
+    pytest.param("/lost+found/**", False, id="exclude-everything-under"),
+])
+def test_unreadable_directory_is_partial_unless_excluded(cli, s3, bucket, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, exclude: str | None,
+                                                         reported: bool) -> None:
+    """An unreadable lost+found must not make every cron run partial once the user excluded it."""
+    source = tmp_path / "src"
+    files = {"ok.txt": b"readable\n"}
+    write(source / "ok.txt", files["ok.txt"])
+    write(source / "lost+found" / "x", b"never listed\n")
+    real_scandir = os.scandir
+
+    def refuse(path: Any = ".") -> Any:
+        if os.fsdecode(path).endswith("lost+found"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    result = cli("upload", *(["--exclude", exclude] if exclude else []), str(source))
+    if reported:
+        assert result.exit_code == 3, result.stderr
+        assert "skipped: lost+found: directory unreadable: Permission denied" in result.stderr
+        check_batch(cli, s3, bucket, uploaded=files, skipped={"lost+found": "directory unreadable"}, finalized=True)
+    else:
+        assert result.exit_code == 0, result.stderr
+        assert "lost+found" not in result.stderr
+        check_batch(cli, s3, bucket, uploaded=files, finalized=True)
+
+
 # -- changed between the scan and the read ---------------------------------------------------------
 
 

@@ -28,6 +28,9 @@ from archup.uploader import MAX_PARTS, ByteBudget, MiB, multipart_etag, part_siz
     ("[ab].log", "b.log", True),
     ("[!ab].log", "b.log", False),
     ("a+b (1).txt", "a+b (1).txt", True),       # regex characters are literal
+    ("cache/", "deep/cache/x/y.bin", True),     # trailing '/': a directory, everything under it
+    ("cache/", "cache", False),                 # ... but not a file of that name
+    ("/cache/", "deep/cache/y.bin", False),     # anchored directory
 ])
 def test_globs(pattern: str, path: str, matches: bool) -> None:
     assert bool(compile_glob(pattern).match(path)) is matches
@@ -39,6 +42,15 @@ def test_selector_include_then_exclude() -> None:
     assert not selector("a.bin")
     assert not selector("my-secret.txt")
     assert Selector()("anything") and not Selector().active
+
+
+def test_selector_excludes_dir_only_when_every_path_under_it_is_excluded() -> None:
+    assert Selector(excludes=["lost+found/"]).excludes_dir("lost+found")
+    assert Selector(excludes=["/a/**"]).excludes_dir("a")
+    assert Selector(excludes=["**"]).excludes_dir("any/dir")
+    assert not Selector(excludes=["a/*"]).excludes_dir("a")      # a/b/c.txt is still taken
+    assert not Selector(excludes=["*.tmp"]).excludes_dir("a")
+    assert not Selector(includes=["*.jpg"]).excludes_dir("a")    # an include cannot tell what is inside
 
 
 @pytest.mark.parametrize(("text", "value"), [("5242880", 5242880), ("8MiB", 8 * MiB), ("8M", 8 * MiB),
