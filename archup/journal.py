@@ -33,7 +33,7 @@ from .errors import (
 )
 from .states import BatchState, FileState, batch_can_move, file_can_move
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_BUSY_TIMEOUT = 30.0
 BATCH_TTL = timedelta(hours=24)
 # The scan's groups let the WAL grow to 64 MiB between checkpoints (a B-tree page
@@ -99,6 +99,12 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE files ADD COLUMN identity TEXT;
     """,
+    # 4: what a resumer must keep as the first run chose it: whether the batch follows
+    # symlinks, and the checksum kind each multipart upload was created with.
+    """
+    ALTER TABLE batches ADD COLUMN follow_symlinks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE files ADD COLUMN checksum_kind TEXT;
+    """,
 )
 
 
@@ -136,6 +142,7 @@ class BatchRecord:
     updated_at: str
     expires_at: str
     finalized_at: str | None
+    follow_symlinks: bool = False
 
     @property
     def batch_prefix(self) -> str:
@@ -159,6 +166,7 @@ class FileRecord:
     attempts: int
     updated_at: str
     identity: str | None = None
+    checksum_kind: str | None = None  # a multipart upload's, as MultipartChecksum.encode() wrote it
 
 
 @dataclass(frozen=True)
@@ -209,9 +217,9 @@ class BatchSummary:
 
 
 _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
-                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at")
+                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, follow_symlinks")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
-                 "error, attempts, updated_at, identity")
+                 "error, attempts, updated_at, identity, checksum_kind")
 
 
 _INSERT_FILE = ("INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
@@ -234,6 +242,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
     values = dict(row)
     values["state"] = BatchState(values["state"])
     values["scan_complete"] = bool(values["scan_complete"])
+    values["follow_symlinks"] = bool(values["follow_symlinks"])
     return BatchRecord(**values)
 
 
@@ -415,14 +424,14 @@ class Journal:
 
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
                    part_size: int, endpoint_url: str | None = None, region: str | None = None,
-                   ttl: timedelta = BATCH_TTL) -> BatchRecord:
+                   ttl: timedelta = BATCH_TTL, follow_symlinks: bool = False) -> BatchRecord:
         now = utcnow()
         with self.atomic() as conn:
             conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
-                "part_size, created_at, updated_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "part_size, created_at, updated_at, expires_at, follow_symlinks) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (batch_id, BatchState.OPEN.value, source_root, bucket, prefix, endpoint_url, region,
-                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl)))
+                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl), int(follow_symlinks)))
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:
@@ -613,16 +622,17 @@ class Journal:
             raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
 
     def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int,
-                         sha256: str | None = None) -> None:
+                         sha256: str | None = None, checksum_kind: str | None = None) -> None:
         """Record a multipart upload the moment it exists, so a crash leaves something to finish or abort.
 
         ``sha256`` is the whole-file digest the upload was created with (its object metadata):
-        while the file is uploading it is what the upload pass must read again, not yet proof."""
+        while the file is uploading it is what the upload pass must read again, not yet proof.
+        ``checksum_kind`` is how its parts are checksummed, which a resumer must keep."""
         with self.atomic() as conn:
             self._require_uploading(conn, batch_id, rel_path)
-            conn.execute("UPDATE files SET upload_id = ?, part_size = ?, sha256 = ?, updated_at = ? "
-                         "WHERE batch_id = ? AND rel_path = ?",
-                         (upload_id, part_size, sha256, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("UPDATE files SET upload_id = ?, part_size = ?, sha256 = ?, checksum_kind = ?, "
+                         "updated_at = ? WHERE batch_id = ? AND rel_path = ?",
+                         (upload_id, part_size, sha256, checksum_kind, isoformat(utcnow()), batch_id, rel_path))
 
     def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
         with self.atomic() as conn:
@@ -677,8 +687,8 @@ class Journal:
     def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
         with self.atomic() as conn:
             self._move_file(conn, batch_id, rel_path, FileState.FAILED)
-            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, sha256 = NULL, updated_at = ? "
-                         "WHERE batch_id = ? AND rel_path = ?",
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ?",
                          (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
 
@@ -686,8 +696,8 @@ class Journal:
         """-> pending, forgetting any upload; for an object found missing or an upload the server lost."""
         with self.atomic() as conn:
             self._move_file(conn, batch_id, rel_path, FileState.PENDING)
-            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, sha256 = NULL, etag = NULL, "
-                         "updated_at = ? WHERE batch_id = ? AND rel_path = ?",
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, etag = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ?",
                          (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
 

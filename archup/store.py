@@ -107,6 +107,17 @@ class MultipartChecksum:
     algorithm: str | None
     full_object: bool = False
 
+    def encode(self) -> str:
+        """For the journal: ``CRC32/FULL_OBJECT``, ``SHA256/COMPOSITE``, ``NONE``."""
+        if self.algorithm is None:
+            return "NONE"
+        return f"{self.algorithm}/{'FULL_OBJECT' if self.full_object else 'COMPOSITE'}"
+
+    @classmethod
+    def decode(cls, text: str) -> MultipartChecksum:
+        algorithm, _, kind = text.partition("/")
+        return cls(None) if algorithm == "NONE" else cls(algorithm, full_object=kind == "FULL_OBJECT")
+
 
 @dataclass(frozen=True)
 class OpenUpload:

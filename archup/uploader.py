@@ -474,7 +474,8 @@ class Uploader:
                 reusable = {part.part_number: part for part in recorded
                             if on_server.parts.get(part.part_number) == (part.size, part.etag)}
                 # The upload keeps the checksum kind it was created with, whatever this run's options.
-                checksum = _resumed_checksum(on_server.checksum, recorded, self.store.multipart_checksum())
+                checksum = (MultipartChecksum.decode(record.checksum_kind) if record.checksum_kind
+                            else _resumed_checksum(on_server.checksum, recorded, self.store.multipart_checksum()))
                 return _MultipartFile(record, record.upload_id, record.part_size, checksum, record.sha256), reusable
         elif record.state is FileState.UPLOADING:
             # Started but no upload id recorded: any upload the crash left is an
@@ -494,7 +495,8 @@ class Uploader:
                                                 content_type=_content_type(record.rel_path))
         crash_point("after-create-multipart")
         # Record the undo as soon as the resource exists.
-        self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size, expected)
+        self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size, expected,
+                                      checksum.encode())
         crash_point("after-record-upload-id")
         return _MultipartFile(record, upload_id, part_size, checksum, expected), {}
 
@@ -674,7 +676,7 @@ SHA256_B64_LENGTH = 44  # thirty-two
 
 def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
                       configured: MultipartChecksum) -> MultipartChecksum:
-    """The checksum kind of an upload created by an earlier run: as ListParts reports it, else
+    """The checksum kind of an upload a journal older than schema 4 did not record: as ListParts reports it, else
     as the parts the journal recorded show it, else (nothing sent yet) as configured now."""
     if reported.algorithm:
         return reported

@@ -15,7 +15,7 @@ import pytest
 from testdata import pattern_bytes
 
 import archup.uploader
-from archup.store import crc32_b64, crc32_combine
+from archup.store import MultipartChecksum, crc32_b64, crc32_combine
 
 MiB = 1024 * 1024
 BIG_SIZE = 16 * MiB + 3  # four parts of 5 MiB (the last one 1 MiB + 3 bytes)
@@ -125,3 +125,9 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     rerun = cli("upload", "--part-size", "5MiB", "--json", str(source))
     assert rerun.exit_code == 0, rerun.stderr
     assert _head(s3, bucket, json.loads(rerun.stdout))["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
+
+
+@pytest.mark.parametrize("kind", [MultipartChecksum("CRC32", full_object=True), MultipartChecksum("SHA256"),
+                                  MultipartChecksum("CRC64NVME", full_object=True), MultipartChecksum(None)])
+def test_the_checksum_kind_survives_the_journal(kind: MultipartChecksum) -> None:
+    assert MultipartChecksum.decode(kind.encode()) == kind

@@ -30,6 +30,7 @@ from archup.errors import (
     JournalTooNew,
 )
 from archup.journal import (
+    _MIGRATIONS,
     BATCH_TTL,
     DEFAULT_BUSY_TIMEOUT,
     SCHEMA_VERSION,
@@ -182,6 +183,48 @@ def test_garbage_file_is_a_journal_error(journal_path: Path, garbage: bytes) -> 
 
     assert str(journal_path) in str(excinfo.value)
     assert journal_path.read_bytes() == garbage
+
+
+def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path) -> None:
+    """A journal written before schema 4 opens with its batch and file intact; the new
+    columns read as 'not recorded' (no symlinks followed, checksum kind unknown)."""
+    journal_path.parent.mkdir(mode=0o700)
+    with closing(raw_connection(journal_path)) as conn:
+        for script in _MIGRATIONS[:3]:
+            conn.executescript(script)
+        conn.execute("PRAGMA user_version=3")
+        conn.execute("INSERT INTO batches (batch_id, state, source_root, bucket, prefix, part_size, created_at, "
+                     "updated_at, expires_at) VALUES ('B', 'open', '/src', 'bkt', 'staging/', 8388608, 't', 't', 't')")
+        conn.execute("INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, upload_id, updated_at) "
+                     "VALUES ('B', 'a.bin', 'k', 1, 1, 'uploading', 'up-1', 't')")
+        conn.commit()
+
+    handle = Journal(journal_path)
+    try:
+        batch = handle.get_batch("B")
+        (record,) = handle.iter_files("B")
+    finally:
+        handle.close()
+
+    assert (batch.source_root, batch.follow_symlinks) == ("/src", False)
+    assert (record.upload_id, record.checksum_kind) == ("up-1", None)
+    with closing(raw_connection(journal_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_a_batch_keeps_follow_symlinks_and_an_upload_its_checksum_kind(journal_path: Path) -> None:
+    journal = Journal(journal_path)
+    try:
+        journal.init_batch("B", source_root="/src", bucket="b", prefix="p/", part_size=5, follow_symlinks=True)
+        journal.add_file("B", new_file("B", "a.bin"))
+        journal.start_file("B", "a.bin")
+        journal.record_upload_id("B", "a.bin", "up-1", 5, checksum_kind="CRC32/FULL_OBJECT")
+        assert journal.get_batch("B").follow_symlinks is True
+        assert journal.get_file("B", "a.bin").checksum_kind == "CRC32/FULL_OBJECT"
+        journal.reset_file("B", "a.bin", "the server lost the upload")
+        assert journal.get_file("B", "a.bin").checksum_kind is None  # a new upload chooses again
+    finally:
+        journal.close()
 
 
 def test_empty_file_is_migrated_to_the_current_schema(journal_path: Path) -> None:

@@ -129,3 +129,33 @@ def test_a_directory_swapped_for_a_symlink_after_the_scan_is_not_read_through(
     assert "failed: sub/inner.txt: a directory on its path was replaced by a symlink" in result.stderr
     check_batch(cli, s3, bucket, uploaded={"real.txt": b"real\n"},
                 failed={"sub/inner.txt": "replaced by a symlink"}, finalized=False)
+
+
+@pytest.mark.parametrize("how", ["resume", "plain-upload"])
+def test_a_batch_that_follows_symlinks_is_resumed_following_them(cli, s3, bucket, tmp_path: Path, how: str) -> None:
+    """Whether a batch follows symlinks is its own, kept in the journal: a rerun without the
+    flag (a resume, or the same cron line missing it) still takes the linked files."""
+    source, _, files = _tree(tmp_path)
+    os.symlink("dir/sub", source / "linked-sub", target_is_directory=True)
+    crashed = cli.subprocess("upload", "--follow-symlinks", "--parallel", "1", str(source),
+                             env={"ARCHUP_CRASH_AT": "after-put-object"})
+    assert crashed.exit_code == -9, crashed.stderr
+    batch = only_batch(cli.journal)
+    assert batch.follow_symlinks is True
+
+    rerun = (cli("resume", batch.batch_id) if how == "resume" else cli("upload", str(source)))
+    assert rerun.exit_code == 0, rerun.stderr
+    expected = {**files, "linked-sub/leaf.txt": files["dir/sub/leaf.txt"]}
+    check_batch(cli, s3, bucket, uploaded=expected, finalized=True)
+
+
+def test_follow_symlinks_on_a_rerun_of_a_batch_started_without_says_so(cli, s3, bucket, tmp_path: Path) -> None:
+    source, _, files = _tree(tmp_path)
+    os.symlink("dir/sub", source / "linked-sub", target_is_directory=True)
+    crashed = cli.subprocess("upload", "--parallel", "1", str(source), env={"ARCHUP_CRASH_AT": "after-put-object"})
+    assert crashed.exit_code == -9, crashed.stderr
+
+    rerun = cli("upload", "--follow-symlinks", str(source))
+    assert rerun.exit_code == 0, rerun.stderr
+    assert "was started without --follow-symlinks and is finished that way" in rerun.stderr
+    check_batch(cli, s3, bucket, uploaded=files, skipped={"linked-sub": "symlink (not followed)"}, finalized=True)

@@ -191,7 +191,7 @@ ConnectTimeoutOption = Annotated[float, typer.Option(
     "--connect-timeout", help="Seconds to wait for a connection to the endpoint.")]
 FollowOption = Annotated[bool, typer.Option(
     "--follow-symlinks", help="Take a symlink to a file or directory inside DIR as what it points to; "
-    "links out of DIR, dangling links and loops are skipped. Pass it again when resuming.")]
+    "links out of DIR, dangling links and loops are skipped. A batch keeps the choice it was started with.")]
 PrehashOption = Annotated[bool, typer.Option(
     "--prehash/--no-prehash",
     help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
@@ -314,7 +314,8 @@ def upload(
             from ulid import ULID  # here, not at the top: only a new batch needs it
 
             record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
-                                        part_size=part_bytes, endpoint_url=endpoint, region=region)
+                                        part_size=part_bytes, endpoint_url=endpoint, region=region,
+                                        follow_symlinks=follow_symlinks)
             resumed = False
         else:
             resumed = True
@@ -334,7 +335,6 @@ def resume(
     checksum: ChecksumOption = ChecksumMode.SHA256,
     full_object_checksum: FullObjectOption = True,
     prehash: PrehashOption = True,
-    follow_symlinks: FollowOption = False,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
     no_finalize: NoFinalizeOption = False,
@@ -357,7 +357,7 @@ def resume(
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
                           no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          selection=UploadOptions(prehash=prehash, follow_symlinks=follow_symlinks))
+                          selection=UploadOptions(prehash=prehash))
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
@@ -388,8 +388,13 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
     else:
         write_marker(store, record)
-        options = replace(selection or UploadOptions(), parallel=parallel, part_size=record.part_size,
-                          multipart_threshold=record.part_size)
+        asked = selection or UploadOptions()
+        if asked.follow_symlinks and not record.follow_symlinks and talk:
+            print(f"archup: batch {batch_id} was started without --follow-symlinks and is finished that way "
+                  "(--new-batch starts one that follows them)", file=sys.stderr)
+        # A batch keeps what its first run chose: part size, and whether it follows symlinks.
+        options = replace(asked, parallel=parallel, part_size=record.part_size,
+                          multipart_threshold=record.part_size, follow_symlinks=record.follow_symlinks)
         result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty())
 
     if talk:
