@@ -19,7 +19,7 @@ from typing import Any
 from . import manifest
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
-from .journal import BatchRecord, FileRecord, Journal, isoformat, utcnow
+from .journal import BatchRecord, FileRecord, Journal, isoformat, resume_command, utcnow
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectInfo, S3Store
@@ -68,7 +68,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
     """Raise BatchIncomplete naming the files that keep this batch from being sealed."""
     if not batch.scan_complete:
         raise BatchIncomplete(f"batch {batch.batch_id}: the scan of {batch.source_root} never completed; "
-                              f"run 'archup upload --batch {batch.batch_id} {batch.source_root}' to resume")
+                              f"run '{resume_command(batch.batch_id, journal.path)}' to resume")
     state = journal.get_state(batch.batch_id)
     not_done = [FileState.PENDING, FileState.UPLOADING, FileState.FAILED]
     count = sum(state.counts[s] for s in not_done)
@@ -81,7 +81,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
                 break
         raise BatchIncomplete(
             f"batch {batch.batch_id} has {count} file(s) not uploaded: {_name_files(named, count)}; "
-            f"run 'archup upload --batch {batch.batch_id} {batch.source_root}' to resume")
+            f"run '{resume_command(batch.batch_id, journal.path)}' to resume")
 
 
 def _read_back(journal: Journal, store: S3Store, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
@@ -144,8 +144,8 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
         named = [(record.rel_path, reason) for record, reason in problems]
         raise BatchIncomplete(
             f"batch {batch_id}: {len(problems)} uploaded file(s) failed the read-back: "
-            f"{_name_files(named, len(problems))}; run 'archup upload --batch {batch_id} "
-            f"{batch.source_root}' to send them again")
+            f"{_name_files(named, len(problems))}; run '{resume_command(batch_id, journal.path)}' "
+            "to send them again")
 
     summary_key = manifest.summary_key(batch)
     files_skipped = journal.get_state(batch_id).counts[FileState.SKIPPED]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,10 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE files ADD COLUMN identity TEXT;
     """,
-    # 4: what a resumer must keep as the first run chose it: whether the batch follows
-    # symlinks, and the checksum kind each multipart upload was created with.
+    # 4: what a resumer must keep as the first run chose it: the batch's selection and
+    # archive options (JSON), and the checksum kind each multipart upload was created with.
     """
-    ALTER TABLE batches ADD COLUMN follow_symlinks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE batches ADD COLUMN settings TEXT;
     ALTER TABLE files ADD COLUMN checksum_kind TEXT;
     """,
 )
@@ -116,13 +117,65 @@ def isoformat(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def default_journal_path() -> Path:
-    """``$ARCHUP_JOURNAL``, else ``$XDG_STATE_HOME/archup/journal.db``."""
-    explicit = os.environ.get("ARCHUP_JOURNAL")
+def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
+    """``$ARCHUP_JOURNAL``, else ``$XDG_STATE_HOME/archup/journal.db`` (``environ``: os.environ)."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("ARCHUP_JOURNAL")
     if explicit:
         return Path(explicit).expanduser()
-    state_home = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    state_home = environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(state_home) / "archup" / "journal.db"
+
+
+def resume_command(batch_id: str, journal_path: Path, profile: str | None = None) -> str:
+    """The command that finishes a batch, runnable as printed: the journal records the
+    source, the destination and the batch's options; where the journal is, and an AWS
+    profile, it cannot."""
+    words = ["archup", "resume", batch_id]
+    if journal_path != default_journal_path(environ={}):
+        words += ["--journal", str(journal_path)]
+    if profile:
+        words += ["--profile", profile]
+    return shlex.join(words)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What a batch's first run chose and every resume keeps, whatever the flags of the
+    rerun: which files it takes, and how their objects are stored."""
+
+    includes: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    files_from: tuple[str, ...] | None = None
+    skip_archived: bool = False
+    follow_symlinks: bool = False
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> BatchSettings:
+        """None (a batch from a journal older than schema 4): the defaults."""
+        if not text:
+            return cls()
+        values = json.loads(text)
+        known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+        for name in ("includes", "excludes"):
+            known[name] = tuple(known.get(name, ()))
+        if known.get("files_from") is not None:
+            known["files_from"] = tuple(known["files_from"])
+        for name in ("metadata", "tags"):
+            known[name] = tuple((str(k), str(v)) for k, v in known.get(name, ()))
+        return cls(**known)
+
+    def differences(self, other: BatchSettings) -> list[str]:
+        """The names of the settings that differ, for a one-line note."""
+        return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
 
 
 @dataclass(frozen=True)
@@ -142,7 +195,7 @@ class BatchRecord:
     updated_at: str
     expires_at: str
     finalized_at: str | None
-    follow_symlinks: bool = False
+    settings: BatchSettings = field(default_factory=lambda: BatchSettings())
 
     @property
     def batch_prefix(self) -> str:
@@ -217,7 +270,7 @@ class BatchSummary:
 
 
 _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
-                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, follow_symlinks")
+                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
                  "error, attempts, updated_at, identity, checksum_kind")
 
@@ -242,7 +295,7 @@ def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
     values = dict(row)
     values["state"] = BatchState(values["state"])
     values["scan_complete"] = bool(values["scan_complete"])
-    values["follow_symlinks"] = bool(values["follow_symlinks"])
+    values["settings"] = BatchSettings.from_json(values["settings"])
     return BatchRecord(**values)
 
 
@@ -424,14 +477,15 @@ class Journal:
 
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
                    part_size: int, endpoint_url: str | None = None, region: str | None = None,
-                   ttl: timedelta = BATCH_TTL, follow_symlinks: bool = False) -> BatchRecord:
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord:
         now = utcnow()
         with self.atomic() as conn:
             conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
-                "part_size, created_at, updated_at, expires_at, follow_symlinks) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "part_size, created_at, updated_at, expires_at, settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (batch_id, BatchState.OPEN.value, source_root, bucket, prefix, endpoint_url, region,
-                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl), int(follow_symlinks)))
+                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl),
+                 (settings or BatchSettings()).to_json()))
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:

@@ -226,7 +226,7 @@ def test_unreadable_file_is_failed_by_name_in_process(cli, s3, bucket, tmp_path:
     result = cli("upload", "--part-size", "5MiB", str(source))
     assert result.exit_code == 3, result.stderr
     assert "failed: locked.bin: unreadable: permission denied" in result.stderr
-    assert "archup upload --batch" in result.stderr  # how to resume
+    assert "resume with 'archup resume " in result.stderr  # how to resume
     check_batch(cli, s3, bucket, uploaded=files, failed={"locked.bin": "unreadable: permission denied"},
                 finalized=False)
 

@@ -34,6 +34,7 @@ from archup.journal import (
     BATCH_TTL,
     DEFAULT_BUSY_TIMEOUT,
     SCHEMA_VERSION,
+    BatchSettings,
     Journal,
     NewFile,
     PartRecord,
@@ -206,20 +207,22 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
     finally:
         handle.close()
 
-    assert (batch.source_root, batch.follow_symlinks) == ("/src", False)
+    assert (batch.source_root, batch.settings) == ("/src", BatchSettings())
     assert (record.upload_id, record.checksum_kind) == ("up-1", None)
     with closing(raw_connection(journal_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
-def test_a_batch_keeps_follow_symlinks_and_an_upload_its_checksum_kind(journal_path: Path) -> None:
+def test_a_batch_keeps_its_settings_and_an_upload_its_checksum_kind(journal_path: Path) -> None:
     journal = Journal(journal_path)
     try:
-        journal.init_batch("B", source_root="/src", bucket="b", prefix="p/", part_size=5, follow_symlinks=True)
+        settings = BatchSettings(excludes=("*.tmp",), files_from=("a.bin",), follow_symlinks=True,
+                                 storage_class="GLACIER", metadata=(("k", "v"),), tags=(("t", "1"),))
+        journal.init_batch("B", source_root="/src", bucket="b", prefix="p/", part_size=5, settings=settings)
         journal.add_file("B", new_file("B", "a.bin"))
         journal.start_file("B", "a.bin")
         journal.record_upload_id("B", "a.bin", "up-1", 5, checksum_kind="CRC32/FULL_OBJECT")
-        assert journal.get_batch("B").follow_symlinks is True
+        assert journal.get_batch("B").settings == settings
         assert journal.get_file("B", "a.bin").checksum_kind == "CRC32/FULL_OBJECT"
         journal.reset_file("B", "a.bin", "the server lost the upload")
         assert journal.get_file("B", "a.bin").checksum_kind is None  # a new upload chooses again

@@ -70,16 +70,33 @@ def test_skip_archived_sends_only_what_is_new(cli, s3, bucket, tmp_path: Path) -
     assert any("archived in batch" in (problem["error"] or "") for problem in status["problems"])
 
 
-def test_archive_options_reach_the_objects(cli, s3, bucket, tmp_path: Path) -> None:
+ARCHIVE_OPTIONS = ("--storage-class", "standard_ia", "--sse", "AES256", "--metadata", "project=alpha",
+                   "--tag", "retention=7y")
+
+
+@pytest.mark.parametrize("rerun", [None, "resume", "upload"])
+def test_archive_options_reach_the_objects(cli, s3, bucket, tmp_path: Path, rerun: str | None) -> None:
+    """Every object of a batch is stored alike: also those a resume sends (``archup resume``
+    has no archive options; a plain rerun that forgot them still resumes the batch as started)."""
     source = tmp_path / "src"
     source.mkdir()
-    (source / "small.bin").write_bytes(b"x" * 100)
+    for index in range(4):
+        (source / f"small-{index}.bin").write_bytes(b"x" * 100)
     (source / "large.bin").write_bytes(os.urandom(6 * 1024 * 1024))
-    result = cli("upload", "--json", "--part-size", "5MiB", "--storage-class", "STANDARD_IA",
-                 "--sse", "AES256", "--metadata", "project=alpha", "--tag", "retention=7y", str(source))
+    args = ("upload", "--json", "--part-size", "5MiB", "--parallel", "1", *ARCHIVE_OPTIONS, str(source))
+    if rerun is None:
+        result = cli(*args)
+    else:
+        crashed = cli.subprocess(*args, env={"ARCHUP_CRASH_AT": "after-put-object:2"})
+        assert crashed.exit_code == -9, crashed.stderr
+        (batch_id,) = [row[0] for row in sqlite3.connect(cli.journal).execute("SELECT batch_id FROM batches")]
+        result = cli("resume", "--json", batch_id) if rerun == "resume" else cli("upload", "--json", str(source))
+        if rerun == "upload":
+            assert "keeps the options it was started with" not in result.stderr  # --json: stdout only
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    for name in ("small.bin", "large.bin"):
+    assert summary["files_uploaded"] == 5
+    for name in [f"small-{index}.bin" for index in range(4)] + ["large.bin"]:
         key = f"{summary['prefix']}files/{name}"
         head = s3.head_object(Bucket=bucket, Key=key)
         assert head["StorageClass"] == "STANDARD_IA"
@@ -93,7 +110,9 @@ def test_archive_options_reach_the_objects(cli, s3, bucket, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("value", "message"), [("--metadata=novalue", "key=value"), ("--tag=k=é", "ASCII"),
-                                                ("--sse=rot13", "AES256"), ("--retries=-1", "between")])
+                                                ("--sse=rot13", "AES256"), ("--retries=-1", "between"),
+                                                ("--storage-class=GLACEIR", "unknown"),
+                                                ("--sse-kms-key-id=alias/k", "needs --sse aws:kms")])
 def test_bad_archive_options_are_usage_errors(cli, tmp_path: Path, value: str, message: str) -> None:
     source = _tree(tmp_path / "src")
     result = cli("upload", value, str(source))

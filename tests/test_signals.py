@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -58,7 +60,6 @@ def test_signal_stops_cleanly_and_rerun_finishes(cli, s3, bucket, tmp_path: Path
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert "archup upload --batch" in stderr  # says how to resume
     done_before = _uploaded(cli.journal)
     assert 3 <= done_before < FILES
     with sqlite3.connect(cli.journal) as conn:
@@ -66,9 +67,15 @@ def test_signal_stops_cleanly_and_rerun_finishes(cli, s3, bucket, tmp_path: Path
         batch_id, state = conn.execute("SELECT batch_id, state FROM batches").fetchone()
     assert state == "uploading"
 
-    result = cli("upload", "--json", str(source))
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    # The command it prints finishes the batch as printed: no bucket, endpoint or source to repeat.
+    printed = re.search(r"resume with '([^']+)'", stderr)
+    assert printed is not None, stderr
+    words = shlex.split(printed.group(1))
+    assert words[:3] == ["archup", "resume", batch_id], words
+    rerun = subprocess.run([sys.executable, "-m", "archup", *words[1:], "--json"], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
     assert summary["batch_id"] == batch_id
     assert summary["files_uploaded"] == FILES
     # Only what was not committed before the signal is sent again.

@@ -141,7 +141,7 @@ def test_a_batch_that_follows_symlinks_is_resumed_following_them(cli, s3, bucket
                              env={"ARCHUP_CRASH_AT": "after-put-object"})
     assert crashed.exit_code == -9, crashed.stderr
     batch = only_batch(cli.journal)
-    assert batch.follow_symlinks is True
+    assert batch.settings.follow_symlinks is True
 
     rerun = (cli("resume", batch.batch_id) if how == "resume" else cli("upload", str(source)))
     assert rerun.exit_code == 0, rerun.stderr
@@ -157,5 +157,5 @@ def test_follow_symlinks_on_a_rerun_of_a_batch_started_without_says_so(cli, s3, 
 
     rerun = cli("upload", "--follow-symlinks", str(source))
     assert rerun.exit_code == 0, rerun.stderr
-    assert "was started without --follow-symlinks and is finished that way" in rerun.stderr
+    assert "keeps the options it was started with (follow_symlinks differ" in rerun.stderr
     check_batch(cli, s3, bucket, uploaded=files, skipped={"linked-sub": "symlink (not followed)"}, finalized=True)

@@ -19,7 +19,7 @@ import typer
 from ..batches import find_resumable, write_marker
 from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
 from ..finalize import finalize
-from ..journal import BatchRecord, Journal
+from ..journal import BatchRecord, BatchSettings, Journal, resume_command
 from ..lock import BatchLock, source_lock
 from ..scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
@@ -80,11 +80,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _resume_hint(batch_id: str, source: str) -> str:
-    return f"archup upload --batch {batch_id} {source}"
-
-
-def _partial_report(journal: Journal, batch_id: str, result: UploadResult, source: str) -> dict[str, object]:
+def _partial_report(journal: Journal, batch_id: str, result: UploadResult, hint: str) -> dict[str, object]:
     state = journal.get_state(batch_id)
     return {
         "batch_id": batch_id,
@@ -96,7 +92,7 @@ def _partial_report(journal: Journal, batch_id: str, result: UploadResult, sourc
         "total_bytes": state.bytes_by_state[FileState.UPLOADED],
         "failures": [{"path": path, "error": error} for path, error in result.failures[:SHOW_AT_MOST]],
         "bytes_sent": result.bytes_sent,
-        "resume": _resume_hint(batch_id, source),
+        "resume": hint,
     }
 
 
@@ -116,6 +112,11 @@ def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions
                           state.files_total - sum(state.counts[s] for s in done)) as bar:
             uploader.observer = bar
             return uploader.send()
+
+
+# S3's storage classes; another name is refused as a typo (every file would fail on it).
+STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "GLACIER",
+                   "DEEP_ARCHIVE", "REDUCED_REDUNDANCY", "EXPRESS_ONEZONE")
 
 
 class RetryMode(str, Enum):
@@ -274,10 +275,21 @@ def upload(
     _check_timeouts(timeout, connect_timeout)
     if sse is not None and sse not in ("AES256", "aws:kms", "aws:kms:dsse"):
         raise UsageError(f"--sse {sse}: use AES256 or aws:kms")
+    if sse_kms_key_id and sse not in ("aws:kms", "aws:kms:dsse"):
+        raise UsageError("--sse-kms-key-id needs --sse aws:kms")
+    if storage_class is not None:
+        storage_class = storage_class.upper()
+        if storage_class not in STORAGE_CLASSES:
+            raise UsageError(f"--storage-class {storage_class}: unknown; use one of {', '.join(STORAGE_CLASSES)}")
     source = str(directory.resolve())
     key_prefix = normalize_prefix(prefix)
     selector = Selector(include or (), exclude or ())
     listed = tuple(read_files_from(files_from)) if files_from else None
+    wanted = BatchSettings(
+        includes=tuple(include or ()), excludes=tuple(exclude or ()), files_from=listed,
+        skip_archived=skip_archived, follow_symlinks=follow_symlinks, storage_class=storage_class, sse=sse,
+        sse_kms_key_id=sse_kms_key_id, metadata=tuple(parse_pairs("--metadata", metadata or [])),
+        tags=tuple(parse_pairs("--tag", tag or [])))
     if dry_run:
         _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
         return
@@ -288,13 +300,9 @@ def upload(
         bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
         max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
         max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
-        retry_mode=retry_mode.value, storage_class=storage_class, sse=sse, sse_kms_key_id=sse_kms_key_id,
-        user_metadata=tuple(parse_pairs("--metadata", metadata or [])), tags=tuple(parse_pairs("--tag", tag or [])),
-        bwlimit=parse_size(bwlimit) if bwlimit else None))
+        retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None))
     store.check_bucket()
     talk = not (quiet or json_output)
-    selection = UploadOptions(select=selector if selector.active else None, files_from=listed,
-                              skip_archived=skip_archived, prehash=prehash, follow_symlinks=follow_symlinks)
 
     with open_journal(journal_path) as journal, \
             source_lock(journal.path, source, bucket, key_prefix, endpoint):
@@ -315,14 +323,14 @@ def upload(
 
             record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
                                         part_size=part_bytes, endpoint_url=endpoint, region=region,
-                                        follow_symlinks=follow_symlinks)
+                                        settings=wanted)
             resumed = False
         else:
             resumed = True
         with BatchLock(journal.path, record.batch_id):
             _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
                           resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          selection=selection)
+                          prehash=prehash, wanted=wanted, profile=profile)
 
 
 @handles_errors
@@ -357,7 +365,7 @@ def resume(
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
                           no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          selection=UploadOptions(prehash=prehash))
+                          prehash=prehash, profile=profile)
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
@@ -374,11 +382,23 @@ def _name_skipped(journal: Journal, batch_id: str) -> None:
 
 
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
-                  no_finalize: bool, quiet: bool, json_output: bool,
-                  selection: UploadOptions | None = None) -> None:
-    """Upload (or continue) one batch while holding its lock, then finalize and report."""
-    batch_id, source = record.batch_id, record.source_root
+                  no_finalize: bool, quiet: bool, json_output: bool, prehash: bool = True,
+                  wanted: BatchSettings | None = None, profile: str | None = None) -> None:
+    """Upload (or continue) one batch while holding its lock, then finalize and report.
+
+    The batch keeps the settings its first run chose (``record.settings``): which files,
+    and how their objects are stored; ``wanted`` (this run's flags) only makes a note."""
+    batch_id, source, settings = record.batch_id, record.source_root, record.settings
     talk = not (quiet or json_output)
+    hint = resume_command(batch_id, journal.path, profile)
+    # Every object of the batch stored alike, whichever run sends it.
+    store.config = replace(store.config, storage_class=settings.storage_class, sse=settings.sse,
+                           sse_kms_key_id=settings.sse_kms_key_id, user_metadata=settings.metadata,
+                           tags=settings.tags)
+    changed = settings.differences(wanted) if wanted is not None and resumed else []
+    if changed and talk:
+        print(f"archup: batch {batch_id} keeps the options it was started with ({', '.join(changed)} differ "
+              "this time; --new-batch starts one with these)", file=sys.stderr)
     if talk:
         print(f"archup: batch {batch_id}: uploading {source} to s3://{record.bucket}/{record.batch_prefix} "
               f"with {parallel} streams", file=sys.stderr)
@@ -388,13 +408,11 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
     else:
         write_marker(store, record)
-        asked = selection or UploadOptions()
-        if asked.follow_symlinks and not record.follow_symlinks and talk:
-            print(f"archup: batch {batch_id} was started without --follow-symlinks and is finished that way "
-                  "(--new-batch starts one that follows them)", file=sys.stderr)
-        # A batch keeps what its first run chose: part size, and whether it follows symlinks.
-        options = replace(asked, parallel=parallel, part_size=record.part_size,
-                          multipart_threshold=record.part_size, follow_symlinks=record.follow_symlinks)
+        selector = Selector(settings.includes, settings.excludes)
+        options = UploadOptions(parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size,
+                                select=selector if selector.active else None, files_from=settings.files_from,
+                                skip_archived=settings.skip_archived, prehash=prehash,
+                                follow_symlinks=settings.follow_symlinks)
         result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty())
 
     if talk:
@@ -402,9 +420,9 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     if result.fatal is not None:
         raise result.fatal
     if result.interrupted:
-        raise Interrupted(f"batch {batch_id} interrupted; resume with '{_resume_hint(batch_id, source)}'")
+        raise Interrupted(f"batch {batch_id} interrupted; resume with '{hint}'")
     if result.files_failed:
-        report = _partial_report(journal, batch_id, result, source)
+        report = _partial_report(journal, batch_id, result, hint)
         if json_output:
             emit_json(report)
         else:
@@ -413,9 +431,9 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
             if result.files_failed > SHOW_AT_MOST:
                 print(f"... and {result.files_failed - SHOW_AT_MOST} more failed", file=sys.stderr)
         raise BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "
-                              f"resume with '{_resume_hint(batch_id, source)}'")
+                              f"resume with '{hint}'")
     if no_finalize:
-        report = _partial_report(journal, batch_id, result, source)
+        report = _partial_report(journal, batch_id, result, hint)
         if json_output:
             emit_json(report)
         elif not quiet:
