@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Protocol
 
 from .crashpoints import crash_point
-from .errors import ArchupError, DestinationError, TransferError
+from .errors import ArchupError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
 from .scan import ScanItem, identity_of, inside, object_key, read_ahead, scan, scan_list
 from .select import Selector
@@ -602,11 +602,15 @@ class Uploader:
             elif upload.error is None:
                 with upload.lock:
                     upload.error = INTERRUPTED
-        except (TransferError, DestinationError) as error:
+        except TransferError as error:
             with upload.lock:
                 upload.error = upload.error or str(error)
-            if isinstance(error, DestinationError):
-                raise
+        except BaseException:
+            # Credentials gone, the journal unwritable, ...: the run stops. The upload is left
+            # as the journal knows it, for the resumer; never completed without this part.
+            with upload.lock:
+                upload.error = upload.error or INTERRUPTED
+            raise
         finally:
             with upload.lock:
                 upload.outstanding -= 1
@@ -633,8 +637,14 @@ class Uploader:
         if upload.error is not None:
             self._give_up(upload, upload.error)
             return
-        # The completion list comes from the journal: exactly the parts it recorded.
+        # The completion list comes from the journal: exactly the parts it recorded, which
+        # must be the whole file read, part after part.
         parts = self.journal.list_parts(self.batch_id, record.rel_path)
+        if ([p.part_number for p in parts] != list(range(1, len(parts) + 1))
+                or sum(p.size for p in parts) != record.size):
+            self._give_up(upload, f"internal error: the journal's parts ({len(parts)}, "
+                          f"{sum(p.size for p in parts)} bytes) do not make up the file")
+            return
         try:
             etag = self.store.complete_multipart(
                 record.key, upload.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts],

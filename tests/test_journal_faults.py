@@ -39,9 +39,9 @@ from ulid import ULID
 
 from archup.cli import app
 from archup.cli import common as cli_common
-from archup.errors import JournalBusy
+from archup.errors import JournalBusy, JournalError
 from archup.journal import Journal
-from archup.states import BatchState
+from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
 from archup.uploader import Uploader, UploadOptions
 
@@ -240,6 +240,45 @@ def test_library_journal_locked_during_the_upload_then_resumed(cli, moto_endpoin
     assert rerun.exit_code == 0, rerun.stderr
     assert json.loads(rerun.stdout)["batch_id"] == batch.batch_id
     assert check_uploaded_rows_have_their_objects(journal_path, s3, bucket, source) == len(files)
+
+
+@pytest.mark.parametrize("full_object", [True, False], ids=["full-object-crc32", "composite-sha256"])
+def test_journal_error_recording_the_last_part_never_completes_a_short_object(
+        cli, moto_endpoint: str, s3, bucket, journal_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, full_object: bool) -> None:
+    """The server holds part 3 but the journal could not record it: the upload must not be
+    completed from the two recorded parts (a 10 MiB object for a 15 MiB file, marked uploaded)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    data = os.urandom(15 * MiB)
+    (source / "big.bin").write_bytes(data)
+    real_record_part = Journal.record_part
+
+    def disk_full_on_part_3(self: Journal, batch_id: str, rel_path: str, part: Any) -> None:
+        if part.part_number == 3:
+            raise JournalError("journal: database or disk is full (simulated)")
+        real_record_part(self, batch_id, rel_path, part)
+
+    monkeypatch.setattr(Journal, "record_part", disk_full_on_part_3)
+    journal = Journal(journal_path)
+    try:
+        batch = journal.init_batch(str(ULID()), source_root=str(source), bucket=bucket, prefix="staging/",
+                                   part_size=5 * MiB, endpoint_url=moto_endpoint)
+        store = S3Store(StoreConfig(bucket=bucket, endpoint_url=moto_endpoint, full_object_checksum=full_object))
+        result = Uploader(journal, store, batch.batch_id,
+                          UploadOptions(parallel=1, part_size=5 * MiB, multipart_threshold=5 * MiB)).run()
+        record = journal.get_file(batch.batch_id, "big.bin")
+    finally:
+        journal.close()
+    assert isinstance(result.fatal, JournalError), result.fatal
+    assert record.state is not FileState.UPLOADED
+    key = record.key
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing completed
+
+    monkeypatch.setattr(Journal, "record_part", real_record_part)
+    rerun = cli("upload", "--json", "--part-size", "5MiB", str(source))  # the disk has room again
+    assert rerun.exit_code == 0, rerun.stderr
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
 
 
 def test_cli_journal_locked_past_the_busy_timeout_exits_4(cli, tmp_path: Path,
