@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -13,6 +14,8 @@ from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
 from .states import BatchState, FileState
 from .store import S3Store
+
+log = logging.getLogger("archup.batches")
 
 StoreFactory = Callable[[BatchRecord], S3Store]
 
@@ -29,6 +32,24 @@ def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,
                   and batch.endpoint_url == endpoint_url and batch.expires_at > now]
     # ULIDs sort by creation time.
     return max(candidates, key=lambda batch: batch.batch_id, default=None)
+
+
+def list_open_uploads(store: S3Store, prefix: str) -> list[tuple[str, str]] | None:
+    """(key, upload id) of the multipart uploads in progress under a prefix; None if the
+    server will not list them: NotImplemented (s3rver), or AccessDenied (an upload-only
+    IAM policy without s3:ListBucketMultipartUploads). An orphan left by a crash is then
+    for the bucket's lifecycle rule (AbortIncompleteMultipartUpload) to clean."""
+    try:
+        return list(store.list_multipart_uploads(prefix))
+    except (TransferError, DestinationError) as error:
+        if error.code in ("NotImplemented", "501"):
+            log.info("the server cannot list multipart uploads under %s", prefix)
+        elif error.code == "AccessDenied":
+            log.warning("may not list multipart uploads under s3://%s/%s (AccessDenied): uploads orphaned by "
+                        "a crash are left to the bucket's lifecycle rule", store.bucket, prefix)
+        else:
+            raise
+    return None
 
 
 MARKER_NAME = "batch.json"
@@ -83,7 +104,7 @@ def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord, reason:
         aborted.add(record.upload_id)
         if not batch.state.terminal:  # a closed batch's files can no longer change
             journal.fail_file(batch.batch_id, record.rel_path, reason)
-    for key, upload_id in store.list_multipart_uploads(batch.batch_prefix):
+    for key, upload_id in list_open_uploads(store, batch.batch_prefix) or []:
         if upload_id not in aborted:
             store.abort_multipart(key, upload_id)
             aborted.add(upload_id)
@@ -185,7 +206,9 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
                 if upload_id in known_uploads:
                     continue
                 owner = key[len(batch.prefix):].split("/", 1)[0]
-                owner_batch = next((b for b in batches if b.batch_id == owner), None)
+                # Looked up now, not in the list read at the start: a batch begun since then
+                # (an upload running beside gc) owns its uploads too.
+                owner_batch = journal.find_batch(owner)
                 if owner_batch is not None and not owner_batch.state.terminal:
                     continue  # a live batch's own upload, in flight right now or swept on its resume
                 report.orphan_uploads.append({"bucket": batch.bucket, "key": key, "upload_id": upload_id})

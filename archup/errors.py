@@ -94,6 +94,10 @@ class DestinationError(ArchupError):
 
     exit_code = ExitCode.DESTINATION
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # the S3 error code, if the server gave one
+
 
 class TransferError(ArchupError):
     """One request to the store failed after its retries; the file is failed, the batch goes on."""

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
+from .batches import list_open_uploads
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
 from .journal import BatchRecord, FileRecord, Journal, isoformat, resume_command, utcnow
@@ -114,15 +115,9 @@ def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
 def _abort_leftover_uploads(store: S3Store, batch: BatchRecord) -> None:
     """Every file is uploaded, so a multipart upload still open under the batch is a leftover:
     a retried CreateMultipartUpload whose first answer was lost, or a crash's orphan. The
-    batch is sealed with none left behind. A server that cannot list multipart uploads
-    (s3rver answers NotImplemented) has nothing this sweep could find."""
-    try:
-        for key, upload_id in store.list_multipart_uploads(batch.batch_prefix):
-            store.abort_multipart(key, upload_id)
-    except TransferError as error:
-        if error.code not in ("NotImplemented", "501"):
-            raise
-        log.info("%s: the server cannot list multipart uploads; no sweep before the seal", batch.batch_id)
+    batch is sealed with none left behind, unless the server will not list them."""
+    for key, upload_id in list_open_uploads(store, batch.batch_prefix) or []:
+        store.abort_multipart(key, upload_id)
 
 
 def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary:

@@ -495,6 +495,12 @@ class Journal:
             raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; 'archup list' shows the batches")
         return _batch_from_row(row)
 
+    def find_batch(self, batch_id: str) -> BatchRecord | None:
+        try:
+            return self.get_batch(batch_id)
+        except BatchNotFound:
+            return None
+
     def list_batches(self, state: BatchState | None = None) -> list[BatchRecord]:
         sql = f"SELECT {_BATCH_COLUMNS} FROM batches"
         args: tuple[Any, ...] = ()

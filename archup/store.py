@@ -209,7 +209,7 @@ def translate(error: Exception, what: str) -> Exception:
         hint = _HINTS.get(code)
         text = f"{what}: {code}: {message}" + (f"; {hint}" if hint else "")
         if code in _FATAL_CODES:
-            return DestinationError(text)
+            return DestinationError(text, code)
         return TransferError(text, code)
     if isinstance(error, (botocore.exceptions.NoCredentialsError,
                           botocore.exceptions.PartialCredentialsError)):

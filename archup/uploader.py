@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import IO, Protocol
 
+from .batches import list_open_uploads
 from .crashpoints import crash_point
 from .errors import ArchupError, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
@@ -453,7 +454,7 @@ class Uploader:
         """
         known = self.journal.upload_ids(self.batch_id)
         aborted = 0
-        for key, upload_id in self.store.list_multipart_uploads(self.batch.batch_prefix):
+        for key, upload_id in list_open_uploads(self.store, self.batch.batch_prefix) or []:
             if upload_id not in known:
                 self.store.abort_multipart(key, upload_id)
                 aborted += 1

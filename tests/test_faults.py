@@ -520,6 +520,30 @@ def test_credentials_or_clock_failing_mid_batch_exit_5_and_the_batch_resumes(
     assert_sealed_with_exactly(s3, bucket, batch_id, files)
 
 
+@pytest.mark.parametrize(("status", "code"), [(501, "NotImplemented"), (403, "AccessDenied")],
+                         ids=["not-implemented", "access-denied"])
+def test_a_server_that_will_not_list_multipart_uploads_still_resumes_and_seals(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path,
+        status: int, code: str) -> None:
+    """s3rver cannot list multipart uploads; an upload-only IAM policy may not. Neither the
+    resume's sweep for orphans nor finalize's may then stop the batch: they are skipped (with
+    a warning when denied), and the recorded upload is still continued from its parts."""
+    files = {**small_files(6, seed=3), "big.bin": pattern_bytes(2 * PART_SIZE + 5, seed=9)}
+    source = write_tree(tmp_path / "src", files)
+    args = ("upload", "--parallel", "1", "--part-size", "5MiB", str(source))
+    crashed = proxied.subprocess(*args, env={"ARCHUP_CRASH_AT": "after-upload-part"})
+    assert crashed.exit_code == -9, crashed.stderr
+    assert open_uploads(s3, bucket) != []
+    proxy.add_rule(Rule(operation_is("ListMultipartUploads"), Canned(status, code, f"stubbed {code}")))
+
+    resumed = proxied(*args[:-1], "--json", str(source))
+
+    assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
+    assert proxy.snapshot().canned[code] >= 2  # the resume's sweep and finalize's both asked
+    assert ("AccessDenied" in resumed.stderr) is (code == "AccessDenied")  # a warning says what was skipped
+    assert_sealed_with_exactly(s3, bucket, only_batch(journal_path), files)
+
+
 CLOCK_SKEWED = Canned(403, "RequestTimeTooSkewed",
                       "The difference between the request time and the current time is too large.",
                       headers=(("Date", "Sat, 01 Jan 2000 00:00:00 GMT"),))

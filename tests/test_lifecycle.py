@@ -34,6 +34,7 @@ from testdata import pattern_bytes
 from ulid import ULID
 
 from archup.errors import BatchBusy
+from archup.journal import Journal
 from archup.lock import BatchLock
 
 SMALL_ARGS = ("--part-size", "5MiB", "--parallel", "1")
@@ -147,6 +148,7 @@ def test_a_held_batch_is_refused_naming_its_holder(command: str, cli: Any, s3: A
 HOLDER = """
 import os, sys
 from pathlib import Path
+from archup.journal import Journal
 from archup.lock import BatchLock
 lock = BatchLock(Path(sys.argv[1]), sys.argv[2]).acquire()
 print("locked", flush=True)
@@ -523,6 +525,27 @@ def test_gc_reports_orphan_uploads_and_aborts_them_only_when_asked(cli: Any, s3:
     resumed = cli("resume", live, "--json")
     assert resumed.exit_code == 0, resumed.stderr
     check_invariants(s3, cli.bucket, cli.journal, source, live)
+
+
+def test_gc_never_takes_the_upload_of_a_batch_begun_after_it_listed_the_batches(
+        cli: Any, s3: Any, source: Path, other_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload starting beside gc: its batch is not in the list gc read at the start, but its
+    multipart upload is under the prefix when gc lists them. Its owner is looked up then."""
+    finalized(cli, other_source)
+    live = crash(cli, source, "after-create-multipart:1")
+    live_uploads = open_uploads(s3, cli.bucket, prefix_of(cli, live))
+    assert len(live_uploads) == 1
+    real_list = Journal.list_batches
+
+    def as_read_before_the_live_batch_began(self: Journal, state: Any = None) -> list[Any]:
+        return [batch for batch in real_list(self, state) if batch.batch_id != live]
+
+    monkeypatch.setattr(Journal, "list_batches", as_read_before_the_live_batch_began)
+    aborted = cli("gc", "--abort-orphans", "--json")
+    assert aborted.exit_code == 0, aborted.stderr
+    report = one_json(aborted.stdout)
+    assert report["orphan_uploads"] == [] and report["orphans_aborted"] == 0
+    assert open_uploads(s3, cli.bucket) == live_uploads
 
 
 def test_gc_leaves_a_busy_batch_alone(cli: Any, s3: Any, source: Path) -> None:
