@@ -123,6 +123,15 @@ class ByteBudget:
             self._available += count
             self._cond.notify_all()
 
+    def ensure(self, capacity: int) -> None:
+        """Grow to at least ``capacity``: a file whose part size had to grow (to stay within
+        10,000 parts) still gets N parts in flight, so memory is about N x its part size."""
+        with self._cond:
+            if capacity > self.capacity:
+                self._available += capacity - self.capacity
+                self.capacity = capacity
+                self._cond.notify_all()
+
 
 class CompletionWriter:
     """One thread commits the completions of single-PUT files in groups.
@@ -539,6 +548,7 @@ class Uploader:
             if opened is None:
                 return
             upload, reusable = opened
+            self._budget.ensure(self.options.parallel * upload.part_size)
             self.observer.on_file_started(record.rel_path, record.size)
             hasher = hashlib.sha256()
             full_object = upload.checksum.full_object

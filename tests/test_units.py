@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 
 import pytest
 
 from archup.cli.common import parse_size
 from archup.cli.lifecycle import parse_duration
 from archup.errors import UsageError
-from archup.journal import PartRecord
+from archup.journal import Journal, PartRecord
 from archup.logs import register_secrets, scrub
 from archup.select import Selector, compile_glob
-from archup.uploader import MAX_PARTS, ByteBudget, MiB, multipart_etag, part_size_for
+from archup.store import MultipartChecksum, UploadedPart
+from archup.uploader import MAX_PARTS, ByteBudget, MiB, Uploader, UploadOptions, multipart_etag, part_size_for
 
 
 @pytest.mark.parametrize(("pattern", "path", "matches"), [
@@ -120,3 +122,55 @@ def test_scrub_masks_registered_secrets_and_signature_shapes() -> None:
     assert "unit-test-secret-canary" not in cleaned
     assert "ab" * 32 not in cleaned
     assert "FQoGZXIvYXdzEXAMPLETOKEN" not in cleaned
+
+
+class _PartsInFlight:
+    """A store whose first ``streams`` UploadPart calls meet at a barrier: it trips only if that
+    many parts of the file are in flight at once (else the barrier times out: a test failure)."""
+
+    def __init__(self, streams: int) -> None:
+        self.barrier = threading.Barrier(streams, timeout=20)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def multipart_checksum(self) -> MultipartChecksum:
+        return MultipartChecksum("CRC32", full_object=True)
+
+    def create_multipart(self, key: str, checksum: object, **kwargs: object) -> str:
+        return "upload-1"
+
+    def upload_part(self, key: str, upload_id: str, number: int, body: bytes, checksum: object,
+                    crc32: int | None = None) -> UploadedPart:
+        with self.lock:
+            self.calls += 1
+            first_round = self.calls <= self.barrier.parties
+        if first_round:
+            self.barrier.wait()
+        return UploadedPart(number, f'"{hashlib.md5(body).hexdigest()}"', None)
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: object,
+                           **kwargs: object) -> str:
+        return f'"done-{len(parts)}"'
+
+
+def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 parts scaled down to 4: a 40 MiB file gets 10 MiB parts where 5 MiB was asked.
+    The memory budget (N x part size) grows with them, so all N streams still carry its parts."""
+    import archup.uploader
+
+    monkeypatch.setattr(archup.uploader, "MAX_PARTS", 4)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big.bin").write_bytes(bytes(40 * MiB))
+    journal = Journal(tmp_path / "journal.db")
+    try:
+        batch = journal.init_batch("01K8RNKN488RQCG3YGG72QBZS5", source_root=str(source), bucket="b",
+                                   prefix="staging/", part_size=5 * MiB)
+        store = _PartsInFlight(streams=4)
+        options = UploadOptions(parallel=4, part_size=5 * MiB, multipart_threshold=5 * MiB, prehash=False)
+        result = Uploader(journal, store, batch.batch_id, options).run()  # type: ignore[arg-type]
+    finally:
+        journal.close()
+    assert part_size_for(40 * MiB, 5 * MiB) == 10 * MiB
+    assert result.fatal is None and result.files_uploaded == 1, result
+    assert not store.barrier.broken  # four parts were in flight at once
