@@ -18,8 +18,12 @@ REDACTED = "***"
 
 _PATTERNS = (
     re.compile(r"(Credential=)[^/,\s'\"]+"),
-    re.compile(r"(Signature=)[0-9a-fA-F]+"),
-    re.compile(r"((?:X-Amz-Security-Token|X-Amz-Signature|X-Amz-Credential)['\"]?\s*[:=]\s*b?['\"]?)[^'\"&\s,}]+",
+    # botocore.auth's own debug line "Signature:\n<hex>" (after its CanonicalRequest and
+    # StringToSign dumps), and any other hex signature after "Signature" and a separator.
+    re.compile(r"(Signature['\"]?\s*[:=]?\s*(?:b?['\"])?)[0-9a-fA-F]{16,}", re.IGNORECASE),
+    # "Signature=" in an Authorization header or a query string, hex or (SigV2) base64.
+    re.compile(r"(Signature=)[^'\"&\s,;}]+", re.IGNORECASE),
+    re.compile(r"((?:X-Amz-Security-Token|X-Amz-Signature|X-Amz-Credential|AWSAccessKeyId)['\"]?\s*[:=]\s*b?['\"]?)[^'\"&\s,}]+",
                re.IGNORECASE),
     re.compile(r"((?:Authorization)['\"]?\s*[:=]\s*b?['\"])[^'\"]+", re.IGNORECASE),
     re.compile(r"((?:aws_secret_access_key|aws_session_token|SecretAccessKey|SessionToken)['\"]?\s*[:=]\s*['\"]?)"
@@ -68,20 +72,54 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+# Set on a record whose line archup has already printed on stderr itself (an error
+# message): the log file gets it, the stderr handler does not print it a second time.
+ALREADY_ON_STDERR = "archup_already_on_stderr"
+
+
+def _not_already_on_stderr(record: logging.LogRecord) -> bool:
+    return not getattr(record, ALREADY_ON_STDERR, False)
+
+
 def configure(verbosity: int, log_file: Path | None) -> None:
-    """-v: archup's info; -vv: archup's debug; -vvv: botocore's debug too. Warnings always."""
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    """Stderr: warnings; -v archup's info; -vv archup's debug; -vvv botocore's debug too.
+
+    The log file gets at least archup's info (each file, each error, the outcome)
+    without -v: a cron job that names a log file wants it filled.
+    """
+    stderr_level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     formatter = ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [_StderrHandler()]
-    if log_file is not None:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        handlers.append(logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8")))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.setLevel(level)
+    on_stderr = _StderrHandler()
+    on_stderr.setFormatter(formatter)
+    on_stderr.setLevel(stderr_level)
+    on_stderr.addFilter(_not_already_on_stderr)
     root = logging.getLogger()
-    root.handlers[:] = handlers
+    # Installed before the log file is opened: if that fails, the error is reported once, on stderr.
+    root.handlers[:] = [on_stderr]
     root.setLevel(logging.WARNING)
-    logging.getLogger("archup").setLevel(level)
+    archup_logger = logging.getLogger("archup")
+    archup_logger.setLevel(stderr_level)
     for name in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
+    if log_file is not None:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        to_file = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+        to_file.setFormatter(formatter)
+        to_file.setLevel(min(stderr_level, logging.INFO))
+        root.addHandler(to_file)
+        archup_logger.setLevel(min(stderr_level, logging.INFO))
+
+
+def quiet_stderr() -> None:
+    """--quiet: errors only on stderr, whatever -v asked for (the log file keeps its level)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _StderrHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def log_printed_error(message: str) -> None:
+    """Log an error line the caller has printed on stderr already: it goes to the log file only."""
+    # Before configure() (a usage error in the group's own options) nothing would receive the
+    # record but logging's last-resort handler, which would print the line on stderr again.
+    if any(isinstance(handler, _StderrHandler) for handler in logging.getLogger().handlers):
+        logging.getLogger("archup").error(message, extra={ALREADY_ON_STDERR: True})

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import re
 import sys
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from .. import logs
 from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
 from ..journal import BatchRecord, Journal, default_journal_path
 from ..scan import display_path
@@ -43,16 +46,74 @@ RegionOption = Annotated[str | None, typer.Option("--region", help="Region of th
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-_json_emitted = threading.local()
+class _Run(threading.local):
+    """What this command run has said so far: its name, whether --json printed its object, its result."""
+
+    command = "archup"
+    json_emitted = False
+    result: dict[str, Any] | None = None
+    last_error: str | None = None
+    # An error of the group's own settings, reported by the command: only the command
+    # knows whether --json was asked for (click has not parsed its options yet).
+    pending: tuple[str, int] | None = None
+
+
+_run = _Run()
+log = logging.getLogger("archup")
+
+
+def begin_run(command: str | None) -> None:
+    _run.command = f"archup {command}" if command else "archup"
+    _run.json_emitted = False
+    _run.result = None
+    _run.last_error = None
+    _run.pending = None
+
+
+def defer_error(message: str, code: int) -> None:
+    """Fail the command about to run with this error, before it does anything."""
+    _run.pending = (message, code)
+
+
+def json_requested(args: Sequence[str]) -> bool:
+    """--json among these arguments (not after '--', where it would be a directory name)."""
+    return "--json" in list(itertools.takewhile(lambda arg: arg != "--", args))
+
+
+def report_error(message: str, code: int, *, as_json: bool = False, printed: bool = False) -> None:
+    """One error, once each: a line on stderr (unless already printed), the log file, and with
+    --json the JSON object (unless the command printed its own)."""
+    line = display_path(message)
+    _run.last_error = message
+    if not printed:
+        # Plain print, never rich markup: messages carry user file names; and one line,
+        # whatever control characters a name smuggles in.
+        print(f"archup: error: {line}", file=sys.stderr)
+    logs.log_printed_error(f"{_run.command}: error: {line} (exit {code})")
+    if as_json and not _run.json_emitted:
+        emit_json({"error": message, "exit_code": code})
 
 
 def fail(message: str, code: int, *, as_json: bool = False) -> None:
-    # Plain print, never rich markup: messages carry user file names; and one line,
-    # whatever control characters a name smuggles in.
-    print(f"archup: error: {display_path(message)}", file=sys.stderr)
-    if as_json and not getattr(_json_emitted, "done", False):
-        emit_json({"error": message, "exit_code": code})
+    report_error(message, code, as_json=as_json)
     raise typer.Exit(code)
+
+
+def json_missing() -> bool:
+    """Whether a --json run that failed has not printed its JSON object (and what to put in it)."""
+    return not _run.json_emitted
+
+
+def last_error() -> str | None:
+    return _run.last_error
+
+
+def _log_outcome() -> None:
+    # The scalar fields of what the command printed (batch id, state, counts, bytes): enough
+    # for a cron log to say what each run did, without copying whole listings into it.
+    fields = [f"{key}={display_path(str(value))}" for key, value in (_run.result or {}).items()
+              if isinstance(value, str | int | float | bool)]
+    log.info("%s: done%s", _run.command, ": " + " ".join(fields[:12]) if fields else "")
 
 
 def handles_errors(command: F) -> F:
@@ -65,14 +126,22 @@ def handles_errors(command: F) -> F:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("json_output"))
-        _json_emitted.done = False
+        _run.json_emitted = False
+        _run.result = None
+        if kwargs.get("quiet"):
+            logs.quiet_stderr()  # --quiet wins over -v, which was parsed (and applied) first
+        if _run.pending is not None:
+            message, code = _run.pending
+            _run.pending = None
+            fail(message, code, as_json=as_json)
         try:
-            return command(*args, **kwargs)
+            outcome = command(*args, **kwargs)
         except ArchupError as error:
             fail(str(error), exit_code_for(error), as_json=as_json)
         except KeyboardInterrupt:
             fail("interrupted", int(ExitCode.INTERRUPTED), as_json=as_json)
-        return None
+        _log_outcome()
+        return outcome
 
     return wrapper  # type: ignore[return-value]
 
@@ -133,12 +202,15 @@ def parse_size(text: str) -> int:
 
 
 def emit_json(document: Any) -> None:
-    _json_emitted.done = True
+    _run.json_emitted = True
+    if isinstance(document, dict):
+        _run.result = document
     sys.stdout.write(json.dumps(document, ensure_ascii=False, sort_keys=False) + "\n")
     sys.stdout.flush()
 
 
 def print_fields(fields: list[tuple[str, Any]]) -> None:
+    _run.result = dict(fields)
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name:<{width}}  {value}")

@@ -7,7 +7,11 @@
     parallel = 16
 
 It becomes click's ``default_map``, which click consults after the command line
-and the environment variables: exactly the documented precedence.
+and the options' ``envvar``. Two settings are read from the environment by archup
+itself, after click (the endpoint URL and the journal): their file values are left
+out while their environment variable is set, or the file would beat it.
+
+A key is the option's parameter name or its long flag (``journal_path`` or ``journal``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+# Options whose environment variables archup reads itself, after click has applied the
+# default_map (resolve_endpoint, default_journal_path), not through click's envvar=.
+READ_FROM_ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "endpoint_url": ("ARCHUP_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "journal_path": ("ARCHUP_JOURNAL",),
+}
 
 
 def default_config_path() -> Path:
@@ -45,24 +56,39 @@ def load(path: Path | None, group: Any) -> dict[str, dict[str, Any]]:
 
     commands = {name: group.commands[name] for name in group.commands}
     # Duck-typed: typer ships its own copy of click, so isinstance checks against click fail.
-    options = {name: {p.name for p in command.params if getattr(p, "param_type_name", "") == "option" and p.name}
-               for name, command in commands.items()}
+    options = {name: _option_keys(command) for name, command in commands.items()}
     shared = {key.replace("-", "_"): value for key, value in document.items() if not isinstance(value, dict)}
     known = set().union(*options.values())
     unknown = sorted(set(shared) - known) + sorted(
         f"[{name}]" for name, value in document.items() if isinstance(value, dict) and name not in commands)
     default_map: dict[str, dict[str, Any]] = {}
     for name in commands:
-        values = {key: value for key, value in shared.items() if key in options[name]}
+        values = {options[name][key]: value for key, value in shared.items() if key in options[name]}
         table = document.get(name, {})
         if isinstance(table, dict):
             for key, value in table.items():
                 key = key.replace("-", "_")
                 if key not in options[name]:
                     unknown.append(f"{name}.{key}")
-                values[key] = value
+                    continue
+                values[options[name][key]] = value
+        values = {key: value for key, value in values.items()
+                  if not any(os.environ.get(variable) for variable in READ_FROM_ENVIRONMENT.get(key, ()))}
         if values:
             default_map[name] = values
     if unknown:
         raise UsageError(f"config file {path}: unknown setting(s): {', '.join(unknown)}")
     return default_map
+
+
+def _option_keys(command: Any) -> dict[str, str]:
+    """Each key the file may use for one of this command's options -> the option's parameter name."""
+    keys: dict[str, str] = {}
+    for param in command.params:
+        if getattr(param, "param_type_name", "") != "option" or not param.name:
+            continue
+        keys[param.name] = param.name
+        for flag in param.opts:  # not secondary_opts: "no_prehash = true" must not mean prehash
+            if flag.startswith("--"):
+                keys.setdefault(flag[2:].replace("-", "_"), param.name)
+    return keys
