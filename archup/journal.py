@@ -154,6 +154,13 @@ class BatchSettings:
     sse_kms_key_id: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
+    # What the endpoint accepted (--checksum, --full-object-checksum): the default of the
+    # commands that send on the batch's behalf without such flags (finalize, resume). A
+    # rerun's flags win here (the endpoint changed), so these make no note.
+    checksum: str = "sha256"
+    full_object_checksum: bool = True
+
+    _FOLLOW_THE_RUN = ("checksum", "full_object_checksum")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
@@ -175,7 +182,8 @@ class BatchSettings:
 
     def differences(self, other: BatchSettings) -> list[str]:
         """The names of the settings that differ, for a one-line note."""
-        return [name for name in self.__dataclass_fields__ if getattr(self, name) != getattr(other, name)]
+        return [name for name in self.__dataclass_fields__
+                if name not in self._FOLLOW_THE_RUN and getattr(self, name) != getattr(other, name)]
 
 
 @dataclass(frozen=True)

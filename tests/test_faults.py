@@ -544,6 +544,35 @@ def test_a_server_that_will_not_list_multipart_uploads_still_resumes_and_seals(
     assert_sealed_with_exactly(s3, bucket, only_batch(journal_path), files)
 
 
+def _carries_a_checksum(head: RequestHead) -> bool:
+    return any(name.lower().startswith(("x-amz-checksum-", "x-amz-sdk-checksum")) for name, _ in head.headers)
+
+
+@pytest.mark.parametrize("then", ["finalize", "resume"])
+def test_finalize_and_resume_keep_the_checksum_mode_the_batch_began_with(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path,
+        then: str) -> None:
+    """An endpoint that rejects checksum headers, used with --checksum none: 'archup finalize'
+    and 'archup resume' (no flag given) must not send one: the journal recorded the mode."""
+    files = small_files(5, seed=4)
+    source = write_tree(tmp_path / "src", files)
+    rule = proxy.add_rule(Rule(_carries_a_checksum, Canned(400, "InvalidRequest", "checksum headers not supported")))
+    args = ("upload", "--checksum", "none", "--parallel", "1")
+    if then == "finalize":
+        first = proxied(*args, "--no-finalize", str(source))
+        assert first.exit_code == 0, first.stderr
+    else:
+        first = proxied.subprocess(*args, str(source), env={"ARCHUP_CRASH_AT": "after-put-object:2"})
+        assert first.exit_code == -9, first.stderr
+    batch_id = only_batch(journal_path)
+
+    second = proxied(then, batch_id)
+
+    assert second.exit_code == 0, second.stderr
+    assert rule.hits == 0
+    assert_sealed_with_exactly(s3, bucket, batch_id, files)
+
+
 CLOCK_SKEWED = Canned(403, "RequestTimeTooSkewed",
                       "The difference between the request time and the current time is too large.",
                       headers=(("Date", "Sat, 01 Jan 2000 00:00:00 GMT"),))

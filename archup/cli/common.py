@@ -23,7 +23,7 @@ from .. import logs
 from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
 from ..journal import BatchRecord, Journal, default_journal_path
 from ..scan import display_path
-from ..store import S3Store, StoreConfig
+from ..store import ChecksumMode, S3Store, StoreConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -184,7 +184,10 @@ def resolve_endpoint(flag: str | None) -> str | None:
 
 def store_for_batch(batch: BatchRecord, endpoint_url: str | None, profile: str | None, region: str | None,
                     **settings: Any) -> S3Store:
-    """The store a recorded batch goes to; flags override what the journal recorded."""
+    """The store a recorded batch goes to; flags override what the journal recorded (the
+    endpoint, region, and the checksum mode the endpoint accepted when the batch began)."""
+    settings.setdefault("checksum", ChecksumMode(batch.settings.checksum))
+    settings.setdefault("full_object_checksum", batch.settings.full_object_checksum)
     return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url) or batch.endpoint_url,
                                region=region or batch.region, profile=profile, **settings))
 

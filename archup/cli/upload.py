@@ -289,7 +289,8 @@ def upload(
         includes=tuple(include or ()), excludes=tuple(exclude or ()), files_from=listed,
         skip_archived=skip_archived, follow_symlinks=follow_symlinks, storage_class=storage_class, sse=sse,
         sse_kms_key_id=sse_kms_key_id, metadata=tuple(parse_pairs("--metadata", metadata or [])),
-        tags=tuple(parse_pairs("--tag", tag or [])))
+        tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
+        full_object_checksum=full_object_checksum)
     if dry_run:
         _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
         return
@@ -340,8 +341,13 @@ def resume(
     endpoint_url: EndpointOption = None,
     profile: ProfileOption = None,
     region: RegionOption = None,
-    checksum: ChecksumOption = ChecksumMode.SHA256,
-    full_object_checksum: FullObjectOption = True,
+    checksum: Annotated[ChecksumMode | None, typer.Option(
+        "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none) "
+        "[default: as the batch was started]", show_default=False)] = None,
+    full_object_checksum: Annotated[bool | None, typer.Option(
+        "--full-object-checksum/--no-full-object-checksum",
+        help="Full-object CRC32 on new multipart uploads [default: as the batch was started]",
+        show_default=False)] = None,
     prehash: PrehashOption = True,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
@@ -358,9 +364,11 @@ def resume(
         record = journal.get_batch(batch_id)
         if not os.path.isdir(record.source_root):
             raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
+        chosen = {name: value for name, value in (("checksum", checksum),
+                                                  ("full_object_checksum", full_object_checksum))
+                  if value is not None}
         store = store_for_batch(record, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
-                                checksum=checksum, full_object_checksum=full_object_checksum,
-                                read_timeout=timeout, connect_timeout=connect_timeout)
+                                read_timeout=timeout, connect_timeout=connect_timeout, **chosen)
         store.check_bucket()
         with BatchLock(journal.path, batch_id):
             _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
