@@ -345,10 +345,11 @@ class S3Store:
         except Exception as error:
             raise translate(error, f"GetObject {key}") from None
 
-    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects under a prefix, in key order (UTF-8 binary order), page by page."""
+        args = {"Bucket": self.bucket, "Prefix": prefix, **({"StartAfter": start_after} if start_after else {})}
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(**args):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {})
         except Exception as error:

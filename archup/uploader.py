@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import mimetypes
 import os
@@ -32,9 +33,9 @@ from typing import IO, Protocol
 
 from .batches import list_open_uploads
 from .crashpoints import crash_point
-from .errors import ArchupError, TransferError
+from .errors import ArchupError, FileNotInBatch, TransferError
 from .journal import FileRecord, Journal, NewFile, PartRecord
-from .scan import ScanItem, identity_of, inside, object_key, read_ahead, scan, scan_list
+from .scan import FILES_DIR, ScanItem, identity_of, inside, object_key, read_ahead, scan, scan_list
 from .select import Selector
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, MultipartChecksum, S3Store, UploadedPart, b64, crc32_b64, crc32_combine
@@ -454,6 +455,40 @@ class Uploader:
         self._writer.put(record, sha256, etag)
 
     # -- multipart ----------------------------------------------------------
+
+    def settle_lost_puts(self, limit: int = 10_000) -> int:
+        """On a resume: the files a crash caught after their PutObject but before the journal
+        committed them are in the bucket already. Settled, never guessed: a pending file whose
+        object is there with its size and an ``archup-sha256`` equal to the SHA-256 of the file
+        read now is recorded uploaded instead of sent again. Returns how many.
+
+        Files are sent in key order, so those objects lie at or after the first pending key:
+        one listing from there (a page for a batch that stopped cleanly), at most ``limit``."""
+        first = next(iter(self.journal.iter_files(self.batch_id, [FileState.PENDING])), None)
+        if first is None:
+            return 0
+        settled = 0
+        listed = self.store.list_objects(self.batch.batch_prefix + FILES_DIR, start_after=first.key[:-1])
+        for found in itertools.islice(listed, limit):
+            try:
+                record = self.journal.get_file(self.batch_id, found.key[len(self.batch.batch_prefix + FILES_DIR):])
+            except FileNotInBatch:
+                continue
+            if (record.state is not FileState.PENDING or record.key != found.key or found.size != record.size
+                    or record.size >= self.options.multipart_threshold):
+                continue
+            stored = self.store.head(found.key)
+            if stored is None or not stored.metadata.get(SHA256_METADATA):
+                continue
+            try:
+                sha256 = _hash_file(self._path(record), record, self._guard)
+            except (OSError, FileChanged):
+                continue  # sent again, and the read reports what is wrong
+            if sha256 == stored.metadata[SHA256_METADATA] and stored.size == record.size:
+                self.journal.complete_file(self.batch_id, record.rel_path, sha256=sha256, etag=stored.etag)
+                self._reported(record, sha256, stored.etag)
+                settled += 1
+        return settled
 
     def sweep_orphan_uploads(self) -> int:
         """Abort multipart uploads under this batch's prefix that the journal does not know.

@@ -527,6 +527,33 @@ def test_gc_reports_orphan_uploads_and_aborts_them_only_when_asked(cli: Any, s3:
     check_invariants(s3, cli.bucket, cli.journal, source, live)
 
 
+@pytest.mark.parametrize("changed", [False, True], ids=["same-bytes", "rewritten-since"])
+def test_a_put_whose_commit_a_crash_lost_is_settled_by_head_not_sent_again(
+        cli: Any, s3: Any, tmp_path: Path, changed: bool) -> None:
+    """Killed right after a PutObject returned, before the journal committed it: the resume
+    finds the object (listing from the first pending key), HEADs it and compares its
+    archup-sha256 with the file read now. Equal: recorded uploaded, not sent again.
+    Rewritten since (same size): sent again, and the object holds the new bytes."""
+    files = small_files(6, "s", seed=21)
+    source = write_tree(tmp_path / "src", files)
+    batch_id = crash(cli, source, "after-put-object:1")
+    (first, *_) = sorted(files)
+    assert read_journal(cli.journal, "SELECT state FROM files WHERE rel_path = ?", (first,))[0][0] == "pending"
+    stored = f"staging/{batch_id}/files/{first}"
+    assert s3.get_object(Bucket=cli.bucket, Key=stored)["Body"].read() == files[first]
+    if changed:
+        files[first] = bytes(reversed(files[first]))
+        (source / first).write_bytes(files[first])
+
+    resumed = cli("resume", batch_id, "--json")
+
+    assert resumed.exit_code == 0, resumed.stderr
+    others = sum(len(data) for rel_path, data in files.items() if rel_path != first)
+    assert json.loads(resumed.stdout)["bytes_sent"] == others + (len(files[first]) if changed else 0)
+    assert s3.get_object(Bucket=cli.bucket, Key=stored)["Body"].read() == files[first]
+    check_invariants(s3, cli.bucket, cli.journal, source, batch_id)
+
+
 def test_gc_never_takes_the_upload_of_a_batch_begun_after_it_listed_the_batches(
         cli: Any, s3: Any, source: Path, other_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An upload starting beside gc: its batch is not in the list gc read at the start, but its

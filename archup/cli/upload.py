@@ -103,6 +103,7 @@ def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions
         uploader = Uploader(journal, store, batch_id, options, stop=stop)
         if resumed:
             uploader.sweep_orphan_uploads()
+            uploader.settle_lost_puts()
         uploader.scan()
         if not show_bar:
             return uploader.send()
