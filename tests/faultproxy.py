@@ -11,6 +11,8 @@ Fault kinds:
   timeout) or ``stall_seconds`` pass; the server never sees the request.
 - ``"lost-response"`` (not in the default mix): forwards the request, so the server does the
   work, then resets the connection instead of passing the answer on.
+- ``"429"`` (not in the default mix): answers ``429 TooManyRequests``, as some S3-compatible
+  servers and gateways throttle; the request never reaches the server.
 
 Everything else is forwarded faithfully: the request line, the headers (``Expect:
 100-continue`` is answered by the proxy itself, ``Connection`` is set to ``close``) and the body
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import cast, final
 
 DEFAULT_KINDS: tuple[str, ...] = ("500", "503", "reset", "stall")
-ALL_KINDS: tuple[str, ...] = (*DEFAULT_KINDS, "lost-response")
+ALL_KINDS: tuple[str, ...] = (*DEFAULT_KINDS, "lost-response", "429")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "expect", "te", "upgrade"}
 _COPY_CHUNK = 256 * 1024
 _MAX_HEAD = 64 * 1024
@@ -69,8 +71,12 @@ class Canned:
 
 INTERNAL_ERROR = Canned(500, "InternalError", "We encountered an internal error. Please try again.")
 SLOW_DOWN = Canned(503, "SlowDown", "Please reduce your request rate.")
+# Not one of botocore's throttling error codes: only the 429 status says "throttled".
+TOO_MANY_REQUESTS = Canned(429, "TooManyRequests", "Too many requests, please slow down.")
+_CANNED_KINDS = {"500": INTERNAL_ERROR, "503": SLOW_DOWN, "429": TOO_MANY_REQUESTS}
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
-            412: "Precondition Failed", 500: "Internal Server Error", 503: "Service Unavailable"}
+            412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable"}
 
 
 @dataclass(frozen=True)
@@ -308,8 +314,8 @@ class FaultProxy:
         expects_continue = (head.header("Expect") or "").lower() == "100-continue"
         request_id = f"FAULT{number:06d}"
 
-        if isinstance(action, Canned) or action in ("500", "503"):
-            canned = action if isinstance(action, Canned) else INTERNAL_ERROR if action == "500" else SLOW_DOWN
+        if isinstance(action, Canned) or action in _CANNED_KINDS:
+            canned = action if isinstance(action, Canned) else _CANNED_KINDS[action]
             if not expects_continue:
                 _drain_body(reader, head)  # so closing never resets an answer the client should read
             # Counted before the client can see the answer: a test reading the counters after

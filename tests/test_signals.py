@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import sqlite3
@@ -82,18 +83,110 @@ def test_signal_stops_cleanly_and_rerun_finishes(cli, s3, bucket, tmp_path: Path
     assert summary["bytes_sent"] <= (FILES - done_before) * 8 * 1024
 
 
-def test_second_signal_exits_at_once_and_batch_stays_resumable(cli, bucket, tmp_path: Path) -> None:
-    source = _source(tmp_path)
+BIG = 6 * 1024 * 1024
+
+
+def _big_source(tmp_path: Path) -> tuple[Path, bytes]:
+    source = tmp_path / "big-src"
+    source.mkdir()
+    data = os.urandom(BIG)
+    (source / "big.bin").write_bytes(data)
+    return source, data
+
+
+def _start_held_multipart(cli, bucket: str, source: Path, *extra: str) -> subprocess.Popen[str]:
+    """An upload whose second part is held back by --bwlimit for about 80 s once the first is
+    recorded: a stop that waited for the work in flight would take that long."""
     args = [sys.executable, "-m", "archup", "upload", "--journal", str(cli.journal), "--bucket", bucket,
-            "--endpoint-url", cli.endpoint, "--parallel", "2", "--bwlimit", "32KiB", str(source)]
+            "--endpoint-url", cli.endpoint, "--part-size", "5MiB", "--bwlimit", "64KiB", *extra, str(source)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(proc, cli.journal, 2)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, stderr
+    deadline = time.monotonic() + 60
+    while not _parts_recorded(cli.journal):
+        try:
+            proc.wait(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            assert time.monotonic() < deadline, "part 1 not recorded within 60 s"
+        else:
+            pytest.fail(f"upload ended before it could be interrupted: {proc.communicate()}")
+    return proc
+
+
+def _stderr_until(proc: subprocess.Popen[str], text: str, seconds: float = 30) -> str:
+    """stderr read line by line (each wait bounded) until a line holds ``text``."""
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + seconds
+    while text not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {text!r} on stderr within {seconds} s: {seen!r}"
+        line = proc.stderr.readline()
+        assert line, f"stderr closed before {text!r}: {seen!r}"
+        seen += line
+    return seen
+
+
+def _parts_recorded(journal: Path) -> int:
+    try:
+        with sqlite3.connect(journal, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM parts").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # no journal, or no schema yet
+
+
+def _resumes_to_the_same_bytes(cli, s3, bucket: str, source: Path, data: bytes) -> None:
     with sqlite3.connect(cli.journal) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    result = cli("upload", "--json", str(source))
+    result = cli("upload", "--json", "--part-size", "5MiB", str(source))
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["files_uploaded"] == FILES
+    summary = json.loads(result.stdout)
+    assert summary["bytes_sent"] <= BIG - 5 * 1024 * 1024  # part 1 was kept
+    assert s3.get_object(Bucket=bucket, Key=summary["prefix"] + "files/big.bin")["Body"].read() == data
+
+
+def test_second_signal_exits_at_once_and_batch_stays_resumable(cli, s3, bucket, tmp_path: Path) -> None:
+    """With a long grace, only the second signal can end the run in less than the ~80 s its
+    held-back part needs: it must exit 130 at once, and the batch resumes from part 1."""
+    source, data = _big_source(tmp_path)
+    proc = _start_held_multipart(cli, bucket, source, "--grace", "600")
+    proc.send_signal(signal.SIGINT)
+    # Signals sent back to back may be taken as one: the second goes once the first is handled.
+    seen = _stderr_until(proc, "archup: stopping")
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=30)
+    stderr = seen + rest
+    assert proc.returncode == 130, stderr
+    assert "second signal; exiting now" in stderr and "archup resume " in stderr, stderr
+    _resumes_to_the_same_bytes(cli, s3, bucket, source, data)
+
+
+def test_first_signal_exits_after_the_grace_when_work_in_flight_outlasts_it(cli, s3, bucket,
+                                                                             tmp_path: Path) -> None:
+    """One SIGTERM, --grace 2: the held-back part would need ~80 s; archup exits 130 after the
+    grace, saying how to resume, and the batch resumes from part 1."""
+    source, data = _big_source(tmp_path)
+    proc = _start_held_multipart(cli, bucket, source, "--grace", "2")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "still in flight 2 s after the signal" in stderr and "archup resume " in stderr, stderr
+    _resumes_to_the_same_bytes(cli, s3, bucket, source, data)
+
+
+def test_a_signal_during_the_preflight_ends_the_run_before_any_file_is_read(cli, bucket, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler covers the whole command: a SIGINT while the bucket is being checked stops
+    the run before the batch begins (exit 130, the resume command), not with a traceback."""
+    import archup.store
+
+    source = _source(tmp_path)
+    real_check = archup.store.S3Store.check_bucket
+
+    def check_then_signal(self: archup.store.S3Store) -> None:
+        real_check(self)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(archup.store.S3Store, "check_bucket", check_then_signal)
+    result = cli("upload", str(source))
+    assert result.exit_code == 130, result.stderr
+    assert "interrupted before it began; resume with 'archup resume " in result.stderr
+    assert _uploaded(cli.journal) == 0

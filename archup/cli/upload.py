@@ -58,24 +58,55 @@ def normalize_prefix(prefix: str) -> str:
     return prefix
 
 
+DEFAULT_GRACE = 30.0
+
+
+class Stopping:
+    """SIGINT/SIGTERM for a whole command. The first: stop taking new work (``stop``); what is
+    in flight finishes, and the command ends with exit 130 and how to resume, at most
+    ``grace`` seconds later. A second signal, or the grace running out, exits 130 at once:
+    every journal write is one transaction, so the batch is as safe to resume as after kill -9."""
+
+    def __init__(self, grace: float) -> None:
+        self.stop = threading.Event()
+        self.grace = grace
+        self.hint: str | None = None  # the resume command, once the batch is known
+        self._timer: threading.Timer | None = None
+
+    def _exit_now(self, why: str) -> None:
+        message = f"archup: error: {why}; exiting now, the batch is safe to resume"
+        if self.hint:
+            message += f" with '{self.hint}'"
+        os.write(2, (message + "\n").encode("utf-8", "replace"))
+        os._exit(130)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            self._exit_now("second signal")
+        self.stop.set()
+        print(f"archup: stopping: finishing the requests in flight (a second signal, or {self.grace:g} s, "
+              "exits at once)", file=sys.stderr)
+        self._timer = threading.Timer(self.grace, self._exit_now,
+                                      args=(f"requests still in flight {self.grace:g} s after the signal",))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 @contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """First SIGINT/SIGTERM: stop taking new work. A second one: exit at once (the journal stays consistent)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            os._exit(130)
-        stop.set()
-        print("archup: stopping: finishing the requests in flight (a second signal exits at once)",
-              file=sys.stderr)
-
+def stop_on_signals(grace: float = DEFAULT_GRACE) -> Iterator[Stopping]:
+    stopping = Stopping(grace)
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopping
         return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stopping.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stopping
     finally:
+        stopping.cancel()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
@@ -97,22 +128,20 @@ def _partial_report(journal: Journal, batch_id: str, result: UploadResult, hint:
 
 
 def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions, *, resumed: bool,
-         show_bar: bool) -> UploadResult:
-    stop = threading.Event()
-    with stop_on_signals(stop):
-        uploader = Uploader(journal, store, batch_id, options, stop=stop)
-        if resumed:
-            uploader.sweep_orphan_uploads()
-            uploader.settle_lost_puts()
-        uploader.scan()
-        if not show_bar:
-            return uploader.send()
-        state = journal.get_state(batch_id)
-        done = (FileState.UPLOADED, FileState.SKIPPED)
-        with RichProgress(state.bytes_total - sum(state.bytes_by_state[s] for s in done),
-                          state.files_total - sum(state.counts[s] for s in done)) as bar:
-            uploader.observer = bar
-            return uploader.send()
+         show_bar: bool, stop: threading.Event) -> UploadResult:
+    uploader = Uploader(journal, store, batch_id, options, stop=stop)
+    if resumed:
+        uploader.sweep_orphan_uploads()
+        uploader.settle_lost_puts()
+    uploader.scan()
+    if not show_bar:
+        return uploader.send()
+    state = journal.get_state(batch_id)
+    done = (FileState.UPLOADED, FileState.SKIPPED)
+    with RichProgress(state.bytes_total - sum(state.bytes_by_state[s] for s in done),
+                      state.files_total - sum(state.counts[s] for s in done)) as bar:
+        uploader.observer = bar
+        return uploader.send()
 
 
 # S3's storage classes; another name is refused as a typo (every file would fail on it).
@@ -123,6 +152,10 @@ STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING
 class RetryMode(str, Enum):
     STANDARD = "standard"
     ADAPTIVE = "adaptive"
+
+
+RetryModeOption = Annotated[RetryMode, typer.Option(
+    "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")]
 
 
 def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
@@ -165,8 +198,10 @@ def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ..
         print(f"  ... and {count - len(first)} more")
 
 
-def _check_timeouts(timeout: float, connect_timeout: float) -> None:
-    for name, value in (("--timeout", timeout), ("--connect-timeout", connect_timeout)):
+def _check_run_limits(retries: int, timeout: float, connect_timeout: float, grace: float) -> None:
+    if not 0 <= retries <= 50:
+        raise UsageError(f"--retries {retries}: must be between 0 and 50")
+    for name, value in (("--timeout", timeout), ("--connect-timeout", connect_timeout), ("--grace", grace)):
         if not 0 < value <= 3600:
             raise UsageError(f"{name} {value:g}: must be more than 0 and at most 3600 seconds")
 
@@ -186,6 +221,12 @@ FullObjectOption = Annotated[bool, typer.Option(
     "--full-object-checksum/--no-full-object-checksum",
     help="Multipart objects keep a CRC32 of the whole object, checked by the server at completion "
     "(with --checksum sha256 or crc32); off for endpoints that reject ChecksumType FULL_OBJECT.")]
+GraceOption = Annotated[float, typer.Option(
+    "--grace", help="Seconds a first SIGINT/SIGTERM leaves the requests in flight to finish before "
+    "archup exits 130 at once (a second signal exits at once).")]
+RetriesOption = Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")]
+BwlimitOption = Annotated[str | None, typer.Option(
+    "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).", show_default=False)]
 TimeoutOption = Annotated[float, typer.Option(
     "--timeout", help="Seconds to wait for an answer to a request before it counts as failed and is retried "
     "(the read timeout).")]
@@ -244,14 +285,12 @@ def upload(
         "--metadata", help="User metadata k=v on every file object (repeatable).", show_default=False)] = None,
     tag: Annotated[list[str] | None, typer.Option(
         "--tag", help="Object tag k=v on every file object (repeatable).", show_default=False)] = None,
-    bwlimit: Annotated[str | None, typer.Option(
-        "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).",
-        show_default=False)] = None,
-    retries: Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")] = 4,
+    bwlimit: BwlimitOption = None,
+    retries: RetriesOption = 4,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
-    retry_mode: Annotated[RetryMode, typer.Option(
-        "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")] = RetryMode.STANDARD,
+    retry_mode: RetryModeOption = RetryMode.STANDARD,
+    grace: GraceOption = DEFAULT_GRACE,
     quiet: QuietOption = False,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
@@ -271,9 +310,7 @@ def upload(
         raise UsageError(f"--part-size {part_size}: must be between 5MiB and 5GiB (S3's part limits)")
     if batch and new_batch:
         raise UsageError("--batch and --new-batch exclude each other")
-    if not 0 <= retries <= 50:
-        raise UsageError(f"--retries {retries}: must be between 0 and 50")
-    _check_timeouts(timeout, connect_timeout)
+    _check_run_limits(retries, timeout, connect_timeout, grace)
     if sse is not None and sse not in ("AES256", "aws:kms", "aws:kms:dsse"):
         raise UsageError(f"--sse {sse}: use AES256 or aws:kms")
     if sse_kms_key_id and sse not in ("aws:kms", "aws:kms:dsse"):
@@ -298,41 +335,45 @@ def upload(
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
     endpoint = resolve_endpoint(endpoint_url)
-    store = S3Store(StoreConfig(
-        bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
-        max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
-        max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
-        retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None))
-    store.check_bucket()
-    talk = not (quiet or json_output)
+    with stop_on_signals(grace) as stopping:
+        store = S3Store(StoreConfig(
+            bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
+            max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
+            max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
+            retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None))
+        store.check_bucket()
+        talk = not (quiet or json_output)
 
-    with open_journal(journal_path) as journal, \
-            source_lock(journal.path, source, bucket, key_prefix, endpoint):
-        record: BatchRecord | None
-        if batch:
-            record = journal.get_batch(check_batch_id(batch))
-            if record.source_root != source:
-                raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {source}")
-            if record.bucket != bucket:
-                raise UsageError(f"batch {record.batch_id} goes to bucket {record.bucket}, not {bucket}")
-        else:
-            record = None if new_batch else find_resumable(journal, source, bucket, key_prefix, endpoint)
-            if record is not None and talk:
-                print(f"archup: resuming unfinished batch {record.batch_id} of {source} "
-                      "(--new-batch starts a new one)", file=sys.stderr)
-        if record is None:
-            from ulid import ULID  # here, not at the top: only a new batch needs it
+        with open_journal(journal_path) as journal, \
+                source_lock(journal.path, source, bucket, key_prefix, endpoint):
+            record: BatchRecord | None
+            if batch:
+                record = journal.get_batch(check_batch_id(batch))
+                if record.source_root != source:
+                    raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {source}")
+                destination = (record.bucket, record.prefix, record.endpoint_url)
+                if destination != (bucket, key_prefix, endpoint):
+                    raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
+                                     f"{record.endpoint_url or 'AWS'}, not s3://{bucket}/{key_prefix} at "
+                                     f"{endpoint or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
+            else:
+                record = None if new_batch else find_resumable(journal, source, bucket, key_prefix, endpoint)
+                if record is not None and talk:
+                    print(f"archup: resuming unfinished batch {record.batch_id} of {source} "
+                          "(--new-batch starts a new one)", file=sys.stderr)
+            if record is None:
+                from ulid import ULID  # here, not at the top: only a new batch needs it
 
-            record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
-                                        part_size=part_bytes, endpoint_url=endpoint, region=region,
-                                        settings=wanted)
-            resumed = False
-        else:
-            resumed = True
-        with BatchLock(journal.path, record.batch_id):
-            _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
-                          resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          prehash=prehash, wanted=wanted, profile=profile)
+                record = journal.init_batch(str(ULID()), source_root=source, bucket=bucket, prefix=key_prefix,
+                                            part_size=part_bytes, endpoint_url=endpoint, region=region,
+                                            settings=wanted)
+                resumed = False
+            else:
+                resumed = True
+            with BatchLock(journal.path, record.batch_id):
+                _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
+                              resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
+                              prehash=prehash, wanted=wanted, profile=profile, stopping=stopping)
 
 
 @handles_errors
@@ -350,8 +391,12 @@ def resume(
         help="Full-object CRC32 on new multipart uploads [default: as the batch was started]",
         show_default=False)] = None,
     prehash: PrehashOption = True,
+    retries: RetriesOption = 4,
+    retry_mode: RetryModeOption = RetryMode.STANDARD,
+    bwlimit: BwlimitOption = None,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
+    grace: GraceOption = DEFAULT_GRACE,
     no_finalize: NoFinalizeOption = False,
     quiet: QuietOption = False,
     journal_path: JournalOption = None,
@@ -359,22 +404,25 @@ def resume(
 ) -> None:
     """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
     _check_parallel(parallel)
-    _check_timeouts(timeout, connect_timeout)
+    _check_run_limits(retries, timeout, connect_timeout, grace)
     batch_id = check_batch_id(batch_id)
-    with open_journal(journal_path) as journal:
-        record = journal.get_batch(batch_id)
-        if not os.path.isdir(record.source_root):
-            raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
-        chosen = {name: value for name, value in (("checksum", checksum),
-                                                  ("full_object_checksum", full_object_checksum))
-                  if value is not None}
-        store = store_for_batch(record, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
-                                read_timeout=timeout, connect_timeout=connect_timeout, **chosen)
-        store.check_bucket()
-        with BatchLock(journal.path, batch_id):
-            _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
-                          no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                          prehash=prehash, profile=profile)
+    with stop_on_signals(grace) as stopping:
+        with open_journal(journal_path) as journal:
+            record = journal.get_batch(batch_id)
+            if not os.path.isdir(record.source_root):
+                raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
+            chosen = {name: value for name, value in (("checksum", checksum),
+                                                      ("full_object_checksum", full_object_checksum))
+                      if value is not None}
+            store = store_for_batch(record, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
+                                    read_timeout=timeout, connect_timeout=connect_timeout, max_attempts=retries + 1,
+                                    retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None,
+                                    **chosen)
+            store.check_bucket()
+            with BatchLock(journal.path, batch_id):
+                _upload_batch(journal, store, journal.get_batch(batch_id), parallel=parallel, resumed=True,
+                              no_finalize=no_finalize, quiet=quiet, json_output=json_output,
+                              prehash=prehash, profile=profile, stopping=stopping)
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
@@ -392,7 +440,8 @@ def _name_skipped(journal: Journal, batch_id: str) -> None:
 
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
                   no_finalize: bool, quiet: bool, json_output: bool, prehash: bool = True,
-                  wanted: BatchSettings | None = None, profile: str | None = None) -> None:
+                  wanted: BatchSettings | None = None, profile: str | None = None,
+                  stopping: Stopping | None = None) -> None:
     """Upload (or continue) one batch while holding its lock, then finalize and report.
 
     The batch keeps the settings its first run chose (``record.settings``): which files,
@@ -400,6 +449,8 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     batch_id, source, settings = record.batch_id, record.source_root, record.settings
     talk = not (quiet or json_output)
     hint = resume_command(batch_id, journal.path, profile)
+    stopping = stopping or Stopping(DEFAULT_GRACE)
+    stopping.hint = hint
     # Every object of the batch stored alike, whichever run sends it.
     store.config = replace(store.config, storage_class=settings.storage_class, sse=settings.sse,
                            sse_kms_key_id=settings.sse_kms_key_id, user_metadata=settings.metadata,
@@ -415,6 +466,8 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
         result = UploadResult(batch_id)  # already sealed: finalize below just reprints its summary
     elif record.state.terminal:
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+    elif stopping.stop.is_set():
+        raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
     else:
         write_marker(store, record)
         selector = Selector(settings.includes, settings.excludes)
@@ -422,7 +475,8 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
                                 select=selector if selector.active else None, files_from=settings.files_from,
                                 skip_archived=settings.skip_archived, prehash=prehash,
                                 follow_symlinks=settings.follow_symlinks)
-        result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty())
+        result = _run(journal, store, batch_id, options, resumed=resumed, show_bar=talk and sys.stderr.isatty(),
+                      stop=stopping.stop)
 
     if talk:
         _name_skipped(journal, batch_id)
