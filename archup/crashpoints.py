@@ -17,6 +17,7 @@ POINTS = (
     "after-upload-part",        # a part is stored on the server, not yet in the journal
     "after-complete-multipart", # the object exists, the journal still says uploading
     "before-put-object",        # a single-PUT file is about to be sent
+    "during-put-object",        # a file's PutObject is signed and on its way, the server has not got it all
     "after-put-object",         # the object exists, the journal still says pending
     "after-manifest-entries",   # finalize wrote manifest.jsonl, not the summary
     "after-manifest-summary",   # finalize wrote manifest.json, the journal says finalizing
@@ -44,3 +45,8 @@ def crash_point(name: str) -> None:
         _seen[name] = _seen.get(name, 0) + 1
         if _seen[name] >= _ARMED[1]:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed(name: str) -> bool:
+    """Whether this process will crash at ``name`` (hooks that cost something are set only then)."""
+    return _ARMED is not None and _ARMED[0] == name

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import botocore.exceptions
 
+from . import crashpoints
 from .errors import DestinationError, TransferError
 from .logs import register_secrets
 
@@ -223,6 +224,12 @@ def translate(error: Exception, what: str) -> Exception:
     return error
 
 
+def _crash_during_file_put(request: Any, **kwargs: Any) -> None:
+    """A test's crash point inside botocore: the request is signed and about to be sent."""
+    if "/files/" in request.url:  # a source file's object, not the marker or the manifest
+        crashpoints.crash_point("during-put-object")
+
+
 class S3Store:
     """One boto3 client shared by every worker thread (boto3 clients are thread-safe)."""
 
@@ -256,6 +263,8 @@ class S3Store:
                                             region_name=config.region)
             self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
             credentials = session.get_credentials()
+            if crashpoints.armed("during-put-object"):
+                self.client.meta.events.register("before-send.s3.PutObject", _crash_during_file_put)
         except Exception as error:  # profile missing, bad endpoint URL, ...
             raise translate(error, "opening the S3 client") from None
         if credentials is not None:
