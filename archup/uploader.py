@@ -26,7 +26,7 @@ import queue
 import stat
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import IO, Protocol
@@ -225,6 +225,7 @@ class _MultipartFile:
         self.sha256: str | None = None
         self.crc32 = 0  # of the whole file as read, for a full-object checksum
         self.error: str | None = None
+        self.lost = False  # the server answered NoSuchUpload: the upload is gone
         self.finished = False
 
     def ready_to_finish(self) -> bool:
@@ -247,6 +248,7 @@ class Uploader:
         self.stop = stop or threading.Event()
         self.result = UploadResult(batch_id)
         self._result_lock = threading.Lock()
+        self._restarted: set[str] = set()  # files whose upload the server lost, sent again this run
         self._slots = threading.BoundedSemaphore(options.parallel * 2)
         self._budget = ByteBudget(options.parallel * options.part_size)
         self._writer: CompletionWriter  # one per send()
@@ -278,6 +280,12 @@ class Uploader:
         try:
             with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-upload") as pool:
                 self._dispatch(pool)
+            # Uploads the server lost mid-run (NoSuchUpload: expired, aborted by someone else)
+            # start over once, in this run, with a new upload.
+            restarted = [self.journal.get_file(self.batch_id, rel_path) for rel_path in self._restarted]
+            if restarted and not self.stop.is_set():
+                with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-upload") as pool:
+                    self._dispatch(pool, restarted)
         except ArchupError as error:
             self._stop_with(error)
         finally:
@@ -331,9 +339,9 @@ class Uploader:
             return NewFile(item.rel_path, key, item.size, item.mtime_ns, FileState.SKIPPED, item.skip_reason)
         return NewFile(item.rel_path, key, item.size, item.mtime_ns, identity=item.identity)
 
-    def _dispatch(self, pool: ThreadPoolExecutor) -> None:
+    def _dispatch(self, pool: ThreadPoolExecutor, records: Iterable[FileRecord] | None = None) -> None:
         todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
-        for record in self.journal.iter_files(self.batch_id, todo):
+        for record in self.journal.iter_files(self.batch_id, todo) if records is None else records:
             if self.stop.is_set():
                 break
             path = self._path(record)
@@ -651,6 +659,7 @@ class Uploader:
         except TransferError as error:
             with upload.lock:
                 upload.error = upload.error or str(error)
+                upload.lost = upload.lost or error.code == "NoSuchUpload"
         except BaseException:
             # Credentials gone, the journal unwritable, ...: the run stops. The upload is left
             # as the journal knows it, for the resumer; never completed without this part.
@@ -665,9 +674,21 @@ class Uploader:
                 self._finish_multipart(upload)
 
     def _give_up(self, upload: _MultipartFile, reason: str) -> None:
-        """Abort the upload (its parts stop costing storage), then fail the file by name."""
+        """Abort the upload (its parts stop costing storage), then fail the file by name; an
+        upload the server lost is sent again from the start, once a run."""
+        record = upload.record
+        if upload.lost:
+            with self._result_lock:
+                again = record.rel_path not in self._restarted
+                self._restarted.add(record.rel_path)
+            if again:
+                log.info("%s: the server lost its upload (NoSuchUpload); sending it again", record.rel_path)
+                self.journal.reset_file(self.batch_id, record.rel_path,
+                                        "the server lost its upload (NoSuchUpload); sending it again")
+                return
         try:
-            self.store.abort_multipart(upload.record.key, upload.upload_id)
+            if not upload.lost:  # nothing left to abort
+                self.store.abort_multipart(upload.record.key, upload.upload_id)
         except ArchupError:
             # An upload left open lives under the batch prefix, where finalize's sweep,
             # 'archup abort' and 'archup gc' find it with ListMultipartUploads.
@@ -698,6 +719,7 @@ class Uploader:
         except TransferError as error:
             if error.code == "NoSuchUpload" and self._settle_lost_completion(record):
                 return  # a retried Complete whose first answer was lost
+            upload.lost = error.code == "NoSuchUpload"
             self._give_up(upload, str(error))
             return
         crash_point("after-complete-multipart")

@@ -409,15 +409,35 @@ def test_stubbed_200_error_on_complete_fails_the_file_and_aborts(stubbed: Any) -
     world.assert_all_answers_used()  # the AbortMultipartUpload was sent
 
 
-def test_stubbed_no_such_upload_on_upload_part_fails_cleanly_then_restarts(stubbed: Any) -> None:
-    """UploadPart answers NoSuchUpload (the upload vanished: expired, aborted by someone else):
-    the file is failed, never uploaded; the next run restarts it with a new upload."""
+def test_stubbed_no_such_upload_on_upload_part_restarts_the_file_in_the_same_run(stubbed: Any) -> None:
+    """UploadPart answers NoSuchUpload (the upload vanished: expired by a lifecycle rule, aborted
+    by someone else): nothing to abort; the file starts over with a new upload in the same run."""
     data = pattern_bytes(2 * PART_SIZE, seed=6)
     world = stubbed({"big.bin": data})
     world.ok("create_multipart_upload", {"UploadId": "upload-1"})
     world.ok("upload_part", {"ETag": '"e1"'})
     world.error("upload_part", "NoSuchUpload", 404)
-    world.error("abort_multipart_upload", "NoSuchUpload", 404)
+    # No AbortMultipartUpload: a new upload, both parts sent again, completed.
+    world.multipart_until_complete("upload-2", parts=2)
+    world.ok("complete_multipart_upload", {"ETag": '"abc-2"'})
+
+    result = world.run()
+
+    assert (result.files_uploaded, result.files_failed, result.fatal) == (1, 0, None)
+    record = world.record("big.bin")
+    assert record.state is FileState.UPLOADED and record.sha256 == hashlib.sha256(data).hexdigest()
+    world.assert_all_answers_used()
+
+
+def test_stubbed_an_upload_lost_twice_in_one_run_fails_the_file_for_the_next_run(stubbed: Any) -> None:
+    """Lost again after the restart: failed by name (a resumable exit 3), not restarted for ever;
+    the next run sends it again."""
+    data = pattern_bytes(2 * PART_SIZE, seed=6)
+    world = stubbed({"big.bin": data})
+    for upload_id in ("upload-1", "upload-2"):
+        world.ok("create_multipart_upload", {"UploadId": upload_id})
+        world.ok("upload_part", {"ETag": '"e1"'})
+        world.error("upload_part", "NoSuchUpload", 404)
 
     first = world.run()
 
@@ -426,15 +446,12 @@ def test_stubbed_no_such_upload_on_upload_part_fails_cleanly_then_restarts(stubb
     assert record.state is FileState.FAILED and "NoSuchUpload" in (record.error or "")
     world.assert_all_answers_used()
 
-    # The next run creates a new upload (it does not send into the vanished one).
-    world.multipart_until_complete("upload-2", parts=2)
+    world.multipart_until_complete("upload-3", parts=2)
     world.ok("complete_multipart_upload", {"ETag": '"abc-2"'})
     second = world.run()
 
     assert (second.files_uploaded, second.files_failed, second.fatal) == (1, 0, None)
-    record = world.record("big.bin")
-    assert record.state is FileState.UPLOADED and record.sha256 == hashlib.sha256(data).hexdigest()
-    world.assert_all_answers_used()  # a new CreateMultipartUpload, both parts sent again
+    world.assert_all_answers_used()
 
 
 @pytest.mark.parametrize(("code", "status"), [("ExpiredToken", 400), ("AccessDenied", 403)])
