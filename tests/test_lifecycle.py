@@ -11,6 +11,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def test_a_held_batch_is_refused_naming_its_holder(command: str, cli: Any, s3: A
     assert refused.exit_code == 4, refused.stderr
     assert "busy" in refused.stderr, refused.stderr
     assert f"pid {os.getpid()}" in refused.stderr and batch_id in refused.stderr, refused.stderr
+    assert f"host {socket.gethostname()}, pid {os.getpid()}, since 20" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
     assert state_of(cli, batch_id) == "uploading"  # nothing was done behind the holder's back
 
@@ -243,6 +245,18 @@ def test_new_batch_starts_another_and_leaves_the_unfinished_one(cli: Any, s3: An
     check_invariants(s3, cli.bucket, cli.journal, source, crashed)
 
 
+def test_a_rerun_with_other_options_resumes_the_batch_as_started_and_says_so(cli: Any, s3: Any,
+                                                                            tmp_path: Path) -> None:
+    source = write_tree(tmp_path / "src", small_files(4, "n", seed=5))
+    batch_id = crash(cli, source, "after-put-object:2")
+    rerun = cli("upload", "--part-size", "7MiB", "--parallel", "1", "--storage-class", "STANDARD_IA", str(source))
+    assert rerun.exit_code == 0, rerun.stderr
+    notes = [line for line in rerun.stderr.splitlines() if "keeps the options it was started with" in line]
+    assert len(notes) == 1 and batch_id in notes[0], rerun.stderr
+    assert "(storage_class, part_size differ this time; --new-batch starts one with these)" in notes[0]
+    check_invariants(s3, cli.bucket, cli.journal, source, batch_id)
+
+
 def test_batch_and_new_batch_together_are_refused(cli: Any, source: Path) -> None:
     result = cli("upload", "--batch", str(ULID()), "--new-batch", str(source))
     assert result.exit_code == 2
@@ -250,13 +264,20 @@ def test_batch_and_new_batch_together_are_refused(cli: Any, source: Path) -> Non
     assert batches_in_journal(cli) == []
 
 
-def test_a_resumed_multipart_upload_reuses_the_stored_parts(cli: Any, s3: Any, reuse_source: Path) -> None:
+@pytest.mark.parametrize("rerun_part_size", ["5MiB", "7MiB"])
+def test_a_resumed_multipart_upload_reuses_the_stored_parts(cli: Any, s3: Any, reuse_source: Path,
+                                                           rerun_part_size: str) -> None:
+    """Parts are reused, also by a rerun asking for another part size: the file keeps the
+    part size its upload began with (5 MiB)."""
     batch_id = crash(cli, reuse_source, "after-upload-part:3")
     # Parts 1 and 2 are recorded; part 3 reached the server only.
     recorded = read_journal(cli.journal, "SELECT part_number, size FROM parts WHERE batch_id = ?", (batch_id,))
     assert sorted(tuple(row) for row in recorded) == [(1, PART_SIZE), (2, PART_SIZE)]
-    rerun = cli.subprocess("upload", *SMALL_ARGS, "--json", str(reuse_source))
+    rerun = cli.subprocess("upload", "--part-size", rerun_part_size, "--parallel", "1", "--json", str(reuse_source))
     assert rerun.exit_code == 0, rerun.stderr
+    kept = read_journal(cli.journal, "SELECT part_size FROM files WHERE batch_id = ? AND size > ?",
+                        (batch_id, PART_SIZE))
+    assert [row[0] for row in kept] == [PART_SIZE]
     summary = one_json(rerun.stdout)
     assert summary["batch_id"] == batch_id
     assert summary["bytes_sent"] <= REUSE_SIZE - 2 * PART_SIZE, summary["bytes_sent"]

@@ -373,7 +373,8 @@ def upload(
             with BatchLock(journal.path, record.batch_id):
                 _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
                               resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
-                              prehash=prehash, wanted=wanted, profile=profile, stopping=stopping)
+                              prehash=prehash, wanted=wanted, wanted_part_size=part_bytes, profile=profile,
+                          stopping=stopping)
 
 
 @handles_errors
@@ -440,12 +441,14 @@ def _name_skipped(journal: Journal, batch_id: str) -> None:
 
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
                   no_finalize: bool, quiet: bool, json_output: bool, prehash: bool = True,
-                  wanted: BatchSettings | None = None, profile: str | None = None,
+                  wanted: BatchSettings | None = None, wanted_part_size: int | None = None,
+                  profile: str | None = None,
                   stopping: Stopping | None = None) -> None:
     """Upload (or continue) one batch while holding its lock, then finalize and report.
 
-    The batch keeps the settings its first run chose (``record.settings``): which files,
-    and how their objects are stored; ``wanted`` (this run's flags) only makes a note."""
+    The batch keeps the settings its first run chose (``record.settings``, its part size):
+    which files, and how their objects are stored; ``wanted`` (this run's flags) only
+    makes a note."""
     batch_id, source, settings = record.batch_id, record.source_root, record.settings
     talk = not (quiet or json_output)
     hint = resume_command(batch_id, journal.path, profile)
@@ -456,6 +459,8 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
                            sse_kms_key_id=settings.sse_kms_key_id, user_metadata=settings.metadata,
                            tags=settings.tags)
     changed = settings.differences(wanted) if wanted is not None and resumed else []
+    if resumed and wanted_part_size is not None and wanted_part_size != record.part_size:
+        changed.append("part_size")
     if changed and talk:
         print(f"archup: batch {batch_id} keeps the options it was started with ({', '.join(changed)} differ "
               "this time; --new-batch starts one with these)", file=sys.stderr)
