@@ -243,7 +243,7 @@ PrehashOption = Annotated[bool, typer.Option(
 
 @handles_errors
 def upload(
-    directory: Annotated[Path, typer.Argument(help="Directory to upload.", show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="Directory to upload.", metavar="DIR", show_default=False)],
     parallel: ParallelOption = 5,
     bucket: Annotated[str | None, typer.Option("--bucket", envvar="ARCHUP_BUCKET",
                                                help="Destination bucket.", show_default=False)] = None,
