@@ -264,6 +264,39 @@ def test_unreadable_directory_is_partial_unless_excluded(cli, s3, bucket, tmp_pa
         check_batch(cli, s3, bucket, uploaded=files, finalized=True)
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_partial_run_names_the_first_20_failures_a_count_and_the_resume_command(
+        cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
+    source = tmp_path / "src"
+    write(source / "ok.txt", b"readable\n")
+    locked = {f"locked-{index:02d}.txt" for index in range(25)}
+    for name in locked:
+        write(source / name, b"no one may read this\n")
+    real_open = os.open
+
+    def refuse_locked(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.path.basename(os.fsdecode(path)) in locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_locked)
+    result = cli("upload", *(["--json"] if as_json else []), str(source))
+
+    assert result.exit_code == 3, result.stderr
+    batch = only_batch(cli.journal)
+    if as_json:
+        report = json.loads(result.stdout)
+        assert report["files_failed"] == 25 and len(report["failures"]) == 20
+        assert {item["path"] for item in report["failures"]} < locked
+        assert all("permission denied" in item["error"] for item in report["failures"])
+        assert report["resume"].startswith(f"archup resume {batch.batch_id}")
+    else:
+        named = [line for line in result.stderr.splitlines() if line.startswith("failed: locked-")]
+        assert len(named) == 20, result.stderr
+        assert "... and 5 more failed" in result.stderr
+        assert f"resume with 'archup resume {batch.batch_id}" in result.stderr
+
+
 # -- changed between the scan and the read ---------------------------------------------------------
 
 
