@@ -261,12 +261,27 @@ class EncodedFiles:
 
 @dataclass(frozen=True)
 class BatchSummary:
-    """What ``archup status`` shows: the batch row plus per-state counts."""
+    """What ``archup status`` shows: the batch row, per-state counts, and the first failed
+    and the first skipped files in key order, up to ``problem_limit`` of each (``counts``
+    says how many there are)."""
 
     batch: BatchRecord
     counts: dict[FileState, int]
     bytes_by_state: dict[FileState, int]
-    problems: list[FileRecord] = field(default_factory=list)
+    failed: list[FileRecord] = field(default_factory=list)
+    skipped: list[FileRecord] = field(default_factory=list)
+    problem_limit: int = 20
+
+    @property
+    def problems(self) -> list[FileRecord]:
+        """The first failed or skipped files mixed in key order, up to ``problem_limit``.
+
+        Exact, not an approximation: the first N of the merged order are among the first N
+        of each kind. Kept for callers of the mixed list; it can hide every failed file
+        behind skipped ones, so show ``failed`` and ``skipped`` apart.
+        """
+        merged = sorted(self.failed + self.skipped, key=lambda record: record.key)
+        return merged if self.problem_limit < 0 else merged[:self.problem_limit]
 
     @property
     def files_total(self) -> int:
@@ -804,6 +819,8 @@ class Journal:
             last_key = rows[-1]["key"]
 
     def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary:
+        """The batch, its counts, and its first ``problem_limit`` failed and first ``problem_limit``
+        skipped files in key order (-1: all of them), read in one snapshot."""
         with self.snapshot() as conn:
             row = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
                                (batch_id,)).fetchone()
@@ -817,12 +834,17 @@ class Journal:
                     "GROUP BY state", (batch_id,)):
                 counts[FileState(state)] = count
                 sizes[FileState(state)] = total
-            problem_count = counts[FileState.FAILED] + counts[FileState.SKIPPED]
-            plan = self._problem_plan(problem_count, sum(counts.values()), problem_limit)
-            problems = [] if not problem_count else [_file_from_row(r) for r in conn.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state IN (?, ?) ORDER BY key LIMIT ?",
-                (batch_id, FileState.FAILED.value, FileState.SKIPPED.value, problem_limit))]
-        return BatchSummary(_batch_from_row(row), counts, sizes, problems)
+            # Each kind apart, so many skipped files cannot hide a failed one; each read the
+            # cheaper way for how common that kind is in the batch.
+            listed: dict[FileState, list[FileRecord]] = {}
+            for state in (FileState.FAILED, FileState.SKIPPED):
+                plan = self._problem_plan(counts[state], sum(counts.values()), problem_limit)
+                listed[state] = [] if not counts[state] or not problem_limit else [
+                    _file_from_row(r) for r in conn.execute(
+                        f"SELECT {_FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state = ? "
+                        "ORDER BY key LIMIT ?", (batch_id, state.value, problem_limit))]
+        return BatchSummary(_batch_from_row(row), counts, sizes, listed[FileState.FAILED],
+                            listed[FileState.SKIPPED], problem_limit)
 
     @staticmethod
     def _problem_plan(problem_count: int, files_total: int, limit: int) -> str:

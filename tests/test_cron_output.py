@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from archup.cli import app
+from archup.journal import Journal
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
 # A 64-hex-digit value (a SigV4 signature) anywhere shortly after "Signature".
@@ -82,9 +83,10 @@ def test_archup_journal_beats_the_config_file(tmp_path: Path, monkeypatch: pytes
     config.write_text(f'journal_path = "{file_journal}"\n')
     monkeypatch.setenv("ARCHUP_CONFIG", str(config))
     monkeypatch.setenv("ARCHUP_JOURNAL", str(env_journal))
-    result = upload_in_process("list", "--json")
+    result = upload_in_process("list")
     assert result.exit_code == 0, result.stderr
-    assert env_journal.exists() and not file_journal.exists()
+    assert f"no journal at {env_journal} " in result.stderr  # list names the journal it looked for
+    assert not env_journal.exists() and not file_journal.exists()  # and creates none
 
 
 @pytest.mark.parametrize("key", ["journal", "journal_path"])
@@ -289,6 +291,7 @@ main()
 
 def test_unexpected_exception_is_exit_1_one_line_and_one_json_object(tmp_path: Path) -> None:
     journal = str(tmp_path / "journal.db")
+    Journal(journal).close()  # list reads an existing journal (a missing one it does not open)
     result = subprocess.run([sys.executable, "-c", BOOM, "list", "--journal", journal, "--json"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr

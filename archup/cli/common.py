@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from .. import logs
-from ..errors import ArchupError, ExitCode, UsageError, exit_code_for
+from ..errors import ArchupError, BatchNotFound, ExitCode, UsageError, exit_code_for
 from ..journal import BatchRecord, Journal, default_journal_path
 from ..scan import display_path
 from ..store import ChecksumMode, S3Store, StoreConfig
@@ -147,8 +147,18 @@ def handles_errors(command: F) -> F:
 
 
 @contextmanager
-def open_journal(path: Path | None) -> Iterator[Journal]:
-    journal = Journal(path or default_journal_path())
+def open_journal(path: Path | None, *, create: bool = True) -> Iterator[Journal]:
+    """The journal at ``path`` (else $ARCHUP_JOURNAL, else the default place).
+
+    ``create=False`` is for commands that only look at or end batches: they never leave an
+    empty journal, or its directory, behind (a mistyped --journal would look like a real
+    one afterwards). A missing journal has no batches: BatchNotFound, exit 2.
+    """
+    path = path or default_journal_path()
+    if not create and not path.exists():
+        raise BatchNotFound(f"no journal at {path} (nothing uploaded yet); "
+                            "check --journal or ARCHUP_JOURNAL")
+    journal = Journal(path)
     try:
         yield journal
     finally:

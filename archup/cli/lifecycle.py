@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import sys
 from datetime import datetime, timedelta
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from ..batches import abort_batch, collect_garbage
+from .. import logs
+from ..batches import GcReport, abort_batch, collect_garbage
 from ..errors import UsageError
-from ..journal import BatchRecord, utcnow
+from ..journal import BatchRecord, default_journal_path, utcnow
+from ..scan import display_path
 from ..states import BatchState, FileState
 from ..store import S3Store
 from .common import (
@@ -27,6 +31,7 @@ from .common import (
     print_fields,
     store_for_batch,
 )
+from .upload import QuietOption
 
 
 def _store_for(endpoint_url: str | None, profile: str | None, region: str | None):  # type: ignore[no-untyped-def]
@@ -47,6 +52,17 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
+def _missing_journal(journal_path: Path | None) -> Path | None:
+    """Where the journal would be, if there is none: nothing uploaded yet, so nothing to list
+    or collect (and list and gc must not create it)."""
+    path = journal_path or default_journal_path()
+    return None if path.exists() else path
+
+
+def _say_missing(path: Path) -> None:
+    print(f"archup: no journal at {path} (nothing uploaded yet)", file=sys.stderr)
+
+
 def _age(created_at: str) -> str:
     created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
     seconds = int((utcnow() - created).total_seconds())
@@ -62,23 +78,30 @@ def list_batches(
                                                       show_default=False)] = None,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """List the batches in the journal with state, age, file counts and bytes."""
-    with open_journal(journal_path) as journal:
-        rows = []
-        for batch in journal.list_batches(status):
-            summary = journal.get_state(batch.batch_id, problem_limit=0)
-            rows.append({
-                "batch_id": batch.batch_id, "status": batch.state.value, "created_at": batch.created_at,
-                "age": _age(batch.created_at), "source_root": batch.source_root,
-                "destination": f"s3://{batch.bucket}/{batch.batch_prefix}",
-                "files_total": summary.files_total, "files_uploaded": summary.counts[FileState.UPLOADED],
-                "files_failed": summary.counts[FileState.FAILED],
-                "bytes_total": summary.bytes_total, "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
-            })
+    missing = _missing_journal(journal_path)
+    rows: list[dict[str, Any]] = []
+    if missing is None:
+        with open_journal(journal_path, create=False) as journal:
+            for batch in journal.list_batches(status):
+                summary = journal.get_state(batch.batch_id, problem_limit=0)
+                rows.append({
+                    "batch_id": batch.batch_id, "status": batch.state.value, "created_at": batch.created_at,
+                    "age": _age(batch.created_at), "source_root": batch.source_root,
+                    "destination": f"s3://{batch.bucket}/{batch.batch_prefix}",
+                    "files_total": summary.files_total, "files_uploaded": summary.counts[FileState.UPLOADED],
+                    "files_failed": summary.counts[FileState.FAILED],
+                    "bytes_total": summary.bytes_total, "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
+                })
     if json_output:
         emit_json({"batches": rows})
         return
+    if quiet:
+        return
+    if missing is not None:
+        _say_missing(missing)
     for row in rows:
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
               f"{row['files_uploaded']}/{row['files_total']} files  "
@@ -94,15 +117,16 @@ def abort(
     region: RegionOption = None,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Abort a batch: abort its multipart uploads and mark it aborted (--purge deletes its objects)."""
     batch_id = check_batch_id(batch_id)
-    with open_journal(journal_path) as journal:
+    with open_journal(journal_path, create=False) as journal:
         store = _store_for(endpoint_url, profile, region)(journal.get_batch(batch_id))
         report = abort_batch(journal, store, batch_id, purge=purge)
     if json_output:
         emit_json(report.as_dict())
-    else:
+    elif not quiet:
         print_fields(list(report.as_dict().items()))
 
 
@@ -118,15 +142,29 @@ def gc(
     region: RegionOption = None,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Expire stale unfinalized batches (aborting their uploads) and report orphan multipart uploads."""
     age = parse_duration(older_than) if older_than else None
-    with open_journal(journal_path) as journal:
-        report = collect_garbage(journal, _store_for(endpoint_url, profile, region), older_than=age,
-                                 abort_orphans=abort_orphans)
+    missing = _missing_journal(journal_path)
+    if missing is not None:
+        report = GcReport()  # no batches: none to expire, and no destinations to look for orphans in
+    else:
+        with open_journal(journal_path, create=False) as journal:
+            report = collect_garbage(journal, _store_for(endpoint_url, profile, region), older_than=age,
+                                     abort_orphans=abort_orphans)
     if json_output:
         emit_json(report.as_dict())
         return
+    if quiet:
+        # A nightly cron job mails only when something went wrong.
+        for error in report.errors:
+            line = display_path(error)
+            print(f"archup: error: {line}", file=sys.stderr)
+            logs.log_printed_error(f"archup gc: error: {line}")
+        return
+    if missing is not None:
+        _say_missing(missing)
     for expired in report.expired:
         print(f"expired {expired.batch_id} ({expired.uploads_aborted} multipart upload(s) aborted)")
     for batch_id in report.busy:

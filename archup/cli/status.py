@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from ..journal import BatchSummary
+import typer
+
+from ..journal import BatchSummary, FileRecord
 from ..scan import display_path
 from ..states import FileState
 from .common import (
@@ -18,9 +20,20 @@ from .common import (
     print_fields,
 )
 
+# Failed files shown, and skipped files shown, unless --all.
+PROBLEM_LIMIT = 20
+
+AllOption = Annotated[bool, typer.Option("--all", help="List every failed and skipped file "
+                                                       f"(default: the first {PROBLEM_LIMIT} of each).")]
+
+
+def _problem(record: FileRecord) -> dict[str, Any]:
+    return {"path": record.rel_path, "state": record.state.value, "error": record.error}
+
 
 def status_document(summary: BatchSummary) -> dict[str, Any]:
     batch = summary.batch
+    failed, skipped = summary.counts[FileState.FAILED], summary.counts[FileState.SKIPPED]
     return {
         "batch_id": batch.batch_id,
         "status": batch.state.value,
@@ -38,16 +51,20 @@ def status_document(summary: BatchSummary) -> dict[str, Any]:
         "finalized_at": batch.finalized_at,
         "manifest_key": batch.manifest_key,
         "error": batch.error,
-        "problems": [{"path": f.rel_path, "state": f.state.value, "error": f.error} for f in summary.problems],
+        # Failed files first: however many files were skipped, they never hide one.
+        "problems": [_problem(record) for record in summary.failed + summary.skipped],
+        # How many of each kind 'problems' leaves out ('archup status BATCH --all' lists them).
+        "problems_omitted": {"failed": failed - len(summary.failed), "skipped": skipped - len(summary.skipped)},
     }
 
 
 @handles_errors
-def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_output: JsonOption = False) -> None:
+def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_output: JsonOption = False,
+           show_all: AllOption = False) -> None:
     """Show a batch: state, counts per file state, bytes, times, failed and skipped files."""
     batch_id = check_batch_id(batch_id)
-    with open_journal(journal_path) as journal:
-        document = status_document(journal.get_state(batch_id))
+    with open_journal(journal_path, create=False) as journal:
+        document = status_document(journal.get_state(batch_id, problem_limit=-1 if show_all else PROBLEM_LIMIT))
     if json_output:
         emit_json(document)
         return
@@ -67,5 +84,10 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
           if document["finalized_at"] else []),
         *([("error", document["error"])] if document["error"] else []),
     ])
-    for problem in document["problems"]:
-        print(f"{problem['state']}: {display_path(problem['path'])}: {problem['error']}")
+    for state in (FileState.FAILED.value, FileState.SKIPPED.value):
+        for problem in document["problems"]:
+            if problem["state"] == state:
+                print(f"{state}: {display_path(problem['path'])}: {problem['error']}")
+        if document["problems_omitted"][state]:
+            print(f"... and {document['problems_omitted'][state]} more {state} "
+                  f"('archup status {batch_id} --all' lists them all)")
