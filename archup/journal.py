@@ -101,10 +101,12 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE files ADD COLUMN identity TEXT;
     """,
     # 4: what a resumer must keep as the first run chose it: the batch's selection and
-    # archive options (JSON), and the checksum kind each multipart upload was created with.
+    # archive options (JSON), and the checksum kind each multipart upload was created with;
+    # and how many files --skip-archived found archived already (counted, not a row each).
     """
     ALTER TABLE batches ADD COLUMN settings TEXT;
     ALTER TABLE files ADD COLUMN checksum_kind TEXT;
+    ALTER TABLE batches ADD COLUMN files_archived INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -204,6 +206,7 @@ class BatchRecord:
     expires_at: str
     finalized_at: str | None
     settings: BatchSettings = field(default_factory=lambda: BatchSettings())
+    files_archived: int = 0  # --skip-archived: unchanged since an earlier batch, not in this one
 
     @property
     def batch_prefix(self) -> str:
@@ -293,7 +296,8 @@ class BatchSummary:
 
 
 _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
-                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings")
+                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings, "
+                  "files_archived")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
                  "error, attempts, updated_at, identity, checksum_kind")
 
@@ -552,11 +556,14 @@ class Journal:
                 (target.value, error, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
         return self.get_batch(batch_id)
 
-    def mark_scan_complete(self, batch_id: str) -> None:
+    def mark_scan_complete(self, batch_id: str, files_archived: int = 0) -> None:
+        """The whole source is in the journal. ``files_archived``: how many files the complete
+        walk found archived unchanged already (--skip-archived); set, not added, so a scan run
+        again after a crash counts them once."""
         with self.atomic() as conn:
             self._batch_state(conn, batch_id)
-            conn.execute("UPDATE batches SET scan_complete = 1, updated_at = ? WHERE batch_id = ?",
-                         (isoformat(utcnow()), batch_id))
+            conn.execute("UPDATE batches SET scan_complete = 1, files_archived = ?, updated_at = ? "
+                         "WHERE batch_id = ?", (files_archived, isoformat(utcnow()), batch_id))
 
     def delete_batch(self, batch_id: str) -> None:
         with self.atomic() as conn:
@@ -625,13 +632,19 @@ class Journal:
     def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
         """The newest finalized batch of the same source and destination holding this file
         unchanged (same path, size and mtime), if any."""
+        return self.archived_at((batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url),
+                                rel_path, size, mtime_ns)
+
+    def archived_at(self, destination: tuple[str, str, str, str | None], rel_path: str, size: int,
+                    mtime_ns: int) -> str | None:
+        """As archived_in, for (source root, bucket, prefix, endpoint URL): a dry run has no batch."""
         row = next(iter(self._query(
             "SELECT b.batch_id FROM files f JOIN batches b ON b.batch_id = f.batch_id "
             "WHERE f.rel_path = ? AND f.size = ? AND f.mtime_ns = ? AND f.state = ? AND b.state = ? "
-            "AND b.batch_id != ? AND b.source_root = ? AND b.bucket = ? AND b.prefix = ? "
+            "AND b.source_root = ? AND b.bucket = ? AND b.prefix = ? "
             "AND b.endpoint_url IS ? ORDER BY b.batch_id DESC LIMIT 1",
-            (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value, batch.batch_id,
-             batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url))), None)
+            (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value,
+             *destination))), None)
         return None if row is None else str(row[0])
 
     @contextmanager

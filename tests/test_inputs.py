@@ -264,6 +264,32 @@ def test_unreadable_directory_is_partial_unless_excluded(cli, s3, bucket, tmp_pa
         check_batch(cli, s3, bucket, uploaded=files, finalized=True)
 
 
+@pytest.mark.parametrize("mode", ["--quiet", "--json"])
+def test_unreadable_paths_are_named_also_with_quiet_and_json(cli, s3, bucket, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """--quiet is errors only, and a path that could not be read is one: still named."""
+    source = tmp_path / "src"
+    write(source / "ok.txt", b"readable\n")
+    write(source / "lost+found" / "x", b"never listed\n")
+    real_scandir = os.scandir
+
+    def refuse(path: Any = ".") -> Any:
+        if os.fsdecode(path).endswith("lost+found"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    result = cli("upload", mode, str(source))
+    assert result.exit_code == 3, result.stderr
+    if mode == "--json":
+        summary = json.loads(result.stdout)
+        assert summary["files_unreadable"] == 1
+        assert summary["unreadable"] == [{"path": "lost+found", "error": "directory unreadable: Permission denied"}]
+    else:
+        assert result.stdout == ""
+        assert "unreadable: lost+found: directory unreadable: Permission denied" in result.stderr
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_a_partial_run_names_the_first_20_failures_a_count_and_the_resume_command(
         cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:

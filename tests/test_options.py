@@ -60,14 +60,28 @@ def test_skip_archived_sends_only_what_is_new(cli, s3, bucket, tmp_path: Path) -
     assert first.exit_code == 0, first.stderr
     (source / "new.txt").write_text("new")
     (source / "a.txt").write_text("alpha, changed")
+    before = cli.journal.read_bytes()
+    dry = cli("upload", "--json", "--dry-run", "--skip-archived", str(source))
+    assert dry.exit_code == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert (planned["files"], planned["files_already_archived"]) == (2, 3)
+    assert sorted(key.rsplit("/", 1)[-1] for key in planned["first_keys"]) == ["a.txt", "new.txt"]
+    assert cli.journal.read_bytes() == before  # read, not written
     second = cli("upload", "--json", "--skip-archived", str(source))
     assert second.exit_code == 0, second.stderr
     summary = json.loads(second.stdout)
     assert summary["batch_id"] != json.loads(first.stdout)["batch_id"]
     assert _file_keys(s3, bucket, summary) == {"new.txt", "a.txt"}
-    assert summary["files_skipped"] == 3  # b.tmp, docs/c.md, docs/old/d.md: unchanged since the first batch
+    # b.tmp, docs/c.md, docs/old/d.md: unchanged since the first batch, counted, not a journal row each
+    assert summary["files_already_archived"] == 3 and summary["files_skipped"] == 0
     status = json.loads(cli("status", "--json", summary["batch_id"]).stdout)
-    assert any("archived in batch" in (problem["error"] or "") for problem in status["problems"])
+    assert status["files_already_archived"] == 3 and status["files"]["total"] == 2
+    with sqlite3.connect(cli.journal) as conn:
+        rows = conn.execute("SELECT rel_path FROM files WHERE batch_id = ?", (summary["batch_id"],)).fetchall()
+    assert sorted(row[0] for row in rows) == ["a.txt", "new.txt"]
+    text = cli("upload", "--skip-archived", str(source))  # nothing new: an empty batch, said in one line
+    assert text.exit_code == 0, text.stderr
+    assert "5 file(s) unchanged since an earlier batch, not sent again" in text.stderr
 
 
 ARCHIVE_OPTIONS = ("--storage-class", "standard_ia", "--sse", "AES256", "--metadata", "project=alpha",

@@ -43,6 +43,8 @@ def status_document(summary: BatchSummary) -> dict[str, Any]:
         "endpoint_url": batch.endpoint_url,
         "scan_complete": batch.scan_complete,
         "files": {state.value: summary.counts[state] for state in FileState} | {"total": summary.files_total},
+        # --skip-archived: unchanged since an earlier batch, so not in this one (counted, not listed).
+        "files_already_archived": batch.files_archived,
         "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
         "bytes_total": summary.bytes_total,
         "created_at": batch.created_at,
@@ -75,7 +77,9 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         ("source", document["source_root"]),
         ("destination", f"s3://{document['bucket']}/{document['prefix']}"),
         ("scan", "complete" if document["scan_complete"] else "incomplete"),
-        ("files", ", ".join(f"{count} {state}" for state, count in files.items() if count or state == "total")),
+        ("files", ", ".join(f"{count} {state}" for state, count in files.items() if count or state == "total")
+         + (f"; {document['files_already_archived']} already archived" if document["files_already_archived"]
+            else "")),
         ("bytes", f"{document['bytes_uploaded']} of {document['bytes_total']} uploaded"),
         ("created", document["created_at"]),
         ("updated", document["updated_at"]),

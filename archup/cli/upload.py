@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from enum import Enum
@@ -17,11 +17,11 @@ from typing import Annotated
 import typer
 
 from ..batches import find_resumable, write_marker
-from ..errors import BatchClosed, BatchIncomplete, Interrupted, UsageError
+from ..errors import BatchClosed, BatchIncomplete, BatchNotFound, Interrupted, UsageError
 from ..finalize import finalize
 from ..journal import BatchRecord, BatchSettings, Journal, resume_command
 from ..lock import BatchLock, source_lock
-from ..scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
+from ..scan import UNREADABLE_REASONS, ScanItem, display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
 from ..states import BatchState, FileState
 from ..store import ChecksumMode, S3Store, StoreConfig
@@ -120,6 +120,7 @@ def _partial_report(journal: Journal, batch_id: str, result: UploadResult, hint:
         "files_failed": state.counts[FileState.FAILED],
         "files_pending": state.counts[FileState.PENDING] + state.counts[FileState.UPLOADING],
         "files_skipped": state.counts[FileState.SKIPPED],
+        "files_already_archived": state.batch.files_archived,
         "total_bytes": state.bytes_by_state[FileState.UPLOADED],
         "failures": [{"path": path, "error": error} for path, error in result.failures[:SHOW_AT_MOST]],
         "bytes_sent": result.bytes_sent,
@@ -171,27 +172,32 @@ def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
 
 
 def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ...] | None, as_json: bool,
-             follow_symlinks: bool) -> None:
-    """Scan with the selection applied and say what an upload would send; no bucket, no journal."""
+             follow_symlinks: bool, archived: Callable[[ScanItem], bool] | None = None) -> None:
+    """Scan with the selection applied and say what an upload would send; no bucket, and the
+    journal only read (``archived``: --skip-archived's lookup, when there is a journal)."""
     select = selector if selector.active else None
     items = (scan_list(source, listed, select, follow_symlinks=follow_symlinks) if listed is not None
              else scan(source, select, follow_symlinks=follow_symlinks))
-    count = total = skipped = 0
+    count = total = skipped = already = 0
     first: list[str] = []
     for item in items:
         if item.skip_reason:
             skipped += 1
+            continue
+        if archived is not None and archived(item):
+            already += 1
             continue
         count += 1
         total += item.size
         if len(first) < SHOW_AT_MOST:
             first.append(display_path(object_key(f"{prefix}<BATCH>/", item.rel_path)))
     report = {"dry_run": True, "source_root": source, "files": count, "bytes": total,
-              "files_skipped": skipped, "first_keys": first}
+              "files_skipped": skipped, "files_already_archived": already, "first_keys": first}
     if as_json:
         emit_json(report)
         return
-    print(f"would upload {count} file(s), {total} bytes, from {source} ({skipped} skipped)")
+    print(f"would upload {count} file(s), {total} bytes, from {source} ({skipped} skipped"
+          + (f", {already} already archived" if already else "") + ")")
     for key in first:
         print(f"  {key}")
     if count > len(first):
@@ -330,7 +336,17 @@ def upload(
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
         full_object_checksum=full_object_checksum)
     if dry_run:
-        _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
+        if not (skip_archived and bucket):
+            _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
+            return
+        archive = (source, bucket, key_prefix, resolve_endpoint(endpoint_url))
+        try:
+            with open_journal(journal_path, create=False) as journal:
+                _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks,
+                         lambda item: journal.archived_at(archive, item.rel_path, item.size,
+                                                          item.mtime_ns) is not None)
+        except BatchNotFound:  # no journal yet: nothing archived
+            _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
         return
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
@@ -351,8 +367,7 @@ def upload(
                 record = journal.get_batch(check_batch_id(batch))
                 if record.source_root != source:
                     raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {source}")
-                destination = (record.bucket, record.prefix, record.endpoint_url)
-                if destination != (bucket, key_prefix, endpoint):
+                if (record.bucket, record.prefix, record.endpoint_url) != (bucket, key_prefix, endpoint):
                     raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
                                      f"{record.endpoint_url or 'AWS'}, not s3://{bucket}/{key_prefix} at "
                                      f"{endpoint or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
@@ -427,16 +442,33 @@ def resume(
 
 
 def _name_skipped(journal: Journal, batch_id: str) -> None:
+    """The files skipped by policy or unreadable, named (first 20 and a count); the files
+    --skip-archived found archived already are only counted."""
     state = journal.get_state(batch_id, problem_limit=SHOW_AT_MOST)
-    skipped = [f for f in state.problems if f.state is FileState.SKIPPED]
+    archived = state.batch.files_archived
+    if archived:
+        print(f"archup: {archived} file(s) unchanged since an earlier batch, not sent again (--skip-archived)",
+              file=sys.stderr)
     count = state.counts[FileState.SKIPPED]
     if not count:
         return
     print(f"archup: {count} file(s) skipped:", file=sys.stderr)
-    for record in skipped:
+    for record in state.skipped:
         print(f"  skipped: {display_path(record.rel_path)}: {record.error}", file=sys.stderr)
-    if count > len(skipped):
-        print(f"  ... and {count - len(skipped)} more ('archup status {batch_id}' lists them)", file=sys.stderr)
+    if count > len(state.skipped):
+        print(f"  ... and {count - len(state.skipped)} more ('archup status {batch_id} --all' lists them)",
+              file=sys.stderr)
+
+
+def _unreadable(journal: Journal, batch_id: str) -> list[dict[str, str | None]]:
+    """The first paths that could not be read (a policy skip is not among them)."""
+    found: list[dict[str, str | None]] = []
+    for record in journal.iter_files(batch_id, [FileState.SKIPPED]):
+        if record.error and record.error.startswith(UNREADABLE_REASONS):
+            found.append({"path": record.rel_path, "error": record.error})
+            if len(found) == SHOW_AT_MOST:
+                break
+    return found
 
 
 def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, parallel: int, resumed: bool,
@@ -511,13 +543,20 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     summary["bytes_sent"] = result.bytes_sent
     unreadable = journal.count_skipped(batch_id, UNREADABLE_REASONS)
     summary["files_unreadable"] = unreadable
+    summary["files_already_archived"] = journal.get_batch(batch_id).files_archived
+    named = _unreadable(journal, batch_id) if unreadable else []
     if json_output:
-        emit_json(summary)
+        emit_json(summary | ({"unreadable": named} if named else {}))
     elif not quiet:
         print_fields(list(summary.items()))
+    elif named:  # --quiet: errors only, and these are errors
+        for item in named:
+            print(f"unreadable: {display_path(str(item['path']))}: {item['error']}", file=sys.stderr)
+        if unreadable > len(named):
+            print(f"... and {unreadable - len(named)} more unreadable", file=sys.stderr)
     if unreadable:
         # Sealed with what could be read; the exit code still tells cron that something
         # that should be archived is not (as rclone and the AWS CLI do).
         raise BatchIncomplete(f"batch {batch_id} sealed without {unreadable} path(s) that could not be read "
-                              f"(named above; 'archup status {batch_id}' lists them); make them readable and "
+                              f"(named above; 'archup status {batch_id} --all' lists them); make them readable and "
                               "run again (--skip-archived sends only what is missing)")
