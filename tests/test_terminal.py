@@ -62,6 +62,6 @@ def test_a_terminal_gets_live_progress_and_the_summary(cli, bucket, tmp_path: Pa
     assert re.search(r"\d+(\.\d+)? [kKM]i?B/s", plain), plain
     assert re.search(r"\d:\d\d:\d\d", plain), plain
     assert "file-" in plain.split("files", 1)[1], plain
-    # Then the summary.
-    assert re.search(rf"files_uploaded\W+{FILES}\b", plain), plain
-    assert re.search(r"status\W+enqueued", plain), plain
+    # Then the summary, as a table.
+    assert re.search(rf"│ files_uploaded +│ {FILES} +│", plain), plain
+    assert re.search(r"│ status +│ enqueued +│", plain), plain

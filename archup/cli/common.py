@@ -34,6 +34,7 @@ JournalOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed by 'archup upload').",
+                                               metavar="BATCH",
                                                show_default=False)]
 EndpointOption = Annotated[
     str | None,
@@ -223,7 +224,21 @@ def emit_json(document: Any) -> None:
 
 
 def print_fields(fields: list[tuple[str, Any]]) -> None:
+    """A summary: a table on a terminal; for cron (not a terminal) aligned plain lines,
+    no box drawing, no escape codes, one ``name  value`` a line for grep and awk."""
     _run.result = dict(fields)
+    if sys.stdout.isatty():
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(show_header=False, box=box.ROUNDED)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for name, value in fields:
+            table.add_row(name, Text(display_path(str(value))))  # Text: a file name is never markup
+        Console(highlight=False).print(table)
+        return
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name:<{width}}  {value}")

@@ -26,7 +26,7 @@ def finalize(batch_id: BatchArgument, endpoint_url: EndpointOption = None, profi
              json_output: JsonOption = False) -> None:
     """Seal a batch: check the bucket, write its manifest once, mark it enqueued. Safe to repeat."""
     batch_id = check_batch_id(batch_id)
-    with open_journal(journal_path) as journal:
+    with open_journal(journal_path, create=False) as journal:
         batch = journal.get_batch(batch_id)
         store = store_for_batch(batch, endpoint_url, profile, region)
         with BatchLock(journal.path, batch_id):

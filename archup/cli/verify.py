@@ -56,7 +56,7 @@ def verify(batch_id: BatchArgument,
     def print_difference(difference: Difference) -> None:
         print(describe(difference), flush=True)
 
-    with open_journal(journal_path) as journal:
+    with open_journal(journal_path, create=False) as journal:
         batch = journal.get_batch(batch_id)
         store = store_for_batch(batch, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 2))
         report = verify_batch(journal, store, batch_id, deep=deep, parallel=parallel,
