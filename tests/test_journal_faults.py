@@ -126,7 +126,8 @@ def test_journal_parent_is_a_file(cli, tmp_path: Path, command: str) -> None:
     result = run_archup(*args)
     assert result.returncode == 1, result.stderr
     line = one_error_line(result.stderr, result.stdout)
-    assert f"cannot create journal {journal}" in line and "Not a directory" in line
+    verb = "create" if command == "upload" else "open"  # list never creates a journal
+    assert f"cannot {verb} journal {journal}" in line and "Not a directory" in line
     assert blocker.read_bytes() == b"a file, not a directory\n"
 
 

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 from .. import logs
-from ..errors import ArchupError, BatchNotFound, ExitCode, UsageError, exit_code_for
+from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
 from ..journal import BatchRecord, Journal, default_journal_path
 from ..scan import display_path
 from ..store import ChecksumMode, S3Store, StoreConfig
@@ -147,6 +147,18 @@ def handles_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def missing_journal(path: Path | None) -> Path | None:
+    """Where the journal would be, if there is none yet (None: it exists). A file where one
+    of its directories should be is an error (exit 1), not an empty journal."""
+    path = path or default_journal_path()
+    if path.exists():
+        return None
+    blocker = next((parent for parent in path.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise JournalError(f"cannot open journal {path}: Not a directory ({blocker} is a file)")
+    return path
+
+
 @contextmanager
 def open_journal(path: Path | None, *, create: bool = True) -> Iterator[Journal]:
     """The journal at ``path`` (else $ARCHUP_JOURNAL, else the default place).
@@ -156,7 +168,7 @@ def open_journal(path: Path | None, *, create: bool = True) -> Iterator[Journal]
     one afterwards). A missing journal has no batches: BatchNotFound, exit 2.
     """
     path = path or default_journal_path()
-    if not create and not path.exists():
+    if not create and missing_journal(path) is not None:
         raise BatchNotFound(f"no journal at {path} (nothing uploaded yet); "
                             "check --journal or ARCHUP_JOURNAL")
     journal = Journal(path)

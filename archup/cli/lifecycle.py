@@ -13,7 +13,7 @@ import typer
 from .. import logs
 from ..batches import GcReport, abort_batch, collect_garbage
 from ..errors import UsageError
-from ..journal import BatchRecord, default_journal_path, utcnow
+from ..journal import BatchRecord, utcnow
 from ..scan import display_path
 from ..states import BatchState, FileState
 from ..store import S3Store
@@ -27,6 +27,7 @@ from .common import (
     check_batch_id,
     emit_json,
     handles_errors,
+    missing_journal,
     open_journal,
     print_fields,
     store_for_batch,
@@ -55,8 +56,7 @@ def parse_duration(text: str) -> timedelta:
 def _missing_journal(journal_path: Path | None) -> Path | None:
     """Where the journal would be, if there is none: nothing uploaded yet, so nothing to list
     or collect (and list and gc must not create it)."""
-    path = journal_path or default_journal_path()
-    return None if path.exists() else path
+    return missing_journal(journal_path)
 
 
 def _say_missing(path: Path) -> None:
