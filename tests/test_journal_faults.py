@@ -160,10 +160,13 @@ def test_journal_directory_read_only_by_permission(cli, tmp_path: Path, exists: 
         listed = run_archup("list", "--journal", str(journal), preexec_fn=drop_read_override)
     finally:
         directory.chmod(0o700)
-    for run in (result, listed):
+    # 'list' never creates a journal: with none there, it has nothing to list (exit 0).
+    for run in (result, listed) if exists else (result,):
         assert run.returncode == 1, run.stderr
         line = one_error_line(run.stderr, run.stdout)
         assert str(journal) in line
+    if not exists:
+        assert listed.returncode == 0 and f"no journal at {journal}" in listed.stderr, listed.stderr
     assert file_digests(directory) == before  # nothing written, nothing left behind
 
 

@@ -395,7 +395,7 @@ def test_symlinks_and_special_files_are_skipped_and_reported_not_followed(cli, s
 # -- the acceptance: no lost file, every run --------------------------------------------
 
 ACCEPTANCE_FILES = 300
-ACCEPTANCE_RUNS = 10
+ACCEPTANCE_RUNS = 5
 
 
 @pytest.fixture(scope="module")
