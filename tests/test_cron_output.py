@@ -244,7 +244,7 @@ def test_click_errors_still_print_one_json_object(cli, source: Path, command: st
 def test_missing_argument_prints_one_json_object(cli) -> None:
     result = cli.subprocess("status", "--json")
     assert result.exit_code == 2, result.stderr
-    assert "batch_id" in one_json_object(result.stdout)["error"]
+    assert "BATCH" in one_json_object(result.stdout)["error"]
 
 
 @pytest.mark.parametrize("group_args", [["--config", "/nonexistent/archup.toml"],

@@ -240,10 +240,10 @@ def test_finalize_again_is_idempotent_and_writes_nothing(cli, s3, bucket, tmp_pa
 # -- finalize refuses what is not complete -----------------------------------------------------
 
 
-def _library_batch(cli: Any, s3: Any, source: Path, *, leave_pending: set[str],
-                   scan_complete: bool) -> tuple[str, dict[str, bytes]]:
+def _library_batch(cli: Any, s3: Any, source: Path, *, leave_pending: set[str], scan_complete: bool,
+                   files: dict[str, bytes] | None = None) -> tuple[str, dict[str, bytes]]:
     """A batch built through the library: every file added, all but ``leave_pending`` really uploaded."""
-    files = {"a.txt": b"alpha\n", "sub/b.txt": b"bravo\n", "sub/deeper/c \u00e9.txt": b"charlie\n"}
+    files = files or {"a.txt": b"alpha\n", "sub/b.txt": b"bravo\n", "sub/deeper/c \u00e9.txt": b"charlie\n"}
     write_tree(source, files)
     batch_id = str(ULID())
     journal = Journal(cli.journal)
@@ -284,6 +284,20 @@ def _assert_refused(result: Any, batch_id: str, *names: str, as_json: bool = Fal
     else:
         assert result.stdout == ""
     return message
+
+
+def test_finalize_names_the_first_20_files_not_uploaded_and_counts_the_rest(cli, s3, bucket,
+                                                                             tmp_path: Path) -> None:
+    files = {f"p/{index:02d}.txt": f"file {index}\n".encode() for index in range(25)} | {"done.txt": b"done\n"}
+    pending = {rel_path for rel_path in files if rel_path.startswith("p/")}
+    batch_id, _ = _library_batch(cli, s3, tmp_path / "src", leave_pending=pending, scan_complete=True, files=files)
+
+    result = cli("finalize", batch_id)
+
+    message = _assert_refused(result, batch_id)
+    assert "has 25 file(s) not uploaded" in message
+    assert sum(f"p/{index:02d}.txt" in message for index in range(25)) == 20
+    assert "and 5 more" in message, message
 
 
 def test_finalize_refuses_a_batch_with_a_pending_file(cli, s3, bucket, tmp_path: Path) -> None:
