@@ -284,6 +284,24 @@ def test_a_resumed_multipart_upload_reuses_the_stored_parts(cli: Any, s3: Any, r
     check_invariants(s3, cli.bucket, cli.journal, reuse_source, batch_id)
 
 
+def test_a_recorded_part_is_reused_only_if_its_etag_and_checksum_match(cli: Any, s3: Any,
+                                                                       reuse_source: Path) -> None:
+    """Parts 1 and 2 are recorded; the journal's ETag of part 1 no longer matches what ListParts
+    says, and its checksum of part 2 no longer matches the bytes read again: both are sent again,
+    the others reused, and the object is exactly the file."""
+    batch_id = crash(cli, reuse_source, "after-upload-part:3")
+    with sqlite3.connect(cli.journal) as conn:
+        conn.execute("UPDATE parts SET etag = '\"0123456789abcdef0123456789abcdef\"' "
+                     "WHERE batch_id = ? AND part_number = 1", (batch_id,))
+        conn.execute("UPDATE parts SET checksum = 'AAAAAA==' WHERE batch_id = ? AND part_number = 2", (batch_id,))
+    rerun = cli.subprocess("upload", *SMALL_ARGS, "--json", str(reuse_source))
+    assert rerun.exit_code == 0, rerun.stderr
+    summary = one_json(rerun.stdout)
+    assert summary["batch_id"] == batch_id
+    assert summary["bytes_sent"] == REUSE_SIZE  # nothing reused: 1 and 2 refused, 3 was never recorded
+    check_invariants(s3, cli.bucket, cli.journal, reuse_source, batch_id)
+
+
 @pytest.mark.parametrize("point", ["after-record-upload-id:1", "after-upload-part:2"])
 def test_an_upload_the_server_lost_is_sent_again_from_scratch(point: str, cli: Any, s3: Any,
                                                               source: Path) -> None:
