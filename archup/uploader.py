@@ -516,7 +516,8 @@ class Uploader:
 
     def _open_upload(self, record: FileRecord, handle: IO[bytes]) -> tuple[_MultipartFile, dict[int, PartRecord]] | None:
         """The multipart upload to send this file into: the recorded one if the server still
-        has it (with the parts that can be reused), else a new one. None: the file is settled."""
+        has it (with the parts that can be reused), else a new one. None: the file is settled,
+        or the run was stopped while it was hashed first."""
         if record.state is FileState.UPLOADING and record.upload_id and record.part_size:
             on_server = self.store.list_parts(record.key, record.upload_id)
             if on_server is None:
@@ -543,7 +544,9 @@ class Uploader:
         if self.options.prehash:
             # Object metadata is fixed at creation, before the upload pass has read the file:
             # hash it first (as rclone does), and the upload pass must read the same digest.
-            expected = _hash_handle(handle, record)
+            expected = _hash_handle(handle, record, self.stop)
+            if expected is None:
+                return None  # stopped: the file stays uploading without an upload, restarted next run
             metadata[SHA256_METADATA] = expected
         checksum = self.store.multipart_checksum()
         upload_id = self.store.create_multipart(record.key, checksum, metadata=self._metadata(metadata),
@@ -772,16 +775,22 @@ def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
 
 def _hash_file(path: str, record: FileRecord, guard: PathGuard | None = None) -> str:
     with _open_regular(path, guard) as handle:
-        return _hash_handle(handle, record)
+        digest = _hash_handle(handle, record)
+        assert digest is not None  # no stop event, never None
+        return digest
 
 
-def _hash_handle(handle: IO[bytes], record: FileRecord, chunk: int = 8 * MiB) -> str:
+def _hash_handle(handle: IO[bytes], record: FileRecord, stop: threading.Event | None = None,
+                 chunk: int = MiB) -> str | None:
     """SHA-256 of an open file from its start, checked unchanged around the read; leaves the
-    file positioned at its start again."""
+    file positioned at its start again. None if ``stop`` was set meanwhile (checked each
+    chunk, so a signal never waits for a whole large file to be read)."""
     hasher = hashlib.sha256()
     handle.seek(0)
     _check_unchanged(os.fstat(handle.fileno()), record)
     for block in iter(lambda: handle.read(chunk), b""):
+        if stop is not None and stop.is_set():
+            return None
         hasher.update(block)
     _check_unchanged(os.fstat(handle.fileno()), record)
     handle.seek(0)

@@ -11,9 +11,11 @@ import pytest
 from archup.cli.common import parse_size
 from archup.cli.lifecycle import parse_duration
 from archup.errors import UsageError
-from archup.journal import Journal, PartRecord
+from archup.journal import FileRecord, Journal, PartRecord
 from archup.logs import register_secrets, scrub
+from archup.scan import identity_of
 from archup.select import Selector, compile_glob
+from archup.states import FileState
 from archup.store import MultipartChecksum, UploadedPart
 from archup.uploader import MAX_PARTS, ByteBudget, MiB, Uploader, UploadOptions, multipart_etag, part_size_for
 
@@ -174,3 +176,29 @@ def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatc
     assert part_size_for(40 * MiB, 5 * MiB) == 10 * MiB
     assert result.fatal is None and result.files_uploaded == 1, result
     assert not store.barrier.broken  # four parts were in flight at once
+
+
+def test_the_pre_hash_stops_between_chunks_when_the_run_is_stopped(tmp_path: Path) -> None:
+    """A signal during the pre-hash of a large file does not wait for the whole file."""
+    from archup.uploader import _hash_handle
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(3 * MiB))
+    info = path.stat()
+    record = FileRecord("B", "big.bin", "k", info.st_size, info.st_mtime_ns, FileState.UPLOADING, None, None,
+                        None, None, None, 0, "", identity=identity_of(info))
+    reads: list[int] = []
+    stop = threading.Event()
+    with open(path, "rb") as handle:
+        real_read = handle.read
+
+        def read_then_stop(size: int = -1) -> bytes:
+            reads.append(size)
+            stop.set()  # the signal arrives while the first chunk is being read
+            return real_read(size)
+
+        handle.read = read_then_stop  # type: ignore[method-assign]
+        assert _hash_handle(handle, record, stop) is None
+    assert len(reads) == 1  # not one more chunk after the stop
+    with open(path, "rb") as handle:
+        assert _hash_handle(handle, record) == hashlib.sha256(bytes(3 * MiB)).hexdigest()
