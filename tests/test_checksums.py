@@ -110,7 +110,7 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     the file failed, never archived with metadata that lies."""
     source, big = _source(tmp_path)
     honest = archup.uploader._hash_handle
-    monkeypatch.setattr(archup.uploader, "_hash_handle", lambda handle, record: "0" * 64)
+    monkeypatch.setattr(archup.uploader, "_hash_handle", lambda handle, record, stop=None: "0" * 64)
     result = cli("upload", "--part-size", "5MiB", "--json", str(source))
     assert result.exit_code == 3, result.stderr
     summary = json.loads(result.stdout)

@@ -130,6 +130,31 @@ def _partial_report(journal: Journal, batch_id: str, result: UploadResult, hint:
 
 def _run(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions, *, resumed: bool,
          show_bar: bool, stop: threading.Event) -> UploadResult:
+    """The scan and the upload, in a thread of their own. The main thread only waits, in
+    short steps: the kernel may hand a SIGINT to any thread, and Python runs its handler in
+    the main thread only once that thread wakes; blocked in a join for a part in flight, it
+    could sleep through a signal for minutes."""
+    outcome: list[UploadResult] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            outcome.append(_scan_and_send(journal, store, batch_id, options, resumed=resumed, show_bar=show_bar,
+                                          stop=stop))
+        except BaseException as error:  # handed to the main thread below
+            failure.append(error)
+
+    worker = threading.Thread(target=work, name="archup-run", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _scan_and_send(journal: Journal, store: S3Store, batch_id: str, options: UploadOptions, *, resumed: bool,
+                   show_bar: bool, stop: threading.Event) -> UploadResult:
     uploader = Uploader(journal, store, batch_id, options, stop=stop)
     if resumed:
         uploader.sweep_orphan_uploads()
