@@ -168,10 +168,10 @@ class BatchSettings:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | None) -> BatchSettings:
-        """None (a batch from a journal older than schema 4): the defaults."""
+    def from_json(cls, text: str | None) -> BatchSettings | None:
+        """None for a batch begun before schema 4: its settings were never recorded."""
         if not text:
-            return cls()
+            return None
         values = json.loads(text)
         known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
         for name in ("includes", "excludes"):
@@ -205,7 +205,7 @@ class BatchRecord:
     updated_at: str
     expires_at: str
     finalized_at: str | None
-    settings: BatchSettings = field(default_factory=lambda: BatchSettings())
+    settings: BatchSettings | None = None  # None: begun by an archup that did not record them
     files_archived: int = 0  # --skip-archived: unchanged since an earlier batch, not in this one
 
     @property
@@ -521,6 +521,14 @@ class Journal:
         if row is None:
             raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; 'archup list' shows the batches")
         return _batch_from_row(row)
+
+    def set_batch_settings(self, batch_id: str, settings: BatchSettings) -> None:
+        """Record the settings of a batch begun before they were recorded, once, from the first
+        run that knows them (the options its job passes); never changes recorded ones."""
+        with self.atomic() as conn:
+            self._batch_state(conn, batch_id)
+            conn.execute("UPDATE batches SET settings = ? WHERE batch_id = ? AND settings IS NULL",
+                         (settings.to_json(), batch_id))
 
     def find_batch(self, batch_id: str) -> BatchRecord | None:
         try:

@@ -58,6 +58,9 @@ class Selector:
     def __init__(self, includes: Iterable[str] = (), excludes: Iterable[str] = ()) -> None:
         self.includes = [compile_glob(pattern) for pattern in includes]
         self.excludes = [compile_glob(pattern) for pattern in excludes]
+        # Only a pattern that names a whole directory can exclude one: 'cache/', 'cache/**', '**'.
+        self._dir_excludes = [compile_glob(pattern) for pattern in excludes
+                              if pattern.endswith("/") or pattern.endswith("/**") or pattern.strip("/") == "**"]
 
     @property
     def active(self) -> bool:
@@ -69,10 +72,11 @@ class Selector:
         return not any(p.match(rel_path) for p in self.excludes)
 
     def excludes_dir(self, rel_dir: str) -> bool:
-        """Whether some --exclude takes every path under the directory, whatever its names
-        (``cache/``, ``cache/**``, ``**``): probed with NUL names, which no file can have."""
+        """Whether some --exclude takes every path under the directory, whatever its names: one
+        of the forms ``cache/``, ``cache/**``, ``**``, probed with NUL names (which no file can
+        have); a pattern such as ``cache/[!.]**`` keeps ``cache/.keep`` and so never does."""
         deep = (f"{rel_dir}/\0", f"{rel_dir}/\0/\0")
-        return any(all(p.match(path) for path in deep) for p in self.excludes)
+        return any(all(p.match(path) for path in deep) for p in self._dir_excludes)
 
 
 def read_files_from(path: Path) -> list[str]:

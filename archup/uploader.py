@@ -47,6 +47,7 @@ DEFAULT_PART_SIZE = 8 * MiB
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 SCAN_GROUP = 5000
+MEMORY_CAP = 1024 * MiB  # file bytes in flight a grown part size may raise the budget to
 CHANGED_ATTEMPTS = 3  # reads of a small file that keeps changing before it is failed
 
 
@@ -596,7 +597,10 @@ class Uploader:
             if opened is None:
                 return
             upload, reusable = opened
-            self._budget.ensure(self.options.parallel * upload.part_size)
+            # N parts in flight for a file whose parts grew, up to MEMORY_CAP (a 2 TiB file has
+            # 210 MiB parts: 16 of them would be 3.4 GiB); fewer streams for it past that.
+            self._budget.ensure(min(self.options.parallel * upload.part_size,
+                                    max(self.options.parallel * self.options.part_size, MEMORY_CAP)))
             self.observer.on_file_started(record.rel_path, record.size)
             hasher = hashlib.sha256()
             full_object = upload.checksum.full_object

@@ -229,3 +229,31 @@ def test_profile_credentials_pool_and_retry_mode(cli, s3, bucket, tmp_path: Path
     missing = cli("upload", "--profile", "no-such-profile", str(source))
     assert missing.exit_code == 5, missing.stderr
     assert "no-such-profile" in missing.stderr
+
+
+def test_a_batch_begun_before_settings_were_recorded_takes_the_runs_options(cli, s3, bucket,
+                                                                           tmp_path: Path) -> None:
+    """A batch from a schema-3 journal has no recorded options: the job's next run supplies them
+    (and they are recorded), instead of defaults that would drop its encryption or storage class."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(4):
+        (source / f"f{index}.bin").write_bytes(b"y" * 100)
+    crashed = cli.subprocess("upload", "--parallel", "1", "--storage-class", "STANDARD_IA", str(source),
+                             env={"ARCHUP_CRASH_AT": "after-put-object:2"})
+    assert crashed.exit_code == -9, crashed.stderr
+    with sqlite3.connect(cli.journal) as conn:
+        conn.execute("UPDATE batches SET settings = NULL")  # as migration 4 leaves an older batch
+
+    rerun = cli("upload", "--json", "--parallel", "1", "--storage-class", "STANDARD_IA", "--sse", "AES256",
+                str(source))
+
+    assert rerun.exit_code == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["files_uploaded"] == 4
+    heads = [s3.head_object(Bucket=bucket, Key=f"{summary['prefix']}files/f{index}.bin") for index in range(4)]
+    assert [head["StorageClass"] for head in heads] == ["STANDARD_IA"] * 4
+    assert sum(head.get("ServerSideEncryption") == "AES256" for head in heads) >= 2  # those the rerun sent
+    with sqlite3.connect(cli.journal) as conn:
+        (recorded,) = conn.execute("SELECT settings FROM batches").fetchone()
+    assert json.loads(recorded)["storage_class"] == "STANDARD_IA"

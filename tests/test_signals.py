@@ -164,11 +164,13 @@ def test_first_signal_exits_after_the_grace_when_work_in_flight_outlasts_it(cli,
     """One SIGTERM, --grace 2: the held-back part would need ~80 s; archup exits 130 after the
     grace, saying how to resume, and the batch resumes from part 1."""
     source, data = _big_source(tmp_path)
-    proc = _start_held_multipart(cli, bucket, source, "--grace", "2")
+    proc = _start_held_multipart(cli, bucket, source, "--grace", "2", "--json")
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "still in flight 2 s after the signal" in stderr and "archup resume " in stderr, stderr
+    (line,) = stdout.splitlines()  # --json: still exactly one object, though it exits at once
+    assert json.loads(line)["exit_code"] == 130 and "archup resume " in json.loads(line)["error"]
     _resumes_to_the_same_bytes(cli, s3, bucket, source, data)
 
 

@@ -55,6 +55,7 @@ def test_selector_excludes_dir_only_when_every_path_under_it_is_excluded() -> No
     assert not Selector(excludes=["a/*"]).excludes_dir("a")      # a/b/c.txt is still taken
     assert not Selector(excludes=["*.tmp"]).excludes_dir("a")
     assert not Selector(includes=["*.jpg"]).excludes_dir("a")    # an include cannot tell what is inside
+    assert not Selector(excludes=["cache/[!.]**"]).excludes_dir("cache")  # cache/.keep is still wanted
 
 
 @pytest.mark.parametrize(("text", "value"), [("5242880", 5242880), ("8MiB", 8 * MiB), ("8M", 8 * MiB),

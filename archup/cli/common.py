@@ -21,7 +21,7 @@ from rich.console import Console
 
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
-from ..journal import BatchRecord, Journal, default_journal_path
+from ..journal import BatchRecord, BatchSettings, Journal, default_journal_path
 from ..scan import display_path
 from ..store import ChecksumMode, S3Store, StoreConfig
 
@@ -209,8 +209,9 @@ def store_for_batch(batch: BatchRecord, endpoint_url: str | None, profile: str |
                     **settings: Any) -> S3Store:
     """The store a recorded batch goes to; flags override what the journal recorded (the
     endpoint, region, and the checksum mode the endpoint accepted when the batch began)."""
-    settings.setdefault("checksum", ChecksumMode(batch.settings.checksum))
-    settings.setdefault("full_object_checksum", batch.settings.full_object_checksum)
+    recorded = batch.settings or BatchSettings()
+    settings.setdefault("checksum", ChecksumMode(recorded.checksum))
+    settings.setdefault("full_object_checksum", recorded.full_object_checksum)
     return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url) or batch.endpoint_url,
                                region=region or batch.region, profile=profile, **settings))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ from .common import (
     check_batch_id,
     emit_json,
     handles_errors,
+    json_missing,
     open_journal,
     parse_size,
     print_fields,
@@ -67,22 +69,28 @@ class Stopping:
     ``grace`` seconds later. A second signal, or the grace running out, exits 130 at once:
     every journal write is one transaction, so the batch is as safe to resume as after kill -9."""
 
-    def __init__(self, grace: float) -> None:
-        self.stop = threading.Event()
+    def __init__(self, grace: float, as_json: bool = False) -> None:
+        self.stop = threading.Event()  # also set by the uploader itself on a fatal error
         self.grace = grace
+        self.as_json = as_json
         self.hint: str | None = None  # the resume command, once the batch is known
+        self._signalled = False
         self._timer: threading.Timer | None = None
 
     def _exit_now(self, why: str) -> None:
-        message = f"archup: error: {why}; exiting now, the batch is safe to resume"
+        message = f"archup: error: {why}; exiting now"
         if self.hint:
-            message += f" with '{self.hint}'"
+            message += f", the batch is safe to resume with '{self.hint}'"
         os.write(2, (message + "\n").encode("utf-8", "replace"))
+        if self.as_json and json_missing():  # --json: one object on stdout, whatever ends the run
+            error = message.removeprefix("archup: error: ")
+            os.write(1, (json.dumps({"error": error, "exit_code": 130}, ensure_ascii=False) + "\n").encode())
         os._exit(130)
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.stop.is_set():
+        if self._signalled:
             self._exit_now("second signal")
+        self._signalled = True
         self.stop.set()
         print(f"archup: stopping: finishing the requests in flight (a second signal, or {self.grace:g} s, "
               "exits at once)", file=sys.stderr)
@@ -97,8 +105,8 @@ class Stopping:
 
 
 @contextmanager
-def stop_on_signals(grace: float = DEFAULT_GRACE) -> Iterator[Stopping]:
-    stopping = Stopping(grace)
+def stop_on_signals(grace: float = DEFAULT_GRACE, as_json: bool = False) -> Iterator[Stopping]:
+    stopping = Stopping(grace, as_json)
     if threading.current_thread() is not threading.main_thread():
         yield stopping
         return
@@ -376,7 +384,7 @@ def upload(
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
     endpoint = resolve_endpoint(endpoint_url)
-    with stop_on_signals(grace) as stopping:
+    with stop_on_signals(grace, json_output) as stopping:
         store = S3Store(StoreConfig(
             bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
             max_pool_connections=max(10, parallel + 4), checksum=checksum, full_object_checksum=full_object_checksum,
@@ -447,7 +455,7 @@ def resume(
     _check_parallel(parallel)
     _check_run_limits(retries, timeout, connect_timeout, grace)
     batch_id = check_batch_id(batch_id)
-    with stop_on_signals(grace) as stopping:
+    with stop_on_signals(grace, json_output) as stopping:
         with open_journal(journal_path) as journal:
             record = journal.get_batch(batch_id)
             if not os.path.isdir(record.source_root):
@@ -506,8 +514,20 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     The batch keeps the settings its first run chose (``record.settings``, its part size):
     which files, and how their objects are stored; ``wanted`` (this run's flags) only
     makes a note."""
-    batch_id, source, settings = record.batch_id, record.source_root, record.settings
+    batch_id, source = record.batch_id, record.source_root
     talk = not (quiet or json_output)
+    if record.settings is not None:
+        settings = record.settings
+    elif wanted is not None:
+        # Begun by an archup that did not record its options: this run's (the job's) become its own.
+        journal.set_batch_settings(batch_id, wanted)
+        settings = wanted
+    else:
+        settings = BatchSettings()
+        if talk and not record.state.terminal:
+            print(f"archup: batch {batch_id} was begun by an older archup that did not record its options "
+                  "(--include/--exclude, --follow-symlinks, archive options); 'archup upload' with the job's "
+                  "options finishes it with them", file=sys.stderr)
     hint = resume_command(batch_id, journal.path, profile)
     stopping = stopping or Stopping(DEFAULT_GRACE)
     stopping.hint = hint
@@ -515,7 +535,7 @@ def _upload_batch(journal: Journal, store: S3Store, record: BatchRecord, *, para
     store.config = replace(store.config, storage_class=settings.storage_class, sse=settings.sse,
                            sse_kms_key_id=settings.sse_kms_key_id, user_metadata=settings.metadata,
                            tags=settings.tags)
-    changed = settings.differences(wanted) if wanted is not None and resumed else []
+    changed = settings.differences(wanted) if wanted is not None and resumed and settings is not wanted else []
     if resumed and wanted_part_size is not None and wanted_part_size != record.part_size:
         changed.append("part_size")
     if changed and talk:
