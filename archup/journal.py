@@ -346,15 +346,25 @@ class Journal:
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                 synchronous: str = "FULL") -> None:
+                 synchronous: str = "FULL", read_only: bool = False) -> None:
+        """``read_only``: opened for reading alone (a dry run): never created, migrated or
+        written; a journal of another schema version is a JournalError."""
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
+        self.read_only = read_only
         self._local = threading.local()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._pid = os.getpid()
+        if read_only:
+            version = int(self._connection().execute("PRAGMA user_version").fetchone()[0])
+            if version != SCHEMA_VERSION:
+                self.close()
+                raise JournalError(f"journal {self.path} has schema {version}, not {SCHEMA_VERSION}; "
+                                   "a run that writes it upgrades it")
+            return
         self._prepare_file()
         self._migrate()
 
@@ -386,14 +396,20 @@ class Journal:
         if conn is None:
             try:
                 # isolation_level=None: no implicit transactions; atomic() opens them.
-                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                       check_same_thread=False)
+                target = f"{self.path.absolute().as_uri()}?mode=ro" if self.read_only else str(self.path)
+                conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None,
+                                       check_same_thread=False, uri=self.read_only)
             except sqlite3.Error as error:
                 raise _translate(error, self.path) from None
             try:
                 conn.row_factory = sqlite3.Row
                 # Refuse a newer journal before touching it: switching to WAL rewrites the header.
                 self._refuse_newer(int(conn.execute("PRAGMA user_version").fetchone()[0]))
+                if self.read_only:
+                    self._local.conn = conn
+                    with self._lock:
+                        self._connections.append(conn)
+                    return conn
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")

@@ -257,3 +257,26 @@ def test_a_batch_begun_before_settings_were_recorded_takes_the_runs_options(cli,
     with sqlite3.connect(cli.journal) as conn:
         (recorded,) = conn.execute("SELECT settings FROM batches").fetchone()
     assert json.loads(recorded)["storage_class"] == "STANDARD_IA"
+
+
+def test_dry_run_never_writes_the_journal_it_reads(cli, s3, bucket, tmp_path: Path) -> None:
+    """--dry-run --skip-archived reads the journal read-only: one of another schema version is
+    neither upgraded nor touched (read as nothing archived), and the dry run still answers."""
+    source = _tree(tmp_path / "src")
+    assert cli("upload", "--skip-archived", str(source)).exit_code == 0
+    with sqlite3.connect(cli.journal) as conn:
+        conn.execute("PRAGMA user_version = 3")  # as an older archup left it
+    # The database and its write-ahead log; the -shm file is shared memory every WAL reader marks.
+    files = [cli.journal, cli.journal.with_name(cli.journal.name + "-wal")]
+    before = {path.name: path.read_bytes() for path in files if path.exists()}
+
+    dry = cli("upload", "--json", "--dry-run", "--skip-archived", str(source))
+
+    assert dry.exit_code == 0, dry.stderr
+    assert json.loads(dry.stdout)["files_already_archived"] == 0  # not readable as this version's
+    assert "counting nothing as archived" in dry.stderr
+    after = {path.name: path.read_bytes() for path in files if path.exists()}
+    assert after == before
+    with sqlite3.connect(cli.journal) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        conn.execute("PRAGMA user_version = 4")

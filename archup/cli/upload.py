@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -18,9 +19,9 @@ from typing import Annotated
 import typer
 
 from ..batches import find_resumable, write_marker
-from ..errors import BatchClosed, BatchIncomplete, BatchNotFound, Interrupted, UsageError
+from ..errors import BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
 from ..finalize import finalize
-from ..journal import BatchRecord, BatchSettings, Journal, resume_command
+from ..journal import BatchRecord, BatchSettings, Journal, default_journal_path, resume_command
 from ..lock import BatchLock, source_lock
 from ..scan import UNREADABLE_REASONS, ScanItem, display_path, object_key, scan, scan_list
 from ..select import Selector, read_files_from
@@ -38,6 +39,7 @@ from .common import (
     emit_json,
     handles_errors,
     json_missing,
+    missing_journal,
     open_journal,
     parse_size,
     print_fields,
@@ -45,6 +47,8 @@ from .common import (
     store_for_batch,
 )
 from .progress import RichProgress
+
+log = logging.getLogger("archup.cli")
 
 MAX_PARALLEL = 256
 MAX_PART_SIZE = 5 * 1024 ** 3
@@ -373,13 +377,22 @@ def upload(
             _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
             return
         archive = (source, bucket, key_prefix, resolve_endpoint(endpoint_url))
+        path = journal_path or default_journal_path()
         try:
-            with open_journal(journal_path, create=False) as journal:
-                _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks,
-                         lambda item: journal.archived_at(archive, item.rel_path, item.size,
-                                                          item.mtime_ns) is not None)
-        except BatchNotFound:  # no journal yet: nothing archived
+            journal = Journal(path, read_only=True) if missing_journal(path) is None else None
+        except JournalError as error:  # another schema: read as nothing archived, never upgraded here
+            log.warning("--dry-run --skip-archived: %s; counting nothing as archived", error)
+            journal = None
+        if journal is None:
             _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
+            return
+        reader = journal
+        try:
+            _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks,
+                     lambda item: reader.archived_at(archive, item.rel_path, item.size,
+                                                     item.mtime_ns) is not None)
+        finally:
+            reader.close()
         return
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
