@@ -231,6 +231,18 @@ def test_unreadable_file_is_failed_by_name_in_process(cli, s3, bucket, tmp_path:
                 finalized=False)
 
 
+def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Root-proof: listing a directory called ``name`` raises EACCES, as for a user kept out."""
+    real_scandir = os.scandir
+
+    def refuse(path: Any = ".") -> Any:
+        if os.fsdecode(path).endswith(name):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+
+
 @pytest.mark.parametrize(("exclude", "reported"), [
     pytest.param(None, True, id="no-exclude"),
     pytest.param("*.tmp", True, id="exclude-other-files"),
@@ -245,14 +257,7 @@ def test_unreadable_directory_is_partial_unless_excluded(cli, s3, bucket, tmp_pa
     files = {"ok.txt": b"readable\n"}
     write(source / "ok.txt", files["ok.txt"])
     write(source / "lost+found" / "x", b"never listed\n")
-    real_scandir = os.scandir
-
-    def refuse(path: Any = ".") -> Any:
-        if os.fsdecode(path).endswith("lost+found"):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    refuse_listing(monkeypatch, "lost+found")
     result = cli("upload", *(["--exclude", exclude] if exclude else []), str(source))
     if reported:
         assert result.exit_code == 3, result.stderr
@@ -271,14 +276,7 @@ def test_unreadable_paths_are_named_also_with_quiet_and_json(cli, s3, bucket, tm
     source = tmp_path / "src"
     write(source / "ok.txt", b"readable\n")
     write(source / "lost+found" / "x", b"never listed\n")
-    real_scandir = os.scandir
-
-    def refuse(path: Any = ".") -> Any:
-        if os.fsdecode(path).endswith("lost+found"):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
+    refuse_listing(monkeypatch, "lost+found")
     result = cli("upload", mode, str(source))
     assert result.exit_code == 3, result.stderr
     if mode == "--json":
