@@ -763,8 +763,9 @@ SHA256_B64_LENGTH = 44  # thirty-two
 
 def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
                       configured: MultipartChecksum) -> MultipartChecksum:
-    """The checksum kind of an upload a journal older than schema 4 did not record: as ListParts reports it, else
-    as the parts the journal recorded show it, else (nothing sent yet) as configured now."""
+    """The checksum kind of an upload that a journal older than schema 4 did not record: as
+    ListParts reports it, else as the parts the journal recorded show it, else (nothing sent
+    yet) as configured now."""
     if reported.algorithm:
         return reported
     for part in recorded:
