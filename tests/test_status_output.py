@@ -189,16 +189,22 @@ def test_gc_quiet_with_nothing_to_do_prints_nothing(tmp_path: Path) -> None:
     assert (quiet.stdout, quiet.stderr) == ("", "")
 
 
-def test_gc_quiet_still_prints_its_errors_on_stderr(cli: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["--quiet", "--json", None])
+def test_gc_errors_go_to_stderr_and_exit_5(cli: Any, tmp_path: Path, mode: str | None) -> None:
     # A batch whose bucket does not exist: listing its uploads fails, and gc reports that.
     problem_batch(cli.journal, skipped=0, failed=0, bucket=f"{cli.bucket}-absent", endpoint_url=cli.endpoint)
 
-    quiet = cli("gc", "--quiet")
+    result = cli("gc", *([mode] if mode else []))
 
-    assert quiet.exit_code == 0, quiet.stderr
-    assert quiet.stdout == ""
-    lines = quiet.stderr.strip("\n").splitlines()
+    assert result.exit_code == 5, result.stderr  # a destination gc could not look at: cron hears of it
+    lines = result.stderr.strip("\n").splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"archup: error: listing uploads under s3://{cli.bucket}-absent/")
+    if mode == "--quiet":
+        assert result.stdout == ""
+    elif mode == "--json":
+        assert one_json(result.stdout)["errors"] == [lines[0].removeprefix("archup: error: ")]
+    else:
+        assert "0 batch(es) expired" in result.stdout and "error" not in result.stdout
 
 
 def test_gc_quiet_json_still_prints_its_object(tmp_path: Path) -> None:

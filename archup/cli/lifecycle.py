@@ -12,7 +12,7 @@ import typer
 
 from .. import logs
 from ..batches import GcReport, abort_batch, collect_garbage
-from ..errors import UsageError
+from ..errors import ExitCode, UsageError
 from ..journal import BatchRecord, utcnow
 from ..scan import display_path
 from ..states import BatchState, FileState
@@ -155,14 +155,18 @@ def gc(
                                      abort_orphans=abort_orphans)
     if json_output:
         emit_json(report.as_dict())
-        return
-    if quiet:
-        # A nightly cron job mails only when something went wrong.
-        for error in report.errors:
-            line = display_path(error)
-            print(f"archup: error: {line}", file=sys.stderr)
-            logs.log_printed_error(f"archup gc: error: {line}")
-        return
+    elif not quiet:  # quiet: a nightly cron job mails only when something went wrong
+        _print_gc_report(report, missing, abort_orphans)
+    for error in report.errors:
+        line = display_path(error)
+        print(f"archup: error: {line}", file=sys.stderr)
+        logs.log_printed_error(f"archup gc: error: {line}")
+    if report.errors:
+        # A destination gc could not look at (or clean): cron must hear of it.
+        raise typer.Exit(int(ExitCode.DESTINATION))
+
+
+def _print_gc_report(report: GcReport, missing: Path | None, abort_orphans: bool) -> None:
     if missing is not None:
         _say_missing(missing)
     for expired in report.expired:
@@ -175,6 +179,4 @@ def gc(
     for orphan in report.orphan_uploads:
         print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
               + (" aborted" if abort_orphans else ""))
-    for error in report.errors:
-        print(f"error: {error}")
     print(f"{len(report.expired)} batch(es) expired, {len(report.orphan_uploads)} orphan upload(s) found")
