@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli_errors import closed_port
 from typer.testing import CliRunner
 
 from archup.cli import app
@@ -37,12 +37,6 @@ def one_json_object(stdout: str) -> dict[str, Any]:
     document = json.loads(stdout)
     assert isinstance(document, dict), stdout
     return document
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

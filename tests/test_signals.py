@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,21 @@ def _uploaded(journal: Path) -> int:
         return 0  # the schema is not there yet
 
 
-def _wait_for_progress(proc: subprocess.Popen[str], journal: Path, at_least: int) -> None:
-    """Bounded poll (short intervals) until the run has committed some files."""
+def _wait_until(proc: subprocess.Popen[str], reached: Callable[[], bool], what: str) -> None:
+    """Bounded poll (short intervals) until ``reached()``; the run must still be going then."""
     deadline = time.monotonic() + 60
-    while _uploaded(journal) < at_least:
+    while not reached():
         try:
             proc.wait(timeout=0.02)
         except subprocess.TimeoutExpired:
-            assert time.monotonic() < deadline, "no progress within 60 s"
+            assert time.monotonic() < deadline, f"{what} not within 60 s"
         else:
             pytest.fail(f"upload ended before it could be interrupted: {proc.communicate()}")
+
+
+def _wait_for_progress(proc: subprocess.Popen[str], journal: Path, at_least: int) -> None:
+    """Until the run has committed some files."""
+    _wait_until(proc, lambda: _uploaded(journal) >= at_least, f"{at_least} files uploaded")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -100,29 +106,25 @@ def _start_held_multipart(cli, bucket: str, source: Path, *extra: str) -> subpro
     args = [sys.executable, "-m", "archup", "upload", "--journal", str(cli.journal), "--bucket", bucket,
             "--endpoint-url", cli.endpoint, "--part-size", "5MiB", "--bwlimit", "64KiB", *extra, str(source)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not _parts_recorded(cli.journal):
-        try:
-            proc.wait(timeout=0.02)
-        except subprocess.TimeoutExpired:
-            assert time.monotonic() < deadline, "part 1 not recorded within 60 s"
-        else:
-            pytest.fail(f"upload ended before it could be interrupted: {proc.communicate()}")
+    _wait_until(proc, lambda: _parts_recorded(cli.journal) > 0, "part 1 recorded")
     return proc
 
 
 def _stderr_until(proc: subprocess.Popen[str], text: str, seconds: float = 30) -> str:
-    """stderr read line by line (each wait bounded) until a line holds ``text``."""
+    """What stderr carried until ``text`` appeared (each wait bounded). Read from the raw pipe:
+    a buffered readline() could pull the awaited line into its buffer, where select() never
+    sees it."""
     assert proc.stderr is not None
-    seen = ""
+    fd = proc.stderr.fileno()
+    seen = b""
     deadline = time.monotonic() + seconds
-    while text not in seen:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+    while text.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         assert ready, f"no {text!r} on stderr within {seconds} s: {seen!r}"
-        line = proc.stderr.readline()
-        assert line, f"stderr closed before {text!r}: {seen!r}"
-        seen += line
-    return seen
+        chunk = os.read(fd, 65536)
+        assert chunk, f"stderr closed before {text!r}: {seen!r}"
+        seen += chunk
+    return seen.decode()
 
 
 def _parts_recorded(journal: Path) -> int:

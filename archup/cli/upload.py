@@ -208,6 +208,19 @@ def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _read_only_journal(journal_path: Path | None) -> Journal | None:
+    """The journal, for --dry-run --skip-archived to read: None if there is none yet, or it is
+    of another schema version (counted as nothing archived; a dry run never upgrades it)."""
+    path = journal_path or default_journal_path()
+    if missing_journal(path) is not None:
+        return None
+    try:
+        return Journal(path, read_only=True)
+    except JournalError as error:
+        log.warning("--dry-run --skip-archived: %s; counting nothing as archived", error)
+        return None
+
+
 def _dry_run(source: str, prefix: str, selector: Selector, listed: tuple[str, ...] | None, as_json: bool,
              follow_symlinks: bool, archived: Callable[[ScanItem], bool] | None = None) -> None:
     """Scan with the selection applied and say what an upload would send; no bucket, and the
@@ -373,26 +386,15 @@ def upload(
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
         full_object_checksum=full_object_checksum)
     if dry_run:
-        if not (skip_archived and bucket):
-            _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
-            return
-        archive = (source, bucket, key_prefix, resolve_endpoint(endpoint_url))
-        path = journal_path or default_journal_path()
-        try:
-            journal = Journal(path, read_only=True) if missing_journal(path) is None else None
-        except JournalError as error:  # another schema: read as nothing archived, never upgraded here
-            log.warning("--dry-run --skip-archived: %s; counting nothing as archived", error)
-            journal = None
-        if journal is None:
-            _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks)
-            return
-        reader = journal
+        reader = _read_only_journal(journal_path) if skip_archived and bucket else None
+        archive = (source, bucket or "", key_prefix, resolve_endpoint(endpoint_url))
         try:
             _dry_run(source, key_prefix, selector, listed, json_output, follow_symlinks,
-                     lambda item: reader.archived_at(archive, item.rel_path, item.size,
-                                                     item.mtime_ns) is not None)
+                     None if reader is None else lambda item: reader.archived_at(
+                         archive, item.rel_path, item.size, item.mtime_ns) is not None)
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
         return
     if not bucket:
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
@@ -435,7 +437,7 @@ def upload(
                 _upload_batch(journal, store, journal.get_batch(record.batch_id), parallel=parallel,
                               resumed=resumed, no_finalize=no_finalize, quiet=quiet, json_output=json_output,
                               prehash=prehash, wanted=wanted, wanted_part_size=part_bytes, profile=profile,
-                          stopping=stopping)
+                              stopping=stopping)
 
 
 @handles_errors
