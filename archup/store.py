@@ -9,7 +9,6 @@ the file, go on).
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import hashlib
 import threading
@@ -19,12 +18,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
 from typing import IO, Any
 
 import botocore.exceptions
 
 from . import crashpoints
+from .checksums import b64, crc32_b64, crc32_combine  # noqa: F401  (crc32_combine: re-exported)
 from .errors import DestinationError, TransferError
 from .logs import register_secrets
 
@@ -126,57 +125,6 @@ class OpenUpload:
 
     parts: dict[int, tuple[int, str]] = field(default_factory=dict)  # number -> (size, etag)
     checksum: MultipartChecksum = MultipartChecksum(None)
-
-
-def b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
-
-
-def crc32_b64(crc: int) -> str:
-    """A CRC32 as S3 writes it: the four bytes, big-endian, in base64."""
-    return b64(crc.to_bytes(4, "big"))
-
-
-# -- CRC32 of a concatenation from the CRC32s of its pieces (zlib's crc32_combine) ----------
-# Appending n bytes to a message acts on its CRC as a linear map over GF(2); the map for n
-# zero bytes is a 32x32 bit matrix, built once per length by repeated squaring.
-
-def _gf2_times(matrix: tuple[int, ...], vector: int) -> int:
-    total, index = 0, 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[index]
-        vector >>= 1
-        index += 1
-    return total
-
-
-def _gf2_product(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(_gf2_times(outer, column) for column in inner)
-
-
-@lru_cache(maxsize=16)
-def _crc32_shift(length: int) -> tuple[int, ...]:
-    """The matrix that moves a CRC32 past ``length`` zero bytes."""
-    one_bit = (0xEDB88320,) + tuple(1 << n for n in range(31))  # one zero bit
-    power = _gf2_product(one_bit, one_bit)                       # two
-    power = _gf2_product(power, power)                           # four
-    power = _gf2_product(power, power)                           # eight bits: one byte
-    result = tuple(1 << n for n in range(32))                    # identity
-    while length:
-        if length & 1:
-            result = _gf2_product(power, result)
-        length >>= 1
-        if length:
-            power = _gf2_product(power, power)
-    return result
-
-
-def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
-    """zlib.crc32(a + b) from zlib.crc32(a), zlib.crc32(b) and len(b)."""
-    if length2 <= 0:
-        return crc1
-    return _gf2_times(_crc32_shift(length2), crc1) ^ crc2
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
