@@ -12,7 +12,8 @@ from . import manifest
 from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
 from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
-from .states import BatchState, FileState
+from .reconcile import abort_uploads
+from .states import BatchState
 from .store import S3Store
 
 log = logging.getLogger("archup.batches")
@@ -32,24 +33,6 @@ def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,
                   and batch.endpoint_url == endpoint_url and batch.expires_at > now]
     # ULIDs sort by creation time.
     return max(candidates, key=lambda batch: batch.batch_id, default=None)
-
-
-def list_open_uploads(store: S3Store, prefix: str) -> list[tuple[str, str]] | None:
-    """(key, upload id) of the multipart uploads in progress under a prefix; None if the
-    server will not list them: NotImplemented (s3rver), or AccessDenied (an upload-only
-    IAM policy without s3:ListBucketMultipartUploads). An orphan left by a crash is then
-    for the bucket's lifecycle rule (AbortIncompleteMultipartUpload) to clean."""
-    try:
-        return list(store.list_multipart_uploads(prefix))
-    except (TransferError, DestinationError) as error:
-        if error.code in ("NotImplemented", "501"):
-            log.info("the server cannot list multipart uploads under %s", prefix)
-        elif error.code == "AccessDenied":
-            log.warning("may not list multipart uploads under s3://%s/%s (AccessDenied): uploads orphaned by "
-                        "a crash are left to the bucket's lifecycle rule", store.bucket, prefix)
-        else:
-            raise
-    return None
 
 
 MARKER_NAME = "batch.json"
@@ -85,32 +68,6 @@ class AbortReport:
         return dict(self.__dict__)
 
 
-def _abort_uploads(journal: Journal, store: S3Store, batch: BatchRecord, reason: str) -> int:
-    """Abort the batch's multipart uploads in progress and return how many.
-
-    Those the journal records are its files still uploading: an uploaded file keeps
-    the id of its completed upload, which is no longer there to abort. Each such
-    file is failed with ``reason`` once its upload is aborted, so a second run
-    neither aborts nor counts it again. Then any other upload under the batch
-    prefix (left by a crash before its id was recorded) is aborted too.
-    """
-    aborted: set[str] = set()
-    # Materialized first: failing a file while paging through the files would move the pages.
-    uploading = list(journal.iter_files(batch.batch_id, [FileState.UPLOADING]))
-    for record in uploading:
-        if record.upload_id is None:
-            continue
-        store.abort_multipart(record.key, record.upload_id)
-        aborted.add(record.upload_id)
-        if not batch.state.terminal:  # a closed batch's files can no longer change
-            journal.fail_file(batch.batch_id, record.rel_path, reason)
-    for key, upload_id in list_open_uploads(store, batch.batch_prefix) or []:
-        if upload_id not in aborted:
-            store.abort_multipart(key, upload_id)
-            aborted.add(upload_id)
-    return len(aborted)
-
-
 def sealed_manifest(store: S3Store, batch: BatchRecord) -> str | None:
     """The key of the batch's manifest.json if it is in the bucket: the batch is sealed there,
     whatever the journal says (a finalize that died between the PUT and its commit)."""
@@ -137,7 +94,7 @@ def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool 
                 f"batch {batch_id} is sealed: s3://{store.bucket}/{sealed} exists although the journal says "
                 f"{batch.state.value}; archup will not abort a finalized batch; {next_step}")
         report = AbortReport(batch_id, batch.state.value)
-        report.uploads_aborted = _abort_uploads(journal, store, batch, "multipart upload aborted by 'archup abort'")
+        report.uploads_aborted = abort_uploads(journal, store, batch, "multipart upload aborted by 'archup abort'")
         if purge:
             report.objects_deleted = store.delete_prefix(batch.batch_prefix)
         if batch.state is not BatchState.ABORTED:
@@ -185,7 +142,7 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
                 if sealed_manifest(store, current) is not None:
                     report.sealed.append(batch.batch_id)
                     continue
-                aborted = _abort_uploads(journal, store, current, "multipart upload aborted: the batch expired")
+                aborted = abort_uploads(journal, store, current, "multipart upload aborted: the batch expired")
                 journal.set_batch_state(batch.batch_id, BatchState.EXPIRED, error="expired: not finalized in time")
             report.expired.append(AbortReport(batch.batch_id, BatchState.EXPIRED.value, aborted))
         except BatchBusy:

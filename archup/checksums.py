@@ -1,9 +1,20 @@
-"""Checksums as S3 writes them, and the CRC32 of a whole file from the CRC32s of its parts."""
+"""Checksums as S3 writes them: base64 digests, the CRC32 of a whole file from the CRC32s
+of its parts, the ETag of a multipart object, and whether a stored part holds given bytes."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import zlib
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .journal import PartRecord
+
+CRC32_B64_LENGTH = 8    # four bytes in base64
+SHA256_B64_LENGTH = 44  # thirty-two
 
 
 def b64(digest: bytes) -> str:
@@ -55,3 +66,21 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     if length2 <= 0:
         return crc1
     return _gf2_times(_crc32_shift(length2), crc1) ^ crc2
+
+
+def multipart_etag(parts: Sequence[PartRecord]) -> str:
+    """The ETag S3 gives a completed multipart object: MD5 of the parts' MD5s, dash, count."""
+    digests = b"".join(bytes.fromhex(part.etag.strip('"')) for part in parts)
+    return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+
+
+def part_matches(body: bytes, part: PartRecord, crc32: int | None = None) -> bool:
+    """Reuse a stored part only if the bytes just read are the bytes it holds (by the checksum
+    it was sent with; a full-object upload's completion checks every part's CRC32 once more)."""
+    if len(body) != part.size:
+        return False
+    if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
+        return crc32_b64(zlib.crc32(body) if crc32 is None else crc32) == part.checksum
+    if part.checksum:
+        return b64(hashlib.sha256(body).digest()) == part.checksum
+    return hashlib.md5(body).hexdigest() == part.etag.strip('"')

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
-from .batches import list_open_uploads
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
 from .journal import BatchRecord, FileRecord, Journal, isoformat, resume_command, utcnow
+from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectInfo, S3Store
@@ -112,14 +112,6 @@ def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else {}
 
 
-def _abort_leftover_uploads(store: S3Store, batch: BatchRecord) -> None:
-    """Every file is uploaded, so a multipart upload still open under the batch is a leftover:
-    a retried CreateMultipartUpload whose first answer was lost, or a crash's orphan. The
-    batch is sealed with none left behind, unless the server will not list them."""
-    for key, upload_id in list_open_uploads(store, batch.batch_prefix) or []:
-        store.abort_multipart(key, upload_id)
-
-
 def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary:
     batch = journal.get_batch(batch_id)
     if batch.state is BatchState.ENQUEUED:
@@ -129,7 +121,7 @@ def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary
     check_complete(journal, batch)
     journal.set_batch_state(batch_id, BatchState.FINALIZING)
 
-    _abort_leftover_uploads(store, batch)
+    abort_leftover_uploads(store, batch)
     problems = _read_back(journal, store, batch)
     if problems:
         for record, reason in problems:

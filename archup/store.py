@@ -466,3 +466,6 @@ class S3Store:
                     yield str(item["Key"]), str(item["UploadId"])
         except Exception as error:
             raise translate(error, f"ListMultipartUploads {prefix}") from None
+
+
+ObjectStore = S3Store  # the store seam; a Protocol once the store becomes a package

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from testdata import pattern_bytes
 
-import archup.uploader
+import archup.source
 from archup.store import MultipartChecksum, crc32_b64, crc32_combine
 
 MiB = 1024 * 1024
@@ -109,8 +109,8 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     other bytes (a change that left size, mtime and inode alone), the upload is aborted and
     the file failed, never archived with metadata that lies."""
     source, big = _source(tmp_path)
-    honest = archup.uploader._hash_handle
-    monkeypatch.setattr(archup.uploader, "_hash_handle", lambda handle, record, stop=None: "0" * 64)
+    honest = archup.source.hash_handle
+    monkeypatch.setattr(archup.source, "hash_handle", lambda handle, record, stop=None: "0" * 64)
     result = cli("upload", "--part-size", "5MiB", "--json", str(source))
     assert result.exit_code == 3, result.stderr
     summary = json.loads(result.stdout)
@@ -121,7 +121,7 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     assert [item["Key"].rsplit("/", 1)[-1] for item in listed] == ["small.txt"]
     assert _open_uploads(s3, bucket) == []
 
-    monkeypatch.setattr(archup.uploader, "_hash_handle", honest)
+    monkeypatch.setattr(archup.source, "hash_handle", honest)
     rerun = cli("upload", "--part-size", "5MiB", "--json", str(source))
     assert rerun.exit_code == 0, rerun.stderr
     assert _head(s3, bucket, json.loads(rerun.stdout))["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()

@@ -38,17 +38,12 @@ import pytest
 from privileges import can_drop_read_override, drop_read_override
 from ulid import ULID
 
-import archup.uploader
+import archup.multipart
 from archup.journal import BatchRecord, FileRecord, Journal
 from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
-from archup.uploader import (
-    MAX_PARTS,
-    MIN_PART_SIZE,
-    Uploader,
-    UploadOptions,
-    part_size_for,
-)
+from archup.multipart import MAX_PARTS, MIN_PART_SIZE, part_size_for
+from archup.uploader import Uploader, UploadOptions
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -623,7 +618,7 @@ def test_sparse_file_that_needs_a_larger_part_size(cli, s3, bucket, tmp_path: Pa
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The 10,000-part rule scaled down: with at most 2 parts, a 15 MiB sparse file at --part-size 5MiB
     must go in 8 MiB parts (a 100 GiB file at 5 MiB would need 11 MiB parts: see the test above)."""
-    monkeypatch.setattr(archup.uploader, "MAX_PARTS", 2)
+    monkeypatch.setattr(archup.multipart, "MAX_PARTS", 2)
     source = tmp_path / "src"
     source.mkdir()
     sparse = source / "sparse.img"

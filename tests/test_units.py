@@ -17,7 +17,10 @@ from archup.scan import identity_of
 from archup.select import Selector, compile_glob
 from archup.states import FileState
 from archup.store import MultipartChecksum, UploadedPart
-from archup.uploader import MAX_PARTS, ByteBudget, MiB, Uploader, UploadOptions, multipart_etag, part_size_for
+from archup.checksums import multipart_etag
+from archup.dispatch import ByteBudget
+from archup.multipart import MAX_PARTS, MiB, part_size_for
+from archup.uploader import Uploader, UploadOptions
 
 
 @pytest.mark.parametrize(("pattern", "path", "matches"), [
@@ -159,9 +162,9 @@ class _PartsInFlight:
 def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """10,000 parts scaled down to 4: a 40 MiB file gets 10 MiB parts where 5 MiB was asked.
     The memory budget (N x part size) grows with them, so all N streams still carry its parts."""
-    import archup.uploader
+    import archup.multipart
 
-    monkeypatch.setattr(archup.uploader, "MAX_PARTS", 4)
+    monkeypatch.setattr(archup.multipart, "MAX_PARTS", 4)
     source = tmp_path / "src"
     source.mkdir()
     (source / "big.bin").write_bytes(bytes(40 * MiB))
@@ -181,7 +184,7 @@ def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatc
 
 def test_the_pre_hash_stops_between_chunks_when_the_run_is_stopped(tmp_path: Path) -> None:
     """A signal during the pre-hash of a large file does not wait for the whole file."""
-    from archup.uploader import _hash_handle
+    from archup.source import hash_handle as _hash_handle
 
     path = tmp_path / "big.bin"
     path.write_bytes(bytes(3 * MiB))

@@ -1,0 +1,168 @@
+"""Safe reading of source files: open only what the scan found, and notice any change.
+
+Every read of a source file goes through :func:`open_regular`: it never follows a
+symlink or blocks on a FIFO that replaced the file since the scan, and a
+:class:`PathGuard` checks what the kernel actually opened. The read helpers check
+the file unchanged (size, mtime, identity) around the read, so a file that
+changes, vanishes or cannot be read is never recorded as uploaded (PRODUCT.md,
+guarantee 4).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mimetypes
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import IO
+
+from .journal import FileRecord
+from .scan import identity_of, inside
+
+MiB = 1024 * 1024
+
+
+class FileChanged(Exception):
+    """The file differs from what the scan recorded (size, mtime) or was short-read."""
+
+
+class PathEscaped(FileChanged):
+    """What was opened is not the file the scan found there: a directory on its path was
+    replaced by a symlink, or (following symlinks) one now leads out of the source root."""
+
+
+@dataclass(frozen=True)
+class PathGuard:
+    """Where an opened file must turn out to be: ``exact``, the very path asked for (no
+    directory on the way swapped for a symlink since the scan); ``within``, inside that
+    directory (following symlinks, but never out of the source root)."""
+
+    within: str | None = None
+    exact: bool = False
+
+
+def same_file(info: os.stat_result, record: FileRecord) -> bool:
+    return (info.st_size == record.size and info.st_mtime_ns == record.mtime_ns
+            and (record.identity is None or identity_of(info) == record.identity))
+
+
+def check_unchanged(info: os.stat_result, record: FileRecord) -> None:
+    if not same_file(info, record):
+        raise FileChanged(f"changed since the scan (size {record.size} -> {info.st_size}, "
+                          f"mtime changed: {info.st_mtime_ns != record.mtime_ns}, "
+                          f"inode or ctime changed: {identity_of(info) != record.identity})")
+
+
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel resolved for an open file (Linux: /proc/self/fd); None if unknown."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def open_regular(path: str, guard: PathGuard | None = None) -> IO[bytes]:
+    """Open for reading without following a symlink or blocking on a FIFO that replaced the
+    file since the scan; anything but a regular file is refused. Then the guard is checked
+    against what the kernel says it opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        opened = _opened_path(fd) if guard is not None else None
+        if guard is not None and opened is not None:
+            if guard.exact and opened != path:
+                raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
+            if guard.within and not inside(guard.within, opened):
+                raise PathEscaped("a symlink on its path now leads out of the source root (not followed)")
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "replaced by a directory", path)
+        if not stat.S_ISREG(mode):
+            raise FileChanged("no longer a regular file (replaced by a fifo, socket or device)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_whole(path: str, record: FileRecord, guard: PathGuard | None = None) -> bytes:
+    """The whole file, checked unchanged around the read (a single-request object's body)."""
+    with open_regular(path, guard) as handle:
+        check_unchanged(os.fstat(handle.fileno()), record)
+        body = handle.read(record.size + 1)
+        if len(body) != record.size:
+            raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
+        check_unchanged(os.fstat(handle.fileno()), record)
+    return body
+
+
+def hash_handle(handle: IO[bytes], record: FileRecord, stop: threading.Event | None = None,
+                chunk: int = MiB) -> str | None:
+    """SHA-256 of an open file from its start, checked unchanged around the read; leaves the
+    file positioned at its start again. None if ``stop`` was set meanwhile (checked each
+    chunk, so a signal never waits for a whole large file to be read)."""
+    hasher = hashlib.sha256()
+    handle.seek(0)
+    check_unchanged(os.fstat(handle.fileno()), record)
+    for block in iter(lambda: handle.read(chunk), b""):
+        if stop is not None and stop.is_set():
+            return None
+        hasher.update(block)
+    check_unchanged(os.fstat(handle.fileno()), record)
+    handle.seek(0)
+    return hasher.hexdigest()
+
+
+def hash_file(path: str, record: FileRecord, guard: PathGuard | None = None) -> str:
+    with open_regular(path, guard) as handle:
+        digest = hash_handle(handle, record)
+        assert digest is not None  # no stop event, never None
+        return digest
+
+
+def describe_read_error(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "vanished: no such file"
+    if isinstance(error, IsADirectoryError):
+        return "vanished: replaced by a directory"
+    if isinstance(error, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(error, OSError) and error.errno == errno.ELOOP:
+        return "replaced by a symlink (not followed)"
+    if isinstance(error, OSError):
+        return f"unreadable: {error.strerror or error}"
+    return str(error)
+
+
+def content_type(rel_path: str) -> str:
+    return mimetypes.guess_type(rel_path)[0] or "application/octet-stream"
+
+
+class SourceTree:
+    """The batch's source directory as the engine reads it: where a recorded file is, the
+    guard every open is checked against, and its current state on disk."""
+
+    def __init__(self, source_root: str, follow_symlinks: bool) -> None:
+        self.root = os.path.realpath(source_root)
+        self.follow_symlinks = follow_symlinks
+        self.guard = PathGuard(within=self.root) if follow_symlinks else PathGuard(exact=True)
+
+    def path(self, record: FileRecord) -> str:
+        path = os.path.join(self.root, record.rel_path)
+        # Following symlinks, the file is opened where its links lead (checked inside the root).
+        return os.path.realpath(path) if self.follow_symlinks else path
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path) if self.follow_symlinks else os.lstat(path)
+
+    def open(self, path: str) -> IO[bytes]:
+        return open_regular(path, self.guard)
+
+    def read_whole(self, path: str, record: FileRecord) -> bytes:
+        return read_whole(path, record, self.guard)
+
+    def hash_file(self, record: FileRecord) -> str:
+        return hash_file(self.path(record), record, self.guard)
