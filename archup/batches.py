@@ -14,11 +14,11 @@ from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
 from .reconcile import abort_uploads
 from .states import BatchState
-from .store import S3Store
+from .store import ObjectStore
 
 log = logging.getLogger("archup.batches")
 
-StoreFactory = Callable[[BatchRecord], S3Store]
+StoreFactory = Callable[[BatchRecord], ObjectStore]
 
 _RESUMABLE = (BatchState.OPEN, BatchState.UPLOADING, BatchState.FAILED, BatchState.FINALIZING)
 
@@ -38,7 +38,7 @@ def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,
 MARKER_NAME = "batch.json"
 
 
-def write_marker(store: S3Store, batch: BatchRecord) -> str:
+def write_marker(store: ObjectStore, batch: BatchRecord) -> str:
     """Preflight and record in one: write ``<batch prefix>batch.json`` before any file is read.
 
     It proves the credentials, the bucket, write permission and the checksum
@@ -68,14 +68,14 @@ class AbortReport:
         return dict(self.__dict__)
 
 
-def sealed_manifest(store: S3Store, batch: BatchRecord) -> str | None:
+def sealed_manifest(store: ObjectStore, batch: BatchRecord) -> str | None:
     """The key of the batch's manifest.json if it is in the bucket: the batch is sealed there,
     whatever the journal says (a finalize that died between the PUT and its commit)."""
     key = manifest.summary_key(batch)
     return key if store.head(key) is not None else None
 
 
-def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool = False) -> AbortReport:
+def abort_batch(journal: Journal, store_for: StoreFactory, batch_id: str, *, purge: bool = False) -> AbortReport:
     """Abort a batch's multipart uploads and mark it aborted; with purge, delete its staged objects too.
 
     A batch sealed in the bucket (its manifest.json written) is refused like a finalized
@@ -84,6 +84,7 @@ def abort_batch(journal: Journal, store: S3Store, batch_id: str, *, purge: bool 
     with BatchLock(journal.path, batch_id):
         # Read under the lock: a finalize that ended just before it was taken has sealed the batch.
         batch = journal.get_batch(batch_id)
+        store = store_for(batch)
         if batch.state is BatchState.ENQUEUED:
             raise BatchClosed(f"batch {batch_id} is finalized (enqueued); archup will not abort an archived batch")
         sealed = sealed_manifest(store, batch)

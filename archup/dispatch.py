@@ -24,6 +24,11 @@ class ByteBudget:
         self._available = capacity
         self._cond = threading.Condition()
 
+    @property
+    def available(self) -> int:
+        with self._cond:
+            return self._available
+
     def acquire(self, count: int) -> int:
         count = min(count, self.capacity)  # a single oversized request waits for the whole budget
         with self._cond:

@@ -23,7 +23,7 @@ from .journal import BatchRecord, FileRecord, Journal, isoformat, resume_command
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState
-from .store import SHA256_METADATA, ObjectInfo, S3Store
+from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
 log = logging.getLogger("archup.finalize")
 
@@ -85,7 +85,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
             f"run '{resume_command(batch.batch_id, journal.path)}' to resume")
 
 
-def _read_back(journal: Journal, store: S3Store, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
+def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
     """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
     listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
     current = next(listing, None)
@@ -102,7 +102,7 @@ def _read_back(journal: Journal, store: S3Store, batch: BatchRecord) -> list[tup
     return problems
 
 
-def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
+def _existing_summary(store: ObjectStore, key: str) -> dict[str, Any] | None:
     if store.head(key) is None:
         return None
     try:
@@ -112,7 +112,7 @@ def _existing_summary(store: S3Store, key: str) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else {}
 
 
-def finalize(journal: Journal, store: S3Store, batch_id: str) -> FinalizeSummary:
+def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSummary:
     batch = journal.get_batch(batch_id)
     if batch.state is BatchState.ENQUEUED:
         return _summary_from_journal(journal, batch)  # idempotent: nothing is written again

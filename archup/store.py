@@ -469,3 +469,7 @@ class S3Store:
 
 
 ObjectStore = S3Store  # the store seam; a Protocol once the store becomes a package
+
+
+def open_store(config: StoreConfig) -> ObjectStore:
+    return S3Store(config)

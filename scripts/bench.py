@@ -5,6 +5,8 @@ Tools, one run of each per round (interleaved, the start rotated every round so
 no tool always runs first on a cold or warm machine):
   archup   archup upload --parallel N --json (fresh journal, fresh bucket per run)
   archup-noprehash  the same with --no-prehash (no whole-file read before a multipart upload)
+  archup-base  archup as another checkout has it (--base DIR, e.g. a git worktree of the commit
+           before a change), run with the same interpreter: a change's same-round ratio
   aws      aws s3 cp --recursive, max_concurrent_requests = N (temp AWS_CONFIG_FILE)
   rclone   rclone copy --transfers N (configured through RCLONE_CONFIG_BENCH_*)
   rclone-nohead  the same with --s3-no-head (needed on moto for multipart objects)
@@ -48,6 +50,7 @@ BENCH_VENV = ROOT / ".bench-venv"
 TOOLS_DIR = ROOT / "bench-tools"
 DATA_DIR = ROOT / "bench-data"
 ARCHUP_PYTHON = ROOT / ".venv" / "bin" / "python"
+BASE_TREE: Path | None = None  # --base: the checkout archup-base runs
 
 KiB, MiB = 1024, 1024 * 1024
 ACCESS_KEY = SECRET_KEY = "S3RVER"  # s3rver's fixed credentials; moto accepts any
@@ -251,11 +254,18 @@ class Run:
 def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: int, dataset: str,
                  tmp: Path, sha256_peers: bool) -> tuple[list[str], dict[str, str]]:
     env = clean_env()
-    if tool in ARCHUP_VARIANTS:
-        cmd = [str(ROOT / ".venv" / "bin" / "archup"), "upload", str(src), "--bucket", bucket,
+    if tool in ARCHUP_VARIANTS or tool == "archup-base":
+        program = [str(ROOT / ".venv" / "bin" / "archup")]
+        if tool == "archup-base":
+            if BASE_TREE is None:
+                raise SystemExit("archup-base needs --base DIR")
+            # The other checkout's archup package first on the path; the same installed libraries.
+            env["PYTHONPATH"] = str(BASE_TREE)
+            program = [str(ARCHUP_PYTHON), "-m", "archup"]
+        cmd = [*program, "upload", str(src), "--bucket", bucket,
                "--endpoint-url", endpoint, "--region", REGION, "--parallel", str(parallel),
                "--journal", str(tmp / "journal.db"), "--prefix", "bench/", "--json", "--quiet",
-               *ARCHUP_VARIANTS[tool]]
+               *ARCHUP_VARIANTS.get(tool, [])]
         return cmd, env
     if tool == "aws":
         config = tmp / "aws-config"
@@ -647,7 +657,11 @@ def main() -> int:
     parser.add_argument("--sha256-peers", default="large", choices=["large", "all", "none"],
                         help="datasets on which aws and boto3 send SHA-256 checksums (archup always does)")
     parser.add_argument("--json-out", type=Path, help="write every run and the summaries here")
+    parser.add_argument("--base", type=Path, help="the checkout that tool archup-base runs (e.g. "
+                        "'git worktree add /tmp/base HEAD~5')")
     args = parser.parse_args()
+    global BASE_TREE
+    BASE_TREE = args.base.resolve() if args.base else None
 
     servers = [s for s in args.servers.split(",") if s]
     datasets = [d for d in args.datasets.split(",") if d]

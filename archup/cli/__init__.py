@@ -18,7 +18,7 @@ from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, ExitCode, exit_code_for
 from . import config as config_file
 from . import finalize, lifecycle, status, upload, verify
-from .common import begin_run, defer_error, emit_json, json_missing, json_requested, last_error, report_error
+from .common import Invocation, defer_error, emit_json, json_requested, report_error
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"{code:>5}  {meaning}" for code, meaning in EXIT_CODE_TABLE)
@@ -50,16 +50,16 @@ def settings(
     # Runs after the group's options are parsed and before the command's are, so the
     # command sees the file's values as its defaults. Errors here are reported by the
     # command (deferred), which knows whether to print them as JSON.
-    begin_run(ctx.invoked_subcommand)
+    ctx.ensure_object(Invocation).begin(ctx.invoked_subcommand)
     try:
         logs.configure(verbose, log_file)
     except OSError as error:
-        defer_error(f"cannot open log file {log_file}: {error.strerror}", 2)
+        defer_error(ctx, f"cannot open log file {log_file}: {error.strerror}", int(ExitCode.USAGE))
         return
     try:
         ctx.default_map = config_file.load(config, ctx.command)  # type: ignore[arg-type]
     except ArchupError as error:
-        defer_error(str(error), exit_code_for(error))
+        defer_error(ctx, str(error), exit_code_for(error))
 
 
 app.command("upload", epilog=EXIT_CODES_HELP)(upload.upload)
@@ -76,23 +76,24 @@ def main() -> None:
     """The console script. Unlike app() alone, --json gets its one JSON object whatever fails:
     click's own usage errors (exit 2) and unexpected exceptions (exit 1, one line, no traceback)."""
     as_json = json_requested(sys.argv[1:])
+    run = Invocation()  # the command's context object, still here after click is done
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, obj=run)
     except ClickException as error:
         error.show()  # click's usage message for a person, as in standalone mode
         code = error.exit_code
         # Bare 'archup' is click's help (as an error): nothing failed, nothing to report.
         if not isinstance(error, NoArgsIsHelpError):
-            report_error(error.format_message(), code, as_json=as_json, printed=True)
+            report_error(error.format_message(), code, as_json=as_json, printed=True, run=run)
     except typer.Abort:
         code = int(ExitCode.ERROR)
-        report_error("aborted", code, as_json=as_json)
+        report_error("aborted", code, as_json=as_json, run=run)
     except Exception as error:  # a bug: one line for cron, the traceback for -vv
         logging.getLogger("archup").debug("unexpected error", exc_info=True)
         code = int(ExitCode.ERROR)
         report_error(f"unexpected {type(error).__name__}: {error} (a bug; -vv logs the traceback)", code,
-                     as_json=as_json)
+                     as_json=as_json, run=run)
     code = code if isinstance(code, int) else 0
-    if as_json and code and json_missing():  # whatever exited non-zero without saying so in JSON
-        emit_json({"error": last_error() or f"exit {code}", "exit_code": code})
+    if as_json and code and not run.json_emitted:  # whatever exited non-zero without saying so in JSON
+        emit_json({"error": run.last_error or f"exit {code}", "exit_code": code}, run=run)
     sys.exit(code)

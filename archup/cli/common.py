@@ -8,72 +8,68 @@ import logging
 import os
 import re
 import sys
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
+try:  # newer typer vendors its own copy of click
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import get_current_context  # type: ignore[no-redef]
+
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
-from ..journal import BatchRecord, BatchSettings, Journal, default_journal_path
+from ..journal import Journal, default_journal_path
+from ..run import Transport
 from ..scan import display_path
-from ..store import ChecksumMode, S3Store, StoreConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-JournalOption = Annotated[
-    Path | None,
-    typer.Option("--journal", help="Journal file [env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
-                 show_default=False),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
-BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed by 'archup upload').",
-                                               metavar="BATCH",
-                                               show_default=False)]
-EndpointOption = Annotated[
-    str | None,
-    typer.Option("--endpoint-url", help="S3 endpoint URL [env: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
-                 show_default=False),
-]
-ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
-RegionOption = Annotated[str | None, typer.Option("--region", help="Region of the bucket.", show_default=False)]
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class _Run(threading.local):
-    """What this command run has said so far: its name, whether --json printed its object, its result."""
+@dataclass
+class Invocation:
+    """One command run, kept on typer's context (``ctx.obj``): its name, whether --json printed
+    its object, what it printed, its last error, and an error of the group's own settings
+    that the command must report (only the command knows whether --json was asked for:
+    click has not parsed its options yet)."""
 
-    command = "archup"
-    json_emitted = False
+    command: str = "archup"
+    json_emitted: bool = False
     result: dict[str, Any] | None = None
     last_error: str | None = None
-    # An error of the group's own settings, reported by the command: only the command
-    # knows whether --json was asked for (click has not parsed its options yet).
     pending: tuple[str, int] | None = None
 
+    def begin(self, command: str | None) -> None:
+        self.command = f"archup {command}" if command else "archup"
+        self.json_emitted = False
+        self.result = None
+        self.last_error = None
+        self.pending = None
 
-_run = _Run()
+
+_OUTSIDE = Invocation()  # for the library's callers outside any command (never for a command run)
 log = logging.getLogger("archup")
 
 
-def begin_run(command: str | None) -> None:
-    _run.command = f"archup {command}" if command else "archup"
-    _run.json_emitted = False
-    _run.result = None
-    _run.last_error = None
-    _run.pending = None
+def invocation() -> Invocation:
+    """The running command's invocation (typer's context object)."""
+    ctx = get_current_context(silent=True)
+    found = ctx.find_object(Invocation) if ctx is not None else None
+    return found if found is not None else _OUTSIDE
 
 
-def defer_error(message: str, code: int) -> None:
+def defer_error(ctx: typer.Context, message: str, code: int) -> None:
     """Fail the command about to run with this error, before it does anything."""
-    _run.pending = (message, code)
+    ctx.ensure_object(Invocation).pending = (message, code)
 
 
 def json_requested(args: Sequence[str]) -> bool:
@@ -81,18 +77,20 @@ def json_requested(args: Sequence[str]) -> bool:
     return "--json" in list(itertools.takewhile(lambda arg: arg != "--", args))
 
 
-def report_error(message: str, code: int, *, as_json: bool = False, printed: bool = False) -> None:
+def report_error(message: str, code: int, *, as_json: bool = False, printed: bool = False,
+                 run: Invocation | None = None) -> None:
     """One error, once each: a line on stderr (unless already printed), the log file, and with
     --json the JSON object (unless the command printed its own)."""
+    run = run or invocation()
     line = display_path(message)
-    _run.last_error = message
+    run.last_error = message
     if not printed:
         # Plain print, never rich markup: messages carry user file names; and one line,
         # whatever control characters a name smuggles in.
         print(f"archup: error: {line}", file=sys.stderr)
-    logs.log_printed_error(f"{_run.command}: error: {line} (exit {code})")
-    if as_json and not _run.json_emitted:
-        emit_json({"error": message, "exit_code": code})
+    logs.log_printed_error(f"{run.command}: error: {line} (exit {code})")
+    if as_json and not run.json_emitted:
+        emit_json({"error": message, "exit_code": code}, run=run)
 
 
 def fail(message: str, code: int, *, as_json: bool = False) -> None:
@@ -100,21 +98,12 @@ def fail(message: str, code: int, *, as_json: bool = False) -> None:
     raise typer.Exit(code)
 
 
-def json_missing() -> bool:
-    """Whether a --json run that failed has not printed its JSON object (and what to put in it)."""
-    return not _run.json_emitted
-
-
-def last_error() -> str | None:
-    return _run.last_error
-
-
-def _log_outcome() -> None:
+def _log_outcome(run: Invocation) -> None:
     # The scalar fields of what the command printed (batch id, state, counts, bytes): enough
     # for a cron log to say what each run did, without copying whole listings into it.
-    fields = [f"{key}={display_path(str(value))}" for key, value in (_run.result or {}).items()
+    fields = [f"{key}={display_path(str(value))}" for key, value in (run.result or {}).items()
               if isinstance(value, str | int | float | bool)]
-    log.info("%s: done%s", _run.command, ": " + " ".join(fields[:12]) if fields else "")
+    log.info("%s: done%s", run.command, ": " + " ".join(fields[:12]) if fields else "")
 
 
 def handles_errors(command: F) -> F:
@@ -127,13 +116,14 @@ def handles_errors(command: F) -> F:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("json_output"))
-        _run.json_emitted = False
-        _run.result = None
+        run = invocation()
+        run.json_emitted = False
+        run.result = None
         if kwargs.get("quiet"):
             logs.quiet_stderr()  # --quiet wins over -v, which was parsed (and applied) first
-        if _run.pending is not None:
-            message, code = _run.pending
-            _run.pending = None
+        if run.pending is not None:
+            message, code = run.pending
+            run.pending = None
             fail(message, code, as_json=as_json)
         try:
             outcome = command(*args, **kwargs)
@@ -141,7 +131,7 @@ def handles_errors(command: F) -> F:
             fail(str(error), exit_code_for(error), as_json=as_json)
         except KeyboardInterrupt:
             fail("interrupted", int(ExitCode.INTERRUPTED), as_json=as_json)
-        _log_outcome()
+        _log_outcome(run)
         return outcome
 
     return wrapper  # type: ignore[return-value]
@@ -205,15 +195,9 @@ def resolve_endpoint(flag: str | None) -> str | None:
     return endpoint
 
 
-def store_for_batch(batch: BatchRecord, endpoint_url: str | None, profile: str | None, region: str | None,
-                    **settings: Any) -> S3Store:
-    """The store a recorded batch goes to; flags override what the journal recorded (the
-    endpoint, region, and the checksum mode the endpoint accepted when the batch began)."""
-    recorded = batch.settings or BatchSettings()
-    settings.setdefault("checksum", ChecksumMode(recorded.checksum))
-    settings.setdefault("full_object_checksum", recorded.full_object_checksum)
-    return S3Store(StoreConfig(bucket=batch.bucket, endpoint_url=resolve_endpoint(endpoint_url) or batch.endpoint_url,
-                               region=region or batch.region, profile=profile, **settings))
+def transport(endpoint_url: str | None, profile: str | None, region: str | None, **settings: Any) -> Transport:
+    """How this run reaches the destination, from its flags (and the endpoint's environment)."""
+    return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile, **settings)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -228,10 +212,11 @@ def parse_size(text: str) -> int:
     return number * 1024 ** " kmgt".index(unit or " ")
 
 
-def emit_json(document: Any) -> None:
-    _run.json_emitted = True
+def emit_json(document: Any, *, run: Invocation | None = None) -> None:
+    run = run or invocation()
+    run.json_emitted = True
     if isinstance(document, dict):
-        _run.result = document
+        run.result = document
     sys.stdout.write(json.dumps(document, ensure_ascii=False, sort_keys=False) + "\n")
     sys.stdout.flush()
 
@@ -239,7 +224,7 @@ def emit_json(document: Any) -> None:
 def print_fields(fields: list[tuple[str, Any]]) -> None:
     """A summary: a table on a terminal; for cron (not a terminal) aligned plain lines,
     no box drawing, no escape codes, one ``name  value`` a line for grep and awk."""
-    _run.result = dict(fields)
+    invocation().result = dict(fields)
     if sys.stdout.isatty():
         from rich import box
         from rich.table import Table

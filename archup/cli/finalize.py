@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from ..finalize import finalize as finalize_batch
-from ..lock import BatchLock
-from .common import (
-    BatchArgument,
-    EndpointOption,
-    JournalOption,
-    JsonOption,
-    ProfileOption,
-    RegionOption,
-    check_batch_id,
-    emit_json,
-    handles_errors,
-    open_journal,
-    print_fields,
-    store_for_batch,
-)
+from ..run import finalize_batch, store_factory
+from .common import check_batch_id, emit_json, handles_errors, open_journal, print_fields, transport
+from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
 
 
 @handles_errors
@@ -26,11 +13,9 @@ def finalize(batch_id: BatchArgument, endpoint_url: EndpointOption = None, profi
              json_output: JsonOption = False) -> None:
     """Seal a batch: check the bucket, write its manifest once, mark it enqueued. Safe to repeat."""
     batch_id = check_batch_id(batch_id)
+    stores = store_factory(transport(endpoint_url, profile, region))
     with open_journal(journal_path, create=False) as journal:
-        batch = journal.get_batch(batch_id)
-        store = store_for_batch(batch, endpoint_url, profile, region)
-        with BatchLock(journal.path, batch_id):
-            summary = finalize_batch(journal, store, batch_id)
+        summary = finalize_batch(journal, batch_id, stores)
     if json_output:
         emit_json(summary.as_dict())
     else:

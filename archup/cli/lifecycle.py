@@ -13,33 +13,20 @@ import typer
 from .. import logs
 from ..batches import GcReport, abort_batch, collect_garbage
 from ..errors import ExitCode, UsageError
-from ..journal import BatchRecord, utcnow
+from ..journal import utcnow
+from ..run import store_factory
 from ..scan import display_path
 from ..states import BatchState, FileState
-from ..store import S3Store
-from .common import (
+from .common import check_batch_id, emit_json, handles_errors, missing_journal, open_journal, print_fields, transport
+from .options import (
     BatchArgument,
     EndpointOption,
     JournalOption,
     JsonOption,
     ProfileOption,
+    QuietOption,
     RegionOption,
-    check_batch_id,
-    emit_json,
-    handles_errors,
-    missing_journal,
-    open_journal,
-    print_fields,
-    store_for_batch,
 )
-from .upload import QuietOption
-
-
-def _store_for(endpoint_url: str | None, profile: str | None, region: str | None):  # type: ignore[no-untyped-def]
-    def factory(batch: BatchRecord) -> S3Store:
-        return store_for_batch(batch, endpoint_url, profile, region)
-    return factory
-
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -122,8 +109,9 @@ def abort(
     """Abort a batch: abort its multipart uploads and mark it aborted (--purge deletes its objects)."""
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
-        store = _store_for(endpoint_url, profile, region)(journal.get_batch(batch_id))
-        report = abort_batch(journal, store, batch_id, purge=purge)
+        # The batch is read under its lock, inside abort_batch: not before it.
+        report = abort_batch(journal, store_factory(transport(endpoint_url, profile, region)), batch_id,
+                             purge=purge)
     if json_output:
         emit_json(report.as_dict())
     elif not quiet:
@@ -151,7 +139,7 @@ def gc(
         report = GcReport()  # no batches: none to expire, and no destinations to look for orphans in
     else:
         with open_journal(journal_path, create=False) as journal:
-            report = collect_garbage(journal, _store_for(endpoint_url, profile, region), older_than=age,
+            report = collect_garbage(journal, store_factory(transport(endpoint_url, profile, region)), older_than=age,
                                      abort_orphans=abort_orphans)
     if json_output:
         emit_json(report.as_dict())

@@ -10,15 +10,13 @@ from ..journal import BatchSummary, FileRecord
 from ..scan import display_path
 from ..states import FileState
 from .common import (
-    BatchArgument,
-    JournalOption,
-    JsonOption,
     check_batch_id,
     emit_json,
     handles_errors,
     open_journal,
     print_fields,
 )
+from .options import BatchArgument, JournalOption, JsonOption
 
 # Failed files shown, and skipped files shown, unless --all.
 PROBLEM_LIMIT = 20

@@ -7,20 +7,10 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
+from ..run import store_factory
 from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
-from .common import (
-    BatchArgument,
-    EndpointOption,
-    JournalOption,
-    JsonOption,
-    ProfileOption,
-    RegionOption,
-    check_batch_id,
-    emit_json,
-    handles_errors,
-    open_journal,
-    store_for_batch,
-)
+from .common import check_batch_id, emit_json, handles_errors, open_journal, transport
+from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
 
 MAX_PARALLEL = 256
 _BYTE_COUNTS = frozenset({Problem.MISSING, Problem.UNEXPECTED, Problem.SIZE_MISMATCH,
@@ -58,7 +48,8 @@ def verify(batch_id: BatchArgument,
 
     with open_journal(journal_path, create=False) as journal:
         batch = journal.get_batch(batch_id)
-        store = store_for_batch(batch, endpoint_url, profile, region, max_pool_connections=max(10, parallel + 2))
+        store = store_factory(transport(endpoint_url, profile, region,
+                                        max_pool_connections=max(10, parallel + 2)))(batch)
         report = verify_batch(journal, store, batch_id, deep=deep, parallel=parallel,
                               on_difference=None if json_output else print_difference)
     if json_output:

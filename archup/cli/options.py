@@ -1,0 +1,67 @@
+"""The options several commands share, defined once."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..store import ChecksumMode
+
+JournalOption = Annotated[
+    Path | None,
+    typer.Option("--journal", help="Journal file [env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
+                 show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
+BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed by 'archup upload').",
+                                               metavar="BATCH",
+                                               show_default=False)]
+EndpointOption = Annotated[
+    str | None,
+    typer.Option("--endpoint-url", help="S3 endpoint URL [env: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
+                 show_default=False),
+]
+ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
+RegionOption = Annotated[str | None, typer.Option("--region", help="Region of the bucket.", show_default=False)]
+
+# -- the commands that send (upload, resume) --------------------------------------
+
+
+class RetryMode(str, Enum):
+    STANDARD = "standard"
+    ADAPTIVE = "adaptive"
+
+
+ParallelOption = Annotated[int, typer.Option("--parallel", "-p", envvar="ARCHUP_PARALLEL",
+                                             help="Concurrent requests (threads).")]
+NoFinalizeOption = Annotated[bool, typer.Option("--no-finalize", help="Upload only; finalize later.")]
+ChecksumOption = Annotated[ChecksumMode, typer.Option(
+    "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]
+FullObjectOption = Annotated[bool, typer.Option(
+    "--full-object-checksum/--no-full-object-checksum",
+    help="Multipart objects keep a CRC32 of the whole object, checked by the server at completion "
+    "(with --checksum sha256 or crc32); off for endpoints that reject ChecksumType FULL_OBJECT.")]
+GraceOption = Annotated[float, typer.Option(
+    "--grace", help="Seconds a first SIGINT/SIGTERM leaves the requests in flight to finish before "
+    "archup exits 130 at once (a second signal exits at once).")]
+RetriesOption = Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")]
+RetryModeOption = Annotated[RetryMode, typer.Option(
+    "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")]
+BwlimitOption = Annotated[str | None, typer.Option(
+    "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).", show_default=False)]
+TimeoutOption = Annotated[float, typer.Option(
+    "--timeout", help="Seconds to wait for an answer to a request before it counts as failed and is retried "
+    "(the read timeout).")]
+ConnectTimeoutOption = Annotated[float, typer.Option(
+    "--connect-timeout", help="Seconds to wait for a connection to the endpoint.")]
+FollowOption = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Take a symlink to a file or directory inside DIR as what it points to; "
+    "links out of DIR, dangling links and loops are skipped. A batch keeps the choice it was started with.")]
+PrehashOption = Annotated[bool, typer.Option(
+    "--prehash/--no-prehash",
+    help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
+    "(a second read of large files, as rclone does).")]

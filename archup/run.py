@@ -1,0 +1,425 @@
+"""The library's entry points for the commands that change a batch: upload, resume, finalize.
+
+Each one chooses (or creates) the batch, reconciles what the batch recorded with what
+this run asks for, builds the store once from the batch's settings, takes the locks,
+runs the steps in the order docs/design.md gives, and returns one outcome object.
+The CLI parses, handles signals and renders; it never calls the journal's or the
+store's operations for these commands. (abort and gc are in :mod:`archup.batches`.)
+
+Order of one run (docs/design.md, "A run"): preflight (HeadBucket) -> source lock ->
+choose or create the batch -> batch lock -> marker object -> on a resume, sweep orphan
+uploads and settle lost PUTs -> scan into the journal -> send -> finalize.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from .batches import find_resumable, write_marker
+from .errors import ArchupError, BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
+from .finalize import FinalizeSummary, finalize
+from .journal import BatchRecord, BatchSettings, FileRecord, Journal, resume_command
+from .lock import BatchLock, source_lock
+from .outcomes import UploadObserver, UploadResult
+from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
+from .select import Selector
+from .states import BatchState, FileState
+from .store import ChecksumMode, ObjectStore, StoreConfig, open_store
+from .uploader import Uploader, UploadOptions
+
+log = logging.getLogger("archup.run")
+
+SHOW_AT_MOST = 20
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How this run reaches the destination: flags and environment, never recorded with a
+    batch. ``checksum`` and ``full_object_checksum`` left None take what the batch
+    recorded (what its endpoint accepted when it began)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_pool_connections: int = 10
+    max_attempts: int = 5
+    retry_mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    bwlimit: int | None = None
+    checksum: ChecksumMode | None = None
+    full_object_checksum: bool | None = None
+
+
+def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
+    """The store a recorded batch goes to: its destination and archive options as recorded,
+    the transport's flags over the endpoint, region and checksum mode."""
+    return _store_config(batch.bucket, batch.endpoint_url, batch.region, batch.settings or BatchSettings(),
+                         transport)
+
+
+def _store_config(bucket: str, endpoint_url: str | None, region: str | None, settings: BatchSettings,
+                  transport: Transport) -> StoreConfig:
+    return StoreConfig(
+        bucket=bucket, endpoint_url=transport.endpoint_url or endpoint_url,
+        region=transport.region or region, profile=transport.profile,
+        max_pool_connections=transport.max_pool_connections,
+        checksum=transport.checksum or ChecksumMode(settings.checksum),
+        full_object_checksum=(settings.full_object_checksum if transport.full_object_checksum is None
+                              else transport.full_object_checksum),
+        max_attempts=transport.max_attempts, retry_mode=transport.retry_mode,
+        connect_timeout=transport.connect_timeout, read_timeout=transport.read_timeout, bwlimit=transport.bwlimit,
+        # Every object of the batch stored alike, whichever run sends it.
+        storage_class=settings.storage_class, sse=settings.sse, sse_kms_key_id=settings.sse_kms_key_id,
+        user_metadata=settings.metadata, tags=settings.tags)
+
+
+def store_factory(transport: Transport) -> Callable[[BatchRecord], ObjectStore]:
+    """For commands that meet several batches (abort, gc, finalize): a store per batch."""
+    def factory(batch: BatchRecord) -> ObjectStore:
+        return open_store(store_config(batch, transport))
+    return factory
+
+
+class RunListener(Protocol):
+    """What a run tells its caller as it goes (the CLI prints it, or not)."""
+
+    def resuming(self, batch: BatchRecord) -> None:
+        """A plain upload found an unfinished batch of this source and destination."""
+
+    def settings_unrecorded(self, batch: BatchRecord) -> None:
+        """The batch was begun by an archup that did not record its options."""
+
+    def options_kept(self, batch: BatchRecord, changed: list[str]) -> None:
+        """This run asked for other options than the batch keeps."""
+
+    def starting(self, batch: BatchRecord, parallel: int, resume_hint: str) -> None:
+        """The batch is chosen and locked; sending begins."""
+
+    def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
+        """Around the send: an observer for progress, or None."""
+
+    def sent(self, skipped: SkippedFiles) -> None:
+        """The send is over (whatever its end): what was not sent by policy or could not be read."""
+
+
+class QuietListener:
+    def resuming(self, batch: BatchRecord) -> None:
+        pass
+
+    def settings_unrecorded(self, batch: BatchRecord) -> None:
+        pass
+
+    def options_kept(self, batch: BatchRecord, changed: list[str]) -> None:
+        pass
+
+    def starting(self, batch: BatchRecord, parallel: int, resume_hint: str) -> None:
+        pass
+
+    def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
+        return nullcontext(None)
+
+    def sent(self, skipped: SkippedFiles) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SkippedFiles:
+    """The files skipped by policy or unreadable (the first SHOW_AT_MOST, and how many), and
+    how many --skip-archived found archived already (only counted)."""
+
+    batch_id: str
+    count: int
+    first: list[FileRecord]
+    archived: int
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """What ``archup upload DIR`` asks for."""
+
+    source_root: str
+    bucket: str
+    prefix: str
+    part_size: int
+    settings: BatchSettings            # this run's selection and archive options (a new batch records them)
+    transport: Transport
+    parallel: int = 5
+    prehash: bool = True
+    batch_id: str | None = None        # --batch: continue this one
+    new_batch: bool = False            # --new-batch: never resume
+    no_finalize: bool = False
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended. The caller renders ``report`` (if any), then raises ``error`` (if any)."""
+
+    batch_id: str
+    resume_hint: str
+    result: UploadResult
+    kind: str = "finalized"              # finalized | partial | uploaded (--no-finalize) | stopped
+    report: dict[str, Any] | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[dict[str, str | None]] = field(default_factory=list)
+    unreadable_count: int = 0
+    error: ArchupError | None = None
+
+
+def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | None = None,
+           stop: threading.Event | None = None) -> RunOutcome:
+    """``archup upload``: preflight, choose or create the batch, send it, finalize."""
+    listener = listener or QuietListener()
+    stop = stop or threading.Event()
+    transport = replace(request.transport, checksum=request.transport.checksum or ChecksumMode(
+        request.settings.checksum))
+    with source_lock(journal.path, request.source_root, request.bucket, request.prefix, transport.endpoint_url):
+        record = _choose_batch(journal, request, transport, listener)
+        settings = _reconcile_settings(journal, record, request.settings, listener) if record else request.settings
+        store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
+                                         transport))
+        store.check_bucket()
+        if record is None:
+            from ulid import ULID  # here, not at the top: only a new batch needs it
+
+            record = journal.init_batch(str(ULID()), source_root=request.source_root, bucket=request.bucket,
+                                        prefix=request.prefix, part_size=request.part_size,
+                                        endpoint_url=transport.endpoint_url, region=transport.region,
+                                        settings=request.settings)
+            resumed = False
+        else:
+            resumed = True
+            changed = settings.differences(request.settings) if settings is not request.settings else []
+            if request.part_size != record.part_size:
+                changed.append("part_size")
+            if changed:
+                listener.options_kept(record, changed)
+        with BatchLock(journal.path, record.batch_id):
+            return _run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
+                              parallel=request.parallel, prehash=request.prehash, no_finalize=request.no_finalize,
+                              profile=transport.profile, listener=listener, stop=stop)
+
+
+def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = True,
+           no_finalize: bool = False, listener: RunListener | None = None,
+           stop: threading.Event | None = None) -> RunOutcome:
+    """``archup resume BATCH``: continue a recorded batch from its journal, then finalize."""
+    listener = listener or QuietListener()
+    stop = stop or threading.Event()
+    record = journal.get_batch(batch_id)
+    if not os.path.isdir(record.source_root):
+        raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
+    settings = _reconcile_settings(journal, record, None, listener)
+    store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
+    store.check_bucket()
+    with BatchLock(journal.path, batch_id):
+        return _run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True, parallel=parallel,
+                          prehash=prehash, no_finalize=no_finalize, profile=transport.profile, listener=listener,
+                          stop=stop)
+
+
+def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:
+    """``archup finalize BATCH``: seal it under its lock (idempotent)."""
+    with BatchLock(journal.path, batch_id):
+        return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
+
+
+# -- choosing the batch --------------------------------------------------------
+
+def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport,
+                  listener: RunListener) -> BatchRecord | None:
+    """The batch this upload continues (--batch, or an unfinished one of this source and
+    destination), or None for a new one."""
+    if request.batch_id:
+        record = journal.get_batch(request.batch_id)
+        if record.source_root != request.source_root:
+            raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {request.source_root}")
+        wanted = (request.bucket, request.prefix, transport.endpoint_url)
+        if (record.bucket, record.prefix, record.endpoint_url) != wanted:
+            raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
+                             f"{record.endpoint_url or 'AWS'}, not s3://{request.bucket}/{request.prefix} at "
+                             f"{transport.endpoint_url or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
+        return record
+    if request.new_batch:
+        return None
+    record = find_resumable(journal, request.source_root, request.bucket, request.prefix, transport.endpoint_url)
+    if record is not None:
+        listener.resuming(record)
+    return record
+
+
+def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSettings | None,
+                        listener: RunListener) -> BatchSettings:
+    """The batch keeps the settings its first run chose; ``wanted`` (this run's flags) only
+    becomes them for a batch begun before settings were recorded."""
+    if record.settings is not None:
+        return record.settings
+    if wanted is not None:
+        # Begun by an archup that did not record its options: this run's (the job's) become its own.
+        journal.set_batch_settings(record.batch_id, wanted)
+        return wanted
+    if not record.state.terminal:
+        listener.settings_unrecorded(record)
+    return BatchSettings()
+
+
+# -- one batch, locked ------------------------------------------------------------
+
+def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
+               resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
+               listener: RunListener, stop: threading.Event) -> RunOutcome:
+    """Send (or continue) one batch while holding its lock, then finalize it."""
+    batch_id = record.batch_id
+    hint = resume_command(batch_id, journal.path, profile)
+    listener.starting(record, parallel, hint)
+    outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
+    if record.state is BatchState.ENQUEUED:
+        pass  # already sealed: finalize below just reports its summary again
+    elif record.state.terminal:
+        raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+    elif stop.is_set():
+        raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
+    else:
+        write_marker(store, record)
+        selector = Selector(settings.includes, settings.excludes)
+        options = UploadOptions(parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size,
+                                select=selector if selector.active else None, files_from=settings.files_from,
+                                skip_archived=settings.skip_archived, prehash=prehash,
+                                follow_symlinks=settings.follow_symlinks)
+        outcome.result = _scan_and_send(journal, store, batch_id, options, resumed=resumed, listener=listener,
+                                        stop=stop)
+    listener.sent(_skipped_files(journal, batch_id))
+    result = outcome.result
+    if result.fatal is not None:
+        return replace(outcome, kind="stopped", error=result.fatal)
+    if result.interrupted:
+        return replace(outcome, kind="stopped", error=Interrupted(f"batch {batch_id} interrupted; resume with '{hint}'"))
+    if result.files_failed:
+        return replace(outcome, kind="partial", report=_partial_report(journal, batch_id, result, hint),
+                       failures=result.failures[:SHOW_AT_MOST],
+                       error=BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "
+                                             f"resume with '{hint}'"))
+    if no_finalize:
+        return replace(outcome, kind="uploaded", report=_partial_report(journal, batch_id, result, hint))
+    return _finalized(journal, store, outcome)
+
+
+def _scan_and_send(journal: Journal, store: ObjectStore, batch_id: str, options: UploadOptions, *, resumed: bool,
+                   listener: RunListener, stop: threading.Event) -> UploadResult:
+    uploader = Uploader(journal, store, batch_id, options, stop=stop)
+    if resumed:
+        uploader.sweep_orphan_uploads()
+        uploader.settle_lost_puts()
+    uploader.scan()
+    state = journal.get_state(batch_id, problem_limit=0)
+    done = (FileState.UPLOADED, FileState.SKIPPED)
+    with listener.progress(state.files_total - sum(state.counts[s] for s in done),
+                           state.bytes_total - sum(state.bytes_by_state[s] for s in done)) as observer:
+        if observer is not None:
+            uploader.observer = observer
+        return uploader.send()
+
+
+def _finalized(journal: Journal, store: ObjectStore, outcome: RunOutcome) -> RunOutcome:
+    batch_id = outcome.batch_id
+    summary = finalize(journal, store, batch_id).as_dict()
+    summary["bytes_sent"] = outcome.result.bytes_sent
+    unreadable = journal.count_skipped(batch_id, UNREADABLE_REASONS)
+    summary["files_unreadable"] = unreadable
+    summary["files_already_archived"] = journal.get_batch(batch_id).files_archived
+    outcome = replace(outcome, report=summary, unreadable_count=unreadable,
+                      unreadable=_unreadable(journal, batch_id) if unreadable else [])
+    if unreadable:
+        # Sealed with what could be read; the exit code still tells cron that something
+        # that should be archived is not (as rclone and the AWS CLI do).
+        outcome.error = BatchIncomplete(
+            f"batch {batch_id} sealed without {unreadable} path(s) that could not be read (named above; "
+            f"'archup status {batch_id} --all' lists them); make them readable and run again "
+            "(--skip-archived sends only what is missing)")
+    return outcome
+
+
+def _partial_report(journal: Journal, batch_id: str, result: UploadResult, hint: str) -> dict[str, Any]:
+    state = journal.get_state(batch_id)
+    return {
+        "batch_id": batch_id,
+        "status": state.batch.state.value,
+        "files_uploaded": state.counts[FileState.UPLOADED],
+        "files_failed": state.counts[FileState.FAILED],
+        "files_pending": state.counts[FileState.PENDING] + state.counts[FileState.UPLOADING],
+        "files_skipped": state.counts[FileState.SKIPPED],
+        "files_already_archived": state.batch.files_archived,
+        "total_bytes": state.bytes_by_state[FileState.UPLOADED],
+        "failures": [{"path": path, "error": error} for path, error in result.failures[:SHOW_AT_MOST]],
+        "bytes_sent": result.bytes_sent,
+        "resume": hint,
+    }
+
+
+def _skipped_files(journal: Journal, batch_id: str) -> SkippedFiles:
+    state = journal.get_state(batch_id, problem_limit=SHOW_AT_MOST)
+    return SkippedFiles(batch_id, state.counts[FileState.SKIPPED], state.skipped, state.batch.files_archived)
+
+
+def _unreadable(journal: Journal, batch_id: str) -> list[dict[str, str | None]]:
+    """The first paths that could not be read (a policy skip is not among them)."""
+    found: list[dict[str, str | None]] = []
+    for record in journal.iter_files(batch_id, [FileState.SKIPPED]):
+        if record.error and record.error.startswith(UNREADABLE_REASONS):
+            found.append({"path": record.rel_path, "error": record.error})
+            if len(found) == SHOW_AT_MOST:
+                break
+    return found
+
+
+# -- the dry run ----------------------------------------------------------------
+
+def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContextManager[Journal | None]]
+            ) -> dict[str, Any]:
+    """Scan with the selection applied and say what an upload would send; no bucket, and the
+    journal only read, for --skip-archived (``journal_opener`` yields None when there is none)."""
+    settings = request.settings
+    selector = Selector(settings.includes, settings.excludes)
+    select = selector if selector.active else None
+    items = (scan_list(request.source_root, settings.files_from, select, follow_symlinks=settings.follow_symlinks)
+             if settings.files_from is not None
+             else scan(request.source_root, select, follow_symlinks=settings.follow_symlinks))
+    destination = (request.source_root, request.bucket, request.prefix, request.transport.endpoint_url)
+    count = total = skipped = already = 0
+    first: list[str] = []
+    with (journal_opener() if settings.skip_archived and request.bucket else nullcontext(None)) as reader:
+        for item in items:
+            if item.skip_reason:
+                skipped += 1
+                continue
+            if reader is not None and reader.archived_at(destination, item.rel_path, item.size,
+                                                         item.mtime_ns) is not None:
+                already += 1
+                continue
+            count += 1
+            total += item.size
+            if len(first) < SHOW_AT_MOST:
+                first.append(display_path(object_key(f"{request.prefix}<BATCH>/", item.rel_path)))
+    return {"dry_run": True, "source_root": request.source_root, "files": count, "bytes": total,
+            "files_skipped": skipped, "files_already_archived": already, "first_keys": first}
+
+
+def read_only(open_reader: Callable[[], Journal]) -> Iterator[Journal | None]:
+    """A read-only journal for the dry run: None if it is of another schema version (counted
+    as nothing archived; a dry run never upgrades it)."""
+    try:
+        reader = open_reader()
+    except JournalError as error:
+        log.warning("--dry-run --skip-archived: %s; counting nothing as archived", error)
+        yield None
+        return
+    try:
+        yield reader
+    finally:
+        reader.close()
