@@ -40,9 +40,9 @@ from ulid import ULID
 
 import archup.multipart
 from archup.journal import BatchRecord, FileRecord, Journal
+from archup.multipart import MAX_PARTS, MIN_PART_SIZE, part_size_for
 from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
-from archup.multipart import MAX_PARTS, MIN_PART_SIZE, part_size_for
 from archup.uploader import Uploader, UploadOptions
 
 MiB = 1024 * 1024

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from archup.checksums import multipart_etag
 from archup.cli.common import parse_size
 from archup.cli.lifecycle import parse_duration
+from archup.dispatch import ByteBudget
 from archup.errors import UsageError
 from archup.journal import FileRecord, Journal, PartRecord
 from archup.logs import register_secrets, scrub
+from archup.multipart import MAX_PARTS, MiB, part_size_for
 from archup.scan import identity_of
 from archup.select import Selector, compile_glob
 from archup.states import FileState
 from archup.store import MultipartChecksum, UploadedPart
-from archup.checksums import multipart_etag
-from archup.dispatch import ByteBudget
-from archup.multipart import MAX_PARTS, MiB, part_size_for
 from archup.uploader import Uploader, UploadOptions
 
 
