@@ -14,7 +14,7 @@ from .journal import BatchRecord, Journal, isoformat, utcnow
 from .lock import BatchLock
 from .reconcile import abort_uploads
 from .states import BatchState
-from .store import ObjectStore
+from .store import ChecksumMode, ObjectStore
 
 log = logging.getLogger("archup.batches")
 
@@ -51,7 +51,7 @@ def write_marker(store: ObjectStore, batch: BatchRecord) -> str:
     try:
         store.put_object(key, body, metadata={"archup-batch": batch.batch_id}, content_type="application/json")
     except TransferError as error:
-        hint = "" if store.config.checksum.value in ("none",) else (
+        hint = "" if store.checksum_mode is ChecksumMode.NONE else (
             "; if this endpoint rejects checksum headers, try --checksum md5 or --checksum none")
         raise DestinationError(f"preflight: cannot write s3://{store.bucket}/{key}: {error}{hint}") from None
     return key

@@ -28,18 +28,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
-import botocore.exceptions
-
 from . import manifest
 from .errors import DestinationError, TransferError, UnsupportedManifest, VerificationFailed
 from .journal import BatchRecord, Journal
 from .scan import FILES_DIR
 from .states import BatchState, FileState
-from .store import SHA256_METADATA, ObjectInfo, S3Store, translate
+from .store import SHA256_METADATA, ObjectInfo, ObjectReader, ObjectStore
 
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
-_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 class Source(str, Enum):
@@ -146,35 +143,32 @@ class _EntriesStream:
 
     RESUMES = 3
 
-    def __init__(self, store: S3Store, key: str, response: dict[str, Any]) -> None:
+    def __init__(self, store: ObjectStore, key: str, reader: ObjectReader) -> None:
         self.store = store
         self.key = key
-        self.response = response
-        self.etag = str(response.get("ETag", ""))
+        self.reader = reader
+        self.etag = reader.etag
         self.hasher = hashlib.sha256()
         self.bytes = 0
 
     def _chunks(self) -> Iterator[bytes]:
         resumes = 0
         while True:
-            body = self.response["Body"]
-            with closing(body):
+            with closing(self.reader):
                 try:
-                    for chunk in body.iter_chunks(CHUNK_SIZE):
+                    for chunk in self.reader.chunks(CHUNK_SIZE):
                         yield chunk
                     return
-                except (botocore.exceptions.BotoCoreError, OSError) as error:
+                except (TransferError, OSError):
                     resumes += 1
                     if resumes > self.RESUMES:
-                        raise translate(error, f"GetObject {self.key}") from None
-            args: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key,
-                                    "Range": f"bytes={self.bytes}-"}
-            if self.etag:
-                args["IfMatch"] = self.etag
-            try:
-                self.response = self.store.client.get_object(**args)
-            except Exception as error:  # 412: the entries changed while we read them
-                raise translate(error, f"GetObject {self.key} from byte {self.bytes}") from None
+                        raise
+            # 412 (an ETag other than the one first read): the entries changed while we read them.
+            reader = self.store.open_object(self.key, start=self.bytes, if_match=self.etag or None)
+            if reader is None:
+                raise TransferError(f"GetObject {self.key} from byte {self.bytes}: NoSuchKey: the object is gone",
+                                    "NoSuchKey")
+            self.reader = reader
 
     def lines(self) -> Iterator[bytes]:
         pending = b""
@@ -228,7 +222,7 @@ def _summary_problem(document: Any, batch_id: str) -> tuple[str, Value, Value] |
 
 
 class _Verification:
-    def __init__(self, journal: Journal, store: S3Store, batch: BatchRecord, *, deep: bool, parallel: int,
+    def __init__(self, journal: Journal, store: ObjectStore, batch: BatchRecord, *, deep: bool, parallel: int,
                  on_difference: Callable[[Difference], None] | None) -> None:
         self.journal = journal
         self.store = store
@@ -281,11 +275,11 @@ class _Verification:
             self.add(Difference(summary_key, None, Problem.MANIFEST_INVALID, f"{what}: {expected}", actual))
             return None
         seal = document["entries"]
-        response = self._open_body(seal["key"])
-        if response is None:
+        reader = self.store.open_object(seal["key"])
+        if reader is None:
             self.add(Difference(seal["key"], None, Problem.ENTRIES_MISSING, seal["sha256"], None))
             return None
-        return self._manifest_files(document, _EntriesStream(self.store, seal["key"], response))
+        return self._manifest_files(document, _EntriesStream(self.store, seal["key"], reader))
 
     def _manifest_files(self, summary: dict[str, Any], stream: _EntriesStream) -> Iterator[Expected]:
         seal = summary["entries"]
@@ -378,34 +372,20 @@ class _Verification:
             return [Difference(item.key, item.path, Problem.METADATA_CHECKSUM_MISMATCH, item.sha256, recorded)]
         return []
 
-    def _open_body(self, key: str) -> dict[str, Any] | None:
-        """A GetObject response, or None if the key does not exist."""
-        try:
-            return self.store.client.get_object(Bucket=self.store.bucket, Key=key)
-        except botocore.exceptions.ClientError as error:
-            if str(error.response.get("Error", {}).get("Code", "")) in _NOT_FOUND:
-                return None
-            raise translate(error, f"GetObject {key}") from None
-        except Exception as error:
-            raise translate(error, f"GetObject {key}") from None
-
     def _hash_object(self, item: ExpectedFile) -> list[Difference]:
         try:
-            response = self._open_body(item.key)
-            if response is None:
+            reader = self.store.open_object(item.key)
+            if reader is None:
                 return [Difference(item.key, item.path, Problem.MISSING, item.size, None)]
             hasher = hashlib.sha256()
-            with closing(response["Body"]) as body:
-                try:
-                    for chunk in body.iter_chunks(CHUNK_SIZE):
-                        hasher.update(chunk)
-                except Exception as error:
-                    raise translate(error, f"GetObject {item.key}") from None
+            with closing(reader):
+                for chunk in reader.chunks(CHUNK_SIZE):
+                    hasher.update(chunk)
         except DestinationError:
             raise
         except TransferError as error:
             return [Difference(item.key, item.path, Problem.UNREADABLE, item.sha256, str(error))]
-        found = self._metadata_differences(item, dict(response.get("Metadata", {})))
+        found = self._metadata_differences(item, reader.metadata)
         actual = hasher.hexdigest()
         if actual != item.sha256:
             found.append(Difference(item.key, item.path, Problem.CHECKSUM_MISMATCH, item.sha256, actual))
@@ -437,7 +417,7 @@ class _Verification:
             self.add(difference)
 
 
-def verify_batch(journal: Journal, store: S3Store, batch_id: str, *, deep: bool = False,
+def verify_batch(journal: Journal, store: ObjectStore, batch_id: str, *, deep: bool = False,
                  parallel: int = DEFAULT_PARALLEL,
                  on_difference: Callable[[Difference], None] | None = None) -> VerifyReport:
     """Compare the bucket with the batch's manifest (enqueued) or its journal (not finalized yet).

@@ -322,9 +322,10 @@ def dropping_entries(s3: Any, bucket: str, endpoint: str, monkeypatch: pytest.Mo
     s3.put_object(Bucket=bucket, Key="batch/manifest.jsonl", Body=body)
     monkeypatch.setattr(verify_core, "CHUNK_SIZE", 100)
     store = S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint))
-    response = store.client.get_object(Bucket=bucket, Key="batch/manifest.jsonl")
-    response["Body"] = DroppingBody(response["Body"], after=3)
-    return verify_core._EntriesStream(store, "batch/manifest.jsonl", response)
+    reader = store.open_object("batch/manifest.jsonl")
+    assert reader is not None
+    reader._stream = DroppingBody(reader._stream, after=3)
+    return verify_core._EntriesStream(store, "batch/manifest.jsonl", reader)
 
 
 def test_entries_stream_resumes_where_a_dropped_connection_left(s3, bucket, moto_endpoint, monkeypatch) -> None:

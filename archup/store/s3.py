@@ -1,31 +1,26 @@
-"""The object store: a small interface over one shared boto3 S3 client.
+"""The S3 store: the ObjectStore over one boto3 client shared by every worker thread.
 
-Everything the uploader, finalize and verify need from S3 goes through
-:class:`S3Store`, which turns botocore's exceptions into archup's named errors:
-:class:`DestinationError` when the whole destination is unusable (stop the
-batch), :class:`TransferError` when one request failed after its retries (fail
-the file, go on).
+The only module of archup that imports boto3 or botocore. Every request goes
+through :func:`_request`, which turns botocore's exceptions into archup's named
+errors (:func:`translate`) and a listed "not there" answer into None.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
-import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import IO, Any
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any, TypeVar
 
 import botocore.exceptions
 
-from . import crashpoints
-from .checksums import b64, crc32_b64, crc32_combine  # noqa: F401  (crc32_combine: re-exported)
-from .errors import DestinationError, TransferError
-from .logs import register_secrets
+from ..checksums import b64, crc32_b64
+from ..errors import DestinationError, TransferError
+from ..logs import register_secrets
+from . import ChecksumMode, MultipartChecksum, ObjectInfo, OpenUpload, StoreConfig, UploadedPart
 
 # Answers that mean no further request to this destination can succeed.
 _FATAL_CODES = frozenset({
@@ -43,88 +38,6 @@ _HINTS = {
     "SignatureDoesNotMatch": "check the secret key of the credentials",
     "AccessDenied": "the credentials may not write to this bucket and prefix",
 }
-
-
-# The whole file's SHA-256 (hex) in every file object's user metadata (x-amz-meta-archup-sha256).
-SHA256_METADATA = "archup-sha256"
-
-
-class ChecksumMode(str, Enum):
-    """How each request proves its body to the server."""
-
-    SHA256 = "sha256"   # x-amz-checksum-sha256 on every PUT and part (archup computes it)
-    CRC32 = "crc32"     # botocore's default (>= 1.36): CRC32 computed by botocore
-    MD5 = "md5"         # Content-MD5, for endpoints that reject the newer checksum headers
-    NONE = "none"       # only what the operation requires
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    bucket: str
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    max_pool_connections: int = 10
-    checksum: ChecksumMode = ChecksumMode.SHA256
-    max_attempts: int = 5
-    retry_mode: str = "standard"
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    # Archive options: storage class, tags and user metadata go on file objects;
-    # server-side encryption on every object archup writes.
-    storage_class: str | None = None
-    sse: str | None = None
-    sse_kms_key_id: str | None = None
-    user_metadata: tuple[tuple[str, str], ...] = ()
-    tags: tuple[tuple[str, str], ...] = ()
-    bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
-    # Multipart uploads keep a full-object CRC32 (S3's ChecksumType FULL_OBJECT) instead of a
-    # checksum of part checksums; off for endpoints that do not know the header.
-    full_object_checksum: bool = True
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str
-    metadata: dict[str, str]
-
-
-@dataclass(frozen=True)
-class UploadedPart:
-    part_number: int
-    etag: str
-    checksum: str | None  # the part's x-amz-checksum-* value (base64), if one was sent
-
-
-@dataclass(frozen=True)
-class MultipartChecksum:
-    """How one multipart upload proves its bytes: the algorithm of its per-part checksums
-    (None: Content-MD5 or nothing) and whether the server keeps a full-object checksum
-    (CRC32 of the whole object, checked at completion) instead of a checksum of checksums."""
-
-    algorithm: str | None
-    full_object: bool = False
-
-    def encode(self) -> str:
-        """For the journal: ``CRC32/FULL_OBJECT``, ``SHA256/COMPOSITE``, ``NONE``."""
-        if self.algorithm is None:
-            return "NONE"
-        return f"{self.algorithm}/{'FULL_OBJECT' if self.full_object else 'COMPOSITE'}"
-
-    @classmethod
-    def decode(cls, text: str) -> MultipartChecksum:
-        algorithm, _, kind = text.partition("/")
-        return cls(None) if algorithm == "NONE" else cls(algorithm, full_object=kind == "FULL_OBJECT")
-
-
-@dataclass(frozen=True)
-class OpenUpload:
-    """What ListParts says of an upload in progress: its parts and how it checksums them."""
-
-    parts: dict[int, tuple[int, str]] = field(default_factory=dict)  # number -> (size, etag)
-    checksum: MultipartChecksum = MultipartChecksum(None)
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -172,10 +85,50 @@ def translate(error: Exception, what: str) -> Exception:
     return error
 
 
-def _crash_during_file_put(request: Any, **kwargs: Any) -> None:
-    """A test's crash point inside botocore: the request is signed and about to be sent."""
-    if "/files/" in request.url:  # a source file's object, not the marker or the manifest
-        crashpoints.crash_point("during-put-object")
+_ABSENT = ("404", "NoSuchKey", "NotFound")      # HEAD / GET of a key that is not there
+_NO_UPLOAD = ("NoSuchUpload", "404")            # an upload id the server no longer knows
+_EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None-Match: * on a present key
+
+T = TypeVar("T")
+
+
+def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = ()) -> T | None:
+    """Send one request: botocore's errors become archup's (:func:`translate`), and an error
+    code listed in ``absent`` becomes None (the thing asked about is not there)."""
+    try:
+        return send()
+    except botocore.exceptions.ClientError as error:
+        if absent and _error_code(error) in absent:
+            return None
+        raise translate(error, what) from None
+    except Exception as error:
+        raise translate(error, what) from None
+
+
+def _sent(what: str, send: Callable[[], T]) -> T:
+    """:func:`_request` for a request whose every error is an error."""
+    answer = _request(what, send)
+    assert answer is not None
+    return answer
+
+
+class _Body:
+    """A GetObject body read in chunks; a broken read is a TransferError."""
+
+    def __init__(self, key: str, answer: dict[str, Any]) -> None:
+        self.key = key
+        self.etag = str(answer.get("ETag", ""))
+        self.metadata = dict(answer.get("Metadata", {}))
+        self._stream = answer["Body"]
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        try:
+            yield from self._stream.iter_chunks(size)
+        except (botocore.exceptions.BotoCoreError, OSError) as error:
+            raise translate(error, f"GetObject {self.key}") from None
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class S3Store:
@@ -190,8 +143,6 @@ class S3Store:
 
         self.config = config
         self.bucket = config.bucket
-        self._rate_lock = threading.Lock()
-        self._rate_next = 0.0
         checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
         client_config = botocore.config.Config(
             max_pool_connections=config.max_pool_connections,
@@ -211,13 +162,21 @@ class S3Store:
                                             region_name=config.region)
             self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
             credentials = session.get_credentials()
-            if crashpoints.armed("during-put-object"):
-                self.client.meta.events.register("before-send.s3.PutObject", _crash_during_file_put)
         except Exception as error:  # profile missing, bad endpoint URL, ...
             raise translate(error, "opening the S3 client") from None
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
             register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
+
+    @property
+    def checksum_mode(self) -> ChecksumMode:
+        return self.config.checksum
+
+    def before_send(self, operation: str, hook: Callable[[str], None]) -> None:
+        """Call ``hook(url)`` when a request of ``operation`` is signed and about to be sent
+        (for a test's crash point: see archup.store.wrappers.CrashPointStore)."""
+        self.client.meta.events.register(f"before-send.s3.{operation}",
+                                         lambda request, **kwargs: hook(request.url))
 
     # -- request arguments ---------------------------------------------------
 
@@ -242,17 +201,6 @@ class S3Store:
             return {"ContentMD5": b64(hashlib.md5(body).digest())}
         return {}
 
-    def _throttle(self, count: int) -> None:
-        """--bwlimit: reserve ``count`` bytes of the shared budget; wait until they are due."""
-        if not self.config.bwlimit:
-            return
-        with self._rate_lock:
-            now = time.monotonic()
-            start = max(now, self._rate_next)
-            self._rate_next = start + count / self.config.bwlimit
-        if start > now:
-            time.sleep(start - now)
-
     # -- single objects -----------------------------------------------------
 
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
@@ -264,53 +212,45 @@ class S3Store:
                                 **self._body_checksum_args(body, sha256_digest)}
         if content_type:
             args["ContentType"] = content_type
-        self._throttle(len(body))
-        try:
-            return str(self.client.put_object(**args)["ETag"])
-        except Exception as error:
-            raise translate(error, f"PutObject {key}") from None
+        return str(_sent(f"PutObject {key}", lambda: self.client.put_object(**args))["ETag"])
 
-    def put_if_absent(self, key: str, body: IO[bytes] | bytes, *, content_type: str = "application/json",
+    def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:
         """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "IfNoneMatch": "*",
                                 "ContentType": content_type, **self._object_args(archive=False, metadata=metadata)}
-        try:
-            return str(self.client.put_object(**args)["ETag"])
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return None
-            raise translate(error, f"PutObject {key}") from None
-        except Exception as error:
-            raise translate(error, f"PutObject {key}") from None
+        answer = _request(f"PutObject {key}", lambda: self.client.put_object(**args), absent=_EXISTS)
+        return None if answer is None else str(answer["ETag"])
 
     def head(self, key: str) -> ObjectInfo | None:
-        try:
-            answer = self.client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise translate(error, f"HeadObject {key}") from None
-        except Exception as error:
-            raise translate(error, f"HeadObject {key}") from None
-        return ObjectInfo(key, int(answer["ContentLength"]), str(answer["ETag"]),
-                          dict(answer.get("Metadata", {})))
+        answer = _request(f"HeadObject {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+                          absent=_ABSENT)
+        if answer is None:
+            return None
+        return ObjectInfo(key, int(answer["ContentLength"]), str(answer["ETag"]), dict(answer.get("Metadata", {})))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        def send() -> bytes:
             return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        except Exception as error:
-            raise translate(error, f"GetObject {key}") from None
+        return _sent(f"GetObject {key}", send)
+
+    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> _Body | None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start:
+            args["Range"] = f"bytes={start}-"
+        if if_match:
+            args["IfMatch"] = if_match  # 412: the object changed since it was first read
+        what = f"GetObject {key}" + (f" from byte {start}" if start else "")
+        answer = _request(what, lambda: self.client.get_object(**args), absent=_ABSENT)
+        return None if answer is None else _Body(key, answer)
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects under a prefix, in key order (UTF-8 binary order), page by page."""
         args = {"Bucket": self.bucket, "Prefix": prefix, **({"StartAfter": start_after} if start_after else {})}
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(**args):
-                for item in page.get("Contents", []):
-                    yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {})
-        except Exception as error:
-            raise translate(error, f"ListObjectsV2 {prefix}") from None
+        pages = self.client.get_paginator("list_objects_v2").paginate(**args)
+        for page in _pages(f"ListObjectsV2 {prefix}", pages):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {})
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under a prefix (1,000 keys a request); returns how many."""
@@ -319,10 +259,8 @@ class S3Store:
 
         def flush() -> None:
             nonlocal deleted
-            try:
-                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-            except Exception as error:
-                raise translate(error, f"DeleteObjects {prefix}") from None
+            answer = _sent(f"DeleteObjects {prefix}", lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
             if answer.get("Errors"):
                 first = answer["Errors"][0]
                 raise TransferError(f"DeleteObjects {prefix}: {first.get('Key')}: {first.get('Code')}",
@@ -378,10 +316,8 @@ class S3Store:
             args["ChecksumType"] = "FULL_OBJECT"
         if content_type:
             args["ContentType"] = content_type
-        try:
-            return str(self.client.create_multipart_upload(**args)["UploadId"])
-        except Exception as error:
-            raise translate(error, f"CreateMultipartUpload {key}") from None
+        answer = _sent(f"CreateMultipartUpload {key}", lambda: self.client.create_multipart_upload(**args))
+        return str(answer["UploadId"])
 
     def _part_checksum_args(self, body: bytes, checksum: MultipartChecksum, crc32: int | None) -> dict[str, str]:
         if checksum.algorithm == "CRC32":
@@ -396,12 +332,8 @@ class S3Store:
                     checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
         """Send one part; ``crc32`` is the part's CRC32 if the caller already computed it."""
         checksum_args = self._part_checksum_args(body, checksum, crc32)
-        self._throttle(len(body))
-        try:
-            answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                             PartNumber=part_number, Body=body, **checksum_args)
-        except Exception as error:
-            raise translate(error, f"UploadPart {key} part {part_number}") from None
+        answer = _sent(f"UploadPart {key} part {part_number}", lambda: self.client.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, **checksum_args))
         value = checksum_args.get("ChecksumCRC32") or checksum_args.get("ChecksumSHA256")
         return UploadedPart(part_number, str(answer["ETag"]), value)
 
@@ -421,55 +353,41 @@ class S3Store:
             args.update(ChecksumType="FULL_OBJECT", ChecksumCRC32=crc32_b64(full_crc32))
             if size is not None:
                 args["MpuObjectSize"] = size
-        try:
-            answer = self.client.complete_multipart_upload(**args)
-        except Exception as error:
-            raise translate(error, f"CompleteMultipartUpload {key}") from None
+        answer = _sent(f"CompleteMultipartUpload {key}", lambda: self.client.complete_multipart_upload(**args))
         return str(answer["ETag"])
 
     def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
         """The parts the server holds of an upload and its checksum kind; None if it no longer knows it."""
-        parts: dict[int, tuple[int, str]] = {}
-        algorithm: str | None = None
-        checksum_type = ""
-        try:
-            paginator = self.client.get_paginator("list_parts")
-            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+        def send() -> OpenUpload:
+            parts: dict[int, tuple[int, str]] = {}
+            algorithm: str | None = None
+            checksum_type = ""
+            for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key,
+                                                                          UploadId=upload_id):
                 algorithm = page.get("ChecksumAlgorithm") or algorithm
                 checksum_type = page.get("ChecksumType") or checksum_type
                 for item in page.get("Parts", []):
                     parts[int(item["PartNumber"])] = (int(item["Size"]), str(item["ETag"]))
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in ("NoSuchUpload", "404"):
-                return None
-            raise translate(error, f"ListParts {key}") from None
-        except Exception as error:
-            raise translate(error, f"ListParts {key}") from None
-        return OpenUpload(parts, MultipartChecksum(algorithm, full_object=checksum_type == "FULL_OBJECT"))
+            return OpenUpload(parts, MultipartChecksum(algorithm, full_object=checksum_type == "FULL_OBJECT"))
+        return _request(f"ListParts {key}", send, absent=_NO_UPLOAD)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
-        try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except botocore.exceptions.ClientError as error:
-            if _error_code(error) in ("NoSuchUpload", "404"):
-                return
-            raise translate(error, f"AbortMultipartUpload {key}") from None
-        except Exception as error:
-            raise translate(error, f"AbortMultipartUpload {key}") from None
+        _request(f"AbortMultipartUpload {key}", lambda: self.client.abort_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload_id), absent=_NO_UPLOAD)
 
     def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, upload_id) of every multipart upload in progress under a prefix."""
-        try:
-            paginator = self.client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Uploads", []):
-                    yield str(item["Key"]), str(item["UploadId"])
-        except Exception as error:
-            raise translate(error, f"ListMultipartUploads {prefix}") from None
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+        for page in _pages(f"ListMultipartUploads {prefix}", pages):
+            for item in page.get("Uploads", []):
+                yield str(item["Key"]), str(item["UploadId"])
 
 
-ObjectStore = S3Store  # the store seam; a Protocol once the store becomes a package
-
-
-def open_store(config: StoreConfig) -> ObjectStore:
-    return S3Store(config)
+def _pages(what: str, pages: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A paginator's pages, each fetched through the error translation."""
+    iterator = iter(pages)
+    while True:
+        page = _request(what, lambda: next(iterator, None))
+        if page is None:
+            return
+        yield page

@@ -1,0 +1,193 @@
+"""The object store seam: the only thing finalize, verify, batches and the engine see.
+
+:class:`ObjectStore` is the interface; :mod:`archup.store.s3` implements it over boto3
+(the one module of archup that imports boto3 or botocore), :mod:`archup.store.memory`
+in memory for unit tests, both held to one contract suite
+(``tests/test_store_contract.py``). Behaviour that is not S3's (``--bwlimit``, a test's
+crash point) wraps a store (:mod:`archup.store.wrappers`) instead of living inside one.
+
+Errors: :class:`DestinationError` when the whole destination is unusable (stop the
+batch), :class:`TransferError` when one request failed after its retries (fail the
+file, go on); "not there" is None where the method says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from ..checksums import crc32_b64, crc32_combine
+
+__all__ = ["SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore",
+           "OpenUpload", "S3Store", "StoreConfig", "UploadedPart", "crc32_b64", "crc32_combine", "open_store"]
+
+
+# The whole file's SHA-256 (hex) in every file object's user metadata (x-amz-meta-archup-sha256).
+SHA256_METADATA = "archup-sha256"
+
+
+class ChecksumMode(str, Enum):
+    """How each request proves its body to the server."""
+
+    SHA256 = "sha256"   # x-amz-checksum-sha256 on every PUT and part (archup computes it)
+    CRC32 = "crc32"     # botocore's default (>= 1.36): CRC32 computed by botocore
+    MD5 = "md5"         # Content-MD5, for endpoints that reject the newer checksum headers
+    NONE = "none"       # only what the operation requires
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_pool_connections: int = 10
+    checksum: ChecksumMode = ChecksumMode.SHA256
+    max_attempts: int = 5
+    retry_mode: str = "standard"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    # Archive options: storage class, tags and user metadata go on file objects;
+    # server-side encryption on every object archup writes.
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    user_metadata: tuple[tuple[str, str], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
+    # Multipart uploads keep a full-object CRC32 (S3's ChecksumType FULL_OBJECT) instead of a
+    # checksum of part checksums; off for endpoints that do not know the header.
+    full_object_checksum: bool = True
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    part_number: int
+    etag: str
+    checksum: str | None  # the part's x-amz-checksum-* value (base64), if one was sent
+
+
+@dataclass(frozen=True)
+class MultipartChecksum:
+    """How one multipart upload proves its bytes: the algorithm of its per-part checksums
+    (None: Content-MD5 or nothing) and whether the server keeps a full-object checksum
+    (CRC32 of the whole object, checked at completion) instead of a checksum of checksums."""
+
+    algorithm: str | None
+    full_object: bool = False
+
+    def encode(self) -> str:
+        """For the journal: ``CRC32/FULL_OBJECT``, ``SHA256/COMPOSITE``, ``NONE``."""
+        if self.algorithm is None:
+            return "NONE"
+        return f"{self.algorithm}/{'FULL_OBJECT' if self.full_object else 'COMPOSITE'}"
+
+    @classmethod
+    def decode(cls, text: str) -> MultipartChecksum:
+        algorithm, _, kind = text.partition("/")
+        return cls(None) if algorithm == "NONE" else cls(algorithm, full_object=kind == "FULL_OBJECT")
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """What ListParts says of an upload in progress: its parts and how it checksums them."""
+
+    parts: dict[int, tuple[int, str]] = field(default_factory=dict)  # number -> (size, etag)
+    checksum: MultipartChecksum = MultipartChecksum(None)
+
+
+class ObjectReader(Protocol):
+    """An object's body being read (a GetObject answer)."""
+
+    etag: str
+    metadata: dict[str, str]
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """The body, ``size`` bytes at a time; a broken read raises TransferError."""
+
+    def close(self) -> None: ...
+
+
+class ObjectStore(Protocol):
+    """What archup needs of an S3-compatible bucket."""
+
+    bucket: str
+
+    @property
+    def checksum_mode(self) -> ChecksumMode:
+        """How requests prove their bodies (--checksum)."""
+
+    def check_bucket(self) -> None:
+        """Preflight: the bucket exists and these credentials reach it (DestinationError otherwise)."""
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        """PUT one object, returning its ETag; ``archive`` marks a source file's object
+        (storage class, tags, user metadata)."""
+
+    def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
+                      metadata: dict[str, str] | None = None) -> str | None:
+        """PUT with ``If-None-Match: *``; the ETag, or None if the key already exists."""
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> ObjectReader | None:
+        """Read an object from byte ``start`` (pinned to an ETag with ``if_match``); None if it is not there."""
+
+    def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under a prefix, in key order (UTF-8 binary order)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a prefix; returns how many."""
+
+    def multipart_checksum(self) -> MultipartChecksum:
+        """How a new multipart upload checksums its parts."""
+
+    def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
+                         content_type: str | None = None) -> str: ...
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
+                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+        """Send one part; ``crc32`` is the part's CRC32 if the caller already computed it."""
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
+                           *, full_crc32: int | None = None, size: int | None = None) -> str:
+        """Complete from the listed parts, returning the object's ETag."""
+
+    def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
+        """The parts the server holds of an upload; None if it no longer knows it."""
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort an upload; one the server no longer knows is already gone."""
+
+    def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, upload_id) of every multipart upload in progress under a prefix."""
+
+
+def open_store(config: StoreConfig) -> ObjectStore:
+    """The S3 store for ``config``, wrapped in what the configuration asks for beyond S3."""
+    from .. import crashpoints
+    from .wrappers import CrashPointStore, RateLimitedStore
+
+    store: ObjectStore = S3Store(config)
+    if config.bwlimit:
+        store = RateLimitedStore(store, config.bwlimit)
+    if crashpoints.armed("during-put-object"):
+        store = CrashPointStore(store)
+    return store
+
+
+from .s3 import S3Store  # noqa: E402  (after the types it uses)

@@ -1,0 +1,136 @@
+"""Behaviour layered around any ObjectStore instead of flags inside one (restic's backend
+wrappers: sema, limiter): a bandwidth limit, and a test's crash point."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from .. import crashpoints
+from . import ChecksumMode, MultipartChecksum, ObjectInfo, ObjectReader, ObjectStore, OpenUpload, UploadedPart
+
+
+class StoreWrapper:
+    """Passes every call to the store inside; a wrapper overrides what it changes."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.bucket = inner.bucket
+
+    @property
+    def checksum_mode(self) -> ChecksumMode:
+        return self.inner.checksum_mode
+
+    def check_bucket(self) -> None:
+        self.inner.check_bucket()
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        return self.inner.put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
+                                     content_type=content_type, archive=archive)
+
+    def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
+                      metadata: dict[str, str] | None = None) -> str | None:
+        return self.inner.put_if_absent(key, body, content_type=content_type, metadata=metadata)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return self.inner.head(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.inner.get_bytes(key)
+
+    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> ObjectReader | None:
+        return self.inner.open_object(key, start=start, if_match=if_match)
+
+    def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        return self.inner.list_objects(prefix, start_after)
+
+    def delete_prefix(self, prefix: str) -> int:
+        return self.inner.delete_prefix(prefix)
+
+    def multipart_checksum(self) -> MultipartChecksum:
+        return self.inner.multipart_checksum()
+
+    def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
+                         content_type: str | None = None) -> str:
+        return self.inner.create_multipart(key, checksum, metadata=metadata, content_type=content_type)
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
+                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+        return self.inner.upload_part(key, upload_id, part_number, body, checksum, crc32=crc32)
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
+                           *, full_crc32: int | None = None, size: int | None = None) -> str:
+        return self.inner.complete_multipart(key, upload_id, parts, checksum, full_crc32=full_crc32, size=size)
+
+    def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
+        return self.inner.list_parts(key, upload_id)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self.inner.abort_multipart(key, upload_id)
+
+    def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
+        return self.inner.list_multipart_uploads(prefix)
+
+
+class RateLimitedStore(StoreWrapper):
+    """--bwlimit: one budget of bytes per second shared by every thread, averaged; a
+    request body goes out whole once its bytes are due (bursts of one body)."""
+
+    def __init__(self, inner: ObjectStore, bytes_per_second: int) -> None:
+        super().__init__(inner)
+        self.bytes_per_second = bytes_per_second
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def _wait_for(self, count: int) -> None:
+        """Reserve ``count`` bytes of the shared budget; wait until they are due."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + count / self.bytes_per_second
+        if start > now:
+            time.sleep(start - now)
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        self._wait_for(len(body))
+        return super().put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
+                                  content_type=content_type, archive=archive)
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
+                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+        self._wait_for(len(body))
+        return super().upload_part(key, upload_id, part_number, body, checksum, crc32=crc32)
+
+
+class CrashPointStore(StoreWrapper):
+    """The ``during-put-object`` crash point: the process dies while a source file's
+    PutObject is on its way. Over the S3 store that is inside botocore, the request
+    signed and about to be sent (its ``before_send`` hook); over any other store, as the
+    call reaches it."""
+
+    POINT = "during-put-object"
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        before_send = getattr(inner, "before_send", None)
+        self._inside = before_send is not None
+        if before_send is not None:
+            before_send("PutObject", self._maybe_crash)
+
+    @classmethod
+    def _maybe_crash(cls, key_or_url: str) -> None:
+        if "/files/" in key_or_url:  # a source file's object, not the marker or the manifest
+            crashpoints.crash_point(cls.POINT)
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        if not self._inside:
+            self._maybe_crash(key)
+        return super().put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
+                                  content_type=content_type, archive=archive)
