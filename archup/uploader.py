@@ -26,7 +26,7 @@ from .crashpoints import crash_point
 from .dispatch import Dispatcher
 from .errors import ArchupError, TransferError
 from .journal import FileRecord, Journal, NewFile
-from .multipart import MIN_PART_SIZE, MultipartSender, part_size_for  # noqa: F401  (re-exported)
+from .multipart import MultipartSender
 from .outcomes import CompletionWriter, NullObserver, Outcomes, UploadObserver, UploadResult
 from .reconcile import Reconciler
 from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
@@ -34,8 +34,6 @@ from .select import Selector
 from .source import FileChanged, SourceTree, describe_read_error
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectStore
-
-__all__ = ["MIN_PART_SIZE", "UploadObserver", "UploadOptions", "UploadResult", "Uploader", "part_size_for"]
 
 log = logging.getLogger("archup.upload")
 

@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archup.journal import Journal, NewFile  # noqa: E402
+from archup.outcomes import CompletionWriter  # noqa: E402
 from archup.states import FileState  # noqa: E402
-from archup.uploader import CompletionWriter  # noqa: E402
 
 TRANSITIONS_PER_FILE = 3  # add_file, start_file, complete_file
 
