@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from . import manifest
+from .clock import isoformat, utcnow
 from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
-from .journal import BatchRecord, Journal, isoformat, utcnow
+from .journal import BatchRecord, Journal
 from .lock import BatchLock
 from .reconcile import abort_uploads
 from .states import BatchState

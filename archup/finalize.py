@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
+from .clock import isoformat, utcnow
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
-from .journal import BatchRecord, FileRecord, Journal, isoformat, resume_command, utcnow
+from .journal import BatchRecord, FileRecord, Journal
+from .locations import resume_command
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, display_path
 from .states import BatchState, FileState

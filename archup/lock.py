@@ -16,8 +16,8 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
+from .clock import isoformat, utcnow
 from .errors import BatchBusy, JournalError
-from .journal import isoformat, utcnow
 
 
 class BatchLock:

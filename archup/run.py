@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from .batches import find_resumable, write_marker
 from .errors import ArchupError, BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
 from .finalize import FinalizeSummary, finalize
-from .journal import BatchRecord, BatchSettings, FileRecord, Journal, resume_command
+from .journal import BatchRecord, BatchSettings, FileRecord, Journal
+from .locations import resume_command
 from .lock import BatchLock, source_lock
 from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
@@ -248,10 +249,10 @@ def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport
         return record
     if request.new_batch:
         return None
-    record = find_resumable(journal, request.source_root, request.bucket, request.prefix, transport.endpoint_url)
-    if record is not None:
-        listener.resuming(record)
-    return record
+    found = find_resumable(journal, request.source_root, request.bucket, request.prefix, transport.endpoint_url)
+    if found is not None:
+        listener.resuming(found)
+    return found
 
 
 def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSettings | None,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from archup.journal import Journal, NewFile  # noqa: E402
+from archup.journal import Journal, NewFile, SQLiteJournal  # noqa: E402
 from archup.outcomes import CompletionWriter  # noqa: E402
 from archup.states import FileState  # noqa: E402
 
@@ -68,7 +68,7 @@ class GroupCommitter:
     def _run(self) -> None:
         import queue
 
-        from archup.journal import isoformat, utcnow
+        from archup.clock import isoformat, utcnow
         journal, batch_id = self.journal, self.batch_id
         while True:
             first = self.queue.get()
@@ -122,7 +122,7 @@ def archup_writer(journal: Journal, batch_id: str, names: list[str], writer_: Co
 
 def threads_in_process(path: str, batch_id: str, names: list[str], threads: int, synchronous: str,
                        start_at: float | None = None, grouped: bool = False, mode: str = "") -> None:
-    journal = Journal(path, synchronous=synchronous)
+    journal = SQLiteJournal(path, synchronous=synchronous)
     if mode == "w":
         errors: list[Exception] = []
         completion = CompletionWriter(journal, batch_id, lambda *done: None, errors.append)
@@ -158,7 +158,7 @@ def one_run(processes: int, threads: int, files: int, synchronous: str, grouped:
             directory: str | None = None, mode: str = "") -> float:
     with tempfile.TemporaryDirectory(prefix="archup-bench-journal-", dir=directory) as tmp:
         path = os.path.join(tmp, "journal.db")
-        setup = Journal(path, synchronous=synchronous)
+        setup = SQLiteJournal(path, synchronous=synchronous)
         batch_id = "01JBENCH000000000000000000"
         setup.init_batch(batch_id, source_root="/bench", bucket="bench", prefix="bench/", part_size=8 << 20)
         setup.close()  # no connection crosses the fork
@@ -181,7 +181,7 @@ def one_run(processes: int, threads: int, files: int, synchronous: str, grouped:
                 if child.exitcode != 0:
                     raise RuntimeError(f"writer process exited {child.exitcode}")
             elapsed = time.time() - start_at
-        check = Journal(path)  # a fresh connection: what was committed, not what the writers saw
+        check = SQLiteJournal(path)  # a fresh connection: what was committed, not what the writers saw
         counts = check.get_state(batch_id).counts
         check.close()
         if counts[FileState.UPLOADED] != files or sum(counts.values()) != files:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from archup.journal import Journal
+from archup.journal import Journal, SQLiteJournal
 from archup.manifest import write_entries
 from archup.states import FileState
-journal = Journal(sys.argv[1])
+journal = SQLiteJournal(sys.argv[1])
 start = time.perf_counter()
 entries = write_entries(journal.iter_files(sys.argv[2], [FileState.UPLOADED]))
 elapsed = time.perf_counter() - start
@@ -38,11 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=1_000_000)
     args = parser.parse_args()
-    from archup.journal import Journal, isoformat, utcnow
+    from archup.clock import isoformat, utcnow
+    from archup.journal import SQLiteJournal
 
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "journal.db"
-        journal = Journal(path, synchronous="OFF")
+        journal = SQLiteJournal(path, synchronous="OFF")
         batch = "01K8RNKN488RQCG3YGG72QBZS5"
         journal.init_batch(batch, source_root="/data", bucket="bench", prefix="staging/", part_size=8 << 20)
         now = isoformat(utcnow())

@@ -50,7 +50,7 @@ def make_files(root: Path, count: int, per_dir: int = 1000) -> float:
 
 def child(mode: str, source: str, journal_path: str) -> None:
     """Runs in a child process; prints one JSON line."""
-    from archup.journal import Journal
+    from archup.journal import SQLiteJournal
     from archup.scan import scan
     from archup.store import S3Store
     from archup.uploader import Uploader, UploadOptions
@@ -60,7 +60,7 @@ def child(mode: str, source: str, journal_path: str) -> None:
         count = sum(1 for _ in scan(source))
         print(json.dumps({"files": count, "seconds": time.perf_counter() - start}))
         return
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     journal.init_batch(BATCH_ID, source_root=source, bucket="bench", prefix="bench/", part_size=8 * MiB)
     uploader = Uploader(journal, cast(S3Store, None), BATCH_ID, UploadOptions())
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from ulid import ULID
 
 from archup.cli import app
 from archup.errors import ExitCode
-from archup.journal import Journal, NewFile
+from archup.journal import NewFile, SQLiteJournal
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 130}
@@ -48,7 +48,7 @@ def assert_one_error_line(stderr: str, stdout: str = "") -> str:
 def assert_no_batch(journal: Path) -> None:
     """Bad input never leaves a batch behind (journal not created, or created empty)."""
     if journal.exists():
-        opened = Journal(journal)
+        opened = SQLiteJournal(journal)
         try:
             assert opened.list_batches() == []
         finally:
@@ -264,7 +264,7 @@ def test_refusal_stays_one_line_when_a_file_name_has_control_characters(cli, s3,
     name = "two\nlines \x1b[31mred.txt"
     (source / name).write_bytes(b"x\n")
     batch_id = str(ULID())
-    journal = Journal(cli.journal)
+    journal = SQLiteJournal(cli.journal)
     try:
         batch = journal.init_batch(batch_id, source_root=str(source), bucket=cli.bucket, prefix="staging/",
                                    part_size=8 * 1024 * 1024, endpoint_url=cli.endpoint)
@@ -343,7 +343,7 @@ def test_credentials_never_appear_in_output_logs_journal_or_manifest(cli, s3, bu
 
 
 def _batches(journal_path: Path) -> list[Any]:
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         return journal.list_batches()
     finally:

@@ -22,7 +22,7 @@ import pytest
 from ulid import ULID
 
 from archup.errors import FileNotInBatch
-from archup.journal import Journal, NewFile
+from archup.journal import Journal, NewFile, SQLiteJournal
 from archup.states import FileState
 
 THREADS = 16
@@ -112,14 +112,14 @@ def describe_differences(run: int, expected: BatchFiles, seen: BatchFiles) -> st
 @MODES
 def test_threads_never_lose_a_file(journal_path: Path, synchronous: str, repetitions: int) -> None:
     expected = expected_files(THREADS, FILES_PER_THREAD)
-    setup = Journal(journal_path)
-    reader = Journal(journal_path)  # its own connection: the writers' commits must be durable for it
+    setup = SQLiteJournal(journal_path)
+    reader = SQLiteJournal(journal_path)  # its own connection: the writers' commits must be durable for it
     failures: list[str] = []
     try:
         for run in range(repetitions):
             batch_id = new_batch(setup)
             # Shared by the threads, as the uploader shares it; each thread opens its own connection.
-            writer = Journal(journal_path, synchronous=synchronous)
+            writer = SQLiteJournal(journal_path, synchronous=synchronous)
 
             def body(worker: int, barrier: threading.Barrier) -> None:
                 barrier.wait()
@@ -146,7 +146,7 @@ def test_threads_never_lose_a_file(journal_path: Path, synchronous: str, repetit
 
 def _process_worker(path: str, synchronous: str, batch_ids: list[str], worker: int, barrier: Any) -> None:
     """Runs in a spawned process: its own Journal, one share of every batch, in step with the others."""
-    journal = Journal(path, synchronous=synchronous)
+    journal = SQLiteJournal(path, synchronous=synchronous)
     try:
         for batch_id in batch_ids:
             barrier.wait()
@@ -162,7 +162,7 @@ def _process_worker(path: str, synchronous: str, batch_ids: list[str], worker: i
 def test_processes_never_lose_a_file(journal_path: Path, synchronous: str, repetitions: int) -> None:
     # The processes start once and meet at a barrier before each batch, so every
     # repetition is a fresh batch raced by all of them without paying for a spawn per run.
-    setup = Journal(journal_path)
+    setup = SQLiteJournal(journal_path)
     try:
         batch_ids = [new_batch(setup) for _ in range(repetitions)]
     finally:
@@ -182,7 +182,7 @@ def test_processes_never_lose_a_file(journal_path: Path, synchronous: str, repet
     assert [process.exitcode for process in processes] == [0] * PROCESSES
 
     expected = expected_files(PROCESSES, FILES_PER_PROCESS)
-    reader = Journal(journal_path)
+    reader = SQLiteJournal(journal_path)
     try:
         failures = [describe_differences(run, expected, seen)
                     for run, batch_id in enumerate(batch_ids)

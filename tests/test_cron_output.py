@@ -19,7 +19,7 @@ from test_cli_errors import closed_port
 from typer.testing import CliRunner
 
 from archup.cli import app
-from archup.journal import Journal
+from archup.journal import SQLiteJournal
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
 # A 64-hex-digit value (a SigV4 signature) anywhere shortly after "Signature".
@@ -276,7 +276,7 @@ import archup.journal
 def boom(*args, **kwargs):
     raise RuntimeError("boom from the test")
 
-archup.journal.Journal.list_batches = boom
+archup.journal.SQLiteJournal.list_batches = boom
 from archup.cli import main
 sys.argv = ["archup", *sys.argv[1:]]
 main()
@@ -285,7 +285,7 @@ main()
 
 def test_unexpected_exception_is_exit_1_one_line_and_one_json_object(tmp_path: Path) -> None:
     journal = str(tmp_path / "journal.db")
-    Journal(journal).close()  # list reads an existing journal (a missing one it does not open)
+    SQLiteJournal(journal).close()  # list reads an existing journal (a missing one it does not open)
     result = subprocess.run([sys.executable, "-c", BOOM, "list", "--journal", journal, "--json"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr

@@ -42,7 +42,7 @@ from testdata import pattern_bytes
 from ulid import ULID
 
 from archup.errors import DestinationError, ExitCode
-from archup.journal import Journal
+from archup.journal import SQLiteJournal
 from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
 from archup.uploader import Uploader, UploadOptions
@@ -117,7 +117,7 @@ def assert_sealed_with_exactly(s3: Any, bucket: str, batch_id: str, files: dict[
 
 
 def only_batch(journal_path: Path) -> str:
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         batches = journal.list_batches()
         assert len(batches) == 1, batches
@@ -129,7 +129,7 @@ def only_batch(journal_path: Path) -> str:
 def assert_journal_consistent(journal_path: Path, s3: Any, bucket: str, files: dict[str, bytes]) -> dict[str, int]:
     """Read back through a new connection: the journal is intact, and every file it calls
     uploaded has its object with exactly the bytes and SHA-256 it recorded. Returns the counts."""
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         assert journal.integrity_check() == "ok"
         (batch,) = journal.list_batches()
@@ -344,7 +344,7 @@ class Stubbed:
         self.store = S3Store(StoreConfig(bucket=STUB_BUCKET, endpoint_url="http://127.0.0.1:9", region="us-east-1"))
         self.stubber = Stubber(self.store.client)
         self.stubber.activate()
-        self.journal = Journal(tmp_path / "journal" / "journal.db")
+        self.journal = SQLiteJournal(tmp_path / "journal" / "journal.db")
         self.batch_id = self.journal.init_batch(str(ULID()), source_root=str(self.source), bucket=STUB_BUCKET,
                                                 prefix="staging/", part_size=PART_SIZE).batch_id
 
@@ -665,7 +665,7 @@ def test_manifest_written_by_someone_else_meanwhile_is_a_conflict(
     assert result.exit_code == ExitCode.ERROR, (result.stdout, result.stderr)
     assert "already exists and describes other contents" in result.stderr
     assert len(written) == 1 and get_bytes(s3, bucket, written[0]) == foreign
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         (batch,) = journal.list_batches()
         assert batch.state is not BatchState.ENQUEUED and batch.manifest_key is None
@@ -686,7 +686,7 @@ def test_manifest_write_refused_412_with_no_manifest_there_is_not_success(
     batch_id = only_batch(journal_path)
     assert f"staging/{batch_id}/manifest.json" not in list_keys(s3, bucket, f"staging/{batch_id}/")
     assert result.exit_code != 0, (result.stdout, result.stderr)
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         assert journal.get_batch(batch_id).state is not BatchState.ENQUEUED
     finally:

@@ -39,7 +39,7 @@ from privileges import can_drop_read_override, drop_read_override
 from ulid import ULID
 
 import archup.multipart
-from archup.journal import BatchRecord, FileRecord, Journal
+from archup.journal import BatchRecord, FileRecord, SQLiteJournal
 from archup.multipart import MAX_PARTS, MIN_PART_SIZE, part_size_for
 from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
@@ -77,7 +77,7 @@ def sha256(data: bytes) -> str:
 
 
 def only_batch(journal_path: Path) -> BatchRecord:
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         batches = journal.list_batches()
     finally:
@@ -87,7 +87,7 @@ def only_batch(journal_path: Path) -> BatchRecord:
 
 
 def journal_files(journal_path: Path, batch_id: str) -> dict[str, FileRecord]:
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         return {record.rel_path: record for record in journal.iter_files(batch_id)}
     finally:
@@ -324,7 +324,7 @@ def test_library_file_deleted_between_scan_and_send(moto_endpoint: str, s3, buck
     source = tmp_path / "src"
     write(source / "stays.txt", b"stays\n")
     write(source / "gone.txt", b"deleted after the scan\n")
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         batch = journal.init_batch(str(ULID()), source_root=str(source), bucket=bucket, prefix="staging/",
                                    part_size=PART, endpoint_url=moto_endpoint)
@@ -717,7 +717,7 @@ def test_newline_in_a_name_maps_to_its_exact_key(tmp_path: Path) -> None:
 
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket="archup-newline")
-        journal = Journal(tmp_path / "journal.db")
+        journal = SQLiteJournal(tmp_path / "journal.db")
         try:
             batch = journal.init_batch(str(ULID()), source_root=str(source), bucket="archup-newline",
                                        prefix="staging/", part_size=PART)

@@ -30,7 +30,6 @@ from archup.errors import (
     JournalTooNew,
 )
 from archup.journal import (
-    _MIGRATIONS,
     BATCH_TTL,
     DEFAULT_BUSY_TIMEOUT,
     SCHEMA_VERSION,
@@ -38,7 +37,9 @@ from archup.journal import (
     Journal,
     NewFile,
     PartRecord,
+    SQLiteJournal,
 )
+from archup.journal.database import _MIGRATIONS
 from archup.states import BatchState, FileState
 
 SHA = "ab" * 32
@@ -79,10 +80,22 @@ def move_batch(journal: Journal, batch_id: str, *path: BatchState) -> None:
         journal.set_batch_state(batch_id, target)
 
 
+class JournalBackend:
+    """One journal backend under test: opens handles on one journal, each with its own connections."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def open(self) -> Journal:
+        return SQLiteJournal(self.path)
+
+
 @contextmanager
-def second_journal(path: Path) -> Iterator[Journal]:
+def second_journal(where: Path | JournalBackend) -> Iterator[Journal]:
     """A fresh handle, hence a fresh connection: what any other process would see."""
-    reader = Journal(path)
+    reader = where.open() if isinstance(where, JournalBackend) else SQLiteJournal(where)
     try:
         yield reader
     finally:
@@ -99,9 +112,17 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, journal_path: Path) -> JournalBackend:
+    """Every test below runs on each backend; those marked sqlite_only test SQLite's own machinery."""
+    if request.param != "sqlite" and request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("tests SQLite's connection machinery")
+    return JournalBackend(journal_path)
+
+
 @pytest.fixture
-def journal(journal_path: Path) -> Iterator[Journal]:
-    handle = Journal(journal_path)
+def journal(backend: JournalBackend) -> Iterator[Journal]:
+    handle = backend.open()
     try:
         yield handle
     finally:
@@ -121,6 +142,7 @@ def _pragmas(conn: sqlite3.Connection) -> dict[str, object]:
             for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")}
 
 
+@pytest.mark.sqlite_only
 def test_every_connection_runs_wal_with_full_sync_and_a_busy_timeout(journal: Journal) -> None:
     expected = {"journal_mode": "wal", "synchronous": 2,  # 2 is FULL
                 "busy_timeout": int(DEFAULT_BUSY_TIMEOUT * 1000), "foreign_keys": 1}
@@ -140,8 +162,9 @@ def test_every_connection_runs_wal_with_full_sync_and_a_busy_timeout(journal: Jo
     assert seen == expected
 
 
+@pytest.mark.sqlite_only
 def test_synchronous_and_busy_timeout_options_are_applied(journal_path: Path) -> None:
-    handle = Journal(journal_path, synchronous="NORMAL", busy_timeout=1.5)
+    handle = SQLiteJournal(journal_path, synchronous="NORMAL", busy_timeout=1.5)
     try:
         with handle.atomic() as conn:
             assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -150,20 +173,22 @@ def test_synchronous_and_busy_timeout_options_are_applied(journal_path: Path) ->
         handle.close()
 
 
+@pytest.mark.sqlite_only
 def test_new_journal_carries_the_schema_version(journal: Journal, journal_path: Path) -> None:
     with closing(raw_connection(journal_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.sqlite_only
 def test_journal_from_a_newer_archup_is_refused(journal_path: Path) -> None:
-    Journal(journal_path).close()
+    SQLiteJournal(journal_path).close()
     newer = SCHEMA_VERSION + 1
     with closing(raw_connection(journal_path)) as conn:
         conn.execute(f"PRAGMA user_version={newer}")
 
     with pytest.raises(JournalTooNew) as excinfo:
-        Journal(journal_path)
+        SQLiteJournal(journal_path)
 
     message = str(excinfo.value)
     assert str(journal_path) in message
@@ -174,18 +199,20 @@ def test_journal_from_a_newer_archup_is_refused(journal_path: Path) -> None:
 
 
 @pytest.mark.parametrize("garbage", [b"hello", b"\x00garbage\xff" * 1000], ids=["short", "long"])
+@pytest.mark.sqlite_only
 def test_garbage_file_is_a_journal_error(journal_path: Path, garbage: bytes) -> None:
     journal_path.parent.mkdir(mode=0o700)
     journal_path.write_bytes(garbage)
 
     # pytest.raises(JournalError) lets a raw sqlite3.DatabaseError through as a failure.
     with pytest.raises(JournalError) as excinfo:
-        Journal(journal_path)
+        SQLiteJournal(journal_path)
 
     assert str(journal_path) in str(excinfo.value)
     assert journal_path.read_bytes() == garbage
 
 
+@pytest.mark.sqlite_only
 def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path) -> None:
     """A journal written before schema 4 opens with its batch and file intact; the new
     columns read as 'not recorded' (no symlinks followed, checksum kind unknown)."""
@@ -200,7 +227,7 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
                      "VALUES ('B', 'a.bin', 'k', 1, 1, 'uploading', 'up-1', 't')")
         conn.commit()
 
-    handle = Journal(journal_path)
+    handle = SQLiteJournal(journal_path)
     try:
         batch = handle.get_batch("B")
         (record,) = handle.iter_files("B")
@@ -213,8 +240,9 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
+@pytest.mark.sqlite_only
 def test_a_batch_keeps_its_settings_and_an_upload_its_checksum_kind(journal_path: Path) -> None:
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         settings = BatchSettings(excludes=("*.tmp",), files_from=("a.bin",), follow_symlinks=True,
                                  storage_class="GLACIER", metadata=(("k", "v"),), tags=(("t", "1"),))
@@ -230,11 +258,12 @@ def test_a_batch_keeps_its_settings_and_an_upload_its_checksum_kind(journal_path
         journal.close()
 
 
+@pytest.mark.sqlite_only
 def test_empty_file_is_migrated_to_the_current_schema(journal_path: Path) -> None:
     journal_path.parent.mkdir(mode=0o700)
     journal_path.touch(mode=0o600)
 
-    handle = Journal(journal_path)
+    handle = SQLiteJournal(journal_path)
     try:
         batch_id = open_batch(handle)
     finally:
@@ -251,11 +280,12 @@ def test_empty_file_is_migrated_to_the_current_schema(journal_path: Path) -> Non
 # -- permissions ----------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_new_journal_directory_and_files_are_private(journal_path: Path) -> None:
     # With umask 0 nothing masks a missing explicit mode, so the test sees what the code asks for.
     previous = os.umask(0)
     try:
-        handle = Journal(journal_path)
+        handle = SQLiteJournal(journal_path)
         try:
             assert mode_of(journal_path.parent) == 0o700
             assert mode_of(journal_path) == 0o600
@@ -273,13 +303,13 @@ def test_new_journal_directory_and_files_are_private(journal_path: Path) -> None
 # -- batches ----------------------------------------------------------------------
 
 
-def test_init_batch_records_an_open_batch(journal: Journal, journal_path: Path) -> None:
+def test_init_batch_records_an_open_batch(journal: Journal, backend: JournalBackend) -> None:
     batch_id = new_batch_id()
     record = journal.init_batch(batch_id, source_root="/data/src", bucket="archive", prefix="staging/",
                                 part_size=16 * 1024 * 1024, endpoint_url="http://127.0.0.1:9000",
                                 region="eu-west-1")
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         stored = reader.get_batch(batch_id)
     assert stored == record
     assert stored.state is BatchState.OPEN
@@ -293,14 +323,14 @@ def test_init_batch_records_an_open_batch(journal: Journal, journal_path: Path) 
 
 
 def test_set_batch_state_walks_to_enqueued_and_records_the_manifest(journal: Journal, batch_id: str,
-                                                                    journal_path: Path) -> None:
+                                                                    backend: JournalBackend) -> None:
     move_batch(journal, batch_id, BatchState.UPLOADING, BatchState.FINALIZING)
     record = journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key="staging/x/manifest.json",
                                      finalized_at="2026-11-28T10:00:00.000Z")
     # Finalize is idempotent: enqueued -> enqueued is allowed and keeps the manifest.
     journal.set_batch_state(batch_id, BatchState.ENQUEUED)
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         stored = reader.get_batch(batch_id)
     assert record.state is stored.state is BatchState.ENQUEUED
     assert stored.manifest_key == "staging/x/manifest.json"
@@ -320,7 +350,7 @@ def test_set_batch_state_records_and_clears_the_error(journal: Journal, batch_id
 ], ids=["enqueued->uploading", "aborted->open", "expired->uploading", "uploading->open"])
 def test_illegal_batch_move_raises_and_changes_nothing(journal: Journal, batch_id: str,
                                                        path: tuple[BatchState, ...], target: BatchState,
-                                                       journal_path: Path) -> None:
+                                                       backend: JournalBackend) -> None:
     move_batch(journal, batch_id, *path)
 
     with pytest.raises(IllegalTransition) as excinfo:
@@ -328,14 +358,14 @@ def test_illegal_batch_move_raises_and_changes_nothing(journal: Journal, batch_i
 
     assert batch_id in str(excinfo.value)
     assert target.value in str(excinfo.value)
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         assert reader.get_batch(batch_id).state is path[-1]
 
 
-def test_mark_scan_complete(journal: Journal, batch_id: str, journal_path: Path) -> None:
+def test_mark_scan_complete(journal: Journal, batch_id: str, backend: JournalBackend) -> None:
     journal.mark_scan_complete(batch_id)
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         assert reader.get_batch(batch_id).scan_complete
 
 
@@ -350,6 +380,7 @@ def test_list_batches_in_id_order_with_state_filter(journal: Journal) -> None:
     assert journal.list_batches(BatchState.ENQUEUED) == []
 
 
+@pytest.mark.sqlite_only
 def test_delete_batch_cascades_to_files_and_parts(journal: Journal, journal_path: Path) -> None:
     doomed, kept = open_batch(journal), open_batch(journal)
     for batch_id in (doomed, kept):
@@ -373,10 +404,10 @@ def test_delete_batch_cascades_to_files_and_parts(journal: Journal, journal_path
 # -- files ------------------------------------------------------------------------
 
 
-def test_add_file_records_a_pending_file(journal: Journal, batch_id: str, journal_path: Path) -> None:
+def test_add_file_records_a_pending_file(journal: Journal, batch_id: str, backend: JournalBackend) -> None:
     journal.add_file(batch_id, new_file(batch_id, "dir/a.bin", size=1234))
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "dir/a.bin")
     assert record.state is FileState.PENDING
     assert (record.key, record.size, record.mtime_ns) == (key_for(batch_id, "dir/a.bin"), 1234, 1_700_000_000)
@@ -391,7 +422,7 @@ def test_add_file_twice_is_refused(journal: Journal, batch_id: str) -> None:
 
 
 def test_add_files_counts_new_rows_and_leaves_existing_ones_alone(journal: Journal, batch_id: str,
-                                                                  journal_path: Path) -> None:
+                                                                  backend: JournalBackend) -> None:
     assert journal.add_files(batch_id, [new_file(batch_id, name) for name in ("a", "b", "c")]) == 3
     journal.start_file(batch_id, "a")
 
@@ -400,7 +431,7 @@ def test_add_files_counts_new_rows_and_leaves_existing_ones_alone(journal: Journ
     assert journal.add_files(batch_id, again) == 2
     assert journal.add_files(batch_id, []) == 0
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         files = {f.rel_path: f for f in reader.iter_files(batch_id)}
     assert sorted(files) == ["a", "b", "c", "d", "e"]
     assert files["a"].state is FileState.UPLOADING
@@ -417,7 +448,7 @@ def test_start_file_counts_attempts_and_clears_the_last_error(journal: Journal, 
     assert (record.state, record.attempts, record.error) == (FileState.UPLOADING, 2, None)
 
 
-def test_upload_id_and_parts_are_recorded(journal: Journal, batch_id: str, journal_path: Path) -> None:
+def test_upload_id_and_parts_are_recorded(journal: Journal, batch_id: str, backend: JournalBackend) -> None:
     part_size = 5 * 1024 * 1024
     journal.add_file(batch_id, new_file(batch_id, "big.bin", size=2 * part_size))
     journal.start_file(batch_id, "big.bin")
@@ -427,19 +458,19 @@ def test_upload_id_and_parts_are_recorded(journal: Journal, batch_id: str, journ
     # A retried part replaces its earlier record.
     journal.record_part(batch_id, "big.bin", PartRecord(1, part_size, "etag-1", "crc-1"))
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "big.bin")
         parts = reader.list_parts(batch_id, "big.bin")
     assert (record.upload_id, record.part_size) == ("upload-1", part_size)
     assert parts == [PartRecord(1, part_size, "etag-1", "crc-1"), PartRecord(2, part_size, "etag-2", "crc-2")]
 
 
-def test_complete_file_records_digest_and_etag(journal: Journal, batch_id: str, journal_path: Path) -> None:
+def test_complete_file_records_digest_and_etag(journal: Journal, batch_id: str, backend: JournalBackend) -> None:
     journal.add_file(batch_id, new_file(batch_id, "a.bin"))
     journal.start_file(batch_id, "a.bin")
     journal.complete_file(batch_id, "a.bin", sha256=SHA, etag='"etag-a"')
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "a.bin")
     assert (record.state, record.sha256, record.etag, record.error) == (FileState.UPLOADED, SHA, '"etag-a"', None)
 
@@ -452,7 +483,7 @@ def test_pending_file_completes_directly(journal: Journal, batch_id: str) -> Non
 
 
 def test_fail_file_forgets_the_upload_and_its_parts(journal: Journal, batch_id: str,
-                                                    journal_path: Path) -> None:
+                                                    backend: JournalBackend) -> None:
     journal.add_file(batch_id, new_file(batch_id, "a.bin"))
     journal.start_file(batch_id, "a.bin")
     journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
@@ -460,7 +491,7 @@ def test_fail_file_forgets_the_upload_and_its_parts(journal: Journal, batch_id: 
     journal.fail_file(batch_id, "a.bin", "read error: Input/output error")
     journal.fail_file(batch_id, "a.bin", "read error: again")  # failed -> failed keeps the newer reason
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "a.bin")
         parts = reader.list_parts(batch_id, "a.bin")
     assert (record.state, record.error, record.upload_id) == (FileState.FAILED, "read error: again", None)
@@ -468,7 +499,7 @@ def test_fail_file_forgets_the_upload_and_its_parts(journal: Journal, batch_id: 
 
 
 def test_reset_file_returns_an_uploaded_file_to_pending(journal: Journal, batch_id: str,
-                                                        journal_path: Path) -> None:
+                                                        backend: JournalBackend) -> None:
     journal.add_file(batch_id, new_file(batch_id, "a.bin"))
     journal.start_file(batch_id, "a.bin")
     journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
@@ -476,7 +507,7 @@ def test_reset_file_returns_an_uploaded_file_to_pending(journal: Journal, batch_
     journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
     journal.reset_file(batch_id, "a.bin", "object missing on read-back")
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "a.bin")
         parts = reader.list_parts(batch_id, "a.bin")
     assert record.state is FileState.PENDING
@@ -551,14 +582,14 @@ def test_iter_files_with_an_empty_state_filter_yields_nothing(journal: Journal, 
 
 
 def test_completing_a_file_twice_raises_file_already_uploaded(journal: Journal, batch_id: str,
-                                                             journal_path: Path) -> None:
+                                                             backend: JournalBackend) -> None:
     uploaded_file(journal, batch_id, "a.bin")
 
     with pytest.raises(FileAlreadyUploaded) as excinfo:
         journal.complete_file(batch_id, "a.bin", sha256="cd" * 32, etag="other")
 
     assert batch_id in str(excinfo.value) and "a.bin" in str(excinfo.value)
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "a.bin")
     assert (record.sha256, record.etag) == (SHA, "etag-a.bin")
 
@@ -583,7 +614,7 @@ def test_completing_a_file_not_in_the_batch_raises_file_not_in_batch(journal: Jo
     (BatchState.EXPIRED,),
 ], ids=["finalizing", "enqueued", "aborted", "expired"])
 def test_adding_to_a_closed_batch_raises_batch_closed(journal: Journal, batch_id: str,
-                                                      path: tuple[BatchState, ...], journal_path: Path) -> None:
+                                                      path: tuple[BatchState, ...], backend: JournalBackend) -> None:
     move_batch(journal, batch_id, *path)
 
     with pytest.raises(BatchClosed) as excinfo:
@@ -592,7 +623,7 @@ def test_adding_to_a_closed_batch_raises_batch_closed(journal: Journal, batch_id
         journal.add_files(batch_id, [new_file(batch_id, "late2.bin")])
 
     assert batch_id in str(excinfo.value) and path[-1].value in str(excinfo.value)
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         assert list(reader.iter_files(batch_id)) == []
 
 
@@ -696,7 +727,7 @@ def _insert_batch_row(conn: sqlite3.Connection, batch_id: str) -> None:
 
 def _assert_nothing_written_and_unlocked(journal: Journal, journal_path: Path, batch_id: str) -> None:
     # A short busy timeout: a transaction left open by the writer fails this at once instead of hanging.
-    reader = Journal(journal_path, busy_timeout=0.2)
+    reader = SQLiteJournal(journal_path, busy_timeout=0.2)
     try:
         assert reader.list_batches() == []
         with pytest.raises(BatchNotFound):
@@ -708,6 +739,7 @@ def _assert_nothing_written_and_unlocked(journal: Journal, journal_path: Path, b
 
 
 @pytest.mark.parametrize("error", [Boom("inside"), KeyboardInterrupt()], ids=["exception", "KeyboardInterrupt"])
+@pytest.mark.sqlite_only
 def test_atomic_rolls_back_and_reraises_the_same_exception(journal: Journal, journal_path: Path,
                                                            error: BaseException) -> None:
     batch_id = new_batch_id()
@@ -721,6 +753,7 @@ def test_atomic_rolls_back_and_reraises_the_same_exception(journal: Journal, jou
     _assert_nothing_written_and_unlocked(journal, journal_path, batch_id)
 
 
+@pytest.mark.sqlite_only
 def test_atomic_keeps_the_original_exception_when_rollback_fails(journal: Journal, journal_path: Path) -> None:
     batch_id = new_batch_id()
     error = Boom("original")
@@ -735,6 +768,7 @@ def test_atomic_keeps_the_original_exception_when_rollback_fails(journal: Journa
     _assert_nothing_written_and_unlocked(journal, journal_path, batch_id)
 
 
+@pytest.mark.sqlite_only
 def test_atomic_commits_for_every_other_connection(journal: Journal, journal_path: Path) -> None:
     batch_id = new_batch_id()
     with journal.atomic() as conn:
@@ -744,9 +778,10 @@ def test_atomic_commits_for_every_other_connection(journal: Journal, journal_pat
         assert conn.execute("SELECT count(*) FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0] == 1
 
 
+@pytest.mark.sqlite_only
 def test_atomic_holds_the_write_lock_from_its_first_read(journal: Journal, journal_path: Path) -> None:
     """A deferred BEGIN takes no lock for a read, so another writer could slip in before our write."""
-    other = Journal(journal_path, busy_timeout=0.2)
+    other = SQLiteJournal(journal_path, busy_timeout=0.2)
     try:
         with journal.atomic() as conn:
             conn.execute("SELECT count(*) FROM batches").fetchone()
@@ -758,16 +793,46 @@ def test_atomic_holds_the_write_lock_from_its_first_read(journal: Journal, journ
         other.close()
 
 
+
+@pytest.mark.sqlite_only
+def test_a_nested_atomic_is_a_journal_error_not_a_hang(journal: Journal, journal_path: Path) -> None:
+    """An operation called inside atomic() would wait on this thread's own write lock forever.
+
+    Run in a thread bounded by a join timeout, so a regression fails instead of hanging the suite."""
+    outcome: list[BaseException | str] = []
+
+    def nest() -> None:
+        try:
+            with journal.atomic() as conn:
+                conn.execute("INSERT INTO batches (batch_id, state, source_root, bucket, prefix, part_size, "
+                             "created_at, updated_at, expires_at) VALUES ('outer', 'open', '/', 'b', 'p/', 1, "
+                             "'t', 't', 't')")
+                open_batch(journal)  # init_batch opens its own atomic()
+            outcome.append("no error")
+        except BaseException as error:  # noqa: BLE001 - the test inspects whatever it was
+            outcome.append(error)
+
+    worker = threading.Thread(target=nest, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "nested atomic() hung on the journal's write lock"
+    [error] = outcome
+    assert isinstance(error, JournalError)
+    assert "atomic() called inside atomic()" in str(error) and str(journal_path) in str(error)
+    assert journal.list_batches() == []  # the outer transaction was rolled back, nothing half-written
+    open_batch(journal)  # and the lock was released: the journal takes writes again
+    assert len(journal.list_batches()) == 1
+
 # -- durability and processes ------------------------------------------------------
 
 
 def test_completed_file_is_durable_for_a_fresh_journal(journal: Journal, batch_id: str,
-                                                       journal_path: Path) -> None:
+                                                       backend: JournalBackend) -> None:
     journal.add_file(batch_id, new_file(batch_id, "a.bin"))
     journal.start_file(batch_id, "a.bin")
     journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
 
-    with second_journal(journal_path) as reader:
+    with second_journal(backend) as reader:
         record = reader.get_file(batch_id, "a.bin")
         summary = reader.get_state(batch_id)
     assert (record.state, record.sha256) == (FileState.UPLOADED, SHA)
@@ -781,6 +846,7 @@ def _child_completes_a_file(journal: Journal, parent_conn: sqlite3.Connection, b
     uploaded_file(journal, batch_id, "from-child.bin")
 
 
+@pytest.mark.sqlite_only
 def test_forked_child_opens_its_own_connection(journal: Journal, batch_id: str, journal_path: Path) -> None:
     uploaded_file(journal, batch_id, "from-parent-before.bin")
     with journal.atomic() as parent_conn:
@@ -805,6 +871,7 @@ def test_forked_child_opens_its_own_connection(journal: Journal, batch_id: str, 
 # -- bugs ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_a_full_disk_during_a_write_is_a_journal_error(journal: Journal, batch_id: str) -> None:
     with journal.atomic() as conn:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]

@@ -40,7 +40,8 @@ from ulid import ULID
 from archup.cli import app
 from archup.cli import common as cli_common
 from archup.errors import JournalBusy, JournalError
-from archup.journal import Journal
+from archup.journal import Journal, SQLiteJournal
+from archup.journal.database import SQLiteDatabase
 from archup.states import BatchState, FileState
 from archup.store import S3Store, StoreConfig
 from archup.uploader import Uploader, UploadOptions
@@ -150,7 +151,7 @@ def test_journal_directory_read_only_by_permission(cli, tmp_path: Path, exists: 
     directory.mkdir(mode=0o700)
     journal = directory / "journal.db"
     if exists:
-        Journal(journal).close()
+        SQLiteJournal(journal).close()
     before = file_digests(directory)
     source = tmp_path / "src"
     make_source(source)
@@ -177,7 +178,7 @@ def test_journal_on_a_read_only_filesystem(cli, tmp_path: Path) -> None:
     directory = tmp_path / "state"
     directory.mkdir(mode=0o700)
     journal = directory / "journal.db"
-    Journal(journal).close()
+    SQLiteJournal(journal).close()
     before = file_digests(directory)
     source = tmp_path / "src"
     make_source(source)
@@ -208,22 +209,22 @@ def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def test_library_journal_locked_past_the_busy_timeout(journal_path: Path) -> None:
-    Journal(journal_path).close()
+    SQLiteJournal(journal_path).close()
     with write_lock_held(journal_path):
         started = time.monotonic()
         with pytest.raises(JournalBusy) as excinfo:
-            Journal(journal_path, busy_timeout=0.2)
+            SQLiteJournal(journal_path, busy_timeout=0.2)
         waited = time.monotonic() - started
     assert 0.2 <= waited < 10, waited  # it waited for the lock, then gave up
     assert str(journal_path) in str(excinfo.value) and "locked" in str(excinfo.value)
-    Journal(journal_path, busy_timeout=0.2).close()  # usable again once the writer is gone
+    SQLiteJournal(journal_path, busy_timeout=0.2).close()  # usable again once the writer is gone
 
 
 def test_library_journal_locked_during_the_upload_then_resumed(cli, moto_endpoint: str, s3, bucket,
                                                                journal_path: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     files = make_source(source, count=6)
-    journal = Journal(journal_path, busy_timeout=0.2)
+    journal = SQLiteJournal(journal_path, busy_timeout=0.2)
     try:
         batch = journal.init_batch(str(ULID()), source_root=str(source), bucket=bucket, prefix="staging/",
                                    part_size=8 * MiB, endpoint_url=moto_endpoint)
@@ -256,15 +257,15 @@ def test_journal_error_recording_the_last_part_never_completes_a_short_object(
     source.mkdir()
     data = os.urandom(15 * MiB)
     (source / "big.bin").write_bytes(data)
-    real_record_part = Journal.record_part
+    real_record_part = SQLiteJournal.record_part
 
     def disk_full_on_part_3(self: Journal, batch_id: str, rel_path: str, part: Any) -> None:
         if part.part_number == 3:
             raise JournalError("journal: database or disk is full (simulated)")
         real_record_part(self, batch_id, rel_path, part)
 
-    monkeypatch.setattr(Journal, "record_part", disk_full_on_part_3)
-    journal = Journal(journal_path)
+    monkeypatch.setattr(SQLiteJournal, "record_part", disk_full_on_part_3)
+    journal = SQLiteJournal(journal_path)
     try:
         batch = journal.init_batch(str(ULID()), source_root=str(source), bucket=bucket, prefix="staging/",
                                    part_size=5 * MiB, endpoint_url=moto_endpoint)
@@ -279,7 +280,7 @@ def test_journal_error_recording_the_last_part_never_completes_a_short_object(
     key = record.key
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing completed
 
-    monkeypatch.setattr(Journal, "record_part", real_record_part)
+    monkeypatch.setattr(SQLiteJournal, "record_part", real_record_part)
     rerun = cli("upload", "--json", "--part-size", "5MiB", str(source))  # the disk has room again
     assert rerun.exit_code == 0, rerun.stderr
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
@@ -288,21 +289,21 @@ def test_journal_error_recording_the_last_part_never_completes_a_short_object(
 def test_cli_journal_locked_past_the_busy_timeout_exits_4(cli, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI waits 30 s for the lock; in-process its journal gets 0.2 s so the test stays fast."""
-    real_journal = cli_common.Journal
+    real_journal = cli_common.SQLiteJournal
 
     def impatient(path: Any, **kwargs: Any) -> Journal:
         return real_journal(path, **{**kwargs, "busy_timeout": 0.2})
 
-    monkeypatch.setattr(cli_common, "Journal", impatient)
+    monkeypatch.setattr(cli_common, "SQLiteJournal", impatient)
     source = tmp_path / "src"
     make_source(source)
-    Journal(cli.journal).close()
+    SQLiteJournal(cli.journal).close()
     with write_lock_held(cli.journal):
         result = cli("upload", str(source))
     assert result.exit_code == 4, result.stderr
     line = one_error_line(result.stderr, result.stdout)
     assert f"journal {cli.journal} is locked by another writer" in line and "try again" in line
-    journal = Journal(cli.journal)
+    journal = SQLiteJournal(cli.journal)
     try:
         assert journal.list_batches() == []
     finally:
@@ -437,10 +438,10 @@ def test_disk_full_during_the_upload_is_a_clear_error_and_resumable(cli, s3, buc
     files = make_source(source, count=120)
     full = threading.Event()
     capped: set[int] = set()
-    real_connection = Journal._connection
+    real_connection = SQLiteDatabase.connection
     real_scan = Uploader.scan
 
-    def connection(self: Journal) -> sqlite3.Connection:
+    def connection(self: SQLiteDatabase) -> sqlite3.Connection:
         conn = real_connection(self)
         if full.is_set() and id(conn) not in capped:
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -452,7 +453,7 @@ def test_disk_full_during_the_upload_is_a_clear_error_and_resumable(cli, s3, buc
         real_scan(self)
         full.set()
 
-    monkeypatch.setattr(Journal, "_connection", connection)
+    monkeypatch.setattr(SQLiteDatabase, "connection", connection)
     monkeypatch.setattr(Uploader, "scan", scan_then_fill)
     result = cli("upload", str(source))  # in-process: an escaping exception would fail the test here
     assert result.exit_code == 1, result.stderr
@@ -468,7 +469,7 @@ def test_disk_full_during_the_upload_is_a_clear_error_and_resumable(cli, s3, buc
 
     # Space again: the same command finishes the batch, every file exactly once.
     full.clear()
-    monkeypatch.setattr(Journal, "_connection", real_connection)
+    monkeypatch.setattr(SQLiteDatabase, "connection", real_connection)
     rerun = cli("upload", "--json", str(source))
     assert rerun.exit_code == 0, rerun.stderr
     assert json.loads(rerun.stdout)["files_uploaded"] == len(files)
@@ -556,7 +557,7 @@ def test_prefix_with_dot_segments_is_refused(cli, tmp_path: Path, prefix: str) -
     line = one_error_line(result.stderr, result.stdout)
     assert "prefix" in line and "'..'" in line
     if cli.journal.exists():
-        journal = Journal(cli.journal)
+        journal = SQLiteJournal(cli.journal)
         try:
             assert journal.list_batches() == []
         finally:
@@ -609,7 +610,7 @@ def test_credentials_never_in_output_log_journal_wal_manifest_or_command_line(
     files = make_source(source, count=4)
     (source / "big.bin").write_bytes(os.urandom(6 * MiB))  # a multipart upload too
     log_file = tmp_path / "archup.log"
-    Journal(cli.journal).close()
+    SQLiteJournal(cli.journal).close()
 
     # Hold the journal's write lock so the real process waits (busy timeout) where its command line
     # can be read; keep a reader open so the -wal file outlives the run and its bytes can be read.

@@ -35,7 +35,7 @@ from testdata import pattern_bytes
 from ulid import ULID
 
 from archup.errors import BatchBusy
-from archup.journal import Journal
+from archup.journal import Journal, SQLiteJournal
 from archup.lock import BatchLock
 
 SMALL_ARGS = ("--part-size", "5MiB", "--parallel", "1")
@@ -150,7 +150,7 @@ def test_a_held_batch_is_refused_naming_its_holder(command: str, cli: Any, s3: A
 HOLDER = """
 import os, sys
 from pathlib import Path
-from archup.journal import Journal
+from archup.journal import Journal, SQLiteJournal
 from archup.lock import BatchLock
 lock = BatchLock(Path(sys.argv[1]), sys.argv[2]).acquire()
 print("locked", flush=True)
@@ -601,12 +601,12 @@ def test_gc_never_takes_the_upload_of_a_batch_begun_after_it_listed_the_batches(
     live = crash(cli, source, "after-create-multipart:1")
     live_uploads = open_uploads(s3, cli.bucket, prefix_of(cli, live))
     assert len(live_uploads) == 1
-    real_list = Journal.list_batches
+    real_list = SQLiteJournal.list_batches
 
     def as_read_before_the_live_batch_began(self: Journal, state: Any = None) -> list[Any]:
         return [batch for batch in real_list(self, state) if batch.batch_id != live]
 
-    monkeypatch.setattr(Journal, "list_batches", as_read_before_the_live_batch_began)
+    monkeypatch.setattr(SQLiteJournal, "list_batches", as_read_before_the_live_batch_began)
     aborted = cli("gc", "--abort-orphans", "--json")
     assert aborted.exit_code == 0, aborted.stderr
     report = one_json(aborted.stdout)

@@ -1,7 +1,7 @@
 """The pieces of the fast scan and status paths, each checked against the slow, obvious answer.
 
 - read_ahead: every item once, in order, in groups; bounded; errors and early stops cross the thread.
-- Journal.add_files through one JSON statement stores exactly what row-by-row binding stores.
+- SQLiteJournal.add_files through one JSON statement stores exactly what row-by-row binding stores.
 - get_state's two plans for the problem list give the same answer as a plain sort.
 - Uploader.scan over a real tree, in many small groups, leaves the rows the walk saw.
 """
@@ -20,14 +20,9 @@ import pytest
 from ulid import ULID
 
 import archup.uploader as uploader_module
-from archup.journal import (
-    _INSERT_FILE,
-    EncodedFiles,
-    Journal,
-    NewFile,
-    isoformat,
-    utcnow,
-)
+from archup.clock import isoformat, utcnow
+from archup.journal import EncodedFiles, Journal, NewFile, SQLiteJournal
+from archup.journal.sqlite import _INSERT_FILE
 from archup.scan import identity_of, read_ahead
 from archup.states import FileState
 from archup.store import S3Store
@@ -152,7 +147,7 @@ def open_batch(journal: Journal) -> str:
 
 @pytest.mark.parametrize("with_nul", [False, True], ids=["json-statement", "nul-falls-back-to-rows"])
 def test_add_files_stores_exactly_what_row_by_row_binding_stores(tmp_path: Path, with_nul: bool) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     fast, slow = open_batch(journal), open_batch(journal)
     files = [f for f in awkward_files("B") if with_nul or "\x00" not in f.rel_path]
 
@@ -169,20 +164,20 @@ def test_add_files_stores_exactly_what_row_by_row_binding_stores(tmp_path: Path,
 
 
 def test_encoded_group_is_added_like_the_files_it_holds(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch_id = open_batch(journal)
     files = [NewFile(f"f{n:03d}", f"k/f{n:03d}", n, n) for n in (5, 1, 3)]
 
-    encoded = Journal.encode_files(files)
+    encoded = SQLiteJournal.encode_files(files)
     assert isinstance(encoded, EncodedFiles) and encoded.count == 3
     assert journal.add_files(batch_id, encoded) == 3
-    assert journal.add_files(batch_id, Journal.encode_files(files)) == 0
-    assert journal.add_files(batch_id, Journal.encode_files([])) == 0
+    assert journal.add_files(batch_id, SQLiteJournal.encode_files(files)) == 0
+    assert journal.add_files(batch_id, SQLiteJournal.encode_files([])) == 0
     assert [(f.rel_path, f.size) for f in journal.iter_files(batch_id)] == [("f001", 1), ("f003", 3), ("f005", 5)]
 
 
 def test_duplicate_path_within_one_group_keeps_the_first(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch_id = open_batch(journal)
     files = [NewFile("z", "k/z", 1, 1), NewFile("a", "k/a", 10, 1), NewFile("a", "k/a", 20, 1)]
 
@@ -191,9 +186,9 @@ def test_duplicate_path_within_one_group_keeps_the_first(tmp_path: Path) -> None
 
 
 def test_scan_settings_are_put_back_after_each_group(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch_id = open_batch(journal)
-    conn = journal._connection()
+    conn = journal.db.connection()
     before = (conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
     journal.add_files(batch_id, [NewFile("a", "k/a", 1, 1)], durable=False)
@@ -211,7 +206,7 @@ def test_scan_settings_are_put_back_after_each_group(tmp_path: Path) -> None:
 ])
 def test_problem_list_is_the_first_failed_or_skipped_files_in_key_order(
         tmp_path: Path, total: int, failed_every: int, plan: str) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch_id = open_batch(journal)
     names = [f"n{(n * 7919) % total:04d}" for n in range(total)]  # not in key order
     journal.add_files(batch_id, [
@@ -230,18 +225,18 @@ def test_problem_list_is_the_first_failed_or_skipped_files_in_key_order(
     problem_count = summary.counts[FileState.FAILED] + summary.counts[FileState.SKIPPED]
 
     assert problem_count == len(expected) > 0
-    assert Journal._problem_plan(problem_count, total, 20) == plan
+    assert SQLiteJournal._problem_plan(problem_count, total, 20) == plan
     assert [f.rel_path for f in summary.problems] == expected[:20]
     assert [f.rel_path for f in journal.get_state(batch_id, problem_limit=3).problems] == expected[:3]
     assert journal.get_state(batch_id, problem_limit=0).problems == []
 
 
 def test_problem_plan_walks_key_order_only_when_problems_are_common() -> None:
-    assert Journal._problem_plan(0, 1_000_000, 20) == "INDEXED BY files_by_state "
-    assert Journal._problem_plan(4_000, 1_000_000, 20) == "INDEXED BY files_by_state "
-    assert Journal._problem_plan(5_000, 1_000_000, 20) == ""
-    assert Journal._problem_plan(1_000_000, 1_000_000, 20) == ""
-    assert Journal._problem_plan(3, 10, -1) == "INDEXED BY files_by_state "  # no limit: read just the problems
+    assert SQLiteJournal._problem_plan(0, 1_000_000, 20) == "INDEXED BY files_by_state "
+    assert SQLiteJournal._problem_plan(4_000, 1_000_000, 20) == "INDEXED BY files_by_state "
+    assert SQLiteJournal._problem_plan(5_000, 1_000_000, 20) == ""
+    assert SQLiteJournal._problem_plan(1_000_000, 1_000_000, 20) == ""
+    assert SQLiteJournal._problem_plan(3, 10, -1) == "INDEXED BY files_by_state "  # no limit: read just the problems
 
 
 # -- Uploader.scan over a real tree, in many groups -----------------------------------------
@@ -265,7 +260,7 @@ def test_scan_in_small_groups_records_every_file_as_the_walk_saw_it(
     monkeypatch.setattr(uploader_module, "SCAN_GROUP", 4)  # 92 entries: 23 groups through the thread
     source = tmp_path / "src"
     expected = make_tree(source)
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch = journal.init_batch(str(ULID()), source_root=str(source), bucket="b", prefix="staging/",
                                part_size=8 << 20)
 
@@ -286,7 +281,7 @@ def test_scan_stopped_midway_is_not_marked_complete(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(uploader_module, "SCAN_GROUP", 4)
     source = tmp_path / "src"
     make_tree(source)
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch = journal.init_batch(str(ULID()), source_root=str(source), bucket="b", prefix="staging/",
                                part_size=8 << 20)
     uploader = Uploader(journal, cast(S3Store, None), batch.batch_id, UploadOptions())
@@ -305,7 +300,7 @@ def test_scan_stopped_midway_is_not_marked_complete(tmp_path: Path, monkeypatch:
 
 
 def test_scan_of_a_missing_root_raises_in_the_caller(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     batch = journal.init_batch(str(ULID()), source_root=str(tmp_path / "gone"), bucket="b", prefix="staging/",
                                part_size=8 << 20)
 

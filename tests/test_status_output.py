@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ulid import ULID
 
 from archup.cli import app
-from archup.journal import Journal, NewFile
+from archup.journal import NewFile, SQLiteJournal
 from archup.states import FileState
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
@@ -35,7 +35,7 @@ def problem_batch(journal_path: Path, *, skipped: int, failed: int, bucket: str 
                   endpoint_url: str | None = None) -> str:
     """A batch whose skipped files all sort before its failed ones ('a-…' before 'z-…')."""
     batch_id = str(ULID())
-    journal = Journal(journal_path)
+    journal = SQLiteJournal(journal_path)
     try:
         batch = journal.init_batch(batch_id, source_root="/srv/exports", bucket=bucket, prefix="staging/",
                                    part_size=8 * 1024 * 1024, endpoint_url=endpoint_url)
@@ -108,7 +108,7 @@ def test_status_caps_failed_files_too_and_all_lists_every_one(tmp_path: Path) ->
 def test_get_state_lists_failed_and_skipped_apart_and_keeps_the_mixed_list(tmp_path: Path) -> None:
     journal_path = tmp_path / "journal.db"
     batch_id = problem_batch(journal_path, skipped=25, failed=1)
-    reader = Journal(journal_path)
+    reader = SQLiteJournal(journal_path)
     try:
         summary = reader.get_state(batch_id)
         three = reader.get_state(batch_id, problem_limit=3)
@@ -179,7 +179,7 @@ def test_the_default_journal_place_is_not_created_by_gc_or_list(tmp_path: Path) 
 
 def test_gc_quiet_with_nothing_to_do_prints_nothing(tmp_path: Path) -> None:
     journal_path = tmp_path / "journal.db"
-    Journal(journal_path).close()  # there, and empty
+    SQLiteJournal(journal_path).close()  # there, and empty
 
     loud = run("gc", "--journal", str(journal_path))
     quiet = run("gc", "--journal", str(journal_path), "--quiet")
@@ -209,7 +209,7 @@ def test_gc_errors_go_to_stderr_and_exit_5(cli: Any, tmp_path: Path, mode: str |
 
 def test_gc_quiet_json_still_prints_its_object(tmp_path: Path) -> None:
     journal_path = tmp_path / "journal.db"
-    Journal(journal_path).close()
+    SQLiteJournal(journal_path).close()
 
     result = run("gc", "--journal", str(journal_path), "--quiet", "--json")
 

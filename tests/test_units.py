@@ -13,7 +13,7 @@ from archup.cli.common import parse_size
 from archup.cli.lifecycle import parse_duration
 from archup.dispatch import ByteBudget
 from archup.errors import UsageError
-from archup.journal import FileRecord, Journal, PartRecord
+from archup.journal import FileRecord, PartRecord, SQLiteJournal
 from archup.logs import register_secrets, scrub
 from archup.multipart import MAX_PARTS, MiB, part_size_for
 from archup.scan import identity_of
@@ -168,7 +168,7 @@ def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatc
     source = tmp_path / "src"
     source.mkdir()
     (source / "big.bin").write_bytes(bytes(40 * MiB))
-    journal = Journal(tmp_path / "journal.db")
+    journal = SQLiteJournal(tmp_path / "journal.db")
     try:
         batch = journal.init_batch("01K8RNKN488RQCG3YGG72QBZS5", source_root=str(source), bucket="b",
                                    prefix="staging/", part_size=5 * MiB)

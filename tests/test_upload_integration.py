@@ -18,7 +18,7 @@ import pytest
 from testdata import pattern_bytes
 from ulid import ULID
 
-from archup.journal import Journal, NewFile
+from archup.journal import NewFile, SQLiteJournal
 from archup.states import FileState
 
 MiB = 1024 * 1024
@@ -154,7 +154,7 @@ def test_upload_tree_every_byte_key_checksum_and_manifest_entry(cli, s3, bucket,
             assert entry["part_size"] is None, rel_path
 
     # The journal, read back through a new connection, agrees.
-    journal = Journal(cli.journal)
+    journal = SQLiteJournal(cli.journal)
     try:
         records = {record.rel_path: record for record in journal.iter_files(batch_id)}
     finally:
@@ -246,7 +246,7 @@ def _library_batch(cli: Any, s3: Any, source: Path, *, leave_pending: set[str], 
     files = files or {"a.txt": b"alpha\n", "sub/b.txt": b"bravo\n", "sub/deeper/c \u00e9.txt": b"charlie\n"}
     write_tree(source, files)
     batch_id = str(ULID())
-    journal = Journal(cli.journal)
+    journal = SQLiteJournal(cli.journal)
     try:
         batch = journal.init_batch(batch_id, source_root=str(source), bucket=cli.bucket, prefix="staging/",
                                    part_size=8 * MiB, endpoint_url=cli.endpoint)
@@ -348,7 +348,7 @@ def test_finalize_reads_back_the_bucket_and_refuses_a_missing_object(cli, s3, bu
     assert status["files"]["pending"] == 1
     assert status["files"]["uploaded"] == len(SMALL_TREE) - 1
     assert status["finalized_at"] is None
-    journal = Journal(cli.journal)
+    journal = SQLiteJournal(cli.journal)
     try:
         assert journal.get_file(batch_id, lost).state is FileState.PENDING
     finally:

@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
-from ..journal import Journal, default_journal_path
+from ..journal import Journal, SQLiteJournal
+from ..locations import default_journal_path
 from ..run import Transport
 from ..scan import display_path
 
@@ -161,7 +162,7 @@ def open_journal(path: Path | None, *, create: bool = True) -> Iterator[Journal]
     if not create and missing_journal(path) is not None:
         raise BatchNotFound(f"no journal at {path} (nothing uploaded yet); "
                             "check --journal or ARCHUP_JOURNAL")
-    journal = Journal(path)
+    journal = SQLiteJournal(path)
     try:
         yield journal
     finally:

@@ -12,8 +12,8 @@ import typer
 
 from .. import logs
 from ..batches import GcReport, abort_batch, collect_garbage
+from ..clock import utcnow
 from ..errors import ExitCode, UsageError
-from ..journal import utcnow
 from ..run import store_factory
 from ..scan import display_path
 from ..states import BatchState, FileState

@@ -17,7 +17,8 @@ import typer
 
 from .. import run
 from ..errors import ExitCode, UsageError
-from ..journal import BatchRecord, BatchSettings, Journal, default_journal_path
+from ..journal import BatchRecord, BatchSettings, Journal, SQLiteJournal
+from ..locations import default_journal_path
 from ..multipart import MIN_PART_SIZE
 from ..outcomes import UploadObserver
 from ..run import RunOutcome, SkippedFiles, UploadRequest
@@ -264,7 +265,7 @@ def _read_only_journal(journal_path: Path | None) -> Iterator[Journal | None]:
     if missing_journal(path) is not None:
         yield None
         return
-    yield from run.read_only(lambda: Journal(path, read_only=True))
+    yield from run.read_only(lambda: SQLiteJournal(path, read_only=True))
 
 
 def _print_dry_run(report: dict[str, object]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .. import crashpoints
 from . import ChecksumMode, MultipartChecksum, ObjectInfo, ObjectReader, ObjectStore, OpenUpload, UploadedPart
@@ -79,20 +79,24 @@ class RateLimitedStore(StoreWrapper):
     """--bwlimit: one budget of bytes per second shared by every thread, averaged; a
     request body goes out whole once its bytes are due (bursts of one body)."""
 
-    def __init__(self, inner: ObjectStore, bytes_per_second: int) -> None:
+    def __init__(self, inner: ObjectStore, bytes_per_second: int, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(inner)
         self.bytes_per_second = bytes_per_second
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._next = 0.0
 
     def _wait_for(self, count: int) -> None:
         """Reserve ``count`` bytes of the shared budget; wait until they are due."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             start = max(now, self._next)
             self._next = start + count / self.bytes_per_second
         if start > now:
-            time.sleep(start - now)
+            self._sleep(start - now)
 
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
                    metadata: dict[str, str] | None = None, content_type: str | None = None,

@@ -1,0 +1,105 @@
+"""The journal's operations: everything archup outside ``archup/journal/`` may ask of it.
+
+A backend implements these and passes ``tests/test_journal.py`` (its ``journal``
+fixture is parametrized over the backends). Each method that changes state is
+one transaction: it reads what it checks and writes what it changes under the
+backend's write lock, so concurrent workers never lose an update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import IllegalTransition
+from ..states import BatchState, FileState
+from .records import BATCH_TTL, BatchRecord, BatchSettings, BatchSummary, EncodedFiles, FileRecord, NewFile, PartRecord
+
+
+class Journal(Protocol):
+    """The batch-state authority. Safe to share between threads; closed once they are done."""
+
+    path: Path  # where it is, for the locks beside it and the commands archup prints
+
+    def close(self) -> None: ...
+
+    # -- batches --
+    def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
+                   part_size: int, endpoint_url: str | None = None, region: str | None = None,
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord: ...
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        """Raises BatchNotFound."""
+        ...
+
+    def find_batch(self, batch_id: str) -> BatchRecord | None: ...
+
+    def list_batches(self, state: BatchState | None = None) -> list[BatchRecord]: ...
+
+    def set_batch_settings(self, batch_id: str, settings: BatchSettings) -> None:
+        """Record the settings of a batch that has none; recorded ones never change."""
+        ...
+
+    def set_batch_state(self, batch_id: str, target: BatchState, *, error: str | None = None,
+                        manifest_key: str | None = None, finalized_at: str | None = None) -> BatchRecord:
+        """Raises IllegalTransition for a move the batch state machine forbids."""
+        ...
+
+    def mark_scan_complete(self, batch_id: str, files_archived: int = 0) -> None: ...
+
+    def delete_batch(self, batch_id: str) -> None: ...
+
+    # -- files --
+    @staticmethod
+    def encode_files(new_files: Iterable[NewFile]) -> EncodedFiles: ...
+
+    def add_file(self, batch_id: str, new_file: NewFile) -> None: ...
+
+    def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
+                  durable: bool = True) -> int:
+        """Returns how many were new; ``durable=False`` may defer the commit's sync to the next durable one."""
+        ...
+
+    def count_skipped(self, batch_id: str, reasons: Iterable[str]) -> int: ...
+
+    def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None: ...
+
+    def archived_at(self, destination: tuple[str, str, str, str | None], rel_path: str, size: int,
+                    mtime_ns: int) -> str | None: ...
+
+    def get_file(self, batch_id: str, rel_path: str) -> FileRecord: ...
+
+    def start_file(self, batch_id: str, rel_path: str) -> None: ...
+
+    def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int,
+                         sha256: str | None = None, checksum_kind: str | None = None) -> None: ...
+
+    def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None: ...
+
+    def upload_ids(self, batch_id: str) -> set[str]: ...
+
+    def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]: ...
+
+    def complete_file(self, batch_id: str, rel_path: str, *, sha256: str, etag: str) -> None: ...
+
+    def complete_files(self, batch_id: str, completions: list[tuple[str, str, str]]) -> list[tuple[str, IllegalTransition]]:
+        """(rel_path, sha256, etag) -> uploaded in one transaction; returns the refused ones."""
+        ...
+
+    def fail_file(self, batch_id: str, rel_path: str, error: str) -> None: ...
+
+    def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None: ...
+
+    def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int,
+                     identity: str | None = None) -> FileRecord: ...
+
+    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
+                   page_size: int = 2000) -> Iterator[FileRecord]: ...
+
+    def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary: ...
+
+    def integrity_check(self) -> str:
+        """"ok", or what the backend found damaged."""
+        ...
