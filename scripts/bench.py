@@ -707,7 +707,7 @@ def main() -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps({"versions": info, "args": vars(args) | {"json_out": str(args.json_out)},
                                              "runs": [asdict(r) for r in runs],
-                                             "summaries": [asdict(s) for s in summaries]}, indent=1))
+                                             "summaries": [asdict(s) for s in summaries]}, indent=1, default=str))
     return 0 if all(r.ok for r in runs) else 1
 
 
