@@ -18,6 +18,7 @@ from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, ExitCode, exit_code_for
 from . import config as config_file
 from . import finalize, lifecycle, status, upload, verify
+from . import version as version_command
 from .common import Invocation, defer_error, emit_json, json_requested, report_error
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
@@ -28,7 +29,7 @@ app = typer.Typer(
     help="Parallel archival uploader for S3-compatible storage, with a crash-safe journal.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -45,6 +46,9 @@ def settings(
                                          "Credentials and signatures are always scrubbed.")] = 0,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Also write the log to this file (0600).",
                                                   show_default=False)] = None,
+    show_version: Annotated[bool, typer.Option(
+        "--version", help="Print archup's version and its libraries', then exit.", is_eager=True,
+        callback=version_command.show_version)] = False,
 ) -> None:
     """Parallel archival uploader for S3-compatible storage, with a crash-safe journal."""
     # Runs after the group's options are parsed and before the command's are, so the
@@ -70,6 +74,7 @@ app.command("verify")(verify.verify)
 app.command("list")(lifecycle.list_batches)
 app.command("abort")(lifecycle.abort)
 app.command("gc")(lifecycle.gc)
+app.command("version")(version_command.version)
 
 
 def main() -> None:
@@ -78,7 +83,7 @@ def main() -> None:
     as_json = json_requested(sys.argv[1:])
     run = Invocation()  # the command's context object, still here after click is done
     try:
-        code = app(standalone_mode=False, obj=run)
+        code = app(standalone_mode=False, obj=run, prog_name="archup")
     except ClickException as error:
         error.show()  # click's usage message for a person, as in standalone mode
         code = error.exit_code

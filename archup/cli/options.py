@@ -8,7 +8,35 @@ from typing import Annotated
 
 import typer
 
+from ..errors import ArchupError
 from ..store import ChecksumMode
+
+
+def complete_batch(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of BATCH: the journal's batch ids, each with its state and destination.
+
+    Opened read-only (never created, never migrated, never written); no journal, an
+    unreadable one or one of another schema completes nothing rather than failing."""
+    from ..journal import SQLiteJournal
+    from ..locations import default_journal_path
+
+    path = Path(ctx.params.get("journal_path") or default_journal_path())
+    if not path.is_file():
+        return []
+    try:
+        journal = SQLiteJournal(path, read_only=True, busy_timeout=1.0)
+    except ArchupError:
+        return []
+    try:
+        batches = journal.list_batches()
+    except ArchupError:
+        return []
+    finally:
+        journal.close()
+    wanted = incomplete.upper()
+    return [(batch.batch_id, f"{batch.state.value}: {batch.source_root} -> s3://{batch.bucket}/{batch.prefix}")
+            for batch in batches if batch.batch_id.startswith(wanted)]
+
 
 JournalOption = Annotated[
     Path | None,
@@ -18,7 +46,7 @@ JournalOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")]
 BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed by 'archup upload').",
-                                               metavar="BATCH",
+                                               metavar="BATCH", autocompletion=complete_batch,
                                                show_default=False)]
 EndpointOption = Annotated[
     str | None,

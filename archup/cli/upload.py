@@ -58,6 +58,7 @@ from .options import (
     RetryMode,
     RetryModeOption,
     TimeoutOption,
+    complete_batch,
 )
 from .progress import RichProgress
 
@@ -309,7 +310,7 @@ def upload(
     full_object_checksum: FullObjectOption = True,
     prehash: PrehashOption = True,
     batch: Annotated[str | None, typer.Option("--batch", help="Continue this unfinished batch.",
-                                              show_default=False)] = None,
+                                              autocompletion=complete_batch, show_default=False)] = None,
     new_batch: Annotated[bool, typer.Option("--new-batch", help="Start a new batch even if an unfinished "
                                             "one of this source and destination exists.")] = False,
     no_finalize: NoFinalizeOption = False,
