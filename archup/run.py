@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from .batches import find_resumable, write_marker
 from .errors import ArchupError, BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
 from .finalize import FinalizeSummary, finalize
-from .journal import BatchRecord, BatchSettings, FileRecord, Journal
+from .journal import BatchRecord, BatchSettings, BatchSummary, FileRecord, Journal
 from .locations import resume_command
 from .lock import BatchLock, source_lock
 from .outcomes import UploadObserver, UploadResult
@@ -171,11 +171,15 @@ class RunOutcome:
     unreadable: list[dict[str, str | None]] = field(default_factory=list)
     unreadable_count: int = 0
     error: ArchupError | None = None
+    tally: BatchSummary | None = None    # the batch's counts at the end, when asked for (tally=True)
 
 
 def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | None = None,
-           stop: threading.Event | None = None) -> RunOutcome:
-    """``archup upload``: preflight, choose or create the batch, send it, finalize."""
+           stop: threading.Event | None = None, tally: bool = False) -> RunOutcome:
+    """``archup upload``: preflight, choose or create the batch, send it, finalize.
+
+    ``tally``: also count the batch's files and bytes per state at the end (a monitoring
+    file's numbers; one more read of the batch)."""
     listener = listener or QuietListener()
     stop = stop or threading.Event()
     transport = replace(request.transport, checksum=request.transport.checksum or ChecksumMode(
@@ -204,12 +208,12 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         with BatchLock(journal.path, record.batch_id):
             return _run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
                               parallel=request.parallel, prehash=request.prehash, no_finalize=request.no_finalize,
-                              profile=transport.profile, listener=listener, stop=stop)
+                              profile=transport.profile, listener=listener, stop=stop, tally=tally)
 
 
 def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = True,
            no_finalize: bool = False, listener: RunListener | None = None,
-           stop: threading.Event | None = None) -> RunOutcome:
+           stop: threading.Event | None = None, tally: bool = False) -> RunOutcome:
     """``archup resume BATCH``: continue a recorded batch from its journal, then finalize."""
     listener = listener or QuietListener()
     stop = stop or threading.Event()
@@ -222,7 +226,7 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
     with BatchLock(journal.path, batch_id):
         return _run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True, parallel=parallel,
                           prehash=prehash, no_finalize=no_finalize, profile=transport.profile, listener=listener,
-                          stop=stop)
+                          stop=stop, tally=tally)
 
 
 def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:
@@ -274,7 +278,7 @@ def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSett
 
 def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
                resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
-               listener: RunListener, stop: threading.Event) -> RunOutcome:
+               listener: RunListener, stop: threading.Event, tally: bool = False) -> RunOutcome:
     """Send (or continue) one batch while holding its lock, then finalize it."""
     batch_id = record.batch_id
     hint = resume_command(batch_id, journal.path, profile)
@@ -296,6 +300,8 @@ def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settin
         outcome.result = _scan_and_send(journal, store, batch_id, options, resumed=resumed, listener=listener,
                                         stop=stop)
     listener.sent(_skipped_files(journal, batch_id))
+    if tally:
+        outcome.tally = journal.get_state(batch_id, problem_limit=0)
     result = outcome.result
     if result.fatal is not None:
         return replace(outcome, kind="stopped", error=result.fatal)

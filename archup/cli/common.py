@@ -46,6 +46,7 @@ class Invocation:
     command: str = "archup"
     json_emitted: bool = False
     result: dict[str, Any] | None = None
+    outcome: Any = None  # a sending command's RunOutcome, for --metrics-file
     last_error: str | None = None
     pending: tuple[str, int] | None = None
 
@@ -53,6 +54,7 @@ class Invocation:
         self.command = f"archup {command}" if command else "archup"
         self.json_emitted = False
         self.result = None
+        self.outcome = None
         self.last_error = None
         self.pending = None
 

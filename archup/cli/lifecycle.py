@@ -17,7 +17,17 @@ from ..errors import ExitCode, UsageError
 from ..run import store_factory
 from ..scan import display_path
 from ..states import BatchState, FileState
-from .common import check_batch_id, emit_json, handles_errors, missing_journal, open_journal, print_fields, transport
+from .common import (
+    check_batch_id,
+    emit_json,
+    handles_errors,
+    invocation,
+    missing_journal,
+    open_journal,
+    print_fields,
+    transport,
+)
+from .metrics import MetricsFileOption, reports_metrics
 from .options import (
     BatchArgument,
     EndpointOption,
@@ -119,6 +129,7 @@ def abort(
 
 
 @handles_errors
+@reports_metrics("gc")
 def gc(
     older_than: Annotated[str | None, typer.Option(
         "--older-than", help="Expire unfinalized batches created longer ago than this (e.g. 24h); "
@@ -131,6 +142,7 @@ def gc(
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    metrics_file: MetricsFileOption = None,
 ) -> None:
     """Expire stale unfinalized batches (aborting their uploads) and report orphan multipart uploads."""
     age = parse_duration(older_than) if older_than else None
@@ -141,6 +153,7 @@ def gc(
         with open_journal(journal_path, create=False) as journal:
             report = collect_garbage(journal, store_factory(transport(endpoint_url, profile, region)), older_than=age,
                                      abort_orphans=abort_orphans)
+    invocation().result = report.as_dict()  # what --metrics-file counts, whatever is printed
     if json_output:
         emit_json(report.as_dict())
     elif not quiet:  # quiet: a nightly cron job mails only when something went wrong

@@ -37,6 +37,7 @@ from .common import (
     print_fields,
     transport,
 )
+from .metrics import MetricsFileOption, reports_metrics
 from .options import (
     BatchArgument,
     BwlimitOption,
@@ -213,6 +214,7 @@ class Talk:
 
 def render(outcome: RunOutcome, *, quiet: bool, json_output: bool) -> None:
     """Print how the run ended, then raise its error (exit 3, 5, 130 ...), if any."""
+    invocation().outcome = outcome
     report = outcome.report
     if outcome.kind == "partial" and report is not None:
         if json_output:
@@ -294,6 +296,7 @@ def _check_parallel(parallel: int) -> None:
 
 
 @handles_errors
+@reports_metrics("upload")
 def upload(
     directory: Annotated[Path, typer.Argument(help="Directory to upload.", metavar="DIR", show_default=False)],
     parallel: ParallelOption = 5,
@@ -344,6 +347,7 @@ def upload(
     retry_mode: RetryModeOption = RetryMode.STANDARD,
     grace: GraceOption = DEFAULT_GRACE,
     quiet: QuietOption = False,
+    metrics_file: MetricsFileOption = None,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -397,11 +401,13 @@ def upload(
         raise UsageError("no bucket: pass --bucket or set ARCHUP_BUCKET")
     with stop_on_signals(grace, json_output) as stopping, open_journal(journal_path) as journal:
         listener = Talk(not (quiet or json_output), stopping)
-        outcome = in_worker(lambda: run.upload(journal, request, listener=listener, stop=stopping.stop))
+        outcome = in_worker(lambda: run.upload(journal, request, listener=listener, stop=stopping.stop,
+                                                tally=metrics_file is not None))
     render(outcome, quiet=quiet, json_output=json_output)
 
 
 @handles_errors
+@reports_metrics("resume")
 def resume(
     batch_id: BatchArgument,
     parallel: ParallelOption = 5,
@@ -424,6 +430,7 @@ def resume(
     grace: GraceOption = DEFAULT_GRACE,
     no_finalize: NoFinalizeOption = False,
     quiet: QuietOption = False,
+    metrics_file: MetricsFileOption = None,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -438,5 +445,6 @@ def resume(
     with stop_on_signals(grace, json_output) as stopping, open_journal(journal_path) as journal:
         listener = Talk(not (quiet or json_output), stopping)
         outcome = in_worker(lambda: run.resume(journal, batch_id, how, parallel=parallel, prehash=prehash,
-                                               no_finalize=no_finalize, listener=listener, stop=stopping.stop))
+                                               no_finalize=no_finalize, listener=listener, stop=stopping.stop,
+                                               tally=metrics_file is not None))
     render(outcome, quiet=quiet, json_output=json_output)

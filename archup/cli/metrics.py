@@ -1,0 +1,103 @@
+"""--metrics-file: every upload, resume and gc leaves its outcome for monitoring, whatever it is."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .. import metrics
+from ..errors import ArchupError, ExitCode, Interrupted, exit_code_for
+from ..run import RunOutcome
+from .common import invocation
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("archup")
+
+MetricsFileOption = Annotated[Path | None, typer.Option(
+    "--metrics-file", help="Write this run's outcome to PATH in Prometheus textfile-collector format "
+    "(node_exporter), replaced atomically at the end of every run.", show_default=False)]
+
+
+def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) -> dict[str, str]:
+    """Which job this is: its bucket, prefix and source, from the batch where the run got that far."""
+    if outcome is not None and outcome.tally is not None:
+        batch = outcome.tally.batch
+        return {"bucket": batch.bucket, "prefix": batch.prefix, "source": batch.source_root}
+    if command == "upload":
+        from .upload import normalize_prefix
+
+        directory = kwargs.get("directory")
+        return {"bucket": kwargs.get("bucket") or "", "prefix": normalize_prefix(kwargs.get("prefix") or ""),
+                "source": str(Path(directory).absolute()) if directory is not None else ""}
+    return {"bucket": "", "prefix": "", "source": ""}
+
+
+def _count(job: metrics.JobMetrics, outcome: RunOutcome | None) -> None:
+    if outcome is None:
+        return
+    job.outcome = outcome.kind
+    if outcome.tally is not None:
+        for state in metrics.STATES:
+            found = next(s for s in outcome.tally.counts if s.value == state)
+            job.files[state] = outcome.tally.counts[found]
+            job.bytes[state] = outcome.tally.bytes_by_state[found]
+    job.extra["archup_last_run_bytes_sent"] = ("Bytes the last run sent (parts resumed are not sent again).",
+                                              outcome.result.bytes_sent)
+
+
+def reports_metrics(command: str) -> Callable[[F], F]:
+    """Wrap a command that takes ``metrics_file``: write the file when it ends, however it ends."""
+
+    def decorate(function: F) -> F:
+        @wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            path: Path | None = kwargs.get("metrics_file")
+            if path is None or kwargs.get("dry_run"):  # a dry run archives nothing: no outcome to report
+                return function(*args, **kwargs)
+            run = invocation()
+            run.outcome = None
+            job = metrics.JobMetrics(command, {}, started_at=time.time())
+            start = time.monotonic()
+            try:
+                value = function(*args, **kwargs)
+                job.exit_code, job.outcome = 0, "done"
+                return value
+            except typer.Exit as stop:
+                job.exit_code = int(stop.exit_code)
+                raise
+            except ArchupError as error:
+                job.exit_code = exit_code_for(error)
+                job.outcome = "interrupted" if isinstance(error, Interrupted) else "error"
+                raise
+            except KeyboardInterrupt:
+                job.exit_code, job.outcome = int(ExitCode.INTERRUPTED), "interrupted"
+                raise
+            finally:
+                job.duration_s = time.monotonic() - start
+                outcome = run.outcome if isinstance(run.outcome, RunOutcome) else None
+                job.labels = _labels(command, kwargs, outcome)
+                outcome_kind = job.outcome
+                _count(job, outcome)
+                if outcome_kind == "interrupted" or (outcome is not None and outcome.kind == "stopped"
+                                                     and isinstance(outcome.error, Interrupted)):
+                    job.outcome = "interrupted"
+                if command == "gc" and isinstance(run.result, dict):
+                    job.extra["archup_gc_batches_expired"] = ("Batches the last gc expired.",
+                                                             len(run.result.get("expired", [])))
+                try:
+                    metrics.write(path, job, now=time.time())
+                except metrics.MetricsError as error:
+                    # The run's own outcome stands; monitoring hears of it as a stale file.
+                    print(f"archup: warning: {error}", file=sys.stderr)
+                    log.warning("%s", error)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
