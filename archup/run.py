@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -180,6 +181,7 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
 
     ``tally``: also count the batch's files and bytes per state at the end (a monitoring
     file's numbers; one more read of the batch)."""
+    started = time.monotonic()
     listener = listener or QuietListener()
     stop = stop or threading.Event()
     transport = replace(request.transport, checksum=request.transport.checksum or ChecksumMode(
@@ -206,15 +208,17 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
             if changed:
                 listener.options_kept(record, changed)
         with BatchLock(journal.path, record.batch_id):
-            return _run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
-                              parallel=request.parallel, prehash=request.prehash, no_finalize=request.no_finalize,
-                              profile=transport.profile, listener=listener, stop=stop, tally=tally)
+            return _timed(_run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
+                                     parallel=request.parallel, prehash=request.prehash,
+                                     no_finalize=request.no_finalize, profile=transport.profile, listener=listener,
+                                     stop=stop, tally=tally), started)
 
 
 def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = True,
            no_finalize: bool = False, listener: RunListener | None = None,
            stop: threading.Event | None = None, tally: bool = False) -> RunOutcome:
     """``archup resume BATCH``: continue a recorded batch from its journal, then finalize."""
+    started = time.monotonic()
     listener = listener or QuietListener()
     stop = stop or threading.Event()
     record = journal.get_batch(batch_id)
@@ -224,9 +228,18 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
     store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
     store.check_bucket()
     with BatchLock(journal.path, batch_id):
-        return _run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True, parallel=parallel,
-                          prehash=prehash, no_finalize=no_finalize, profile=transport.profile, listener=listener,
-                          stop=stop, tally=tally)
+        return _timed(_run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True,
+                                 parallel=parallel, prehash=prehash, no_finalize=no_finalize,
+                                 profile=transport.profile, listener=listener, stop=stop, tally=tally), started)
+
+
+def _timed(outcome: RunOutcome, started: float) -> RunOutcome:
+    """The report gets the run's wall time and its average rate (bytes sent per second)."""
+    if outcome.report is not None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        outcome.report["elapsed_s"] = round(elapsed, 3)
+        outcome.report["bytes_per_s"] = int(outcome.result.bytes_sent / elapsed)
+    return outcome
 
 
 def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:

@@ -210,11 +210,12 @@ BAD_OPTION = {
     "list": ["--status", "bogus"],
     "abort": ["--purge=yes", WELL_FORMED_UNKNOWN],
     "gc": ["--abort-orphans=maybe"],
+    "version": ["--json=yes"],
 }
 
 COMMAND_ARGS = {"upload": ["DIR"], "status": [WELL_FORMED_UNKNOWN], "resume": [WELL_FORMED_UNKNOWN],
                 "finalize": [WELL_FORMED_UNKNOWN], "verify": [WELL_FORMED_UNKNOWN], "list": [],
-                "abort": [WELL_FORMED_UNKNOWN], "gc": []}
+                "abort": [WELL_FORMED_UNKNOWN], "gc": [], "version": []}
 
 
 def test_every_command_has_its_json_cases() -> None:
@@ -256,8 +257,8 @@ def test_every_command_reports_a_config_error_and_does_nothing(source: Path, tmp
                                                                command: str) -> None:
     journal = tmp_path / "journal.db"
     args = [str(source) if arg == "DIR" else arg for arg in COMMAND_ARGS[command]]
-    result = upload_in_process("--config", str(tmp_path / "absent.toml"), command, "--journal", str(journal),
-                               "--json", *args)
+    where = [] if command == "version" else ["--journal", str(journal)]  # version has no journal
+    result = upload_in_process("--config", str(tmp_path / "absent.toml"), command, *where, "--json", *args)
     assert result.exit_code == 2, result.stderr
     assert "absent.toml does not exist" in one_json_object(result.stdout)["error"]
     assert not journal.exists()

@@ -4,6 +4,7 @@ summary. Run for real in a pseudo-terminal, as a person at a shell would see it;
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -63,5 +64,32 @@ def test_a_terminal_gets_live_progress_and_the_summary(cli, bucket, tmp_path: Pa
     assert re.search(r"\d:\d\d:\d\d", plain), plain
     assert "file-" in plain.split("files", 1)[1], plain
     # Then the summary, as a table.
-    assert re.search(rf"│ files_uploaded +│ {FILES} +│", plain), plain
+    # Labels in words, sizes, the time it took and the average rate in units (cron keeps raw numbers).
+    assert re.search(rf"│ files uploaded +│ {FILES} +│", plain), plain
     assert re.search(r"│ status +│ enqueued +│", plain), plain
+    assert re.search(r"│ size +│ 1\.00 MiB +│", plain), plain
+    assert re.search(r"│ elapsed +│ \d+(\.\d)?s +│", plain), plain
+    assert re.search(r"│ rate +│ \d+(\.\d+)? [KM]iB/s +│", plain), plain
+
+
+def test_status_and_list_on_a_terminal_read_at_a_glance(cli, bucket, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for index in range(3):
+        (source / f"file-{index}.bin").write_bytes(os.urandom(SIZE))
+    uploaded = cli("upload", "--json", str(source))
+    assert uploaded.exit_code == 0, uploaded.stderr
+    batch_id = json.loads(uploaded.stdout)["batch_id"]
+    journal = ["--journal", str(cli.journal)]
+
+    code, output = _run_in_a_terminal([sys.executable, "-m", "archup", "status", batch_id, *journal])
+    assert code == 0, output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert re.search(r"│ bytes +│ 384 KiB of 384 KiB uploaded +│", plain), plain
+
+    code, output = _run_in_a_terminal([sys.executable, "-m", "archup", "list", *journal])
+    assert code == 0, output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    header = next(line for line in plain.splitlines() if "Batch" in line)
+    assert re.search(r"Batch +Status +Age +Files +Uploaded +Source", header), plain
+    assert re.search(rf"{batch_id} +enqueued +\S+ +3 of 3 +384 KiB of 384 KiB +", plain), plain

@@ -225,19 +225,23 @@ def emit_json(document: Any, *, run: Invocation | None = None) -> None:
 
 
 def print_fields(fields: list[tuple[str, Any]]) -> None:
-    """A summary: a table on a terminal; for cron (not a terminal) aligned plain lines,
-    no box drawing, no escape codes, one ``name  value`` a line for grep and awk."""
+    """A summary: a table on a terminal, labels in words and numbers in units; for cron (not a
+    terminal) aligned plain lines, no box drawing, no escape codes, one ``name  value`` a line
+    with the raw number, for grep and awk."""
     invocation().result = dict(fields)
     if sys.stdout.isatty():
         from rich import box
         from rich.table import Table
         from rich.text import Text
 
+        from . import human
+
         table = Table(show_header=False, box=box.ROUNDED)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
         for name, value in fields:
-            table.add_row(name, Text(display_path(str(value))))  # Text: a file name is never markup
+            # Text: a file name is never markup.
+            table.add_row(human.label(name), Text(display_path(str(human.value(name, value)))))
         Console(highlight=False).print(table)
         return
     width = max(len(name) for name, _ in fields)

@@ -17,6 +17,7 @@ from ..errors import ExitCode, UsageError
 from ..run import store_factory
 from ..scan import display_path
 from ..states import BatchState, FileState
+from . import human
 from .common import (
     check_batch_id,
     emit_json,
@@ -99,10 +100,31 @@ def list_batches(
         return
     if missing is not None:
         _say_missing(missing)
-    for row in rows:
+    if sys.stdout.isatty():
+        _print_table(rows)
+        return
+    for row in rows:  # cron and scripts: one line a batch, raw numbers
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
               f"{row['files_uploaded']}/{row['files_total']} files  "
               f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}")
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """On a terminal: a header row, sizes in units, as rclone and restic list things."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for heading, justify in (("Batch", "left"), ("Status", "left"), ("Age", "right"), ("Files", "right"),
+                             ("Uploaded", "right"), ("Source", "left")):
+        table.add_column(heading, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(row["batch_id"], row["status"], row["age"], f"{row['files_uploaded']} of {row['files_total']}",
+                      f"{human.size(row['bytes_uploaded'])} of {human.size(row['bytes_total'])}",
+                      Text(display_path(row["source_root"])))
+    Console(highlight=False).print(table)
 
 
 @handles_errors

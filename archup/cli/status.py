@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from ..journal import BatchSummary, FileRecord
 from ..scan import display_path
 from ..states import FileState
+from . import human
 from .common import (
     check_batch_id,
     emit_json,
@@ -69,6 +71,7 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         emit_json(document)
         return
     files = document["files"]
+    amount = human.size if sys.stdout.isatty() else str  # cron and scripts keep the raw number
     print_fields([
         ("batch_id", document["batch_id"]),
         ("status", document["status"]),
@@ -78,7 +81,7 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         ("files", ", ".join(f"{count} {state}" for state, count in files.items() if count or state == "total")
          + (f"; {document['files_already_archived']} already archived" if document["files_already_archived"]
             else "")),
-        ("bytes", f"{document['bytes_uploaded']} of {document['bytes_total']} uploaded"),
+        ("bytes", f"{amount(document['bytes_uploaded'])} of {amount(document['bytes_total'])} uploaded"),
         ("created", document["created_at"]),
         ("updated", document["updated_at"]),
         ("expires", document["expires_at"] if not document["finalized_at"] else "never (finalized)"),

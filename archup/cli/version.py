@@ -9,7 +9,7 @@ from importlib import metadata
 import typer
 
 from .. import __version__
-from .common import emit_json
+from .common import emit_json, handles_errors
 from .options import JsonOption
 
 # The libraries that decide how archup talks to a server; None where one is not installed.
@@ -42,6 +42,7 @@ def show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+@handles_errors
 def version(json_output: JsonOption = False) -> None:
     """Print archup's version and those of Python, boto3, botocore and awscrt (where installed)."""
     if json_output:
