@@ -137,19 +137,21 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
             "to send them again")
 
     summary_key = manifest.summary_key(batch)
-    files_skipped = journal.get_state(batch_id).counts[FileState.SKIPPED]
     entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]))
-    with entries.handle:
+    skipped = manifest.write_entries(journal.iter_files(batch_id, [FileState.SKIPPED]), manifest.skipped_entry)
+    with entries.handle, skipped.handle:
         existing = _existing_summary(store, summary_key)
         if existing is None:
-            # The summary does not exist yet, so overwriting the entries object is safe:
-            # nothing seals it until the summary below is written.
+            # The summary does not exist yet, so overwriting the entries and skipped objects
+            # is safe: nothing seals them until the summary below is written.
             store.put_object(manifest.entries_key(batch), entries.handle.read(),
                              metadata={SHA256_METADATA: entries.sha256})
+            store.put_object(manifest.skipped_key(batch), skipped.handle.read(),
+                             metadata={SHA256_METADATA: skipped.sha256})
             crash_point("after-manifest-entries")
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(
-                manifest.summary(batch, entries, finalized_at=finalized_at, files_skipped=files_skipped))
+                manifest.summary(batch, entries, finalized_at=finalized_at, skipped=skipped))
             if store.put_if_absent(summary_key, body) is None:
                 existing = _existing_summary(store, summary_key)
                 if existing is None:
@@ -159,16 +161,20 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
                                         "PreconditionFailed")
             crash_point("after-manifest-summary")
         if existing is not None:
-            finalized_at = _adopt(existing, batch, entries, summary_key)
+            finalized_at = _adopt(existing, batch, entries, skipped, summary_key)
     journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key=summary_key, finalized_at=finalized_at)
     return _summary_from_journal(journal, journal.get_batch(batch_id))
 
 
-def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile, key: str) -> str:
-    """A summary is already there: accept it only if it seals exactly these entries."""
-    sealed = existing.get("entries")
+def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile,
+           skipped: manifest.EntriesFile, key: str) -> str:
+    """A summary is already there: accept it only if it seals exactly these entries (and skipped list)."""
+    sealed, sealed_skipped = existing.get("entries"), existing.get("skipped")
     same = (existing.get("batch_id") == batch.batch_id
-            and isinstance(sealed, dict) and sealed.get("sha256") == entries.sha256)
+            and isinstance(sealed, dict) and sealed.get("sha256") == entries.sha256
+            # A summary from before the skipped list has none to compare.
+            and (sealed_skipped is None
+                 or (isinstance(sealed_skipped, dict) and sealed_skipped.get("sha256") == skipped.sha256)))
     if not same:
         raise ManifestConflict(f"{key} already exists and describes other contents; "
                                "archup will not overwrite a manifest (inspect it; to give the batch up, delete "

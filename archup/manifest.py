@@ -1,12 +1,14 @@
 """The manifest: what a finalized batch holds, written once under its prefix.
 
-Two objects (docs/manifest.md):
+Three objects (docs/manifest.md):
 
 * ``<batch prefix>manifest.jsonl``: one JSON object per uploaded file, in key
   order, streamed from the journal to a temporary file (never held in memory);
+* ``<batch prefix>manifest-skipped.jsonl``: one JSON object per file the scan found
+  and did not upload (skipped by policy, or unreadable), with its reason, in key order;
 * ``<batch prefix>manifest.json``: the summary, written last with
-  ``If-None-Match: *``. It names the entries object with its SHA-256, so it
-  seals them: the summary's existence is what "finalized" means in the bucket.
+  ``If-None-Match: *``. It names the other two with their SHA-256, so it seals
+  them: the summary's existence is what "finalized" means in the bucket.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .journal import BatchRecord, FileRecord
 
 FORMAT = "archup-manifest"
+# Fields are added within version 1 (readers ignore what they do not know): "skipped", the
+# seal on the list of what was not archived, came after the first manifests, which lack it.
 FORMAT_VERSION = 1
 SUMMARY_NAME = "manifest.json"
 ENTRIES_NAME = "manifest.jsonl"
+SKIPPED_NAME = "manifest-skipped.jsonl"
 
 
 def summary_key(batch: BatchRecord) -> str:
@@ -32,6 +37,16 @@ def summary_key(batch: BatchRecord) -> str:
 
 def entries_key(batch: BatchRecord) -> str:
     return f"{batch.batch_prefix}{ENTRIES_NAME}"
+
+
+def skipped_key(batch: BatchRecord) -> str:
+    return f"{batch.batch_prefix}{SKIPPED_NAME}"
+
+
+def skipped_entry(record: FileRecord) -> dict[str, Any]:
+    """A file the batch does not hold, and why (the reason as the scan recorded it)."""
+    return {"path": record.rel_path, "reason": record.error or "skipped", "size": record.size,
+            "mtime_ns": record.mtime_ns}
 
 
 def entry(record: FileRecord) -> dict[str, Any]:
@@ -55,13 +70,15 @@ class EntriesFile:
     total_bytes: int
 
 
-def write_entries(records: Iterable[FileRecord]) -> EntriesFile:
-    """Stream entries to a temporary file, hashing as it goes; the caller closes the handle."""
+def write_entries(records: Iterable[FileRecord],
+                  encode: Callable[[FileRecord], dict[str, Any]] = entry) -> EntriesFile:
+    """Stream entries (``encode``: uploaded files' or skipped files') to a temporary file,
+    hashing as it goes; the caller closes the handle."""
     handle = tempfile.TemporaryFile()
     hasher = hashlib.sha256()
     count = total_bytes = size = 0
     for record in records:
-        line = (json.dumps(entry(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        line = (json.dumps(encode(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         handle.write(line)
         hasher.update(line)
         size += len(line)
@@ -71,7 +88,11 @@ def write_entries(records: Iterable[FileRecord]) -> EntriesFile:
     return EntriesFile(handle, hasher.hexdigest(), size, count, total_bytes)
 
 
-def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, files_skipped: int) -> dict[str, Any]:
+def seal(key: str, sealed: EntriesFile) -> dict[str, Any]:
+    return {"key": key, "sha256": sealed.sha256, "bytes": sealed.size, "count": sealed.count}
+
+
+def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, skipped: EntriesFile) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -85,14 +106,10 @@ def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, file
             "prefix": batch.batch_prefix,
         },
         "files_uploaded": entries.count,
-        "files_skipped": files_skipped,
+        "files_skipped": skipped.count,
         "total_bytes": entries.total_bytes,
-        "entries": {
-            "key": entries_key(batch),
-            "sha256": entries.sha256,
-            "bytes": entries.size,
-            "count": entries.count,
-        },
+        "entries": seal(entries_key(batch), entries),
+        "skipped": seal(skipped_key(batch), skipped),
     }
 
 

@@ -63,6 +63,12 @@ class Problem(str, Enum):
     TOTAL_BYTES_MISMATCH = "total_bytes_mismatch"
     ENTRY_INVALID = "entry_invalid"
     ENTRY_OUT_OF_ORDER = "entry_out_of_order"
+    # The list of what was not archived (manifest-skipped.jsonl), where the summary seals one
+    SKIPPED_MISSING = "skipped_missing"
+    SKIPPED_CHECKSUM_MISMATCH = "skipped_checksum_mismatch"
+    SKIPPED_SIZE_MISMATCH = "skipped_size_mismatch"
+    SKIPPED_COUNT_MISMATCH = "skipped_count_mismatch"
+    SKIPPED_ENTRY_INVALID = "skipped_entry_invalid"
 
 
 Value = Union[str, int, None]
@@ -218,6 +224,24 @@ def _summary_problem(document: Any, batch_id: str) -> tuple[str, Value, Value] |
     for name in ("bytes", "count"):
         if not _is_count(entries.get(name)):
             return f"entries.{name}", "a non-negative integer", str(entries.get(name))
+    skipped = document.get("skipped")  # absent in manifests written before it was added
+    if skipped is not None:
+        if not isinstance(skipped, dict) or not isinstance(skipped.get("key"), str) \
+                or not isinstance(skipped.get("sha256"), str):
+            return "skipped", "key and sha256 strings", json.dumps(skipped)
+        for name in ("bytes", "count"):
+            if not _is_count(skipped.get(name)):
+                return f"skipped.{name}", "a non-negative integer", str(skipped.get(name))
+    return None
+
+
+def _skipped_problem(document: Any) -> str | None:
+    if not isinstance(document, dict):
+        return "not a JSON object"
+    if not isinstance(document.get("path"), str) or not document["path"]:
+        return "path is not a non-empty string"
+    if not isinstance(document.get("reason"), str):
+        return "reason is not a string"
     return None
 
 
@@ -274,12 +298,42 @@ class _Verification:
             what, expected, actual = problem
             self.add(Difference(summary_key, None, Problem.MANIFEST_INVALID, f"{what}: {expected}", actual))
             return None
+        if document.get("skipped") is not None:
+            self.trailing.extend(self._check_skipped(document))
         seal = document["entries"]
         reader = self.store.open_object(seal["key"])
         if reader is None:
             self.add(Difference(seal["key"], None, Problem.ENTRIES_MISSING, seal["sha256"], None))
             return None
         return self._manifest_files(document, _EntriesStream(self.store, seal["key"], reader))
+
+    def _check_skipped(self, summary: dict[str, Any]) -> list[Difference]:
+        """The list of files the batch does not hold, against its seal and files_skipped."""
+        seal = summary["skipped"]
+        reader = self.store.open_object(seal["key"])
+        if reader is None:
+            return [Difference(seal["key"], None, Problem.SKIPPED_MISSING, seal["sha256"], None)]
+        stream = _EntriesStream(self.store, seal["key"], reader)
+        found: list[Difference] = []
+        count = 0
+        for number, line in enumerate(stream.lines(), start=1):
+            count += 1
+            try:
+                reason = _skipped_problem(json.loads(line))
+            except ValueError as error:  # UnicodeDecodeError included
+                reason = f"JSON: {error}"
+            if reason is not None:
+                found.append(Difference(seal["key"], None, Problem.SKIPPED_ENTRY_INVALID, f"line {number}", reason))
+        checks: list[tuple[Problem, Value, Value]] = [
+            (Problem.SKIPPED_CHECKSUM_MISMATCH, seal["sha256"], stream.hasher.hexdigest()),
+            (Problem.SKIPPED_SIZE_MISMATCH, seal["bytes"], stream.bytes),
+            (Problem.SKIPPED_COUNT_MISMATCH, seal["count"], count),
+        ]
+        if _is_count(summary.get("files_skipped")):
+            checks.append((Problem.SKIPPED_COUNT_MISMATCH, summary["files_skipped"], count))
+        found += [Difference(seal["key"], None, problem, expected, actual)
+                  for problem, expected, actual in checks if expected != actual]
+        return found
 
     def _manifest_files(self, summary: dict[str, Any], stream: _EntriesStream) -> Iterator[Expected]:
         seal = summary["entries"]
