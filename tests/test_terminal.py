@@ -92,4 +92,4 @@ def test_status_and_list_on_a_terminal_read_at_a_glance(cli, bucket, tmp_path: P
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
     header = next(line for line in plain.splitlines() if "Batch" in line)
     assert re.search(r"Batch +Status +Age +Files +Uploaded +Source", header), plain
-    assert re.search(rf"{batch_id} +enqueued +\S+ +3 of 3 +384 KiB of 384 KiB +", plain), plain
+    assert re.search(rf"{batch_id} +enqueued +\d+(\.\d)?s +3 of 3 +384 KiB of 384 KiB +", plain), plain

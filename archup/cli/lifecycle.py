@@ -61,9 +61,12 @@ def _say_missing(path: Path) -> None:
     print(f"archup: no journal at {path} (nothing uploaded yet)", file=sys.stderr)
 
 
+def _seconds_since(created_at: str) -> float:
+    return (utcnow() - datetime.fromisoformat(created_at.replace("Z", "+00:00"))).total_seconds()
+
+
 def _age(created_at: str) -> str:
-    created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    seconds = int((utcnow() - created).total_seconds())
+    seconds = int(_seconds_since(created_at))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -121,7 +124,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                              ("Uploaded", "right"), ("Source", "left")):
         table.add_column(heading, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
-        table.add_row(row["batch_id"], row["status"], row["age"], f"{row['files_uploaded']} of {row['files_total']}",
+        table.add_row(row["batch_id"], row["status"], human.duration(max(0.0, _seconds_since(row["created_at"]))),
+                      f"{row['files_uploaded']} of {row['files_total']}",
                       f"{human.size(row['bytes_uploaded'])} of {human.size(row['bytes_total'])}",
                       Text(display_path(row["source_root"])))
     Console(highlight=False).print(table)

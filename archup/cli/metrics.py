@@ -71,6 +71,8 @@ def reports_metrics(command: str) -> Callable[[F], F]:
                 return value
             except typer.Exit as stop:
                 job.exit_code = int(stop.exit_code)
+                if job.exit_code == 0:
+                    job.outcome = "done"
                 raise
             except ArchupError as error:
                 job.exit_code = exit_code_for(error)
