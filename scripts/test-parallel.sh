@@ -6,6 +6,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
+source "$root/scripts/local-s3.sh"
 
 work="$(mktemp -d)"
 server_pid=""
@@ -15,29 +16,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export AWS_ACCESS_KEY_ID=test-parallel AWS_SECRET_ACCESS_KEY=test-parallel AWS_DEFAULT_REGION=us-east-1
-export AWS_CONFIG_FILE="$work/no-aws-config" AWS_SHARED_CREDENTIALS_FILE="$work/no-aws-credentials"
-unset AWS_PROFILE AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 ARCHUP_BUCKET ARCHUP_ENDPOINT_URL ARCHUP_PREFIX || true
-
-port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-endpoint="http://127.0.0.1:$port"
-moto_server -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
-server_pid=$!
-python - "$endpoint" <<'PY'
-import sys, time, urllib.request
-deadline = time.monotonic() + 30
-while True:
-    try:
-        urllib.request.urlopen(sys.argv[1], timeout=1)
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            sys.exit("moto server did not start within 30 s")
-        time.sleep(0.1)
-PY
-
 bucket=archup-test-parallel
-python -c "import boto3, sys; boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket=sys.argv[2])" "$endpoint" "$bucket"
+start_local_s3 "$bucket"
 
 mkdir "$work/src"
 for i in 1 2 3 4 5; do head -c 1024 /dev/urandom >"$work/src/file$i.bin"; done
