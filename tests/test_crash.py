@@ -558,7 +558,9 @@ def test_one_batch_killed_again_and_again_converges_within_the_byte_budget(
     # Kills at random points of the batch's progress (plus up to 0.3 s, so a kill lands anywhere
     # in the pipeline, not just after a commit); the first as soon as anything is stored. Each
     # run must store something new before its kill, so no kill is spent on start-up alone.
-    planned = sorted([1] + [int(rng.uniform(0.02, 0.95) * batch_bytes) for _ in range(kills - 1)])
+    # Up to 85 % of the bytes, not 95 %: on a loaded machine the last 5 % plus the jitter let a
+    # run print its summary before the kill landed (a kill after the work, not during it).
+    planned = sorted([1] + [int(rng.uniform(0.02, 0.85) * batch_bytes) for _ in range(kills - 1)])
     server = ServerBytes(monkeypatch, bucket)
     batch_id: str | None = None
     at_kill: list[AtKill] = []
