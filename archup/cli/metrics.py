@@ -35,7 +35,7 @@ def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) ->
 
         directory = kwargs.get("directory")
         return {"bucket": kwargs.get("bucket") or "", "prefix": normalize_prefix(kwargs.get("prefix") or ""),
-                "source": str(Path(directory).absolute()) if directory is not None else ""}
+                "source": str(Path(directory).resolve()) if directory is not None else ""}
     return {"bucket": "", "prefix": "", "source": ""}
 
 
