@@ -235,6 +235,14 @@ def _summary_problem(document: Any, batch_id: str) -> tuple[str, Value, Value] |
     return None
 
 
+def _against_seal(seal: dict[str, Any], stream: _EntriesStream, count: int,
+                  problems: tuple[Problem, Problem, Problem]) -> list[tuple[Problem, Value, Value]]:
+    """(problem, sealed, read) for the SHA-256, the size and the line count of a sealed list."""
+    checksum, size, lines = problems
+    return [(checksum, seal["sha256"], stream.hasher.hexdigest()), (size, seal["bytes"], stream.bytes),
+            (lines, seal["count"], count)]
+
+
 def _skipped_problem(document: Any) -> str | None:
     if not isinstance(document, dict):
         return "not a JSON object"
@@ -324,11 +332,8 @@ class _Verification:
                 reason = f"JSON: {error}"
             if reason is not None:
                 found.append(Difference(seal["key"], None, Problem.SKIPPED_ENTRY_INVALID, f"line {number}", reason))
-        checks: list[tuple[Problem, Value, Value]] = [
-            (Problem.SKIPPED_CHECKSUM_MISMATCH, seal["sha256"], stream.hasher.hexdigest()),
-            (Problem.SKIPPED_SIZE_MISMATCH, seal["bytes"], stream.bytes),
-            (Problem.SKIPPED_COUNT_MISMATCH, seal["count"], count),
-        ]
+        checks = _against_seal(seal, stream, count, (Problem.SKIPPED_CHECKSUM_MISMATCH,
+                                                     Problem.SKIPPED_SIZE_MISMATCH, Problem.SKIPPED_COUNT_MISMATCH))
         if _is_count(summary.get("files_skipped")):
             checks.append((Problem.SKIPPED_COUNT_MISMATCH, summary["files_skipped"], count))
         found += [Difference(seal["key"], None, problem, expected, actual)
@@ -359,11 +364,8 @@ class _Verification:
             previous_key = document["key"]
             yield ExpectedFile.from_entry(document)
         # The seal is checked only now, after the last byte: the entries were never held whole.
-        checks: list[tuple[Problem, Value, Value]] = [
-            (Problem.ENTRIES_CHECKSUM_MISMATCH, seal["sha256"], stream.hasher.hexdigest()),
-            (Problem.ENTRIES_SIZE_MISMATCH, seal["bytes"], stream.bytes),
-            (Problem.ENTRIES_COUNT_MISMATCH, seal["count"], count),
-        ]
+        checks = _against_seal(seal, stream, count, (Problem.ENTRIES_CHECKSUM_MISMATCH,
+                                                     Problem.ENTRIES_SIZE_MISMATCH, Problem.ENTRIES_COUNT_MISMATCH))
         if _is_count(summary.get("total_bytes")):
             checks.append((Problem.TOTAL_BYTES_MISMATCH, summary["total_bytes"], total_bytes))
         for problem, expected, actual in checks:
