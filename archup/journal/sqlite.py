@@ -84,11 +84,6 @@ class SQLiteJournal:
         with self.db.atomic() as conn:
             yield conn
 
-    @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
-        with self.db.snapshot() as conn:
-            yield conn
-
     def integrity_check(self) -> str:
         return self.db.integrity_check()
 
