@@ -19,7 +19,7 @@ POINTS = (
     "before-put-object",        # a single-PUT file is about to be sent
     "during-put-object",        # a file's PutObject is signed and on its way, the server has not got it all
     "after-put-object",         # the object exists, the journal still says pending
-    "after-manifest-entries",   # finalize wrote manifest.jsonl, not the summary
+    "after-manifest-entries",   # finalize wrote manifest.jsonl and manifest-skipped.jsonl, not the summary
     "after-manifest-summary",   # finalize wrote manifest.json, the journal says finalizing
 )
 

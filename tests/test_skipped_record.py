@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,46 @@ def test_a_manifest_written_before_the_skipped_list_still_verifies(cli, s3, buck
     assert code == 0 and report["ok"] and report["source"] == "manifest", report
     rerun = cli("finalize", summary["batch_id"], "--endpoint-url", cli.endpoint, "--json")
     assert rerun.exit_code == 0, rerun.stderr  # and finalize still takes it as the batch's seal
+
+
+def sealed_but_not_recorded(cli: Any, source: Path) -> str:
+    """A finalize killed after writing manifest.json, before the journal's commit: 'finalizing'."""
+    result = cli.subprocess("upload", "--json", str(source), env={"ARCHUP_CRASH_AT": "after-manifest-summary:1"})
+    assert result.exit_code == -signal.SIGKILL, result.stderr
+    listed = cli("list", "--json")
+    [batch] = json.loads(listed.stdout)["batches"]
+    assert batch["status"] == "finalizing", batch
+    return str(batch["batch_id"])
+
+
+def test_finalize_adopts_a_summary_written_before_the_skipped_list(cli, s3, bucket: str, tmp_path: Path) -> None:
+    """Sealed by the archup before this one, which died before its journal commit; finalized by this one."""
+    source_with_a_fifo_and_a_symlink(tmp_path / "src")
+    batch_id = sealed_but_not_recorded(cli, tmp_path / "src")
+    key = f"staging/{batch_id}/manifest.json"
+    document = json.loads(get(s3, bucket, key))
+    del document["skipped"]
+    older = (json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    s3.put_object(Bucket=bucket, Key=key, Body=older)
+
+    adopted = cli("finalize", batch_id, "--endpoint-url", cli.endpoint, "--json")
+    assert adopted.exit_code == 0, adopted.stderr
+    assert json.loads(adopted.stdout)["finalized_at"] == document["finalized_at"]
+    assert get(s3, bucket, key) == older  # adopted, never rewritten
+    code, report = verify(cli, batch_id)
+    assert code == 0 and report["ok"], report
+
+
+def test_finalize_refuses_a_summary_sealing_other_skipped_files(cli, s3, bucket: str, tmp_path: Path) -> None:
+    source_with_a_fifo_and_a_symlink(tmp_path / "src")
+    batch_id = sealed_but_not_recorded(cli, tmp_path / "src")
+    key = f"staging/{batch_id}/manifest.json"
+    document = json.loads(get(s3, bucket, key))
+    document["skipped"]["sha256"] = hashlib.sha256(b"other skipped files\n").hexdigest()
+    other = (json.dumps(document, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    s3.put_object(Bucket=bucket, Key=key, Body=other)
+
+    refused = cli("finalize", batch_id, "--endpoint-url", cli.endpoint, "--json")
+    assert refused.exit_code == 1, refused.stdout
+    assert "already exists and describes other contents" in refused.stderr
+    assert get(s3, bucket, key) == other
