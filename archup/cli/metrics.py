@@ -15,6 +15,7 @@ import typer
 from .. import metrics
 from ..errors import ArchupError, ExitCode, Interrupted, exit_code_for
 from ..run import RunOutcome
+from ..states import FileState
 from .common import invocation
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,12 +43,12 @@ def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) ->
 def _count(job: metrics.JobMetrics, outcome: RunOutcome | None) -> None:
     if outcome is None:
         return
-    job.outcome = outcome.kind
+    if job.outcome != "interrupted":  # an interrupted run's outcome is "stopped"; say why it stopped
+        job.outcome = outcome.kind
     if outcome.tally is not None:
         for state in metrics.STATES:
-            found = next(s for s in outcome.tally.counts if s.value == state)
-            job.files[state] = outcome.tally.counts[found]
-            job.bytes[state] = outcome.tally.bytes_by_state[found]
+            job.files[state] = outcome.tally.counts[FileState(state)]
+            job.bytes[state] = outcome.tally.bytes_by_state[FileState(state)]
     job.extra["archup_last_run_bytes_sent"] = ("Bytes the last run sent (parts resumed are not sent again).",
                                               outcome.result.bytes_sent)
 
@@ -85,11 +86,7 @@ def reports_metrics(command: str) -> Callable[[F], F]:
                 job.duration_s = time.monotonic() - start
                 outcome = run.outcome if isinstance(run.outcome, RunOutcome) else None
                 job.labels = _labels(command, kwargs, outcome)
-                outcome_kind = job.outcome
                 _count(job, outcome)
-                if outcome_kind == "interrupted" or (outcome is not None and outcome.kind == "stopped"
-                                                     and isinstance(outcome.error, Interrupted)):
-                    job.outcome = "interrupted"
                 if command == "gc" and isinstance(run.result, dict):
                     job.extra["archup_gc_batches_expired"] = ("Batches the last gc expired.",
                                                              len(run.result.get("expired", [])))
