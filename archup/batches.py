@@ -114,17 +114,54 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
     orphan_uploads: list[dict[str, str]] = field(default_factory=list)
     orphans_aborted: int = 0
+    # Terminal batches whose file and part rows were forgotten (--forget-after), and the
+    # journal's size on disk before and after giving the space back.
+    forgotten: list[str] = field(default_factory=list)
+    journal_bytes_before: int = 0
+    journal_bytes_after: int = 0
+
+    @property
+    def bytes_freed(self) -> int:
+        return max(0, self.journal_bytes_before - self.journal_bytes_after)
 
     def as_dict(self) -> dict[str, object]:
         return {"expired": [report.as_dict() for report in self.expired], "busy": self.busy,
                 "sealed": self.sealed, "errors": self.errors, "orphan_uploads": self.orphan_uploads,
-                "orphans_aborted": self.orphans_aborted}
+                "orphans_aborted": self.orphans_aborted, "forgotten": self.forgotten,
+                "journal_bytes_before": self.journal_bytes_before, "journal_bytes_after": self.journal_bytes_after,
+                "bytes_freed": self.bytes_freed}
+
+
+# What gc forgets by default: terminal batches that ended more than this long ago.
+FORGET_AFTER = timedelta(days=30)
+
+
+def forget_ended(journal: Journal, report: GcReport, forget_after: timedelta, now: datetime) -> None:
+    """Forget the file and part rows of the terminal batches that ended (their last change)
+    before ``now - forget_after``, each under its batch lock (a busy one is left for the
+    next gc), then give the space back."""
+    deadline = isoformat(now - forget_after)
+    report.journal_bytes_before = report.journal_bytes_after = journal.size_on_disk()
+    for batch in journal.list_batches():
+        if not batch.state.terminal or batch.forgotten_at is not None or batch.updated_at >= deadline:
+            continue
+        try:
+            with BatchLock(journal.path, batch.batch_id):
+                if journal.forget_batch(batch.batch_id):
+                    report.forgotten.append(batch.batch_id)
+        except BatchBusy:
+            report.busy.append(batch.batch_id)
+    if report.forgotten:
+        journal.compact()
+        report.journal_bytes_after = journal.size_on_disk()
 
 
 def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: timedelta | None = None,
-                    now: datetime | None = None, abort_orphans: bool = False) -> GcReport:
+                    now: datetime | None = None, abort_orphans: bool = False,
+                    forget_after: timedelta | None = None) -> GcReport:
     """Expire unfinalized batches past their time to live; report (and optionally abort)
-    multipart uploads under a known staging prefix that no batch in the journal owns."""
+    multipart uploads under a known staging prefix that no batch in the journal owns; with
+    ``forget_after``, forget the terminal batches that ended longer ago than that."""
     now = now or utcnow()
     report = GcReport()
     batches = journal.list_batches()
@@ -176,4 +213,6 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
                     report.orphans_aborted += 1
         except ArchupError as error:
             report.errors.append(f"listing uploads under s3://{batch.bucket}/{batch.prefix}: {error}")
+    if forget_after is not None:
+        forget_ended(journal, report, forget_after, now)
     return report

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +23,8 @@ from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferErro
 from .journal import BatchRecord, FileRecord, Journal
 from .locations import resume_command
 from .reconcile import abort_leftover_uploads
-from .scan import FILES_DIR, display_path
+from .scan import FILES_DIR, LISTED_BUT_MISSING, UNREADABLE_REASONS, display_path
+from .select import Selector
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
@@ -162,8 +163,37 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
             crash_point("after-manifest-summary")
         if existing is not None:
             finalized_at = _adopt(existing, batch, entries, skipped, summary_key)
-    journal.set_batch_state(batch_id, BatchState.ENQUEUED, manifest_key=summary_key, finalized_at=finalized_at)
+    # The seal and the archived index, in one transaction.
+    journal.seal_batch(batch_id, manifest_key=summary_key, finalized_at=finalized_at,
+                       covers=walk_covers(journal, batch))
     return _summary_from_journal(journal, journal.get_batch(batch_id))
+
+
+def walk_covers(journal: Journal, batch: BatchRecord) -> Callable[[str], bool] | None:
+    """Which paths of the source the batch's complete walk would have found, had they been
+    there: its selection takes them, and the batch did not skip them as present but unread
+    (a file or a directory it could not read is still in the source). None: every path.
+    The archived index drops the covered paths the walk did not find."""
+    settings = batch.settings
+    select = Selector(settings.includes, settings.excludes) if settings is not None else None
+    listed = set(settings.files_from) if settings is not None and settings.files_from is not None else None
+    present: set[str] = set()
+    unread_dirs: list[str] = []
+    for record in journal.iter_files(batch.batch_id, [FileState.SKIPPED]):
+        if record.error == LISTED_BUT_MISSING:
+            continue
+        present.add(record.rel_path)
+        if (record.error or "").startswith(UNREADABLE_REASONS[0]):
+            unread_dirs.append(record.rel_path + "/")
+    if (select is None or not select.active) and listed is None and not present:
+        return None
+    under_unread = tuple(unread_dirs)
+
+    def covers(rel_path: str) -> bool:
+        return ((listed is None or rel_path in listed) and (select is None or select(rel_path))
+                and rel_path not in present and not rel_path.startswith(under_unread))
+
+    return covers
 
 
 def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile,

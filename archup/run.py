@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from .batches import find_resumable, write_marker
 from .errors import ArchupError, BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
 from .finalize import FinalizeSummary, finalize
-from .journal import BatchRecord, BatchSettings, BatchSummary, FileRecord, Journal
+from .journal import BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
 from .lock import BatchLock, source_lock
 from .outcomes import UploadObserver, UploadResult
@@ -410,7 +410,7 @@ def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContext
     items = (scan_list(request.source_root, settings.files_from, select, follow_symlinks=settings.follow_symlinks)
              if settings.files_from is not None
              else scan(request.source_root, select, follow_symlinks=settings.follow_symlinks))
-    destination = (request.source_root, request.bucket, request.prefix, request.transport.endpoint_url)
+    destination = Destination(request.source_root, request.bucket, request.prefix, request.transport.endpoint_url)
     count = total = skipped = already = 0
     first: list[str] = []
     with (journal_opener() if settings.skip_archived and request.bucket else nullcontext(None)) as reader:
@@ -418,8 +418,7 @@ def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContext
             if item.skip_reason:
                 skipped += 1
                 continue
-            if reader is not None and reader.archived_at(destination, item.rel_path, item.size,
-                                                         item.mtime_ns) is not None:
+            if reader is not None and reader.find_archived(destination, [(item.rel_path, item.size, item.mtime_ns)]):
                 already += 1
                 continue
             count += 1

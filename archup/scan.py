@@ -28,6 +28,8 @@ G = TypeVar("G")
 # Skip reasons that are not a policy but a failure to read what should be archived: a
 # run that meets one still seals what it could, and exits 3 (partial).
 UNREADABLE_REASONS = ("directory unreadable", "vanished or unreadable", "symlink unreadable")
+# A --files-from path that is not there: the source no longer has it (not a file kept unread).
+LISTED_BUT_MISSING = "listed in --files-from but no such file or directory"
 
 FILES_DIR = "files/"
 """Source files live under ``<batch prefix>files/``; the manifest sits beside that
@@ -204,7 +206,8 @@ def scan_list(root: str | os.PathLike[str], rel_paths: Iterable[str],
         try:
             info = os.lstat(path)
         except OSError as error:
-            yield ScanItem(rel_path, path, 0, 0, f"listed in --files-from but {(error.strerror or str(error)).lower()}")
+            yield ScanItem(rel_path, path, 0, 0, LISTED_BUT_MISSING if error.errno == errno.ENOENT
+                           else f"listed in --files-from but {(error.strerror or str(error)).lower()}")
             continue
         item = _item(rel_path, path, info)
         yield item if item is not None else ScanItem(rel_path, path, 0, 0, "listed in --files-from but a directory")

@@ -25,7 +25,7 @@ from . import source
 from .crashpoints import crash_point
 from .dispatch import Dispatcher
 from .errors import ArchupError, TransferError
-from .journal import FileRecord, Journal, NewFile
+from .journal import EncodedFiles, FileRecord, Journal, NewFile
 from .multipart import MultipartSender
 from .outcomes import CompletionWriter, NullObserver, Outcomes, UploadObserver, UploadResult
 from .reconcile import Reconciler
@@ -141,27 +141,33 @@ class Uploader:
         stopped = False
         archived = 0
 
-        def new_files() -> Iterator[NewFile]:  # runs in read_ahead's thread
-            nonlocal stopped, archived
+        def walked() -> Iterator[ScanItem]:  # runs in read_ahead's thread
+            nonlocal stopped
             for item in items:
                 if self.stop.is_set():
                     stopped = True
                     return
-                if (self.options.skip_archived and item.skip_reason is None
-                        and self.journal.archived_in(self.batch, item.rel_path, item.size, item.mtime_ns)):
-                    # Counted, not a row: an hourly job over a million files would otherwise
-                    # add a million rows to the journal every hour.
-                    archived += 1
-                    continue
-                yield self._new_file(prefix, item)
+                yield item
+
+        def prepare(group: list[ScanItem]) -> tuple[EncodedFiles, list[str]]:  # read_ahead's thread too
+            nonlocal archived
+            found: set[str] = set()
+            if self.options.skip_archived:
+                # Counted and marked seen, not a row each: an hourly job over a million files
+                # would otherwise add a million rows to the journal every hour.
+                found = self.journal.find_archived(self.batch.destination, [
+                    (item.rel_path, item.size, item.mtime_ns) for item in group if item.skip_reason is None])
+                archived += len(found)
+            new = [self._new_file(prefix, item) for item in group if item.rel_path not in found]
+            return self.journal.encode_files(new), sorted(found)
 
         # The walk runs a few groups ahead in its own thread while this one inserts.
-        groups = read_ahead(new_files(), SCAN_GROUP, self.journal.encode_files)
+        groups = read_ahead(walked(), SCAN_GROUP, prepare)
         try:
-            for group in groups:
+            for group, seen in groups:
                 if self.stop.is_set():
                     return
-                self.journal.add_files(self.batch_id, group, durable=False)
+                self.journal.add_files(self.batch_id, group, durable=False, seen_archived=seen)
         finally:
             groups.close()  # stops the walking thread now, whatever ended the loop
         if not stopped:

@@ -273,11 +273,14 @@ class _Verification:
 
     # -- where the expected files come from --------------------------------
 
-    def expected_files(self) -> Iterator[Expected]:
+    def expected_files(self) -> Iterator[Expected] | None:
+        """The files to check, or None: nothing to check them against (the problem reported)."""
         if self.batch.state is BatchState.ENQUEUED:
             entries = self._open_manifest()
             if entries is not None:
                 return entries
+            if self.batch.forgotten_at is not None:
+                return None  # the journal forgot the file list: the manifest was the only one left
         self.report.source = Source.JOURNAL
         return self._journal_files()
 
@@ -451,6 +454,8 @@ class _Verification:
 
     def run(self) -> VerifyReport:
         expected = self.expected_files()
+        if expected is None:
+            return self.report
         window: deque[Future[list[Difference]] | list[Difference]] = deque()
         # Bounded: at most this many objects are in flight or waiting to be reported in order.
         limit = self.parallel * 4

@@ -34,6 +34,7 @@ from archup.journal import (
     DEFAULT_BUSY_TIMEOUT,
     SCHEMA_VERSION,
     BatchSettings,
+    Destination,
     Journal,
     NewFile,
     PartRecord,
@@ -237,7 +238,7 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
     assert (batch.source_root, batch.settings) == ("/src", None)  # not recorded: the next run supplies them
     assert (record.upload_id, record.checksum_kind) == ("up-1", None)
     with closing(raw_connection(journal_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 @pytest.mark.sqlite_only
@@ -655,6 +656,8 @@ UNKNOWN_BATCH_CALLS: dict[str, Callable[[Journal, str], object]] = {
     "start_file": lambda j, b: j.start_file(b, "a.bin"),
     "complete_file": lambda j, b: j.complete_file(b, "a.bin", sha256=SHA, etag="e"),
     "fail_file": lambda j, b: j.fail_file(b, "a.bin", "boom"),
+    "seal_batch": lambda j, b: j.seal_batch(b, manifest_key="m", finalized_at="t"),
+    "forget_batch": lambda j, b: j.forget_batch(b),
 }
 
 
@@ -881,3 +884,244 @@ def test_a_full_disk_during_a_write_is_a_journal_error(journal: Journal, batch_i
 
     with pytest.raises(JournalError):
         journal.add_files(batch_id, many)
+
+
+# -- the archived index and forgetting ------------------------------------------
+
+DESTINATION = Destination("/data/src", "archive", "staging/", None)
+
+
+def sealed_batch(journal: Journal, files: dict[str, tuple[int, int]], *, seen: tuple[str, ...] = (),
+                 batch_id: str | None = None, covers: Callable[[str], bool] | None = None) -> str:
+    """A batch that uploaded ``files`` (rel_path -> (size, mtime_ns)), whose walk found ``seen``
+    archived unchanged, finalized."""
+    batch_id = batch_id or open_batch(journal)
+    journal.add_files(batch_id, [NewFile(path, key_for(batch_id, path), size, mtime)
+                                 for path, (size, mtime) in files.items()], seen_archived=seen)
+    for path in files:
+        journal.complete_file(batch_id, path, sha256=SHA, etag=f"etag-{path}")
+    journal.mark_scan_complete(batch_id, files_archived=len(seen))
+    journal.set_batch_state(batch_id, BatchState.FINALIZING)
+    journal.seal_batch(batch_id, manifest_key=f"staging/{batch_id}/manifest.json", finalized_at="t", covers=covers)
+    return batch_id
+
+
+def index_of(journal: Journal) -> dict[str, tuple[int, int, str]]:
+    return {row.rel_path: (row.size, row.mtime_ns, row.batch_id) for row in journal.iter_archived(DESTINATION)}
+
+
+def test_seal_batch_indexes_the_uploaded_files_and_find_archived_matches_size_and_mtime(
+        journal: Journal, backend: JournalBackend) -> None:
+    first = sealed_batch(journal, {"a.bin": (10, 1), "b.bin": (20, 2)})
+
+    with second_journal(backend) as reader:
+        assert reader.get_batch(first).state is BatchState.ENQUEUED
+        assert reader.find_archived(DESTINATION, [("a.bin", 10, 1), ("b.bin", 20, 3), ("b.bin", 21, 2),
+                                                  ("c.bin", 1, 1)]) == {"a.bin"}
+        other = DESTINATION._replace(prefix="elsewhere/")
+        assert reader.find_archived(other, [("a.bin", 10, 1)]) == set()  # per source and destination
+        assert index_of(reader) == {"a.bin": (10, 1, first), "b.bin": (20, 2, first)}
+
+
+def test_find_archived_with_a_nul_in_a_path_matches_nothing_by_mistake(journal: Journal) -> None:
+    sealed_batch(journal, {"a": (1, 1)})
+    # SQLite's JSON functions end a string at NUL: "a\0b" must not be taken for "a".
+    assert journal.find_archived(DESTINATION, [("a\0b", 1, 1)]) == set()
+    assert journal.find_archived(DESTINATION, [("a\0b", 1, 1), ("a", 1, 1)]) == {"a"}
+
+
+def test_the_index_holds_one_row_a_path_however_many_batches(journal: Journal) -> None:
+    batches = [sealed_batch(journal, {"a.bin": (10, mtime)}) for mtime in (1, 2, 3)]
+
+    assert index_of(journal) == {"a.bin": (10, 3, batches[-1])}
+    assert journal.find_archived(DESTINATION, [("a.bin", 10, 1)]) == set()  # an older version is not the latest
+
+
+def test_a_path_the_walk_did_not_find_drops_out_and_the_seen_ones_stay(journal: Journal) -> None:
+    first = sealed_batch(journal, {"a.bin": (1, 1), "b.bin": (2, 2), "c.bin": (3, 3)})
+    second = sealed_batch(journal, {"a.bin": (1, 9)}, seen=("b.bin",))  # c.bin deleted from the source
+
+    assert index_of(journal) == {"a.bin": (1, 9, second), "b.bin": (2, 2, first)}
+
+
+def test_covers_limits_what_a_selective_walk_drops(journal: Journal) -> None:
+    first = sealed_batch(journal, {"docs/a.md": (1, 1), "docs/b.md": (1, 1), "src/c.py": (1, 1)})
+    sealed_batch(journal, {}, seen=("docs/a.md",), covers=lambda path: path.startswith("docs/"))
+
+    # docs/b.md was not found where the walk looked; src/c.py was never looked for.
+    assert index_of(journal) == {"docs/a.md": (1, 1, first), "src/c.py": (1, 1, first)}
+
+
+def test_a_skipped_file_is_kept_unless_covers_says_it_is_gone(journal: Journal) -> None:
+    first = sealed_batch(journal, {"a.bin": (1, 1), "b.bin": (1, 1)})
+    second = open_batch(journal)
+    journal.add_files(second, [new_file(second, "a.bin", state=FileState.SKIPPED, error="unreadable"),
+                               new_file(second, "b.bin", state=FileState.SKIPPED, error="missing")])
+    sealed_batch(journal, {}, batch_id=second, covers=lambda path: path == "b.bin")
+
+    assert index_of(journal) == {"a.bin": (1, 1, first)}
+
+
+def test_an_older_batch_sealed_late_never_replaces_a_newer_version(journal: Journal) -> None:
+    older, newer = open_batch(journal), open_batch(journal)  # ULIDs: older < newer
+    sealed_batch(journal, {"a.bin": (1, 2), "n.bin": (1, 1)}, batch_id=newer)
+    sealed_batch(journal, {"a.bin": (1, 1)}, batch_id=older)
+
+    # The newer batch's versions stand, and the older walk drops nothing the newer one archived.
+    assert index_of(journal) == {"a.bin": (1, 2, newer), "n.bin": (1, 1, newer)}
+
+
+def test_an_older_walk_never_takes_back_a_newer_walks_seen_mark(journal: Journal) -> None:
+    first = sealed_batch(journal, {"a.bin": (1, 1)})
+    older, newer = open_batch(journal), open_batch(journal)
+    journal.add_files(newer, [], seen_archived=["a.bin"])
+    journal.add_files(older, [], seen_archived=["a.bin"])  # a resumed older batch walks after it
+
+    sealed_batch(journal, {}, batch_id=newer)
+
+    assert index_of(journal) == {"a.bin": (1, 1, first)}
+
+
+def test_seal_batch_refuses_a_batch_that_cannot_become_enqueued(journal: Journal, batch_id: str) -> None:
+    journal.set_batch_state(batch_id, BatchState.ABORTED)
+
+    with pytest.raises(IllegalTransition):
+        journal.seal_batch(batch_id, manifest_key="m", finalized_at="t")
+    assert journal.get_batch(batch_id).state is BatchState.ABORTED
+    assert index_of(journal) == {}
+
+
+# Each batch state, and the moves that reach it from open.
+STATE_PATHS: dict[BatchState, tuple[BatchState, ...]] = {
+    BatchState.OPEN: (),
+    BatchState.UPLOADING: (BatchState.UPLOADING,),
+    BatchState.FAILED: (BatchState.UPLOADING, BatchState.FAILED),
+    BatchState.FINALIZING: (BatchState.UPLOADING, BatchState.FINALIZING),
+    BatchState.ENQUEUED: (BatchState.UPLOADING, BatchState.FINALIZING, BatchState.ENQUEUED),
+    BatchState.ABORTED: (BatchState.ABORTED,),
+    BatchState.EXPIRED: (BatchState.EXPIRED,),
+}
+
+
+def test_forget_batch_forgets_terminal_batches_only_and_keeps_their_counts(
+        journal: Journal, backend: JournalBackend) -> None:
+    assert set(STATE_PATHS) == set(BatchState)  # a state added later must be placed here
+    batches: dict[BatchState, str] = {}
+    for state, path in STATE_PATHS.items():
+        batch_id = batches[state] = open_batch(journal)
+        uploaded_file(journal, batch_id, "done.bin", size=7)
+        journal.add_file(batch_id, new_file(batch_id, "big.bin", size=50))
+        journal.start_file(batch_id, "big.bin")
+        journal.record_upload_id(batch_id, "big.bin", "up-1", 25)
+        journal.record_part(batch_id, "big.bin", PartRecord(1, 25, "e1", None))
+        journal.add_file(batch_id, new_file(batch_id, "odd", state=FileState.SKIPPED, error="a socket"))
+        move_batch(journal, batch_id, *path)
+    before = {state: journal.get_state(batch_id) for state, batch_id in batches.items()}
+
+    forgot = {state: journal.forget_batch(batch_id) for state, batch_id in batches.items()}
+
+    assert forgot == {state: state.terminal for state in BatchState}
+    with second_journal(backend) as reader:
+        for state, batch_id in batches.items():
+            after = reader.get_state(batch_id)
+            assert (after.counts, after.bytes_by_state) == (before[state].counts, before[state].bytes_by_state)
+            files = list(reader.iter_files(batch_id))
+            if state.terminal:
+                assert after.batch.forgotten_at is not None and files == []
+                assert reader.list_parts(batch_id, "big.bin") == [] and not reader.upload_ids(batch_id)
+                assert (after.failed, after.skipped) == ([], [])
+            else:
+                assert after.batch.forgotten_at is None
+                assert sorted(record.rel_path for record in files) == ["big.bin", "done.bin", "odd"]
+                assert len(reader.list_parts(batch_id, "big.bin")) == 1
+    assert not any(journal.forget_batch(batch_id) for batch_id in batches.values())  # once
+
+
+def test_a_forgotten_batch_still_answers_for_what_it_archived(journal: Journal) -> None:
+    first = sealed_batch(journal, {"a.bin": (10, 1)})
+
+    assert journal.forget_batch(first)
+
+    assert journal.find_archived(DESTINATION, [("a.bin", 10, 1)]) == {"a.bin"}
+    batch = journal.get_batch(first)
+    assert (batch.state, batch.manifest_key) == (BatchState.ENQUEUED, f"staging/{first}/manifest.json")
+
+
+def _fill(journal: Journal, count: int) -> str:
+    batch_id = open_batch(journal)
+    journal.add_files(batch_id, [new_file(batch_id, f"dir/{n:06d}/file-with-a-longish-name.bin")
+                                 for n in range(count)])
+    journal.set_batch_state(batch_id, BatchState.ABORTED)
+    return batch_id
+
+
+@pytest.mark.sqlite_only
+def test_compact_gives_the_forgotten_space_back(journal: Journal, journal_path: Path) -> None:
+    keep = _fill(journal, 200)
+    doomed = _fill(journal, 20_000)
+    journal.compact()  # a checkpoint: the size of the file alone
+    full = journal.size_on_disk()
+
+    assert journal.forget_batch(doomed)
+    journal.compact()
+
+    assert journal.size_on_disk() < full / 4
+    assert len(list(journal.iter_files(keep))) == 200
+    assert journal.integrity_check() == "ok"
+
+
+@pytest.mark.sqlite_only
+def test_compact_vacuums_an_older_journal_only_when_most_of_it_is_free(journal_path: Path) -> None:
+    """A journal created before incremental auto-vacuum is rebuilt once more than half of its
+    pages are free (and made incremental from then on); with less free, left as it is."""
+    journal_path.parent.mkdir(mode=0o700)
+    with closing(raw_connection(journal_path)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        for script in _MIGRATIONS:
+            conn.executescript(script)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    journal = SQLiteJournal(journal_path)
+    try:
+        keep, doomed = _fill(journal, 10_000), _fill(journal, 2_000)
+        journal.compact()
+        full = journal.size_on_disk()
+        journal.forget_batch(doomed)  # about a sixth free: kept for the next rows
+        journal.compact()
+        assert journal.size_on_disk() == full
+        journal.forget_batch(keep)  # nearly all free
+        journal.compact()
+        assert journal.size_on_disk() < full / 4
+        with closing(raw_connection(journal_path)) as conn:
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    finally:
+        journal.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_schema_4_journal_gets_the_archived_index_of_its_finalized_batches(journal_path: Path) -> None:
+    journal_path.parent.mkdir(mode=0o700)
+    with closing(raw_connection(journal_path)) as conn:
+        for script in _MIGRATIONS[:4]:
+            conn.executescript(script)
+        conn.execute("PRAGMA user_version=4")
+        for batch_id, state in (("01A", "enqueued"), ("01B", "enqueued"), ("01C", "failed")):
+            conn.execute("INSERT INTO batches (batch_id, state, source_root, bucket, prefix, part_size, created_at, "
+                         "updated_at, expires_at) VALUES (?, ?, '/data/src', 'archive', 'staging/', 5, 't', 't', 't')",
+                         (batch_id, state))
+        for batch_id, rel_path, mtime, state in (("01A", "a", 1, "uploaded"), ("01A", "b", 1, "uploaded"),
+                                                 ("01B", "a", 2, "uploaded"), ("01B", "c", 1, "skipped"),
+                                                 ("01C", "b", 2, "uploaded")):
+            conn.execute("INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, updated_at) "
+                         "VALUES (?, ?, ?, 1, ?, ?, 't')", (batch_id, rel_path, f"k/{batch_id}/{rel_path}", mtime, state))
+        conn.commit()
+
+    journal = SQLiteJournal(journal_path)
+    try:
+        # The latest finalized version of each path; a failed batch's files are not archived.
+        assert index_of(journal) == {"a": (1, 2, "01B"), "b": (1, 1, "01A")}
+    finally:
+        journal.close()
+    with closing(raw_connection(journal_path)) as conn:
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "files_by_path" not in indexes  # --skip-archived reads the index now

@@ -328,12 +328,14 @@ def _truncated_in_the_header(path: Path) -> None:
 
 
 def _page_overwritten(path: Path) -> None:
-    """Page 2 (the batches table, which every command reads) overwritten with garbage."""
+    """The root page of the batches table (which every command reads) overwritten with garbage
+    (page 3: page 2 of an auto-vacuum database is its first pointer map)."""
     with closing(raw(path)) as conn:
-        assert conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'batches'").fetchone()[0] == 2
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'batches'").fetchone()[0]
+        assert root == 3
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     with open(path, "r+b") as handle:
-        handle.seek(page_size)
+        handle.seek((root - 1) * page_size)
         handle.write(b"\xde\xad\xbe\xef" * (page_size // 4))
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from archup.journal import SCHEMA_VERSION
+
 
 def _tree(root: Path) -> Path:
     (root / "docs" / "old").mkdir(parents=True)
@@ -279,4 +281,4 @@ def test_dry_run_never_writes_the_journal_it_reads(cli, s3, bucket, tmp_path: Pa
     assert after == before
     with sqlite3.connect(cli.journal) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
-        conn.execute("PRAGMA user_version = 4")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

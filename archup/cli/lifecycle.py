@@ -95,6 +95,7 @@ def list_batches(
                     "files_total": summary.files_total, "files_uploaded": summary.counts[FileState.UPLOADED],
                     "files_failed": summary.counts[FileState.FAILED],
                     "bytes_total": summary.bytes_total, "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
+                    "forgotten_at": batch.forgotten_at,
                 })
     if json_output:
         emit_json({"batches": rows})
@@ -109,7 +110,8 @@ def list_batches(
     for row in rows:  # cron and scripts: one line a batch, raw numbers
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
               f"{row['files_uploaded']}/{row['files_total']} files  "
-              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}")
+              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}"
+              + ("  (forgotten)" if row["forgotten_at"] else ""))
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -124,7 +126,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
                              ("Uploaded", "right"), ("Source", "left")):
         table.add_column(heading, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for row in rows:
-        table.add_row(row["batch_id"], row["status"], human.duration(max(0.0, _seconds_since(row["created_at"]))),
+        table.add_row(row["batch_id"], row["status"] + (" (forgotten)" if row["forgotten_at"] else ""),
+                      human.duration(max(0.0, _seconds_since(row["created_at"]))),
                       f"{row['files_uploaded']} of {row['files_total']}",
                       f"{human.size(row['bytes_uploaded'])} of {human.size(row['bytes_total'])}",
                       Text(display_path(row["source_root"])))
@@ -162,6 +165,10 @@ def gc(
         "default: each batch's own expiry, 24 hours after it was created.", show_default=False)] = None,
     abort_orphans: Annotated[bool, typer.Option(
         "--abort-orphans", help="Also abort the orphan multipart uploads it finds.")] = False,
+    forget_after: Annotated[str, typer.Option(
+        "--forget-after", help="Forget the file lists of finalized, aborted and expired batches that ended "
+        "longer ago than this (their summaries stay; a finalized batch's files are in its manifest), "
+        "then shrink the journal; 'never' keeps them.")] = "30d",
     endpoint_url: EndpointOption = None,
     profile: ProfileOption = None,
     region: RegionOption = None,
@@ -170,15 +177,17 @@ def gc(
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
 ) -> None:
-    """Expire stale unfinalized batches (aborting their uploads) and report orphan multipart uploads."""
+    """Expire stale unfinalized batches (aborting their uploads), report orphan multipart uploads, and
+    forget the file lists of batches that ended long ago (--forget-after)."""
     age = parse_duration(older_than) if older_than else None
+    forget = None if forget_after.strip().lower() == "never" else parse_duration(forget_after)
     missing = _missing_journal(journal_path)
     if missing is not None:
         report = GcReport()  # no batches: none to expire, and no destinations to look for orphans in
     else:
         with open_journal(journal_path, create=False) as journal:
             report = collect_garbage(journal, store_factory(transport(endpoint_url, profile, region)), older_than=age,
-                                     abort_orphans=abort_orphans)
+                                     abort_orphans=abort_orphans, forget_after=forget)
     invocation().result = report.as_dict()  # what --metrics-file counts, whatever is printed
     if json_output:
         emit_json(report.as_dict())
@@ -206,4 +215,7 @@ def _print_gc_report(report: GcReport, missing: Path | None, abort_orphans: bool
     for orphan in report.orphan_uploads:
         print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
               + (" aborted" if abort_orphans else ""))
-    print(f"{len(report.expired)} batch(es) expired, {len(report.orphan_uploads)} orphan upload(s) found")
+    for batch_id in report.forgotten:
+        print(f"forgot {batch_id}: its file list is in its manifest (finalized) or gone (aborted, expired)")
+    print(f"{len(report.expired)} batch(es) expired, {len(report.orphan_uploads)} orphan upload(s) found, "
+          f"{len(report.forgotten)} batch(es) forgotten, {report.bytes_freed} journal byte(s) freed")

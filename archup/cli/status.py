@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..journal import BatchSummary, FileRecord
+from ..journal import BatchRecord, BatchSummary, FileRecord
 from ..scan import display_path
 from ..states import FileState
 from . import human
@@ -29,6 +29,14 @@ AllOption = Annotated[bool, typer.Option("--all", help="List every failed and sk
 
 def _problem(record: FileRecord) -> dict[str, Any]:
     return {"path": record.rel_path, "state": record.state.value, "error": record.error}
+
+
+def file_list(batch: BatchRecord) -> str:
+    """Where a batch's list of files is: "journal", "manifest" (forgotten after its seal),
+    or "none" (an aborted or expired batch forgotten: nothing of it was archived)."""
+    if batch.forgotten_at is None:
+        return "journal"
+    return "manifest" if batch.manifest_key else "none"
 
 
 def status_document(summary: BatchSummary) -> dict[str, Any]:
@@ -53,6 +61,9 @@ def status_document(summary: BatchSummary) -> dict[str, Any]:
         "finalized_at": batch.finalized_at,
         "manifest_key": batch.manifest_key,
         "error": batch.error,
+        # gc --forget-after: the counts stay, the file rows went; where the file list is now.
+        "forgotten_at": batch.forgotten_at,
+        "file_list": file_list(batch),
         # Failed files first: however many files were skipped, they never hide one.
         "problems": [_problem(record) for record in summary.failed + summary.skipped],
         # How many of each kind 'problems' leaves out ('archup status BATCH --all' lists them).
@@ -88,6 +99,7 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         *([("finalized", document["finalized_at"]), ("manifest", document["manifest_key"])]
           if document["finalized_at"] else []),
         *([("error", document["error"])] if document["error"] else []),
+        *([("forgotten", _forgotten(document))] if document["forgotten_at"] else []),
     ])
     for state in (FileState.FAILED.value, FileState.SKIPPED.value):
         for problem in document["problems"]:
@@ -96,3 +108,12 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         if document["problems_omitted"][state]:
             print(f"... and {document['problems_omitted'][state]} more {state} "
                   f"('archup status {batch_id} --all' lists them all)")
+
+
+def _forgotten(document: dict[str, Any]) -> str:
+    if document["file_list"] == "manifest":
+        where = (f"its file list is in its manifest, s3://{document['bucket']}/{document['manifest_key']} "
+                 f"('archup verify {document['batch_id']}' checks the bucket against it)")
+    else:
+        where = f"its file list is gone (the batch was {document['status']}, nothing of it archived)"
+    return f"{document['forgotten_at']} by gc --forget-after; {where}"

@@ -12,9 +12,11 @@ from .database import DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION
 from .interface import Journal
 from .records import (
     BATCH_TTL,
+    ArchivedFile,
     BatchRecord,
     BatchSettings,
     BatchSummary,
+    Destination,
     EncodedFiles,
     FileRecord,
     NewFile,
@@ -27,9 +29,11 @@ __all__ = [
     "BATCH_TTL",
     "DEFAULT_BUSY_TIMEOUT",
     "SCHEMA_VERSION",
+    "ArchivedFile",
     "BatchRecord",
     "BatchSettings",
     "BatchSummary",
+    "Destination",
     "EncodedFiles",
     "FileRecord",
     "Journal",

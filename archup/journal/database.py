@@ -19,10 +19,9 @@ from typing import Any
 
 from ..errors import JournalBusy, JournalError, JournalTooNew
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_BUSY_TIMEOUT = 30.0
 
-# Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -88,6 +87,47 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batches ADD COLUMN settings TEXT;
     ALTER TABLE files ADD COLUMN checksum_kind TEXT;
     ALTER TABLE batches ADD COLUMN files_archived INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 5: the journal stays bounded by the tree, not by the number of runs. The archived
+    # index holds the latest archived version of each path per source and destination
+    # (--skip-archived reads it, finalize writes it), so a terminal batch's file and part
+    # rows can be forgotten; its batch row keeps the per-state counts (file_counts, JSON).
+    # seen_by: the newest batch whose complete walk found the path archived unchanged.
+    # Filled from the finalized batches already in the journal.
+    """
+    ALTER TABLE batches ADD COLUMN forgotten_at TEXT;
+    ALTER TABLE batches ADD COLUMN file_counts TEXT;
+    CREATE TABLE archive_sources (
+        source_id    INTEGER PRIMARY KEY,
+        source_root  TEXT NOT NULL,
+        bucket       TEXT NOT NULL,
+        prefix       TEXT NOT NULL,
+        endpoint_url TEXT NOT NULL,
+        UNIQUE (source_root, bucket, prefix, endpoint_url)
+    );
+    CREATE TABLE archived (
+        source_id INTEGER NOT NULL REFERENCES archive_sources(source_id),
+        rel_path  TEXT NOT NULL,
+        size      INTEGER NOT NULL,
+        mtime_ns  INTEGER NOT NULL,
+        identity  TEXT,
+        batch_id  TEXT NOT NULL REFERENCES batches(batch_id) ON DELETE CASCADE,
+        seen_by   TEXT,
+        PRIMARY KEY (source_id, rel_path)
+    ) WITHOUT ROWID;
+    INSERT INTO archive_sources (source_root, bucket, prefix, endpoint_url)
+        SELECT DISTINCT source_root, bucket, prefix, coalesce(endpoint_url, '') FROM batches
+        WHERE state = 'enqueued';
+    INSERT INTO archived (source_id, rel_path, size, mtime_ns, identity, batch_id, seen_by)
+        SELECT s.source_id, f.rel_path, f.size, f.mtime_ns, f.identity, f.batch_id, f.batch_id
+        FROM files f JOIN batches b ON b.batch_id = f.batch_id
+        JOIN archive_sources s ON s.source_root = b.source_root AND s.bucket = b.bucket
+            AND s.prefix = b.prefix AND s.endpoint_url = coalesce(b.endpoint_url, '')
+        WHERE b.state = 'enqueued' AND f.state = 'uploaded' AND true
+        ON CONFLICT (source_id, rel_path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
+            identity = excluded.identity, batch_id = excluded.batch_id, seen_by = excluded.seen_by
+        WHERE excluded.batch_id > archived.batch_id;
+    DROP INDEX files_by_path;
     """,
 )
 
@@ -169,6 +209,10 @@ class SQLiteDatabase:
                     with self._lock:
                         self._connections.append(conn)
                     return conn
+                if not int(conn.execute("PRAGMA page_count").fetchone()[0]):
+                    # A new file: pages freed by forgetting batches can be given back
+                    # (compact()); only settable before the first table (or by a VACUUM).
+                    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise JournalError(f"journal {self.path}: cannot switch to WAL mode (got {mode})")
@@ -307,5 +351,42 @@ class SQLiteDatabase:
             yield
         finally:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+
+    def size_on_disk(self) -> int:
+        """The bytes of the database file and its write-ahead log."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def compact(self) -> None:
+        """Give the free pages back to the filesystem, under the write lock.
+
+        A journal created with incremental auto-vacuum frees them all at once; an older one
+        is rebuilt by VACUUM (and made incremental from then on) only when more than half
+        of its pages are free, since a VACUUM rewrites the whole file. The log is then
+        checkpointed and truncated.
+        """
+        conn = self.connection()
+        with self._write_lock:
+            try:
+                incremental = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+                free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+                pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+                if incremental and free:
+                    # executescript steps the pragma to its end (execute() would free one page).
+                    conn.executescript("BEGIN IMMEDIATE; PRAGMA incremental_vacuum; COMMIT;")
+                elif not incremental and free * 2 > pages:
+                    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as error:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise translate(error, self.path) from error
+
     def integrity_check(self) -> str:
         return str(self.query("PRAGMA integrity_check")[0][0])

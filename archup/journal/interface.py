@@ -8,14 +8,25 @@ backend's write lock, so concurrent workers never lose an update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import IllegalTransition
 from ..states import BatchState, FileState
-from .records import BATCH_TTL, BatchRecord, BatchSettings, BatchSummary, EncodedFiles, FileRecord, NewFile, PartRecord
+from .records import (
+    BATCH_TTL,
+    ArchivedFile,
+    BatchRecord,
+    BatchSettings,
+    BatchSummary,
+    Destination,
+    EncodedFiles,
+    FileRecord,
+    NewFile,
+    PartRecord,
+)
 
 
 class Journal(Protocol):
@@ -58,16 +69,37 @@ class Journal(Protocol):
     def add_file(self, batch_id: str, new_file: NewFile) -> None: ...
 
     def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
-                  durable: bool = True) -> int:
-        """Returns how many were new; ``durable=False`` may defer the commit's sync to the next durable one."""
+                  durable: bool = True, seen_archived: Sequence[str] = ()) -> int:
+        """Returns how many were new; ``durable=False`` may defer the commit's sync to the next durable one.
+        ``seen_archived``: paths the walk found archived unchanged, marked seen by this batch."""
         ...
 
     def count_skipped(self, batch_id: str, reasons: Iterable[str]) -> int: ...
 
-    def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None: ...
+    # -- the archived index: the latest archived version of each path, per destination --
+    def find_archived(self, destination: Destination, candidates: Sequence[tuple[str, int, int]]) -> set[str]:
+        """The rel_paths of these (rel_path, size, mtime_ns) whose latest archived version is the same."""
+        ...
 
-    def archived_at(self, destination: tuple[str, str, str, str | None], rel_path: str, size: int,
-                    mtime_ns: int) -> str | None: ...
+    def iter_archived(self, destination: Destination, page_size: int = 2000) -> Iterator[ArchivedFile]: ...
+
+    def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
+                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+        """-> enqueued with the archived index updated (uploaded files in, paths not found
+        out), one transaction. ``covers``: the paths the batch's selection takes (None: all)."""
+        ...
+
+    # -- forgetting --
+    def forget_batch(self, batch_id: str) -> bool:
+        """Forget a terminal batch's file and part rows (its counts kept); False if not terminal
+        or forgotten already. An unfinalized batch is never forgotten."""
+        ...
+
+    def size_on_disk(self) -> int: ...
+
+    def compact(self) -> None:
+        """Give freed space back (the write lock held meanwhile)."""
+        ...
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord: ...
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from typing import NamedTuple
 
 from ..states import BatchState, FileState
 
@@ -78,11 +79,37 @@ class BatchRecord:
     finalized_at: str | None
     settings: BatchSettings | None = None  # None: begun by an archup that did not record them
     files_archived: int = 0  # --skip-archived: unchanged since an earlier batch, not in this one
+    # When gc forgot its file and part rows (a terminal batch): its file list is its manifest's.
+    forgotten_at: str | None = None
 
     @property
     def batch_prefix(self) -> str:
         """Everything of this batch lives under this key prefix."""
         return f"{self.prefix}{self.batch_id}/"
+
+    @property
+    def destination(self) -> Destination:
+        return Destination(self.source_root, self.bucket, self.prefix, self.endpoint_url)
+
+
+class Destination(NamedTuple):
+    """A source and where it is archived: the archived index is kept per destination."""
+
+    source_root: str
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    """The latest archived version of one path of a destination, and the finalized batch holding it."""
+
+    rel_path: str
+    size: int
+    mtime_ns: int
+    identity: str | None
+    batch_id: str
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -17,9 +17,11 @@ from ..states import BatchState, FileState, batch_can_move, file_can_move
 from .database import DEFAULT_BUSY_TIMEOUT, SQLiteDatabase
 from .records import (
     BATCH_TTL,
+    ArchivedFile,
     BatchRecord,
     BatchSettings,
     BatchSummary,
+    Destination,
     EncodedFiles,
     FileRecord,
     NewFile,
@@ -34,7 +36,7 @@ SCAN_CHECKPOINT_PAGES = 16384
 
 _BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
                   "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings, "
-                  "files_archived")
+                  "files_archived, forgotten_at")
 _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
                  "error, attempts, updated_at, identity, checksum_kind")
 
@@ -49,6 +51,35 @@ _INSERT_FILES_JSON = (
     "json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'), "
     "json_extract(value, '$[6]'), ?3 FROM json_each(?2) WHERE true ORDER BY key "
     "ON CONFLICT (batch_id, rel_path) DO NOTHING")
+
+# The archived index's source of a batch (its source root and destination).
+_SOURCE_OF_BATCH = ("SELECT s.source_id FROM archive_sources s JOIN batches b ON s.source_root = b.source_root "
+                    "AND s.bucket = b.bucket AND s.prefix = b.prefix "
+                    "AND s.endpoint_url = coalesce(b.endpoint_url, '') WHERE b.batch_id = ?")
+_SOURCE = ("SELECT source_id FROM archive_sources WHERE source_root = ? AND bucket = ? AND prefix = ? "
+           "AND endpoint_url = ?")
+# Candidates as a JSON array of [rel_path, size, mtime_ns]: one statement for a scan group.
+_FIND_ARCHIVED_JSON = (
+    "SELECT a.rel_path FROM json_each(?2) j JOIN archived a ON a.source_id = ?1 "
+    "AND a.rel_path = json_extract(j.value, '$[0]') AND a.size = json_extract(j.value, '$[1]') "
+    "AND a.mtime_ns = json_extract(j.value, '$[2]')")
+_FIND_ARCHIVED = "SELECT rel_path FROM archived WHERE source_id = ? AND rel_path = ? AND size = ? AND mtime_ns = ?"
+# A batch's uploaded files become the latest archived version of their paths, unless a
+# newer batch already archived one (ULIDs sort by creation time).
+_INDEX_UPLOADED = (
+    "INSERT INTO archived (source_id, rel_path, size, mtime_ns, identity, batch_id, seen_by) "
+    "SELECT ?1, rel_path, size, mtime_ns, identity, batch_id, batch_id FROM files "
+    "WHERE batch_id = ?2 AND state = 'uploaded' AND true "
+    "ON CONFLICT (source_id, rel_path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+    "identity = excluded.identity, batch_id = excluded.batch_id, seen_by = excluded.seen_by "
+    "WHERE excluded.batch_id >= archived.batch_id")
+# Paths of the index that a batch's complete walk did not find: neither among its files
+# (skipped ones aside: covers() decides those) nor marked seen by it or a newer walk (a
+# batch's own uploads are marked seen by it, so a newer batch's are kept too).
+_NOT_FOUND = ("FROM archived WHERE source_id = ?1 AND (seen_by IS NULL OR seen_by < ?2) "
+              "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.batch_id = ?2 AND f.rel_path = archived.rel_path "
+              "AND f.state != 'skipped')")
+
 
 def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
     values = dict(row)
@@ -178,12 +209,14 @@ class SQLiteJournal:
         return encode_files(new_files)
 
     def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
-                  durable: bool = True) -> int:
+                  durable: bool = True, seen_archived: Sequence[str] = ()) -> int:
         """Add files in one transaction; paths already in the batch are left as they are.
 
         Returns how many were new. ``durable=False`` (the scan) skips this commit's
         fsync: in WAL mode the next FULL commit (``mark_scan_complete``) syncs it
         along, and a scan that never reached that commit is simply run again.
+        ``seen_archived``: paths the walk found archived unchanged (not added): marked
+        seen by this batch in the archived index, so its finalize keeps them there.
         """
         encoded = new_files if isinstance(new_files, EncodedFiles) else self.encode_files(new_files)
         now = isoformat(utcnow())
@@ -193,6 +226,8 @@ class SQLiteJournal:
             state = self._batch_state(conn, batch_id)
             if not state.accepts_files:
                 raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
+            if seen_archived:
+                self._mark_seen(conn, batch_id, seen_archived)
             if not encoded.count:
                 return 0
             before = conn.total_changes
@@ -217,23 +252,106 @@ class SQLiteJournal:
         rows = self.db.query(f"SELECT count(*) FROM files WHERE batch_id = ? AND state = ? AND ({match})", tuple(args))
         return int(rows[0][0])
 
-    def archived_in(self, batch: BatchRecord, rel_path: str, size: int, mtime_ns: int) -> str | None:
-        """The newest finalized batch of the same source and destination holding this file
-        unchanged (same path, size and mtime), if any."""
-        return self.archived_at((batch.source_root, batch.bucket, batch.prefix, batch.endpoint_url),
-                                rel_path, size, mtime_ns)
+    # -- the archived index -------------------------------------------------
 
-    def archived_at(self, destination: tuple[str, str, str, str | None], rel_path: str, size: int,
-                    mtime_ns: int) -> str | None:
-        """As archived_in, for (source root, bucket, prefix, endpoint URL): a dry run has no batch."""
-        row = next(iter(self.db.query(
-            "SELECT b.batch_id FROM files f JOIN batches b ON b.batch_id = f.batch_id "
-            "WHERE f.rel_path = ? AND f.size = ? AND f.mtime_ns = ? AND f.state = ? AND b.state = ? "
-            "AND b.source_root = ? AND b.bucket = ? AND b.prefix = ? "
-            "AND b.endpoint_url IS ? ORDER BY b.batch_id DESC LIMIT 1",
-            (rel_path, size, mtime_ns, FileState.UPLOADED.value, BatchState.ENQUEUED.value,
-             *destination))), None)
-        return None if row is None else str(row[0])
+    def _source(self, destination: Destination) -> int | None:
+        row = next(iter(self.db.query(_SOURCE, (*destination[:3], destination.endpoint_url or ""))), None)
+        return None if row is None else int(row[0])
+
+    def find_archived(self, destination: Destination, candidates: Sequence[tuple[str, int, int]]) -> set[str]:
+        """Which of these (rel_path, size, mtime_ns) are archived unchanged already: the latest
+        archived version of the path, in the destination's index, has that size and mtime."""
+        source = self._source(destination)
+        if source is None or not candidates:
+            return set()
+        text = json.dumps(candidates, ensure_ascii=False)
+        if "\\u0000" in text:
+            # SQLite's JSON functions end a string at NUL: one lookup a path.
+            return {str(row[0]) for rel_path, size, mtime_ns in candidates
+                    for row in self.db.query(_FIND_ARCHIVED, (source, rel_path, size, mtime_ns))}
+        return {str(row[0]) for row in self.db.query(_FIND_ARCHIVED_JSON, (source, text))}
+
+    @staticmethod
+    def _mark_seen(conn: sqlite3.Connection, batch_id: str, rel_paths: Sequence[str]) -> None:
+        row = conn.execute(_SOURCE_OF_BATCH, (batch_id,)).fetchone()
+        if row is not None:
+            conn.executemany("UPDATE archived SET seen_by = ?1 WHERE source_id = ?2 AND rel_path = ?3 "
+                             "AND (seen_by IS NULL OR seen_by < ?1)",
+                             [(batch_id, row[0], rel_path) for rel_path in rel_paths])
+
+    def iter_archived(self, destination: Destination, page_size: int = 2000) -> Iterator[ArchivedFile]:
+        """The destination's archived index in path order, page by page."""
+        source = self._source(destination)
+        if source is None:
+            return
+        last = ""
+        while True:
+            rows = self.db.query("SELECT rel_path, size, mtime_ns, identity, batch_id FROM archived "
+                                 "WHERE source_id = ? AND rel_path > ? ORDER BY rel_path LIMIT ?",
+                                 (source, last, page_size))
+            if not rows:
+                return
+            for row in rows:
+                yield ArchivedFile(**dict(row))
+            last = rows[-1]["rel_path"]
+
+    def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
+                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+        """-> enqueued, and the archived index updated, in one transaction.
+
+        The batch's uploaded files become the latest archived version of their paths; the
+        paths its complete walk did not find are dropped (deleted from the source).
+        ``covers``: whether the walk found a path absent: its selection takes it, and it is
+        not a file the batch skipped (unreadable, say: still there). None: every path.
+        """
+        with self.db.atomic() as conn:
+            current = self._batch_state(conn, batch_id)
+            if not batch_can_move(current, BatchState.ENQUEUED):
+                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become enqueued")
+            batch = conn.execute("SELECT source_root, bucket, prefix, coalesce(endpoint_url, '') FROM batches "
+                                 "WHERE batch_id = ?", (batch_id,)).fetchone()
+            conn.execute("INSERT INTO archive_sources (source_root, bucket, prefix, endpoint_url) VALUES (?,?,?,?) "
+                         "ON CONFLICT DO NOTHING", tuple(batch))
+            source = conn.execute(_SOURCE, tuple(batch)).fetchone()[0]
+            conn.execute(_INDEX_UPLOADED, (source, batch_id))
+            if covers is None:
+                conn.execute(f"DELETE {_NOT_FOUND}", (source, batch_id))
+            else:
+                gone = [(source, row[0]) for row in conn.execute(f"SELECT rel_path {_NOT_FOUND}", (source, batch_id))
+                        if covers(row[0])]
+                conn.executemany("DELETE FROM archived WHERE source_id = ? AND rel_path = ?", gone)
+            conn.execute("UPDATE batches SET state = ?, error = NULL, updated_at = ?, manifest_key = ?, "
+                         "finalized_at = ? WHERE batch_id = ?",
+                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+        return self.get_batch(batch_id)
+
+    # -- forgetting ----------------------------------------------------------
+
+    def forget_batch(self, batch_id: str) -> bool:
+        """Forget a terminal batch's file and part rows, keeping its batch row with the
+        per-state counts and bytes. False if it is not terminal or forgotten already."""
+        with self.db.atomic() as conn:
+            state = self._batch_state(conn, batch_id)
+            forgotten = conn.execute("SELECT forgotten_at FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
+            if not state.terminal or forgotten is not None:
+                return False
+            counts = {state.value: [0, 0] for state in FileState}
+            for file_state, count, total in conn.execute(
+                    "SELECT state, count(*), coalesce(sum(size), 0) FROM files WHERE batch_id = ? GROUP BY state",
+                    (batch_id,)):
+                counts[file_state] = [count, total]
+            conn.execute("DELETE FROM parts WHERE batch_id = ?", (batch_id,))
+            conn.execute("DELETE FROM files WHERE batch_id = ?", (batch_id,))
+            conn.execute("UPDATE batches SET forgotten_at = ?, file_counts = ? WHERE batch_id = ?",
+                         (isoformat(utcnow()), json.dumps(counts, sort_keys=True), batch_id))
+        return True
+
+    def size_on_disk(self) -> int:
+        return self.db.size_on_disk()
+
+    def compact(self) -> None:
+        """Give the space that forgetting freed back to the filesystem (see SQLiteDatabase.compact)."""
+        self.db.compact()
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
         row = next(iter(self.db.query(
@@ -404,9 +522,12 @@ class SQLiteJournal:
                                     "'archup list' shows the batches")
             counts = {state: 0 for state in FileState}
             sizes = {state: 0 for state in FileState}
-            for state, count, total in conn.execute(
-                    "SELECT state, count(*), coalesce(sum(size), 0) FROM files WHERE batch_id = ? "
-                    "GROUP BY state", (batch_id,)):
+            recorded = conn.execute("SELECT file_counts FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
+            # A forgotten batch's counts were kept when its file rows went.
+            per_state = (((state, *pair) for state, pair in json.loads(recorded).items()) if recorded else
+                         conn.execute("SELECT state, count(*), coalesce(sum(size), 0) FROM files WHERE batch_id = ? "
+                                      "GROUP BY state", (batch_id,)))
+            for state, count, total in per_state:
                 counts[FileState(state)] = count
                 sizes[FileState(state)] = total
             # Each kind apart, so many skipped files cannot hide a failed one; each read the
