@@ -9,6 +9,9 @@ on local disk, then, each in a child process so its peak RSS is its own:
 The scan is also run on a tenth of the files: peak RSS that stays flat from
 COUNT/10 to COUNT is what "bounded memory" means. Then `archup status BATCH`
 is timed as a subprocess. Targets: >= 50,000 files/s scan, status < 1 s.
+Last, the big batch is sealed as if every file were uploaded (its files enter the
+archived index) and `gc --forget-after` is done to it (forget_batch, then compact):
+the journal's size before and after forgetting, and how long each step takes.
 The files are removed at the end, unless --tree keeps them for the next run.
 Each scan is run --runs times on a fresh journal; the table shows medians.
 
@@ -55,6 +58,9 @@ def child(mode: str, source: str, journal_path: str) -> None:
     from archup.store import S3Store
     from archup.uploader import Uploader, UploadOptions
 
+    if mode == "forget":
+        forget(journal_path)
+        return
     if mode == "walk":
         start = time.perf_counter()
         count = sum(1 for _ in scan(source))
@@ -69,6 +75,41 @@ def child(mode: str, source: str, journal_path: str) -> None:
     files = journal.get_state(BATCH_ID).files_total
     journal.close()
     print(json.dumps({"files": files, "seconds": elapsed}))
+
+
+def _journal_size(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+
+
+def forget(journal_path: str) -> None:
+    """The scanned batch, every file marked uploaded, then finalized and forgotten; prints one JSON line."""
+    import sqlite3
+
+    from archup.journal import SQLiteJournal
+    from archup.states import BatchState
+
+    with sqlite3.connect(journal_path) as conn:  # as if the upload had happened
+        conn.execute("UPDATE files SET state = 'uploaded', sha256 = ?, etag = 'e'", ("ab" * 32,))
+    journal = SQLiteJournal(journal_path)
+    journal.compact()
+    result: dict[str, Any] = {"files": journal.get_state(BATCH_ID).files_total}
+    result["bytes_scanned"] = _journal_size(journal_path)
+    journal.set_batch_state(BATCH_ID, BatchState.FINALIZING)
+    start = time.perf_counter()
+    journal.seal_batch(BATCH_ID, manifest_key="bench/manifest.json", finalized_at="t")
+    result["seal_seconds"] = time.perf_counter() - start
+    journal.compact()  # a checkpoint: the database file holds everything
+    result["bytes_sealed"] = _journal_size(journal_path)
+    start = time.perf_counter()
+    journal.forget_batch(BATCH_ID)
+    result["forget_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    journal.compact()
+    result["compact_seconds"] = time.perf_counter() - start
+    result["bytes_forgotten"] = _journal_size(journal_path)
+    journal.close()
+    result["seconds"] = result["seal_seconds"] + result["forget_seconds"] + result["compact_seconds"]
+    print(json.dumps(result))
 
 
 def run_child(mode: str, source: Path, journal_path: Path) -> dict[str, Any]:
@@ -138,6 +179,7 @@ def main() -> int:
             report[mode] = {field: statistics.median(r[field] for r in results) for field in results[0]}
         report["journal_mib"] = sum(p.stat().st_size for p in work.glob("journal.db*")) / MiB
         report["status_seconds"] = time_status(work / "journal.db")
+        report["forget"] = run_child("forget", big_src, work / "journal.db")
         report["load_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -156,6 +198,13 @@ def main() -> int:
           f"| journal size | {report['journal_mib']:.0f} MiB | - | - |\n"
           f"| archup status (median of {len(report['status_seconds'])}) | {status:.2f} s | < 1 s | "
           f"{'MET' if status < 1 else 'MISSED'} |")
+    forgot = report["forget"]
+    print(f"| journal, {forgot['files']:,} files scanned / sealed (archived index) / forgotten | "
+          f"{forgot['bytes_scanned'] / MiB:.0f} / {forgot['bytes_sealed'] / MiB:.0f} / "
+          f"{forgot['bytes_forgotten'] / MiB:.0f} MiB | - | - |\n"
+          f"| seal (index update) / forget / compact | {forgot['seal_seconds']:.1f} / "
+          f"{forgot['forget_seconds']:.1f} / {forgot['compact_seconds']:.1f} s (peak RSS "
+          f"{forgot['maxrss_mib']:.0f} MiB) | - | - |")
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))
     return 0

@@ -59,8 +59,10 @@ _SOURCE_OF_BATCH = ("SELECT s.source_id FROM archive_sources s JOIN batches b ON
 _SOURCE = ("SELECT source_id FROM archive_sources WHERE source_root = ? AND bucket = ? AND prefix = ? "
            "AND endpoint_url = ?")
 # Candidates as a JSON array of [rel_path, size, mtime_ns]: one statement for a scan group.
+# CROSS JOIN keeps json_each the outer loop: SQLite would otherwise scan the whole source
+# and the JSON for each row (5,000 candidates against 100,000 rows: 390 s against 11 ms).
 _FIND_ARCHIVED_JSON = (
-    "SELECT a.rel_path FROM json_each(?2) j JOIN archived a ON a.source_id = ?1 "
+    "SELECT a.rel_path FROM json_each(?2) j CROSS JOIN archived a ON a.source_id = ?1 "
     "AND a.rel_path = json_extract(j.value, '$[0]') AND a.size = json_extract(j.value, '$[1]') "
     "AND a.mtime_ns = json_extract(j.value, '$[2]')")
 _FIND_ARCHIVED = "SELECT rel_path FROM archived WHERE source_id = ? AND rel_path = ? AND size = ? AND mtime_ns = ?"
