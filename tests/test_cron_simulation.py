@@ -87,6 +87,7 @@ def _listed(s3: Any, bucket: str, prefix: str) -> set[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_three_hundred_cron_runs_keep_the_journal_bounded_and_every_file_accounted_for(
         own_server: str, journal_path: Path, tmp_path: Path) -> None:
     s3 = boto3.client("s3", endpoint_url=own_server, region_name="us-east-1")

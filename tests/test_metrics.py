@@ -124,6 +124,12 @@ def test_resume_and_gc_write_their_own_files(cli, tmp_path: Path) -> None:
     families = parse(gc_file)
     assert value(families, "archup_last_run_exit_code") == 0
     assert value(families, "archup_gc_batches_expired") == 0
+    assert value(families, "archup_gc_batches_forgotten") == 0  # a batch of today, under the default 30d
+    forgot = cli("gc", "--forget-after", "0s", "--metrics-file", str(gc_file))
+    assert forgot.exit_code == 0, forgot.stderr
+    families = parse(gc_file)
+    assert value(families, "archup_gc_batches_forgotten") == 1
+    assert value(families, "archup_journal_bytes") == cli.journal.stat().st_size
     assert "archup_last_success_timestamp_seconds" in families
 
 

@@ -90,6 +90,10 @@ def reports_metrics(command: str) -> Callable[[F], F]:
                 if command == "gc" and isinstance(run.result, dict):
                     job.extra["archup_gc_batches_expired"] = ("Batches the last gc expired.",
                                                              len(run.result.get("expired", [])))
+                    job.extra["archup_gc_batches_forgotten"] = ("Batches whose file lists the last gc forgot.",
+                                                               len(run.result.get("forgotten", [])))
+                    job.extra["archup_journal_bytes"] = ("The journal's size on disk after the last gc.",
+                                                        int(run.result.get("journal_bytes_after", 0)))
                 try:
                     metrics.write(path, job, now=time.time())
                 except metrics.MetricsError as error:
