@@ -225,3 +225,37 @@ def test_the_journal_shrinks_after_forgetting(cli, tmp_path: Path) -> None:
         assert journal.get_state(report["forgotten"][0]).counts[FileState.UPLOADED] == 3000
     finally:
         journal.close()
+
+
+def test_walk_covers_keeps_what_the_walk_skipped_as_present_and_drops_a_listed_path_gone(tmp_path: Path) -> None:
+    """Unit: which paths finalize lets the archived index drop for a batch's walk."""
+    from archup.finalize import walk_covers
+    from archup.journal import BatchSettings
+    from archup.scan import LISTED_BUT_MISSING, UNREADABLE_REASONS
+
+    journal = SQLiteJournal(tmp_path / "j.db")
+    try:
+        plain = str(ULID())
+        journal.init_batch(plain, source_root="/s", bucket="b", prefix="p/", part_size=5)
+        assert walk_covers(journal, journal.get_batch(plain)) is None  # the whole tree, nothing skipped
+
+        listed = str(ULID())
+        journal.init_batch(listed, source_root="/s", bucket="b", prefix="p/", part_size=5,
+                           settings=BatchSettings(files_from=("gone.txt", "locked.txt", "dir/x.txt")))
+        journal.add_files(listed, [
+            NewFile("gone.txt", "k1", 0, 0, FileState.SKIPPED, LISTED_BUT_MISSING),
+            NewFile("locked.txt", "k2", 0, 0, FileState.SKIPPED, "vanished or unreadable: Permission denied")])
+        covers = walk_covers(journal, journal.get_batch(listed))
+        assert covers is not None
+        assert [covers(p) for p in ("gone.txt", "locked.txt", "dir/x.txt", "unlisted.txt")] == [
+            True, False, True, False]
+
+        walked = str(ULID())
+        journal.init_batch(walked, source_root="/s", bucket="b", prefix="p/", part_size=5)
+        journal.add_files(walked, [NewFile("secret", "k3", 0, 0, FileState.SKIPPED,
+                                           f"{UNREADABLE_REASONS[0]}: Permission denied")])
+        covers = walk_covers(journal, journal.get_batch(walked))
+        assert covers is not None
+        assert [covers(p) for p in ("secret/a.txt", "secret", "secretly.txt")] == [False, False, True]
+    finally:
+        journal.close()
