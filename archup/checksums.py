@@ -1,5 +1,9 @@
-"""Checksums as S3 writes them: base64 digests, the CRC32 of a whole file from the CRC32s
-of its parts, the ETag of a multipart object, and whether a stored part holds given bytes."""
+"""Checksums as S3 writes them: base64 digests, the CRC of a whole file from the CRCs of
+its parts (CRC32 or CRC64NVME), the ETag of a multipart object, and whether a stored part
+holds given bytes.
+
+CRC64NVME comes from awscrt (C, the GIL released), imported on first use: commands that
+never send a multipart file do not pay for its import."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ if TYPE_CHECKING:
     from .journal import PartRecord
 
 CRC32_B64_LENGTH = 8    # four bytes in base64
+CRC64_B64_LENGTH = 12   # eight
 SHA256_B64_LENGTH = 44  # thirty-two
+CRC_ALGORITHMS = ("CRC32", "CRC64NVME")  # the part checksums that combine into a full-object one
 
 
 def b64(digest: bytes) -> str:
@@ -24,6 +30,31 @@ def b64(digest: bytes) -> str:
 def crc32_b64(crc: int) -> str:
     """A CRC32 as S3 writes it: the four bytes, big-endian, in base64."""
     return b64(crc.to_bytes(4, "big"))
+
+
+def crc_b64(algorithm: str, crc: int) -> str:
+    """A CRC32 or CRC64NVME as S3 writes it: big-endian bytes in base64."""
+    return b64(crc.to_bytes(8 if algorithm == "CRC64NVME" else 4, "big"))
+
+
+def crc_from_b64(value: str) -> int:
+    return int.from_bytes(base64.b64decode(value), "big")
+
+
+def crc_of(algorithm: str, data: bytes | bytearray, previous: int = 0) -> int:
+    """The CRC32 (zlib: the faster of the two here) or CRC64NVME (awscrt) of ``data``."""
+    if algorithm == "CRC64NVME":
+        from awscrt import checksums
+        return checksums.crc64nvme(data, previous)
+    return zlib.crc32(data, previous)
+
+
+def crc_combine(algorithm: str, crc1: int, crc2: int, length2: int) -> int:
+    """The CRC of a + b from the CRC of a, the CRC of b and len(b)."""
+    if algorithm == "CRC64NVME":
+        from awscrt import checksums
+        return checksums.combine_crc64nvme(crc1, crc2, length2) if length2 > 0 else crc1
+    return crc32_combine(crc1, crc2, length2)
 
 
 # -- CRC32 of a concatenation from the CRC32s of its pieces (zlib's crc32_combine) ----------
@@ -74,13 +105,15 @@ def multipart_etag(parts: Sequence[PartRecord]) -> str:
     return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
 
 
-def part_matches(body: bytes, part: PartRecord, crc32: int | None = None) -> bool:
+def part_matches(body: bytes | bytearray, part: PartRecord) -> bool:
     """Reuse a stored part only if the bytes just read are the bytes it holds (by the checksum
-    it was sent with; a full-object upload's completion checks every part's CRC32 once more)."""
+    it was sent with; a full-object upload's completion checks every part's CRC once more)."""
     if len(body) != part.size:
         return False
     if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
-        return crc32_b64(zlib.crc32(body) if crc32 is None else crc32) == part.checksum
+        return crc32_b64(zlib.crc32(body)) == part.checksum
+    if part.checksum and len(part.checksum) == CRC64_B64_LENGTH:
+        return crc_b64("CRC64NVME", crc_of("CRC64NVME", body)) == part.checksum
     if part.checksum:
         return b64(hashlib.sha256(body).digest()) == part.checksum
     return hashlib.md5(body).hexdigest() == part.etag.strip('"')

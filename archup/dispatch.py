@@ -1,9 +1,11 @@
 """Bounded submission: the one way work reaches the pool of upload streams.
 
-The dispatching thread blocks while the queue is full (slots) or the file bytes
-held in memory would pass their budget; a task's slot and bytes are released on
-one path, when its future is done, whatever ended it. Model: s3transfer's
-``BoundedExecutor`` and ``TaskSemaphore``.
+Two pools: ``parallel`` upload streams, and a few file readers (one per multipart file
+being read, :mod:`archup.multipart`), which feed the streams. A submitter blocks while
+the queue is full (slots) or the file bytes held in memory would pass their budget; a
+task's slot and bytes are released on one path, when its future is done, whatever ended
+it. Part bodies are read into pooled buffers (:class:`PartBuffer`) that count against
+the same budget. Model: s3transfer's ``BoundedExecutor`` and ``TaskSemaphore``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,51 @@ class Reservation:
             self._budget.release(count)
 
 
+class BufferPool:
+    """Part buffers to ``readinto``, reused: a new 8 MiB bytearray per part costs its page
+    faults and zeroing on every part. Free buffers are kept while free plus lent bytes stay
+    within the budget's capacity, so the pool never holds more than the budget allows."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self._free: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
+        self._lent = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            self._lent += size
+            kept = self._free.get(size)
+            if kept:
+                self._free_bytes -= size
+                return kept.pop()
+        return bytearray(size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        size = len(buffer)
+        with self._lock:
+            self._lent -= size
+            if self._free_bytes + self._lent + size <= self._budget.capacity:
+                self._free.setdefault(size, []).append(buffer)
+                self._free_bytes += size
+
+
+class PartBuffer(Reservation):
+    """A reservation that lends a buffer of exactly the reserved size; both go back on release."""
+
+    def __init__(self, budget: ByteBudget, pool: BufferPool, size: int) -> None:
+        super().__init__(budget, size)
+        self._pool = pool
+        self.data: bytearray | None = pool.take(size)
+
+    def release(self) -> None:
+        data, self.data = self.data, None
+        if data is not None:
+            self._pool.give_back(data)
+        super().release()
+
+
 class Dispatcher:
     """Runs tasks on ``parallel`` worker threads with bounded submission.
 
@@ -72,32 +119,57 @@ class Dispatcher:
     vanishes inside a future.
     """
 
-    def __init__(self, parallel: int, budget_bytes: int, on_error: Callable[[ArchupError], None]) -> None:
+    def __init__(self, parallel: int, budget_bytes: int, on_error: Callable[[ArchupError], None], *,
+                 readers: int = 1) -> None:
         self.parallel = parallel
         self.budget = ByteBudget(budget_bytes)
+        self._buffers = BufferPool(self.budget)
         self._slots = threading.BoundedSemaphore(parallel * 2)
+        self._reader_slots = threading.BoundedSemaphore(readers)
+        self._readers = readers
         self._on_error = on_error
         self._pool: ThreadPoolExecutor | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
 
     @contextmanager
     def running(self) -> Iterator[Dispatcher]:
-        """A pool for one pass over the work; on leaving, every task submitted has ended."""
+        """The pools for one pass over the work; on leaving, every task submitted has ended
+        (the readers first: they are what submits the streams' parts)."""
         with ThreadPoolExecutor(self.parallel, thread_name_prefix="archup-upload") as pool:
             self._pool = pool
             try:
-                yield self
+                with ThreadPoolExecutor(self._readers, thread_name_prefix="archup-read") as readers:
+                    self._reader_pool = readers
+                    try:
+                        yield self
+                    finally:
+                        self._reader_pool = None  # the exit waits for the readers in flight
             finally:
-                self._pool = None  # the pool's exit below waits for what is in flight
+                self._pool = None  # the pool's exit below waits for the parts in flight
 
     def reserve(self, count: int) -> Reservation:
         """Block until ``count`` bytes (at most the whole budget) may be held in memory."""
         return Reservation(self.budget, count)
 
+    def buffer(self, size: int) -> PartBuffer:
+        """Block until ``size`` bytes may be held; a pooled buffer of exactly that size to read into."""
+        return PartBuffer(self.budget, self._buffers, size)
+
     def submit(self, task: Callable[..., None], *args: object, reservation: Reservation | None = None) -> None:
-        """Queue a task; blocks while the queue is full. ``reservation`` is released with the slot."""
+        """Queue a task on the upload streams; blocks while the queue is full. ``reservation`` is
+        released with the slot."""
         assert self._pool is not None, "submit() outside running()"
+        self._queue(self._pool, self._slots, task, args, reservation)
+
+    def read(self, task: Callable[..., None], *args: object) -> None:
+        """Run a file's reader on the reader pool; blocks while every reader is busy."""
+        assert self._reader_pool is not None, "read() outside running()"
+        self._queue(self._reader_pool, self._reader_slots, task, args, None)
+
+    def _queue(self, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore, task: Callable[..., None],
+               args: tuple[object, ...], reservation: Reservation | None) -> None:
         try:
-            self._slots.acquire()
+            slots.acquire()
         except BaseException:
             if reservation is not None:
                 reservation.release()
@@ -106,10 +178,10 @@ class Dispatcher:
         def release(_: Future[None] | None = None) -> None:
             if reservation is not None:
                 reservation.release()
-            self._slots.release()
+            slots.release()
 
         try:
-            future = self._pool.submit(self._guarded, task, *args)
+            future = pool.submit(self._guarded, task, *args)
         except BaseException:
             release()
             raise

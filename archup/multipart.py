@@ -1,11 +1,14 @@
 """The multipart transfer of one file: an object with an explicit state and one lock.
 
-The dispatching thread reads the file part by part (hashing the whole file as it
-reads, so its SHA-256 comes from the upload's own pass) and hands each part that
-the server does not already hold to the pool. Whichever thread sees the transfer
-settle (the whole file read, or a problem, and no part in flight) finishes it, once:
-completes the upload from the parts the journal recorded, leaves it for the
-resumer, or aborts it and fails the file.
+A pipeline per file: the dispatching thread hands the file to a reader (the dispatcher's
+reader pool, a few files at once). The reader opens the upload, then reads the file once,
+sequentially, ``readinto`` pooled part buffers, hashing the whole file with SHA-256 as it
+reads (so the file's digest comes from the upload's own pass), and hands each part that
+the server does not already hold to the shared pool of upload streams. The stream that
+sends a part computes its CRC; the CRCs are combined in part order at completion, from
+the parts the journal recorded. Whichever thread sees the transfer settle (the whole file
+read, or a problem, and no part in flight) finishes it, once: completes the upload,
+leaves it for the resumer, or aborts it and fails the file.
 
 Durability order (docs/design.md): the upload id is in the journal the moment
 CreateMultipartUpload returns; a part is recorded after UploadPart returned; the
@@ -15,25 +18,34 @@ file is marked uploaded only after CompleteMultipartUpload returned.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import threading
-import zlib
 from collections.abc import Callable
 from enum import Enum
 from typing import IO
 
 from . import source
-from .checksums import CRC32_B64_LENGTH, SHA256_B64_LENGTH, crc32_combine, part_matches
+from .checksums import (
+    CRC32_B64_LENGTH,
+    CRC64_B64_LENGTH,
+    CRC_ALGORITHMS,
+    SHA256_B64_LENGTH,
+    crc_combine,
+    crc_from_b64,
+    crc_of,
+    part_matches,
+)
 from .crashpoints import crash_point
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, PartBuffer
 from .errors import ArchupError, TransferError
 from .journal import FileRecord, Journal, PartRecord
 from .outcomes import Outcomes
 from .reconcile import Reconciler
 from .source import FileChanged, SourceTree, check_unchanged, describe_read_error
 from .states import FileState
-from .store import SHA256_METADATA, MultipartChecksum, ObjectStore, UploadedPart
+from .store import CHECKSUM_REFUSED, SHA256_METADATA, MultipartChecksum, ObjectStore, UploadedPart
 
 log = logging.getLogger("archup.upload")
 
@@ -41,6 +53,7 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 MEMORY_CAP = 1024 * MiB  # file bytes in flight a grown part size may raise the budget to
+READERS = 4  # multipart files read at once (each reader feeds the shared upload streams)
 
 
 def part_size_for(size: int, configured: int) -> int:
@@ -81,7 +94,6 @@ class MultipartTransfer:
         self.lost = False  # the server answered NoSuchUpload: the upload is gone
         self.outstanding = 0
         self.sha256: str | None = None
-        self.crc32 = 0  # of the whole file as read, for a full-object checksum
 
     @property
     def live(self) -> bool:
@@ -110,7 +122,7 @@ class MultipartTransfer:
             if self.state in _LIVE:
                 self.state = TransferState.INTERRUPTED
 
-    def reader_ended(self, *, read_all: bool, sha256: str, crc32: int, error: str | None) -> bool:
+    def reader_ended(self, *, read_all: bool, sha256: str, error: str | None) -> bool:
         """The reader stopped: the whole file read, a read error, or a stop. True for the one
         caller that must now finish the transfer."""
         with self.lock:
@@ -124,7 +136,7 @@ class MultipartTransfer:
                     self.reason = ("changed during upload: its SHA-256 differs from the one read "
                                    "before the upload (and put in the object's metadata)")
                 else:
-                    self.state, self.sha256, self.crc32 = TransferState.READ, sha256, crc32
+                    self.state, self.sha256 = TransferState.READ, sha256
             return self._take_ending()
 
     def _take_ending(self) -> bool:
@@ -145,11 +157,27 @@ def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
     for part in recorded:
         if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
             return MultipartChecksum("CRC32", full_object=True)
+        if part.checksum and len(part.checksum) == CRC64_B64_LENGTH:
+            return MultipartChecksum("CRC64NVME", full_object=True)
         if part.checksum and len(part.checksum) == SHA256_B64_LENGTH:
             return MultipartChecksum("SHA256")
         if part.checksum is None:
             return MultipartChecksum(None)
     return configured
+
+
+def _full_crc(checksum: MultipartChecksum, parts: list[PartRecord]) -> int | None:
+    """The whole file's CRC from its parts' CRCs (as each stream computed and sent them, or as
+    a resumed run checked them against the bytes it read), combined in part order."""
+    algorithm = checksum.algorithm
+    if not checksum.full_object or algorithm not in CRC_ALGORITHMS or any(not p.checksum for p in parts):
+        return None
+    assert algorithm is not None
+    crcs = [(crc_from_b64(part.checksum or ""), part.size) for part in parts]
+    total = crcs[0][0]
+    for crc, size in crcs[1:]:
+        total = crc_combine(algorithm, total, crc, size)
+    return total
 
 
 class MultipartSender:
@@ -173,7 +201,11 @@ class MultipartSender:
         self.restarted: set[str] = set()  # files whose upload the server lost, sent again this run
 
     def send(self, record: FileRecord, path: str) -> None:
-        """Runs in the dispatching thread: opens the file and its upload, then reads and submits parts."""
+        """Runs in the dispatching thread: hands the file to a reader (blocks while every reader is busy)."""
+        self.dispatcher.read(self._read_file, record, path)
+
+    def _read_file(self, record: FileRecord, path: str) -> None:
+        """A reader: opens the file and its upload, then reads and submits its parts."""
         try:
             handle = self.tree.open(path)
             check_unchanged(os.fstat(handle.fileno()), record)
@@ -202,54 +234,58 @@ class MultipartSender:
             self.outcomes.started(record)
             self._read_parts(transfer, handle, reusable)
 
-    def _read_parts(self, transfer: MultipartTransfer, handle: IO[bytes], reusable: dict[int, PartRecord]) -> None:
+    def _read_parts(self, transfer: MultipartTransfer, handle: io.BufferedReader, reusable: dict[int, PartRecord]) -> None:
         record = transfer.record
         hasher = hashlib.sha256()
-        full_object = transfer.checksum.full_object
-        part_number = total = crc32 = 0
+        part_number = total = 0
         error_text: str | None = None
         try:
             while total < record.size:
                 if self._stop.is_set() or not transfer.live:
                     break
                 want = min(transfer.part_size, record.size - total)
-                reservation = self.dispatcher.reserve(want)
-                body = handle.read(want)
-                if len(body) != want:
-                    reservation.release()
-                    raise FileChanged(f"short read: got {total + len(body)} of {record.size} bytes")
-                hasher.update(body)
-                part_crc = zlib.crc32(body) if full_object else None
-                if part_crc is not None:
-                    crc32 = crc32_combine(crc32, part_crc, want)
+                buffer = self.dispatcher.buffer(want)
+                assert buffer.data is not None
+                try:
+                    got = handle.readinto(buffer.data)
+                    if got != want:
+                        raise FileChanged(f"short read: got {total + (got or 0)} of {record.size} bytes")
+                    hasher.update(buffer.data)  # the GIL is released: the streams run meanwhile
+                except BaseException:
+                    buffer.release()
+                    raise
                 total += want
                 part_number += 1
                 recorded = reusable.get(part_number)
-                if recorded is not None and part_matches(body, recorded, part_crc):
-                    reservation.release()  # the server already holds these bytes
+                if recorded is not None and part_matches(buffer.data, recorded):
+                    buffer.release()  # the server already holds these bytes
                     continue
                 transfer.part_started()
-                self.dispatcher.submit(self._send_part, transfer, part_number, body, part_crc,
-                                       reservation=reservation)
+                self.dispatcher.submit(self._send_part, transfer, part_number, buffer, reservation=buffer)
             else:
                 if handle.read(1):
                     raise FileChanged("file grew during upload")
                 check_unchanged(os.fstat(handle.fileno()), record)
         except (OSError, FileChanged) as error:
             error_text = describe_read_error(error)
-        if transfer.reader_ended(read_all=total == record.size, sha256=hasher.hexdigest(), crc32=crc32,
-                                 error=error_text):
+        if transfer.reader_ended(read_all=total == record.size, sha256=hasher.hexdigest(), error=error_text):
             self._finish(transfer)
 
-    def _send_part(self, transfer: MultipartTransfer, part_number: int, body: bytes, crc32: int | None) -> None:
+    def _send_part(self, transfer: MultipartTransfer, part_number: int, buffer: PartBuffer) -> None:
+        """An upload stream: the part's CRC, then the part. The buffer goes back to the pool
+        when this task ends (the dispatcher releases it with the task's slot)."""
+        body = buffer.data
+        assert body is not None
         try:
             if not transfer.live:
                 return
             if self._stop.is_set():
                 transfer.interrupt()
                 return
+            algorithm = transfer.checksum.algorithm
+            crc = crc_of(algorithm, body) if algorithm in CRC_ALGORITHMS else None
             part = self.store.upload_part(transfer.record.key, transfer.upload_id, part_number, body,
-                                          transfer.checksum, crc32=crc32)
+                                          transfer.checksum, crc=crc)
             crash_point("after-upload-part")
             self.journal.record_part(self.batch_id, transfer.record.rel_path,
                                      PartRecord(part_number, len(body), part.etag, part.checksum))
@@ -304,8 +340,16 @@ class MultipartSender:
                 return None  # stopped: the file stays uploading without an upload, restarted next run
             metadata[SHA256_METADATA] = expected
         checksum = self.store.multipart_checksum()
-        upload_id = self.store.create_multipart(record.key, checksum, metadata=self._metadata(metadata),
-                                                content_type=source.content_type(record.rel_path))
+        tagged, content_type = self._metadata(metadata), source.content_type(record.rel_path)
+        try:
+            upload_id = self.store.create_multipart(record.key, checksum, metadata=tagged, content_type=content_type)
+        except TransferError as error:
+            if error.code != CHECKSUM_REFUSED:
+                raise
+            # The endpoint does not know CRC64NVME: this upload and every later one use CRC32.
+            log.info("%s: the endpoint refused CRC64NVME; full-object checksums are CRC32", record.rel_path)
+            checksum = self.store.multipart_checksum()
+            upload_id = self.store.create_multipart(record.key, checksum, metadata=tagged, content_type=content_type)
         crash_point("after-create-multipart")
         # Record the undo as soon as the resource exists.
         self.journal.record_upload_id(self.batch_id, record.rel_path, upload_id, part_size, expected,
@@ -337,7 +381,7 @@ class MultipartSender:
         try:
             etag = self.store.complete_multipart(
                 record.key, transfer.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts],
-                transfer.checksum, full_crc32=transfer.crc32, size=record.size)
+                transfer.checksum, full_crc=_full_crc(transfer.checksum, parts), size=record.size)
         except TransferError as error:
             if error.code == "NoSuchUpload" and self.reconciler.settle_lost_completion(record):
                 return  # a retried Complete whose first answer was lost

@@ -153,7 +153,7 @@ class UploadRequest:
     settings: BatchSettings            # this run's selection and archive options (a new batch records them)
     transport: Transport
     parallel: int = 5
-    prehash: bool = True
+    prehash: bool = False
     batch_id: str | None = None        # --batch: continue this one
     new_batch: bool = False            # --new-batch: never resume
     no_finalize: bool = False
@@ -214,7 +214,7 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
                                      stop=stop, tally=tally), started)
 
 
-def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = True,
+def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = False,
            no_finalize: bool = False, listener: RunListener | None = None,
            stop: threading.Event | None = None, tally: bool = False) -> RunOutcome:
     """``archup resume BATCH``: continue a recorded batch from its journal, then finalize."""

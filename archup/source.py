@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import mimetypes
 import os
 import stat
@@ -64,7 +65,7 @@ def _opened_path(fd: int) -> str | None:
         return None
 
 
-def open_regular(path: str, guard: PathGuard | None = None) -> IO[bytes]:
+def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader:
     """Open for reading without following a symlink or blocking on a FIFO that replaced the
     file since the scan; anything but a regular file is refused. Then the guard is checked
     against what the kernel says it opened."""
@@ -158,7 +159,7 @@ class SourceTree:
     def stat(self, path: str) -> os.stat_result:
         return os.stat(path) if self.follow_symlinks else os.lstat(path)
 
-    def open(self, path: str) -> IO[bytes]:
+    def open(self, path: str) -> io.BufferedReader:
         return open_regular(path, self.guard)
 
     def read_whole(self, path: str, record: FileRecord) -> bytes:

@@ -6,10 +6,11 @@ writes every file into it first (grouped transactions), then the dispatcher
 streams the files that still need work out of it, so a rerun of the same batch
 picks up where a crash left.
 
-Threads: the calling thread walks the directory, dispatches, and reads large
-files part by part (:mod:`archup.multipart`); a pool of ``parallel`` workers does
-the network requests (:mod:`archup.dispatch`); one thread commits single-PUT
-completions in groups (:class:`archup.outcomes.CompletionWriter`).
+Threads: the calling thread walks the directory and dispatches; a few readers each
+read one large file part by part (:mod:`archup.multipart`); a pool of ``parallel``
+workers reads small files and does the network requests (:mod:`archup.dispatch`);
+one thread commits single-PUT completions in groups
+(:class:`archup.outcomes.CompletionWriter`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .crashpoints import crash_point
 from .dispatch import Dispatcher
 from .errors import ArchupError, TransferError
 from .journal import EncodedFiles, FileRecord, Journal, NewFile
-from .multipart import MultipartSender
+from .multipart import READERS, MultipartSender
 from .outcomes import CompletionWriter, NullObserver, Outcomes, UploadObserver, UploadResult
 from .reconcile import Reconciler
 from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
@@ -51,7 +52,7 @@ class UploadOptions:
     select: Selector | None = None   # --include / --exclude
     files_from: tuple[str, ...] | None = None     # --files-from: only these paths
     skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
-    prehash: bool = True                          # hash a multipart file first, for its object metadata
+    prehash: bool = False                         # hash a multipart file first, for its object metadata
     follow_symlinks: bool = False                 # take a symlink inside the source root as its target
 
 
@@ -106,7 +107,7 @@ class Uploader:
         """Upload every file the journal says still needs it; never raises for one file's failure."""
         outcomes = self.outcomes
         dispatcher = Dispatcher(self.options.parallel, self.options.parallel * self.options.part_size,
-                                outcomes.stop_with)
+                                outcomes.stop_with, readers=min(self.options.parallel, READERS))
         multipart = MultipartSender(self.journal, self.store, self.batch_id, self.tree, dispatcher, outcomes,
                                     self.reconciler, part_size=self.options.part_size, prehash=self.options.prehash,
                                     metadata=self._metadata)

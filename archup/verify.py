@@ -10,7 +10,7 @@ objects with bounded memory.
 
 Per object present: its size and ETag from the listing; then, without
 ``deep``, its ``archup-sha256`` metadata (HEAD; a multipart object uploaded
-with ``--no-prehash`` has none, so its size and ETag are its check); with ``deep``, the
+without ``--prehash``, the default, has none, so its size and ETag are its check); with ``deep``, the
 object's bytes re-hashed with SHA-256 as they stream. The per-object requests
 run on a small thread pool behind a bounded window, and their results are
 taken back in key order, so the differences come out in key order.

@@ -20,6 +20,18 @@ byte for byte (by ``Content-Length`` or chunked), and the server's answer likewi
 closes every connection after one exchange (``Connection: close`` both ways), so a client never
 reuses a connection the proxy is about to close.
 
+Two modes for the bodies of requests (neither local server checks a body against the
+checksum its request claims; S3 does):
+
+- ``validate=True`` (what S3 does): the proxy reads a request's whole body, computes the
+  checksum the request claims (``x-amz-checksum-crc32``, ``-crc32c``, ``-crc64nvme``,
+  ``-sha1``, ``-sha256``, ``Content-MD5``) over the bytes it received, and answers
+  ``400 BadDigest`` on a mismatch; the request never reaches the server.
+- ``corrupt=RATE`` (what a network does): for a seeded share of the requests with a body,
+  one byte of the body is changed (at a seeded place) before that check and before
+  forwarding. ``Stats.corrupted_forwarded`` counts corrupted bodies that reached the
+  server: with ``validate`` on, only bodies that claimed no checksum can.
+
 Which requests are faulted is decided in arrival order by a ``random.Random(seed)``: each
 request is faulted with probability ``rate``; the kinds take turns (a seeded shuffle of them,
 round after round; ``"reset"`` is given only to a request with a body) so that a run with a
@@ -29,6 +41,8 @@ they match, before the random draw. Counters say what really happened.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import random
 import select
@@ -37,6 +51,7 @@ import socketserver
 import struct
 import threading
 import urllib.parse
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -168,6 +183,10 @@ class Stats:
     by_operation: Counter[tuple[str, str]] = field(default_factory=Counter)  # (operation, outcome)
     stalls_abandoned_by_client: int = 0  # the client closed the stalled connection (its read timeout)
     upstream_errors: int = 0  # the proxy could not reach the server (never expected)
+    validated: Counter[str] = field(default_factory=Counter)  # header name -> bodies checked against it
+    bad_digests: int = 0  # bodies refused with 400 BadDigest
+    corrupted: int = 0  # bodies the proxy changed a byte of
+    corrupted_forwarded: int = 0  # changed bodies that reached the server anyway
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -182,7 +201,7 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, rate: float = 0.0, seed: int = 0,
                  kinds: Iterable[str] = DEFAULT_KINDS, rules: Iterable[Rule] = (),
-                 stall_seconds: float = 30.0) -> None:
+                 stall_seconds: float = 30.0, validate: bool = False, corrupt: float = 0.0) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         assert parsed.scheme == "http" and parsed.hostname and parsed.port, upstream
         self.upstream = (parsed.hostname, parsed.port)
@@ -192,6 +211,9 @@ class FaultProxy:
         self.rules = list(rules)
         self.stall_seconds = stall_seconds
         self._rng = random.Random(seed)
+        self.validate = validate
+        self.corrupt = corrupt
+        self._corrupt_rng = random.Random(seed + 1)  # its own draws: the faults' sequence is unchanged
         self._turns: list[str] = []
         self._lock = threading.Lock()
         self._stats = Stats()
@@ -234,7 +256,9 @@ class FaultProxy:
         with self._lock:
             return Stats(self._stats.requests, self._stats.forwarded, Counter(self._stats.faults),
                          Counter(self._stats.canned), Counter(self._stats.by_operation),
-                         self._stats.stalls_abandoned_by_client, self._stats.upstream_errors)
+                         self._stats.stalls_abandoned_by_client, self._stats.upstream_errors,
+                         Counter(self._stats.validated), self._stats.bad_digests, self._stats.corrupted,
+                         self._stats.corrupted_forwarded)
 
     def set_rate(self, rate: float) -> None:
         with self._lock:
@@ -255,6 +279,13 @@ class FaultProxy:
         with self._lock:
             self._stats.requests += 1
             return self._stats.requests, self._pick(head)
+
+    def _corrupt_at(self, head: RequestHead) -> float | None:
+        """Where (a fraction of the body) to change a byte of this request's body; None: nowhere."""
+        with self._lock:
+            if self.corrupt <= 0 or not head.has_body or self._corrupt_rng.random() >= self.corrupt:
+                return None
+            return self._corrupt_rng.random()
 
     def _pick(self, head: RequestHead) -> str | Canned | None:
         """Called under the lock, in arrival order."""
@@ -340,6 +371,29 @@ class FaultProxy:
                     self._stats.stalls_abandoned_by_client += 1
             _close(sock, reader)
             return
+        body: bytes | None = None
+        corrupted = False
+        if (self.validate or self.corrupt > 0) and head.has_body and head.header("Content-Length"):
+            body = b"".join(_body_chunks(reader, head))
+            where = self._corrupt_at(head)
+            if where is not None and body:
+                index = min(len(body) - 1, int(where * len(body)))
+                body = body[:index] + bytes([body[index] ^ 0x01]) + body[index + 1:]
+                corrupted = True
+                with self._lock:
+                    self._stats.corrupted += 1
+            if self.validate:
+                refused = self._check_digest(head, body)
+                if refused is not None:
+                    self._count(head, "bad-digest", canned="BadDigest")
+                    with self._lock:
+                        self._stats.bad_digests += 1
+                    _send_answer(sock, head, 400, s3_error_body("BadDigest", refused, request_id))
+                    _close(sock, reader)
+                    return
+            if corrupted:
+                with self._lock:
+                    self._stats.corrupted_forwarded += 1
         try:
             upstream = socket.create_connection(self.upstream, timeout=60)
         except OSError:
@@ -348,7 +402,7 @@ class FaultProxy:
             _reset(sock, reader)
             return
         with upstream:
-            _forward_request(reader, upstream, head)
+            _forward_request(reader, upstream, head, body)
             if action == "lost-response":
                 _read_until_eof(upstream)  # the server finished the work; its answer is dropped
                 self._count(head, "lost-response", fault=True)
@@ -356,6 +410,42 @@ class FaultProxy:
                 return
             _forward_response(upstream, sock, lambda: self._count(head, "forwarded"))
         _close(sock, reader)
+
+
+    def _check_digest(self, head: RequestHead, body: bytes) -> str | None:
+        """S3's check of a body against the checksums its request claims: the message of a
+        BadDigest answer, or None if every claimed checksum matches. (On CompleteMultipartUpload
+        an x-amz-checksum-* header is the whole object's checksum, checked against the parts,
+        not the part list's: only its Content-MD5 is about the body.)"""
+        for name, compute in _DIGESTS.items():
+            claimed = head.header(name)
+            if claimed is None or (head.operation == "CompleteMultipartUpload" and name != "Content-MD5"):
+                continue
+            with self._lock:
+                self._stats.validated[name.lower()] += 1
+            if claimed.strip() != compute(body):
+                what = "Content-MD5" if name == "Content-MD5" else name.rpartition("-")[2].upper()
+                return f"The {what} you specified did not match the calculated checksum."
+        return None
+
+
+def _crc_b64(value: int, width: int) -> str:
+    return base64.b64encode(value.to_bytes(width, "big")).decode()
+
+
+def _crt(name: str, body: bytes) -> int:
+    from awscrt import checksums
+    return int(getattr(checksums, name)(body))
+
+
+_DIGESTS: dict[str, Callable[[bytes], str]] = {
+    "x-amz-checksum-crc32": lambda body: _crc_b64(zlib.crc32(body), 4),
+    "x-amz-checksum-crc32c": lambda body: _crc_b64(_crt("crc32c", body), 4),
+    "x-amz-checksum-crc64nvme": lambda body: _crc_b64(_crt("crc64nvme", body), 8),
+    "x-amz-checksum-sha1": lambda body: base64.b64encode(hashlib.sha1(body).digest()).decode(),
+    "x-amz-checksum-sha256": lambda body: base64.b64encode(hashlib.sha256(body).digest()).decode(),
+    "Content-MD5": lambda body: base64.b64encode(hashlib.md5(body).digest()).decode(),
+}
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------
@@ -440,10 +530,15 @@ def _send_answer(sock: socket.socket, head: RequestHead, status: int, body: byte
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head.method == "HEAD" else body))
 
 
-def _forward_request(reader: io.BufferedReader, upstream: socket.socket, head: RequestHead) -> None:
+def _forward_request(reader: io.BufferedReader, upstream: socket.socket, head: RequestHead,
+                     body: bytes | None = None) -> None:
+    """The request as received; ``body``: already read (and maybe changed) by the proxy."""
     headers = [(name, value) for name, value in head.headers if name.lower() not in _HOP_BY_HOP]
     text = f"{head.method} {head.target} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
     upstream.sendall((text + "Connection: close\r\n\r\n").encode("latin-1"))
+    if body is not None:
+        upstream.sendall(body)
+        return
     for piece in _body_chunks(reader, head):
         upstream.sendall(piece)
 

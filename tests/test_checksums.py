@@ -15,7 +15,8 @@ import pytest
 from testdata import pattern_bytes
 
 import archup.source
-from archup.store import MultipartChecksum, crc32_b64, crc32_combine
+from archup.checksums import crc_b64, crc_of
+from archup.store import MultipartChecksum, crc32_combine
 
 MiB = 1024 * 1024
 BIG_SIZE = 16 * MiB + 3  # four parts of 5 MiB (the last one 1 MiB + 3 bytes)
@@ -65,7 +66,7 @@ def _open_uploads(s3: Any, bucket: str) -> list[str]:
 def test_composite_sha256_parts_when_full_object_checksums_are_off(cli: Any, s3: Any, bucket: str,
                                                                    tmp_path: Path) -> None:
     source, big = _source(tmp_path)
-    result = cli("upload", "--part-size", "5MiB", "--no-full-object-checksum", "--json", str(source))
+    result = cli("upload", "--part-size", "5MiB", "--no-full-object-checksum", "--prehash", "--json", str(source))
     assert result.exit_code == 0, result.stderr
     head = _head(s3, bucket, json.loads(result.stdout))
     _assert_composite_sha256(head)
@@ -80,7 +81,7 @@ def test_a_resumed_upload_keeps_the_checksum_kind_it_was_created_with(
         cli: Any, s3: Any, bucket: str, tmp_path: Path, first: tuple[str, ...], then: tuple[str, ...],
         kind: str) -> None:
     source, big = _source(tmp_path)
-    args = ("--part-size", "5MiB", "--parallel", "1", "--json")
+    args = ("--part-size", "5MiB", "--parallel", "1", "--prehash", "--json")
     # Killed after the second part is stored (the first is recorded in the journal).
     crashed = cli.subprocess("upload", *args, *first, str(source), env={"ARCHUP_CRASH_AT": "after-upload-part:2"})
     assert crashed.exit_code == -9, crashed.stderr
@@ -93,7 +94,7 @@ def test_a_resumed_upload_keeps_the_checksum_kind_it_was_created_with(
     head = _head(s3, bucket, summary)
     if kind == "FULL_OBJECT":
         assert head["ChecksumType"] == "FULL_OBJECT"
-        assert head["ChecksumCRC32"] == crc32_b64(zlib.crc32(big))
+        assert head["ChecksumCRC64NVME"] == crc_b64("CRC64NVME", crc_of("CRC64NVME", big))
     else:
         _assert_composite_sha256(head)
     assert head["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
@@ -111,7 +112,7 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     source, big = _source(tmp_path)
     honest = archup.source.hash_handle
     monkeypatch.setattr(archup.source, "hash_handle", lambda handle, record, stop=None: "0" * 64)
-    result = cli("upload", "--part-size", "5MiB", "--json", str(source))
+    result = cli("upload", "--part-size", "5MiB", "--prehash", "--json", str(source))
     assert result.exit_code == 3, result.stderr
     summary = json.loads(result.stdout)
     assert summary["files_failed"] == 1
@@ -122,7 +123,7 @@ def test_a_file_that_differs_from_its_prehash_is_failed_not_archived(cli: Any, s
     assert _open_uploads(s3, bucket) == []
 
     monkeypatch.setattr(archup.source, "hash_handle", honest)
-    rerun = cli("upload", "--part-size", "5MiB", "--json", str(source))
+    rerun = cli("upload", "--part-size", "5MiB", "--prehash", "--json", str(source))
     assert rerun.exit_code == 0, rerun.stderr
     assert _head(s3, bucket, json.loads(rerun.stdout))["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
 

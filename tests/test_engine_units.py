@@ -23,11 +23,11 @@ def test_a_transfer_finishes_once_when_read_and_nothing_is_in_flight() -> None:
     transfer = _transfer()
     transfer.part_started()
     transfer.part_started()
-    assert transfer.reader_ended(read_all=True, sha256="s", crc32=7, error=None) is False  # parts in flight
+    assert transfer.reader_ended(read_all=True, sha256="s", error=None) is False  # parts in flight
     assert transfer.part_ended() is False
     assert transfer.part_ended() is True  # the last one out finishes it
     assert transfer.ending is TransferState.READ and transfer.state is TransferState.FINISHED
-    assert (transfer.sha256, transfer.crc32) == ("s", 7)
+    assert transfer.sha256 == "s"
     transfer.part_started()  # a straggler after the end can never finish it again
     assert transfer.part_ended() is False
 
@@ -41,14 +41,14 @@ def test_a_failure_while_reading_ends_the_transfer_failed_and_keeps_the_first_re
     assert transfer.part_ended() is True  # nothing in flight, and the file will not be read further
     assert transfer.ending is TransferState.FAILED and transfer.reason == "UploadPart: 500"
     assert transfer.lost  # NoSuchUpload is remembered whatever came first
-    assert transfer.reader_ended(read_all=False, sha256="s", crc32=0, error=None) is False
+    assert transfer.reader_ended(read_all=False, sha256="s", error=None) is False
 
 
 def test_a_stop_leaves_the_upload_interrupted_not_failed() -> None:
     transfer = _transfer()
     transfer.interrupt()
     transfer.fail("later")
-    assert transfer.reader_ended(read_all=False, sha256="s", crc32=0, error=None) is True
+    assert transfer.reader_ended(read_all=False, sha256="s", error=None) is True
     assert transfer.ending is TransferState.INTERRUPTED and transfer.reason is None
 
 
@@ -61,7 +61,7 @@ def test_a_stop_leaves_the_upload_interrupted_not_failed() -> None:
 def test_how_the_reader_ends_decides_the_ending(read_all: bool, error: str | None, expected: str | None,
                                                 ending: TransferState) -> None:
     transfer = _transfer(expected)
-    assert transfer.reader_ended(read_all=read_all, sha256="s", crc32=0, error=error) is True
+    assert transfer.reader_ended(read_all=read_all, sha256="s", error=error) is True
     assert transfer.ending is ending
 
 

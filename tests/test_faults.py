@@ -20,6 +20,7 @@ import http.client
 import json
 import random
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from ulid import ULID
 from archup.errors import DestinationError, ExitCode
 from archup.journal import SQLiteJournal
 from archup.states import BatchState, FileState
-from archup.store import S3Store, StoreConfig
+from archup.store import S3Store, StoreConfig, crc32_b64
 from archup.uploader import Uploader, UploadOptions
 
 MiB = 1024 * 1024
@@ -239,6 +240,112 @@ def test_batch_of_300_files_through_ten_percent_faults_completes_byte_identical(
     assert stats.stalls_abandoned_by_client == stats.faults["stall"]  # each one was a client read timeout
     assert 0.05 * stats.requests <= sum(stats.faults.values()) <= 0.2 * stats.requests, stats
     assert stats.upstream_errors == 0
+
+
+# -- bodies changed on the way: the validating and corrupting modes ------------------------------
+
+
+def test_validating_proxy_refuses_a_body_that_does_not_match_its_claimed_checksum(moto_endpoint: str, s3: Any,
+                                                                                   bucket: str) -> None:
+    """What S3 does: every claimed checksum is computed over the body received; a mismatch is
+    400 BadDigest and the server never sees the request. A matching one is forwarded."""
+    import base64
+
+    from awscrt import checksums
+
+    body = pattern_bytes(100_000, seed=3)
+    right = {
+        "x-amz-checksum-crc32": base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode(),
+        "x-amz-checksum-crc64nvme": base64.b64encode(checksums.crc64nvme(body).to_bytes(8, "big")).decode(),
+        "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
+        "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
+    }
+    with FaultProxy(moto_endpoint, validate=True) as proxy:
+        host, port = urllib.parse.urlsplit(proxy.url).netloc.split(":")
+        for name, value in right.items():
+            for claimed, status in ((value, 200), (value[:-4] + ("AAA=" if value[-4:] != "AAA=" else "BBB="), 400)):
+                key = f"{name}-{status}"
+                connection = http.client.HTTPConnection(host, int(port), timeout=10)
+                connection.request("PUT", f"/{bucket}/{key}", body=body, headers={name: claimed})
+                answer = connection.getresponse()
+                text = answer.read()
+                connection.close()
+                assert answer.status == status, (name, text)
+                assert (b"<Code>BadDigest</Code>" in text) is (status == 400)
+                assert (key in list_keys(s3, bucket, key)) is (status == 200), name
+        stats = proxy.snapshot()
+    assert stats.bad_digests == len(right)
+    assert stats.validated == {name.lower(): 2 for name in right}
+
+
+def _corrupting_run(moto_endpoint: str, bucket: str, journal_path: Path, tmp_path: Path,
+                    *, validate: bool) -> tuple[Any, dict[str, bytes], Any]:
+    files = small_files(150, seed=SEED + 5)
+    for index, size in enumerate(MULTIPART_SIZES):
+        files[f"large/part-{index}.bin"] = pattern_bytes(size, seed=100 + index)
+    source = write_tree(tmp_path / "src", files)
+    with FaultProxy(moto_endpoint, seed=SEED, validate=validate, corrupt=0.10) as proxy:
+        result = Cli(proxy.url, bucket, journal_path)(
+            "upload", "--json", "--parallel", "8", "--part-size", "5MiB", "--retries", "10", str(source))
+        return result, files, proxy.snapshot()
+
+
+def test_ten_percent_of_bodies_changed_on_the_way_the_batch_still_ends_byte_identical(
+        moto_endpoint: str, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """A network that changes one byte of 10 % of the request bodies, in front of a server that
+    checks bodies as S3 does: every changed body is refused (BadDigest) and sent again, none
+    reaches the server, and the batch ends sealed with every object byte-identical (downloaded)."""
+    result, files, stats = _corrupting_run(moto_endpoint, bucket, journal_path, tmp_path, validate=True)
+    assert result.exit_code == 0, (result.stdout, result.stderr, stats)
+    summary = one_json_object(result.stdout)
+    assert summary["status"] == "enqueued" and summary["files_uploaded"] == len(files)
+    assert_sealed_with_exactly(s3, bucket, summary["batch_id"], files)
+    assert 0.05 * stats.requests <= stats.corrupted <= 0.2 * stats.requests, stats
+    assert stats.bad_digests == stats.corrupted  # each changed body was caught by its own checksum
+    assert stats.corrupted_forwarded == 0  # no changed body ever reached the server
+    # Every kind of body archup sends claims a checksum: the parts' CRC64NVME, the single PUTs'
+    # SHA-256, CompleteMultipartUpload's Content-MD5.
+    assert {"x-amz-checksum-crc64nvme", "x-amz-checksum-sha256", "content-md5"} <= set(stats.validated)
+    assert stats.by_operation[("UploadPart", "bad-digest")] >= 1, stats.by_operation
+    assert stats.by_operation[("PutObject", "bad-digest")] >= 1, stats.by_operation
+
+
+def test_without_the_servers_check_changed_bodies_would_be_stored(
+        moto_endpoint: str, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """The control for the test above: the same corruption with the check off reaches the
+    server and leaves objects that differ from their files, so the check is what saves them."""
+    result, files, stats = _corrupting_run(moto_endpoint, bucket, journal_path, tmp_path, validate=False)
+    assert stats.corrupted_forwarded == stats.corrupted > 0
+    batch_id = only_batch(journal_path)
+    prefix = f"staging/{batch_id}/files/"
+    differing = [rel for rel, data in files.items()
+                 if prefix + rel in list_keys(s3, bucket, prefix + rel) and get_bytes(s3, bucket, prefix + rel) != data]
+    assert differing, "corruption never reached an object"
+
+
+def test_an_endpoint_that_refuses_crc64nvme_gets_full_object_crc32(
+        proxy: FaultProxy, proxied: Cli, s3: Any, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """CreateMultipartUpload with CRC64NVME answered 400 InvalidRequest (an endpoint that does
+    not know it): the upload is created again with CRC32, and so is every later one."""
+    files = {f"big-{n}.bin": pattern_bytes(11 * MiB + n, seed=n) for n in range(2)}
+    source = write_tree(tmp_path / "src", files)
+    refusal = proxy.add_rule(Rule(
+        lambda head: head.operation == "CreateMultipartUpload" and head.header("x-amz-checksum-algorithm") == "CRC64NVME",
+        Canned(400, "InvalidRequest", "Checksum algorithm CRC64NVME is not supported.")))
+    result = proxied("upload", "--json", "--parallel", "1", "--part-size", "5MiB", str(source))
+    assert result.exit_code == 0, result.stderr
+    summary = one_json_object(result.stdout)
+    assert refusal.hits == 1  # asked once; CRC32 from then on
+    for rel_path, data in files.items():
+        head = s3.head_object(Bucket=bucket, Key=summary["prefix"] + "files/" + rel_path, ChecksumMode="ENABLED")
+        assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", crc32_b64(zlib.crc32(data)))
+    journal = SQLiteJournal(journal_path)
+    try:
+        kinds = {journal.get_file(summary["batch_id"], rel).checksum_kind for rel in files}
+    finally:
+        journal.close()
+    assert kinds == {"CRC32/FULL_OBJECT"}
+    assert_sealed_with_exactly(s3, bucket, summary["batch_id"], files)
 
 
 # -- retries ---------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_delete_prefix_deletes_past_one_request(store: ObjectStore) -> None:
 
 
 def _parts(store: ObjectStore, key: str, upload_id: str, bodies: list[bytes]) -> list[UploadedPart]:
-    return [store.upload_part(key, upload_id, number, body, FULL_CRC32, crc32=zlib.crc32(body))
+    return [store.upload_part(key, upload_id, number, body, FULL_CRC32, crc=zlib.crc32(body))
             for number, body in enumerate(bodies, start=1)]
 
 
@@ -124,7 +124,7 @@ def test_multipart_upload_completes_with_a_full_object_crc32(store: ObjectStore)
     assert listed.checksum in (FULL_CRC32, MultipartChecksum(None))
     assert [key for key, uid in store.list_multipart_uploads("mp/") if uid == upload_id] == ["mp/files/big"]
     full = crc32_combine(zlib.crc32(bodies[0]), zlib.crc32(bodies[1]), len(bodies[1]))
-    etag = store.complete_multipart("mp/files/big", upload_id, parts, FULL_CRC32, full_crc32=full,
+    etag = store.complete_multipart("mp/files/big", upload_id, parts, FULL_CRC32, full_crc=full,
                                     size=sum(map(len, bodies)))
     digests = b"".join(hashlib.md5(body).digest() for body in bodies)
     assert etag == f'"{hashlib.md5(digests).hexdigest()}-2"'
@@ -141,7 +141,7 @@ def test_a_small_non_last_part_is_refused_at_completion(store: ObjectStore) -> N
     parts = _parts(store, "mp/small", upload_id, bodies)
     with pytest.raises(TransferError) as refused:
         store.complete_multipart("mp/small", upload_id, parts, FULL_CRC32,
-                                 full_crc32=zlib.crc32(b"".join(bodies)), size=2000)
+                                 full_crc=zlib.crc32(b"".join(bodies)), size=2000)
     assert refused.value.code == "EntityTooSmall"
     store.abort_multipart("mp/small", upload_id)
 
@@ -156,7 +156,7 @@ def test_an_aborted_upload_is_gone_for_every_request(store: ObjectStore) -> None
         store.upload_part("mp/aborted", upload_id, 2, b"y", FULL_CRC32)
     assert lost_part.value.code in ("NoSuchUpload", "500")  # S3 says NoSuchUpload; moto fails with a 500
     with pytest.raises(TransferError) as lost_completion:
-        store.complete_multipart("mp/aborted", upload_id, parts, FULL_CRC32, full_crc32=zlib.crc32(b"x" * 100),
+        store.complete_multipart("mp/aborted", upload_id, parts, FULL_CRC32, full_crc=zlib.crc32(b"x" * 100),
                                  size=100)
     assert lost_completion.value.code in ("NoSuchUpload", "500")
     assert list(store.list_multipart_uploads("mp/")) == []

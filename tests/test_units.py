@@ -146,7 +146,7 @@ class _PartsInFlight:
         return "upload-1"
 
     def upload_part(self, key: str, upload_id: str, number: int, body: bytes, checksum: object,
-                    crc32: int | None = None) -> UploadedPart:
+                    crc: int | None = None) -> UploadedPart:
         with self.lock:
             self.calls += 1
             first_round = self.calls <= self.barrier.parties

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ from typer.testing import CliRunner
 
 import archup
 from archup import verify as verify_core
+from archup.checksums import crc_b64, crc_of
 from archup.cli.verify import verify
 from archup.errors import TransferError
-from archup.store import S3Store, StoreConfig, crc32_b64
+from archup.store import S3Store, StoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = Path(archup.__file__).parent / "manifest.schema.json"
@@ -172,12 +172,13 @@ def test_extra_objects_under_files_are_unexpected(cli, s3, bucket, batch) -> Non
 def test_multipart_file_verifies_and_a_rewrite_is_caught(cli, s3, bucket, tmp_path, prehash: bool) -> None:
     big = hashlib.sha256(b"seed").digest() * (11 * MiB // 32) + b"tail"
     source = make_source(tmp_path / "src", {"big.bin": big, "small.txt": b"small"})
-    summary = upload(cli, source, "--part-size", "5MiB", *(() if prehash else ("--no-prehash",)))
+    summary = upload(cli, source, "--part-size", "5MiB", "--prehash" if prehash else "--no-prehash")
     key = summary["prefix"] + "files/big.bin"
     head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     assert head["ETag"].strip('"').endswith("-3")  # really multipart: 5 + 5 + 1 MiB
-    # The server keeps a CRC32 of the whole object (checked against the parts at completion).
-    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", crc32_b64(zlib.crc32(big)))
+    # The server keeps a CRC64NVME of the whole object (checked against the parts at completion).
+    assert (head["ChecksumType"], head["ChecksumCRC64NVME"]) == ("FULL_OBJECT",
+                                                                 crc_b64("CRC64NVME", crc_of("CRC64NVME", big)))
     if prehash:  # hashed before the upload: the whole file's SHA-256 is in the metadata
         assert head["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
     else:

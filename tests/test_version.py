@@ -124,7 +124,9 @@ def test_completion_of_a_damaged_journal_offers_nothing_and_changes_nothing(tmp_
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_show_completion_prints_the_script_for_the_shell_it_runs_in(tmp_path: Path) -> None:
-    done = subprocess.run(["bash", "-c", f"{sys.executable} -m archup --show-completion"], capture_output=True,
+    # "; exit $?" keeps bash from exec'ing python in its place: bash stays the parent that the
+    # shell detection finds, even when the test runner itself has no shell among its ancestors.
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m archup --show-completion; exit $?"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "SHELL": "/bin/bash"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "_ARCHUP_COMPLETE=complete_bash" in done.stdout and "complete -o default -F _archup_completion archup" \

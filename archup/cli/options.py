@@ -92,4 +92,5 @@ FollowOption = Annotated[bool, typer.Option(
 PrehashOption = Annotated[bool, typer.Option(
     "--prehash/--no-prehash",
     help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
-    "(a second read of large files, as rclone does).")]
+    "(a second read of large files, as rclone does). Off by default: the SHA-256 from the upload's own "
+    "read is in the journal and the manifest either way.")]

@@ -311,7 +311,7 @@ def upload(
                                            "automatically so no file needs more than 10,000 parts.")] = "8MiB",
     checksum: ChecksumOption = ChecksumMode.SHA256,
     full_object_checksum: FullObjectOption = True,
-    prehash: PrehashOption = True,
+    prehash: PrehashOption = False,
     batch: Annotated[str | None, typer.Option("--batch", help="Continue this unfinished batch.",
                                               autocompletion=complete_batch, show_default=False)] = None,
     new_batch: Annotated[bool, typer.Option("--new-batch", help="Start a new batch even if an unfinished "
@@ -421,7 +421,7 @@ def resume(
         "--full-object-checksum/--no-full-object-checksum",
         help="Full-object CRC32 on new multipart uploads [default: as the batch was started]",
         show_default=False)] = None,
-    prehash: PrehashOption = True,
+    prehash: PrehashOption = False,
     retries: RetriesOption = 4,
     retry_mode: RetryModeOption = RetryMode.STANDARD,
     bwlimit: BwlimitOption = None,

@@ -20,12 +20,15 @@ from typing import Protocol
 
 from ..checksums import crc32_b64, crc32_combine
 
-__all__ = ["SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore",
+__all__ = ["CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore",
            "OpenUpload", "S3Store", "StoreConfig", "UploadedPart", "crc32_b64", "crc32_combine", "open_store"]
 
 
-# The whole file's SHA-256 (hex) in every file object's user metadata (x-amz-meta-archup-sha256).
+# The whole file's SHA-256 (hex) in a file object's user metadata (x-amz-meta-archup-sha256):
+# every single-PUT object's, and a multipart object's when it was hashed first (--prehash).
 SHA256_METADATA = "archup-sha256"
+# TransferError.code of a CreateMultipartUpload whose CRC64NVME the endpoint refused.
+CHECKSUM_REFUSED = "ChecksumAlgorithmRefused"
 
 
 class ChecksumMode(str, Enum):
@@ -57,8 +60,9 @@ class StoreConfig:
     user_metadata: tuple[tuple[str, str], ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
     bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
-    # Multipart uploads keep a full-object CRC32 (S3's ChecksumType FULL_OBJECT) instead of a
-    # checksum of part checksums; off for endpoints that do not know the header.
+    # Multipart uploads keep a full-object CRC (S3's ChecksumType FULL_OBJECT: CRC64NVME, or
+    # CRC32 where the endpoint refuses CRC64NVME) instead of a checksum of part checksums;
+    # off for endpoints that do not know the header.
     full_object_checksum: bool = True
 
 
@@ -81,13 +85,14 @@ class UploadedPart:
 class MultipartChecksum:
     """How one multipart upload proves its bytes: the algorithm of its per-part checksums
     (None: Content-MD5 or nothing) and whether the server keeps a full-object checksum
-    (CRC32 of the whole object, checked at completion) instead of a checksum of checksums."""
+    (CRC64NVME or CRC32 of the whole object, checked at completion) instead of a checksum
+    of checksums."""
 
     algorithm: str | None
     full_object: bool = False
 
     def encode(self) -> str:
-        """For the journal: ``CRC32/FULL_OBJECT``, ``SHA256/COMPOSITE``, ``NONE``."""
+        """For the journal: ``CRC64NVME/FULL_OBJECT``, ``CRC32/FULL_OBJECT``, ``SHA256/COMPOSITE``, ``NONE``."""
         if self.algorithm is None:
             return "NONE"
         return f"{self.algorithm}/{'FULL_OBJECT' if self.full_object else 'COMPOSITE'}"
@@ -157,15 +162,20 @@ class ObjectStore(Protocol):
         """How a new multipart upload checksums its parts."""
 
     def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
-                         content_type: str | None = None) -> str: ...
+                         content_type: str | None = None) -> str:
+        """Start an upload, returning its id. An endpoint that refuses CRC64NVME raises
+        TransferError with code CHECKSUM_REFUSED, and multipart_checksum() then says CRC32."""
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
-                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
-        """Send one part; ``crc32`` is the part's CRC32 if the caller already computed it."""
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
+                    checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
+        """Send one part; ``crc`` is the part's CRC (of ``checksum.algorithm``) if the caller
+        already computed it."""
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
-                           *, full_crc32: int | None = None, size: int | None = None) -> str:
-        """Complete from the listed parts, returning the object's ETag."""
+                           *, full_crc: int | None = None, size: int | None = None) -> str:
+        """Complete from the listed parts, returning the object's ETag. A full-object upload
+        also sends ``full_crc``, the CRC of the whole file as read, which the server checks
+        against the parts it holds."""
 
     def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
         """The parts the server holds of an upload; None if it no longer knows it."""

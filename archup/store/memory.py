@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..checksums import b64, crc32_b64
+from ..checksums import b64, crc_b64, crc_of
 from ..errors import DestinationError, TransferError
-from . import ChecksumMode, MultipartChecksum, ObjectInfo, OpenUpload, UploadedPart
+from . import CHECKSUM_REFUSED, ChecksumMode, MultipartChecksum, ObjectInfo, OpenUpload, UploadedPart
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3 refuses a non-last part below this at completion
 
@@ -56,11 +55,14 @@ class MemoryStore:
     """One bucket in memory; thread-safe (one lock)."""
 
     def __init__(self, bucket: str = "archup-memory", *, exists: bool = True,
-                 checksum: ChecksumMode = ChecksumMode.SHA256, full_object_checksum: bool = True) -> None:
+                 checksum: ChecksumMode = ChecksumMode.SHA256, full_object_checksum: bool = True,
+                 knows_crc64nvme: bool = True) -> None:
         self.bucket = bucket
         self.exists = exists
         self._checksum = checksum
         self._full_object = full_object_checksum
+        self._knows_crc64nvme = knows_crc64nvme  # False: CreateMultipartUpload refuses CRC64NVME
+        self._crc64nvme_refused = False
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
         self._uploads: dict[str, _Upload] = {}
@@ -148,7 +150,7 @@ class MemoryStore:
 
     def multipart_checksum(self) -> MultipartChecksum:
         if self._checksum in (ChecksumMode.SHA256, ChecksumMode.CRC32) and self._full_object:
-            return MultipartChecksum("CRC32", full_object=True)
+            return MultipartChecksum("CRC32" if self._crc64nvme_refused else "CRC64NVME", full_object=True)
         if self._checksum is ChecksumMode.SHA256:
             return MultipartChecksum("SHA256")
         return MultipartChecksum(None)
@@ -156,6 +158,10 @@ class MemoryStore:
     def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
                          content_type: str | None = None) -> str:
         self._require_bucket()
+        if checksum.algorithm == "CRC64NVME" and not self._knows_crc64nvme:
+            self._crc64nvme_refused = True
+            raise TransferError(f"CreateMultipartUpload {key}: InvalidRequest for checksum CRC64NVME; "
+                                "CRC32 from now on", CHECKSUM_REFUSED)
         upload_id = f"memory-upload-{next(self._ids)}"
         with self._lock:
             self._uploads[upload_id] = _Upload(key, checksum, dict(metadata or {}), content_type)
@@ -167,12 +173,13 @@ class MemoryStore:
             raise TransferError(f"{what}: NoSuchUpload: The specified upload does not exist.", "NoSuchUpload")
         return upload
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
-                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
+                    checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
         self._require_bucket()
+        body = bytes(body)  # the caller's buffer is reused once this returns
         value: str | None = None
-        if checksum.algorithm == "CRC32":
-            value = crc32_b64(zlib.crc32(body) if crc32 is None else crc32)
+        if checksum.algorithm in ("CRC32", "CRC64NVME"):
+            value = crc_b64(checksum.algorithm, crc_of(checksum.algorithm, body) if crc is None else crc)
         elif checksum.algorithm == "SHA256":
             value = b64(hashlib.sha256(body).digest())
         etag = _md5_etag(body)
@@ -181,7 +188,7 @@ class MemoryStore:
         return UploadedPart(part_number, etag, value)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
-                           *, full_crc32: int | None = None, size: int | None = None) -> str:
+                           *, full_crc: int | None = None, size: int | None = None) -> str:
         self._require_bucket()
         what = f"CompleteMultipartUpload {key}"
         with self._lock:
@@ -196,8 +203,10 @@ class MemoryStore:
                                         "EntityTooSmall")
                 bodies.append(held[0])
             body = b"".join(bodies)
-            if checksum.full_object and full_crc32 is not None and zlib.crc32(body) != full_crc32:
-                raise TransferError(f"{what}: BadDigest: the full-object CRC32 does not match the parts", "BadDigest")
+            if (checksum.full_object and checksum.algorithm and full_crc is not None
+                    and crc_of(checksum.algorithm, body) != full_crc):
+                raise TransferError(f"{what}: BadDigest: the full-object {checksum.algorithm} does not match "
+                                    "the parts", "BadDigest")
             digests = b"".join(bytes.fromhex(etag.strip('"')) for _, etag in (upload.parts[p.part_number]
                                                                                 for p in parts))
             etag = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'

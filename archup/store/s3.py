@@ -9,18 +9,33 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import os
 import time
 import urllib.parse
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
-import botocore.exceptions
+# botocore signs with the CRT's signer whenever awscrt is importable (archup needs awscrt for
+# CRC64NVME). That signer costs 3.7 ms of CPU per 8 MiB part even with an unsigned payload
+# (botocore's own: 1.1 ms; docs/benchmarks.md), so botocore's own signer is chosen on
+# purpose, before botocore is first imported. BOTO_DISABLE_CRT=false in the environment
+# keeps the CRT's.
+os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
-from ..checksums import b64, crc32_b64
-from ..errors import DestinationError, TransferError
-from ..logs import register_secrets
-from . import ChecksumMode, MultipartChecksum, ObjectInfo, OpenUpload, StoreConfig, UploadedPart
+import botocore.exceptions  # noqa: E402  (after the signer choice above)
+
+from ..checksums import b64, crc_b64, crc_of  # noqa: E402
+from ..errors import DestinationError, TransferError  # noqa: E402
+from ..logs import register_secrets  # noqa: E402
+from . import (  # noqa: E402
+    CHECKSUM_REFUSED,
+    ChecksumMode,
+    MultipartChecksum,
+    ObjectInfo,
+    OpenUpload,
+    StoreConfig,
+    UploadedPart,
+)
 
 # Answers that mean no further request to this destination can succeed.
 _FATAL_CODES = frozenset({
@@ -85,6 +100,8 @@ def translate(error: Exception, what: str) -> Exception:
     return error
 
 
+# How endpoints that do not know CRC64NVME answer a CreateMultipartUpload asking for it.
+_ALGORITHM_REFUSED = ("InvalidRequest", "InvalidArgument", "NotImplemented", "UnsupportedArgument", "400", "501")
 _ABSENT = ("404", "NoSuchKey", "NotFound")      # HEAD / GET of a key that is not there
 _NO_UPLOAD = ("NoSuchUpload", "404")            # an upload id the server no longer knows
 _EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None-Match: * on a present key
@@ -92,24 +109,45 @@ _EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None
 T = TypeVar("T")
 
 
-def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = ()) -> T | None:
+# The server received a body other than the one sent (its checksum does not match): the
+# bytes were changed on the way. botocore does not retry a 400; archup sends the body again.
+_CORRUPTED = ("BadDigest", "XAmzContentSHA256Mismatch")
+
+
+def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = (), attempts: int = 1) -> T | None:
     """Send one request: botocore's errors become archup's (:func:`translate`), and an error
-    code listed in ``absent`` becomes None (the thing asked about is not there)."""
-    try:
-        return send()
-    except botocore.exceptions.ClientError as error:
-        if absent and _error_code(error) in absent:
-            return None
-        raise translate(error, what) from None
-    except Exception as error:
-        raise translate(error, what) from None
+    code listed in ``absent`` becomes None (the thing asked about is not there). A request
+    with a body is sent up to ``attempts`` times while the server says its body arrived changed."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return send()
+        except botocore.exceptions.ClientError as error:
+            code = _error_code(error)
+            if absent and code in absent:
+                return None
+            if code in _CORRUPTED and attempt < attempts:
+                continue
+            raise translate(error, what) from None
+        except Exception as error:
+            raise translate(error, what) from None
+    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
-def _sent(what: str, send: Callable[[], T]) -> T:
+def _sent(what: str, send: Callable[[], T], *, attempts: int = 1) -> T:
     """:func:`_request` for a request whose every error is an error."""
-    answer = _request(what, send)
+    answer = _request(what, send, attempts=attempts)
     assert answer is not None
     return answer
+
+
+def _content_md5(request: Any, **kwargs: Any) -> None:
+    """CompleteMultipartUpload's part list is a body without a checksum of its own: give it a
+    Content-MD5 (signed with the other headers), so the server refuses it changed on the way."""
+    body = request.body
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, (bytes, bytearray)) and body and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = b64(hashlib.md5(body).digest())
 
 
 class _Body:
@@ -143,6 +181,7 @@ class S3Store:
 
         self.config = config
         self.bucket = config.bucket
+        self._crc64nvme_refused = False  # the endpoint refused a CRC64NVME upload: CRC32 from then on
         checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
         client_config = botocore.config.Config(
             max_pool_connections=config.max_pool_connections,
@@ -152,6 +191,11 @@ class S3Store:
             read_timeout=config.read_timeout,
             request_checksum_calculation=checksum_calculation,
             response_checksum_validation="when_required",
+            # Every body archup sends carries its own checksum header (x-amz-checksum-* or
+            # Content-MD5), which is signed: hashing the body once more with SHA-256 for the
+            # signature (what botocore does on http) would read every byte a third time.
+            # docs/design.md says what covers a body's integrity on http and on https.
+            s3={"payload_signing_enabled": False} if config.checksum is not ChecksumMode.NONE else None,
         )
         try:
             core = botocore.session.get_session()
@@ -161,6 +205,7 @@ class S3Store:
             session = boto3.session.Session(botocore_session=core, profile_name=config.profile,
                                             region_name=config.region)
             self.client: Any = session.client("s3", endpoint_url=config.endpoint_url, config=client_config)
+            self.client.meta.events.register("before-sign.s3.CompleteMultipartUpload", _content_md5)
             credentials = session.get_credentials()
         except Exception as error:  # profile missing, bad endpoint URL, ...
             raise translate(error, "opening the S3 client") from None
@@ -212,14 +257,16 @@ class S3Store:
                                 **self._body_checksum_args(body, sha256_digest)}
         if content_type:
             args["ContentType"] = content_type
-        return str(_sent(f"PutObject {key}", lambda: self.client.put_object(**args))["ETag"])
+        return str(_sent(f"PutObject {key}", lambda: self.client.put_object(**args),
+                         attempts=self.config.max_attempts)["ETag"])
 
     def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:
         """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "IfNoneMatch": "*",
                                 "ContentType": content_type, **self._object_args(archive=False, metadata=metadata)}
-        answer = _request(f"PutObject {key}", lambda: self.client.put_object(**args), absent=_EXISTS)
+        answer = _request(f"PutObject {key}", lambda: self.client.put_object(**args), absent=_EXISTS,
+                          attempts=self.config.max_attempts)
         return None if answer is None else str(answer["ETag"])
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -298,10 +345,11 @@ class S3Store:
     # -- multipart ----------------------------------------------------------
 
     def multipart_checksum(self) -> MultipartChecksum:
-        """How a new multipart upload checksums its parts, by --checksum and --full-object-checksum."""
+        """How a new multipart upload checksums its parts, by --checksum and --full-object-checksum:
+        a full-object CRC64NVME (S3's default), or CRC32 once the endpoint refused CRC64NVME."""
         mode = self.config.checksum
         if mode in (ChecksumMode.SHA256, ChecksumMode.CRC32) and self.config.full_object_checksum:
-            return MultipartChecksum("CRC32", full_object=True)
+            return MultipartChecksum("CRC32" if self._crc64nvme_refused else "CRC64NVME", full_object=True)
         if mode is ChecksumMode.SHA256:
             return MultipartChecksum("SHA256")
         return MultipartChecksum(None)  # crc32 without full-object: botocore's own; md5; none
@@ -316,30 +364,43 @@ class S3Store:
             args["ChecksumType"] = "FULL_OBJECT"
         if content_type:
             args["ContentType"] = content_type
-        answer = _sent(f"CreateMultipartUpload {key}", lambda: self.client.create_multipart_upload(**args))
+        what = f"CreateMultipartUpload {key}"
+        try:
+            answer = self.client.create_multipart_upload(**args)
+        except botocore.exceptions.ClientError as error:
+            if checksum.algorithm == "CRC64NVME" and _error_code(error) in _ALGORITHM_REFUSED:
+                self._crc64nvme_refused = True
+                raise TransferError(f"{what}: {_error_code(error)} for checksum CRC64NVME; "
+                                    "CRC32 from now on", CHECKSUM_REFUSED) from None
+            raise translate(error, what) from None
+        except Exception as error:
+            raise translate(error, what) from None
         return str(answer["UploadId"])
 
-    def _part_checksum_args(self, body: bytes, checksum: MultipartChecksum, crc32: int | None) -> dict[str, str]:
-        if checksum.algorithm == "CRC32":
-            return {"ChecksumCRC32": crc32_b64(crc32 if crc32 is not None else zlib.crc32(body))}
+    def _part_checksum_args(self, body: bytes | bytearray, checksum: MultipartChecksum,
+                            crc: int | None) -> dict[str, str]:
+        if checksum.algorithm in ("CRC32", "CRC64NVME"):
+            value = crc if crc is not None else crc_of(checksum.algorithm, body)
+            return {f"Checksum{checksum.algorithm}": crc_b64(checksum.algorithm, value)}
         if checksum.algorithm == "SHA256":
             return {"ChecksumSHA256": b64(hashlib.sha256(body).digest())}
         if self.config.checksum is ChecksumMode.MD5:
             return {"ContentMD5": b64(hashlib.md5(body).digest())}
         return {}
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
-                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
-        """Send one part; ``crc32`` is the part's CRC32 if the caller already computed it."""
-        checksum_args = self._part_checksum_args(body, checksum, crc32)
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
+                    checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
+        """Send one part; ``crc`` is the part's CRC if the caller already computed it."""
+        checksum_args = self._part_checksum_args(body, checksum, crc)
         answer = _sent(f"UploadPart {key} part {part_number}", lambda: self.client.upload_part(
-            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, **checksum_args))
-        value = checksum_args.get("ChecksumCRC32") or checksum_args.get("ChecksumSHA256")
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, **checksum_args),
+            attempts=self.config.max_attempts)
+        value = next((v for name, v in checksum_args.items() if name.startswith("Checksum")), None)
         return UploadedPart(part_number, str(answer["ETag"]), value)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
-                           *, full_crc32: int | None = None, size: int | None = None) -> str:
-        """Complete from the listed parts. A full-object upload also sends the CRC32 of the
+                           *, full_crc: int | None = None, size: int | None = None) -> str:
+        """Complete from the listed parts. A full-object upload also sends the CRC of the
         whole file as read, which the server checks against the parts it holds."""
         listed: list[dict[str, Any]] = []
         for part in parts:
@@ -349,11 +410,15 @@ class S3Store:
             listed.append(entry)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
                                 "MultipartUpload": {"Parts": listed}}
-        if checksum.full_object and full_crc32 is not None:
-            args.update(ChecksumType="FULL_OBJECT", ChecksumCRC32=crc32_b64(full_crc32))
+        if checksum.full_object and full_crc is not None and checksum.algorithm:
+            args.update({"ChecksumType": "FULL_OBJECT",
+                         f"Checksum{checksum.algorithm}": crc_b64(checksum.algorithm, full_crc)})
             if size is not None:
                 args["MpuObjectSize"] = size
-        answer = _sent(f"CompleteMultipartUpload {key}", lambda: self.client.complete_multipart_upload(**args))
+        # Sent again on BadDigest too: the part list arrived changed (its Content-MD5), or the
+        # whole-object CRC does not match the parts, which a second try then says again.
+        answer = _sent(f"CompleteMultipartUpload {key}", lambda: self.client.complete_multipart_upload(**args),
+                       attempts=self.config.max_attempts)
         return str(answer["ETag"])
 
     def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:

@@ -57,13 +57,13 @@ class StoreWrapper:
                          content_type: str | None = None) -> str:
         return self.inner.create_multipart(key, checksum, metadata=metadata, content_type=content_type)
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
-                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
-        return self.inner.upload_part(key, upload_id, part_number, body, checksum, crc32=crc32)
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
+                    checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
+        return self.inner.upload_part(key, upload_id, part_number, body, checksum, crc=crc)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
-                           *, full_crc32: int | None = None, size: int | None = None) -> str:
-        return self.inner.complete_multipart(key, upload_id, parts, checksum, full_crc32=full_crc32, size=size)
+                           *, full_crc: int | None = None, size: int | None = None) -> str:
+        return self.inner.complete_multipart(key, upload_id, parts, checksum, full_crc=full_crc, size=size)
 
     def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:
         return self.inner.list_parts(key, upload_id)
@@ -105,10 +105,10 @@ class RateLimitedStore(StoreWrapper):
         return super().put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
                                   content_type=content_type, archive=archive)
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
-                    checksum: MultipartChecksum, *, crc32: int | None = None) -> UploadedPart:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
+                    checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
         self._wait_for(len(body))
-        return super().upload_part(key, upload_id, part_number, body, checksum, crc32=crc32)
+        return super().upload_part(key, upload_id, part_number, body, checksum, crc=crc)
 
 
 class CrashPointStore(StoreWrapper):
