@@ -5,17 +5,24 @@ Tools, one run of each per round (interleaved, the start rotated every round so
 no tool always runs first on a cold or warm machine):
   archup   archup upload --parallel N --json (fresh journal, fresh bucket per run)
   archup-noprehash  the same with --no-prehash (no whole-file read before a multipart upload)
+  archup-prehash    the same with --prehash (the opt-in whole-file read first)
   archup-base  archup as another checkout has it (--base DIR, e.g. a git worktree of the commit
            before a change), run with the same interpreter: a change's same-round ratio
   aws      aws s3 cp --recursive, max_concurrent_requests = N (temp AWS_CONFIG_FILE)
   rclone   rclone copy --transfers N (configured through RCLONE_CONFIG_BENCH_*)
   rclone-nohead  the same with --s3-no-head (needed on moto for multipart objects)
   boto3    a minimal boto3 thread pool (put_object / upload_file): the library limit
+           (run with BOTO_DISABLE_CRT=true: archup's venv has awscrt, and botocore's own
+           signer is the faster one here, as a plain `pip install boto3` has it)
 
 For each run: wall seconds, the child's CPU seconds (user + sys) and peak RSS,
 both from os.wait4. Medians over the rounds, then archup/peer ratios of the
 medians and the median of the per-round ratios (pairs from the same round, which
 is what to trust on a noisy machine). Markdown on stdout, JSON with --json-out.
+
+``bench.py probe [--server s3rver] [--processes 4] [--threads 4]`` measures the server's
+own limit: bare PUTs of 8 MiB (unsigned payload, no checksum) from several processes,
+aggregate MB/s.
 
 ``bench.py profile [--server s3rver] [--dataset small] [--parallel 16]`` runs archup
 and the raw boto3 uploader once each under cProfile with every thread profiled
@@ -66,7 +73,10 @@ DATASETS = {
     "small": ("2,000 files x 4 KiB in nested directories", 1),
     "mixed": ("200 files, 1 KiB to 2 MiB (log-uniform)", 2),
     "large": ("4 files x 128 MiB", 3),
+    "large64": ("4 files x 64 MiB", 4),
+    "huge": ("1 file x 1 GiB", 5),
 }
+LARGE = ("large", "large64", "huge")  # multipart datasets: peers send SHA-256 there
 
 
 def dataset_files(name: str) -> list[tuple[str, int]]:
@@ -78,6 +88,10 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
         return [(f"m{i % 8}/file-{i:04d}.dat", int(2 ** rng.uniform(10, 21))) for i in range(200)]
     if name == "large":
         return [(f"big-{i}.bin", 128 * MiB) for i in range(4)]
+    if name == "large64":
+        return [(f"big-{i}.bin", 64 * MiB) for i in range(4)]
+    if name == "huge":
+        return [("huge.bin", 1024 * MiB)]
     raise KeyError(name)
 
 
@@ -234,6 +248,7 @@ def count_and_empty(client, bucket: str) -> int:  # type: ignore[no-untyped-def]
 ARCHUP_VARIANTS: dict[str, list[str]] = {
     "archup": [],
     "archup-noprehash": ["--no-prehash"],
+    "archup-prehash": ["--prehash"],
 }
 
 @dataclass
@@ -294,6 +309,7 @@ def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: 
             cmd.append("--s3-no-head")
         return cmd, env
     if tool == "boto3":
+        env["BOTO_DISABLE_CRT"] = "true"
         cmd = [str(ARCHUP_PYTHON), str(Path(__file__).resolve()), "_boto3", "--endpoint", endpoint,
                "--bucket", bucket, "--src", str(src), "--parallel", str(parallel)]
         if sha256_peers:
@@ -557,7 +573,7 @@ def summarize(runs: list[Run]) -> list[Summary]:
         wall = statistics.median(r.wall for r in good)
         cpu = statistics.median(r.cpu for r in good)
         files = len(dataset_files(dataset))
-        rate = (f"{files / wall:,.0f} files/s" if dataset == "small"
+        rate = (f"{files / wall:,.0f} files/s" if dataset not in LARGE
                 else f"{dataset_bytes(dataset) / MiB / wall:,.0f} MiB/s")
         out.append(Summary(server, dataset, parallel, tool, len(group), len(group) - len(good), wall, cpu,
                            cpu / files * 1000, statistics.median(r.maxrss for r in good) / MiB, rate))
@@ -589,7 +605,7 @@ def summarize(runs: list[Run]) -> list[Summary]:
 def markdown(summaries: list[Summary]) -> str:
     lines = ["| server | dataset | N | tool | runs (failed) | wall s | rate | CPU s | CPU ms/file | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    order = {"archup": 0, "archup-noprehash": 0.5, "boto3": 1, "aws": 2, "rclone": 3, "rclone-nohead": 4}
+    order = {"archup": 0, "archup-noprehash": 0.5, "archup-prehash": 0.6, "boto3": 1, "aws": 2, "rclone": 3, "rclone-nohead": 4}
     summaries = sorted(summaries, key=lambda s: (s.server, s.dataset, s.parallel, order.get(s.tool, 9)))
     for s in summaries:
         lines.append(f"| {s.server} | {s.dataset} | {s.parallel} | {s.tool} | {s.runs} ({s.failed}) | "
@@ -638,7 +654,69 @@ def _boto3_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: str) -> None:
+    """One probe process: ``threads`` threads sending bare 8 MiB PUTs for ``seconds``; prints bytes sent."""
+    os.environ["BOTO_DISABLE_CRT"] = "true"
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import botocore.config
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, config=botocore.config.Config(
+        max_pool_connections=threads + 2, s3={"payload_signing_enabled": False},
+        request_checksum_calculation="when_required"))
+    body = os.urandom(PART_SIZE)
+    deadline = time.monotonic() + seconds
+
+    def loop(thread: int) -> int:
+        sent = count = 0
+        while time.monotonic() < deadline:
+            client.put_object(Bucket=bucket, Key=f"probe/{tag}-{thread}-{count}", Body=body)
+            sent += len(body)
+            count += 1
+        return sent
+
+    with ThreadPoolExecutor(threads) as pool:
+        print(sum(pool.map(loop, range(threads))))
+
+
+def probe_main(argv: list[str]) -> int:
+    """The server's own MB/s for 8 MiB PUTs, from several client processes at once."""
+    parser = argparse.ArgumentParser(prog="bench.py probe")
+    parser.add_argument("--server", default="s3rver")
+    parser.add_argument("--processes", default="1,2,4", help="process counts to try, comma separated")
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="archup-probe-"))
+    server = Server(args.server, work)
+    try:
+        server.start()
+        client = admin_client(server.endpoint)
+        for count in [int(n) for n in args.processes.split(",") if n]:
+            bucket = f"probe-{count}-{int(time.time()) % 100000}"
+            client.create_bucket(Bucket=bucket)
+            start = time.perf_counter()
+            children = [subprocess.Popen([str(ARCHUP_PYTHON), str(Path(__file__).resolve()), "_probe", server.endpoint,
+                                          bucket, str(args.threads), str(args.seconds), f"p{n}"],
+                                         stdout=subprocess.PIPE, env=clean_env()) for n in range(count)]
+            sent = sum(int(child.communicate()[0].decode().strip() or 0) for child in children)
+            wall = time.perf_counter() - start
+            count_and_empty(client, bucket)
+            print(f"{args.server}: {count} process(es) x {args.threads} threads: {sent / MiB / wall:,.0f} MiB/s "
+                  f"({sent / MiB:,.0f} MiB in {wall:.1f} s)", flush=True)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_probe":
+        _probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "probe":
+        return probe_main(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "_boto3":
         return boto3_upload(_boto3_parser().parse_args())
     if len(sys.argv) > 1 and sys.argv[1] == "_profiled":
@@ -682,7 +760,7 @@ def main() -> int:
             try:
                 for dataset in datasets:
                     server.start()  # a fresh server per dataset
-                    sha = args.sha256_peers == "all" or (args.sha256_peers == "large" and dataset == "large")
+                    sha = args.sha256_peers == "all" or (args.sha256_peers == "large" and dataset in LARGE)
                     for round_no in range(args.rounds):
                         for parallel in parallels:
                             shift = (round_no + parallels.index(parallel)) % len(server_tools)
