@@ -10,6 +10,8 @@ the same budget. Model: s3transfer's ``BoundedExecutor`` and ``TaskSemaphore``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,23 +21,43 @@ from .errors import ArchupError
 
 
 class ByteBudget:
-    """A counting semaphore over bytes: caps the file data held in memory at once."""
+    """A counting semaphore over bytes: caps the file data held in memory at once.
+
+    Bytes go to the waiter with the lowest ticket first (the file dispatched earliest), so
+    with several large files read at once the oldest one takes the streams whenever its
+    reader asks, and the others fill in while it reads and hashes. Files then finish one
+    after another, and each CompleteMultipartUpload (slow where the server joins the parts)
+    overlaps the next file's parts instead of all of them queueing at the end."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._available = capacity
         self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # a heap of (ticket, unique id) of the waiters
+        self._ids = itertools.count()
+        self._tickets = itertools.count()
 
     @property
     def available(self) -> int:
         with self._cond:
             return self._available
 
-    def acquire(self, count: int) -> int:
+    def ticket(self) -> int:
+        """A place in line: earlier tickets are served first."""
+        return next(self._tickets)
+
+    def acquire(self, count: int, ticket: int | None = None) -> int:
         count = min(count, self.capacity)  # a single oversized request waits for the whole budget
         with self._cond:
-            self._cond.wait_for(lambda: self._available >= count)
-            self._available -= count
+            entry = (self.ticket() if ticket is None else ticket, next(self._ids))
+            heapq.heappush(self._waiting, entry)
+            try:
+                self._cond.wait_for(lambda: self._waiting[0] == entry and self._available >= count)
+                self._available -= count
+            finally:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()  # the next in line may be served now
         return count
 
     def release(self, count: int) -> None:
@@ -56,9 +78,9 @@ class ByteBudget:
 class Reservation:
     """Bytes taken from a budget, given back exactly once."""
 
-    def __init__(self, budget: ByteBudget, count: int) -> None:
+    def __init__(self, budget: ByteBudget, count: int, ticket: int | None = None) -> None:
         self._budget = budget
-        self._count = budget.acquire(count) if count else 0
+        self._count = budget.acquire(count, ticket) if count else 0
 
     def release(self) -> None:
         count, self._count = self._count, 0
@@ -99,8 +121,8 @@ class BufferPool:
 class PartBuffer(Reservation):
     """A reservation that lends a buffer of exactly the reserved size; both go back on release."""
 
-    def __init__(self, budget: ByteBudget, pool: BufferPool, size: int) -> None:
-        super().__init__(budget, size)
+    def __init__(self, budget: ByteBudget, pool: BufferPool, size: int, ticket: int | None = None) -> None:
+        super().__init__(budget, size, ticket)
         self._pool = pool
         self.data: bytearray | None = pool.take(size)
 
@@ -151,9 +173,10 @@ class Dispatcher:
         """Block until ``count`` bytes (at most the whole budget) may be held in memory."""
         return Reservation(self.budget, count)
 
-    def buffer(self, size: int) -> PartBuffer:
-        """Block until ``size`` bytes may be held; a pooled buffer of exactly that size to read into."""
-        return PartBuffer(self.budget, self._buffers, size)
+    def buffer(self, size: int, ticket: int | None = None) -> PartBuffer:
+        """Block until ``size`` bytes may be held (served in ticket order); a pooled buffer of
+        exactly that size to read into."""
+        return PartBuffer(self.budget, self._buffers, size, ticket)
 
     def submit(self, task: Callable[..., None], *args: object, reservation: Reservation | None = None) -> None:
         """Queue a task on the upload streams; blocks while the queue is full. ``reservation`` is

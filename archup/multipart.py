@@ -201,10 +201,11 @@ class MultipartSender:
         self.restarted: set[str] = set()  # files whose upload the server lost, sent again this run
 
     def send(self, record: FileRecord, path: str) -> None:
-        """Runs in the dispatching thread: hands the file to a reader (blocks while every reader is busy)."""
-        self.dispatcher.read(self._read_file, record, path)
+        """Runs in the dispatching thread: hands the file to a reader (blocks while every reader
+        is busy). The file's ticket, taken now, puts its parts in line in dispatch order."""
+        self.dispatcher.read(self._read_file, record, path, self.dispatcher.budget.ticket())
 
-    def _read_file(self, record: FileRecord, path: str) -> None:
+    def _read_file(self, record: FileRecord, path: str, ticket: int) -> None:
         """A reader: opens the file and its upload, then reads and submits its parts."""
         try:
             handle = self.tree.open(path)
@@ -232,9 +233,10 @@ class MultipartSender:
             self.dispatcher.budget.ensure(min(parallel * transfer.part_size,
                                               max(parallel * self.part_size, MEMORY_CAP)))
             self.outcomes.started(record)
-            self._read_parts(transfer, handle, reusable)
+            self._read_parts(transfer, handle, reusable, ticket)
 
-    def _read_parts(self, transfer: MultipartTransfer, handle: io.BufferedReader, reusable: dict[int, PartRecord]) -> None:
+    def _read_parts(self, transfer: MultipartTransfer, handle: io.BufferedReader, reusable: dict[int, PartRecord],
+                    ticket: int) -> None:
         record = transfer.record
         hasher = hashlib.sha256()
         part_number = total = 0
@@ -244,7 +246,7 @@ class MultipartSender:
                 if self._stop.is_set() or not transfer.live:
                     break
                 want = min(transfer.part_size, record.size - total)
-                buffer = self.dispatcher.buffer(want)
+                buffer = self.dispatcher.buffer(want, ticket)
                 assert buffer.data is not None
                 try:
                     got = handle.readinto(buffer.data)

@@ -526,10 +526,13 @@ def profile_main(argv: list[str]) -> int:
                     python = ARCHUP_PYTHON
                 else:
                     rest = ["--endpoint", server.endpoint, "--bucket", bucket, "--src", str(src),
-                            "--parallel", str(args.parallel)]
+                            "--parallel", str(args.parallel), *(["--sha256"] if args.dataset in LARGE else [])]
                     python = ARCHUP_PYTHON  # same botocore as archup
                 cmd = [str(python), str(Path(__file__).resolve()), "_profiled", str(out), timer, target, *rest]
-                wall, cpu, maxrss, code = run_child(cmd, clean_env(), work / f"{bucket}.log")
+                env = clean_env()
+                if target == "boto3":
+                    env["BOTO_DISABLE_CRT"] = "true"  # as in the benchmark runs
+                wall, cpu, maxrss, code = run_child(cmd, env, work / f"{bucket}.log")
                 objects = count_and_empty(client, bucket)
                 print(f"## {target}, {timer} profile ({args.server}, {args.dataset}, N={args.parallel}): "
                       f"exit {code}, wall {wall:.1f} s, CPU {cpu:.1f} s, {objects} objects; {out}\n")
@@ -748,6 +751,9 @@ def main() -> int:
     for name in datasets:
         print(f"dataset {name}: {DATASETS[name][0]} ...", file=sys.stderr, flush=True)
         build_dataset(name)
+    # archup's venv has it as an editable install: compile its modules once, as pip does for a
+    # wheel, so no run pays for compiling them (children run with PYTHONDONTWRITEBYTECODE=1).
+    subprocess.run([str(ARCHUP_PYTHON), "-m", "compileall", "-q", str(ROOT / "archup")], check=True)
     info = versions()
     work = Path(tempfile.mkdtemp(prefix="archup-bench-"))
     runs: list[Run] = []
