@@ -42,6 +42,11 @@ class ByteBudget:
         with self._cond:
             return self._available
 
+    def waiting_count(self, at_least: int, timeout: float) -> bool:
+        """Block until ``at_least`` acquirers are waiting (for tests and diagnostics)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._waiting) >= at_least, timeout)
+
     def ticket(self) -> int:
         """A place in line: earlier tickets are served first."""
         return next(self._tickets)
@@ -51,6 +56,7 @@ class ByteBudget:
         with self._cond:
             entry = (self.ticket() if ticket is None else ticket, next(self._ids))
             heapq.heappush(self._waiting, entry)
+            self._cond.notify_all()  # (lets a watcher see the line grow: waiting_count)
             try:
                 self._cond.wait_for(lambda: self._waiting[0] == entry and self._available >= count)
                 self._available -= count

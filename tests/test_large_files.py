@@ -171,6 +171,31 @@ def test_part_buffers_are_reused_and_never_held_past_the_budget() -> None:
     assert pool._free_bytes + pool._lent <= budget.capacity
 
 
+def test_the_budget_serves_the_earliest_ticket_first_whoever_asked_first() -> None:
+    """The file dispatched first gets freed bytes first, so files finish in order: six
+    waiters that arrived in any order are served by ticket (on a plain condition each
+    arrival wakes the others, and the order of service would be the scheduler's)."""
+    budget = ByteBudget(10)
+    budget.acquire(10)
+    served: list[int] = []
+
+    def wait(ticket: int) -> None:
+        budget.acquire(10, ticket)
+        served.append(ticket)
+        budget.release(10)
+
+    threads = []
+    for count, ticket in enumerate([3, 0, 5, 1, 4, 2], start=1):
+        threads.append(threading.Thread(target=wait, args=(ticket,)))
+        threads[-1].start()
+        assert budget.waiting_count(count, timeout=10)
+    budget.release(10)
+    for thread in threads:
+        thread.join(10)
+    assert served == [0, 1, 2, 3, 4, 5]
+    assert budget.available == 10
+
+
 def test_a_part_buffer_goes_back_once_with_its_bytes() -> None:
     errors: list[Any] = []
     dispatcher = Dispatcher(2, 4 * MiB, errors.append, readers=2)
