@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from archup.checksums import crc32_combine
+from archup.checksums import crc32_combine, crc_b64, crc_combine, crc_of
 from archup.errors import DestinationError, TransferError
 from archup.store import MultipartChecksum, ObjectStore, S3Store, StoreConfig, UploadedPart
 from archup.store.memory import MemoryStore
@@ -133,6 +133,21 @@ def test_multipart_upload_completes_with_a_full_object_crc32(store: ObjectStore)
     assert info is not None and info.metadata == {"archup-part-size": str(5 * MiB)}
     assert store.list_parts("mp/files/big", upload_id) is None  # completed: no longer an upload
     assert list(store.list_multipart_uploads("mp/")) == []
+
+
+FULL_CRC64 = MultipartChecksum("CRC64NVME", full_object=True)
+
+
+def test_new_uploads_default_to_a_full_object_crc64nvme_which_completes(store: ObjectStore) -> None:
+    assert store.multipart_checksum() == FULL_CRC64  # --checksum sha256, full-object on: the defaults
+    bodies = [os.urandom(5 * MiB), os.urandom(777)]
+    upload_id = store.create_multipart("mp/files/crc64", FULL_CRC64)
+    parts = [store.upload_part("mp/files/crc64", upload_id, number, bytearray(body), FULL_CRC64)
+             for number, body in enumerate(bodies, start=1)]
+    assert [part.checksum for part in parts] == [crc_b64("CRC64NVME", crc_of("CRC64NVME", body)) for body in bodies]
+    full = crc_combine("CRC64NVME", crc_of("CRC64NVME", bodies[0]), crc_of("CRC64NVME", bodies[1]), len(bodies[1]))
+    store.complete_multipart("mp/files/crc64", upload_id, parts, FULL_CRC64, full_crc=full, size=sum(map(len, bodies)))
+    assert store.get_bytes("mp/files/crc64") == b"".join(bodies)
 
 
 def test_a_small_non_last_part_is_refused_at_completion(store: ObjectStore) -> None:
