@@ -71,8 +71,9 @@ ChecksumOption = Annotated[ChecksumMode, typer.Option(
     "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]
 FullObjectOption = Annotated[bool, typer.Option(
     "--full-object-checksum/--no-full-object-checksum",
-    help="Multipart objects keep a CRC32 of the whole object, checked by the server at completion "
-    "(with --checksum sha256 or crc32); off for endpoints that reject ChecksumType FULL_OBJECT.")]
+    help="Multipart objects keep a CRC64NVME of the whole object (CRC32 where the endpoint refuses "
+    "CRC64NVME), checked by the server at completion (with --checksum sha256 or crc32); off for "
+    "endpoints that reject ChecksumType FULL_OBJECT.")]
 GraceOption = Annotated[float, typer.Option(
     "--grace", help="Seconds a first SIGINT/SIGTERM leaves the requests in flight to finish before "
     "archup exits 130 at once (a second signal exits at once).")]

@@ -419,7 +419,7 @@ def resume(
         "[default: as the batch was started]", show_default=False)] = None,
     full_object_checksum: Annotated[bool | None, typer.Option(
         "--full-object-checksum/--no-full-object-checksum",
-        help="Full-object CRC32 on new multipart uploads [default: as the batch was started]",
+        help="Full-object CRC64NVME (or CRC32) on new multipart uploads [default: as the batch was started]",
         show_default=False)] = None,
     prehash: PrehashOption = False,
     retries: RetriesOption = 4,
