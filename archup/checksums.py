@@ -27,14 +27,23 @@ def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def crc32_b64(crc: int) -> str:
-    """A CRC32 as S3 writes it: the four bytes, big-endian, in base64."""
-    return b64(crc.to_bytes(4, "big"))
-
-
 def crc_b64(algorithm: str, crc: int) -> str:
     """A CRC32 or CRC64NVME as S3 writes it: big-endian bytes in base64."""
     return b64(crc.to_bytes(8 if algorithm == "CRC64NVME" else 4, "big"))
+
+
+def crc32_b64(crc: int) -> str:
+    """A CRC32 as S3 writes it: the four bytes, big-endian, in base64."""
+    return crc_b64("CRC32", crc)
+
+
+def crc_algorithm_of(checksum: str | None) -> str | None:
+    """Which CRC a recorded part checksum (base64) is, by its length; None: not a CRC."""
+    if checksum and len(checksum) == CRC32_B64_LENGTH:
+        return "CRC32"
+    if checksum and len(checksum) == CRC64_B64_LENGTH:
+        return "CRC64NVME"
+    return None
 
 
 def crc_from_b64(value: str) -> int:
@@ -110,10 +119,9 @@ def part_matches(body: bytes | bytearray, part: PartRecord) -> bool:
     it was sent with; a full-object upload's completion checks every part's CRC once more)."""
     if len(body) != part.size:
         return False
-    if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
-        return crc32_b64(zlib.crc32(body)) == part.checksum
-    if part.checksum and len(part.checksum) == CRC64_B64_LENGTH:
-        return crc_b64("CRC64NVME", crc_of("CRC64NVME", body)) == part.checksum
+    algorithm = crc_algorithm_of(part.checksum)
+    if algorithm is not None:
+        return crc_b64(algorithm, crc_of(algorithm, body)) == part.checksum
     if part.checksum:
         return b64(hashlib.sha256(body).digest()) == part.checksum
     return hashlib.md5(body).hexdigest() == part.etag.strip('"')

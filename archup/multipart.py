@@ -28,10 +28,9 @@ from typing import IO
 
 from . import source
 from .checksums import (
-    CRC32_B64_LENGTH,
-    CRC64_B64_LENGTH,
     CRC_ALGORITHMS,
     SHA256_B64_LENGTH,
+    crc_algorithm_of,
     crc_combine,
     crc_from_b64,
     crc_of,
@@ -155,10 +154,9 @@ def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
     if reported.algorithm:
         return reported
     for part in recorded:
-        if part.checksum and len(part.checksum) == CRC32_B64_LENGTH:
-            return MultipartChecksum("CRC32", full_object=True)
-        if part.checksum and len(part.checksum) == CRC64_B64_LENGTH:
-            return MultipartChecksum("CRC64NVME", full_object=True)
+        algorithm = crc_algorithm_of(part.checksum)
+        if algorithm is not None:
+            return MultipartChecksum(algorithm, full_object=True)
         if part.checksum and len(part.checksum) == SHA256_B64_LENGTH:
             return MultipartChecksum("SHA256")
         if part.checksum is None:

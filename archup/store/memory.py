@@ -184,7 +184,7 @@ class MemoryStore:
             value = b64(hashlib.sha256(body).digest())
         etag = _md5_etag(body)
         with self._lock:
-            self._upload(f"UploadPart {key} part {part_number}", key, upload_id).parts[part_number] = (bytes(body), etag)
+            self._upload(f"UploadPart {key} part {part_number}", key, upload_id).parts[part_number] = (body, etag)
         return UploadedPart(part_number, etag, value)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: MultipartChecksum,
