@@ -131,3 +131,28 @@ def test_show_completion_prints_the_script_for_the_shell_it_runs_in(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "_ARCHUP_COMPLETE=complete_bash" in done.stdout and "complete -o default -F _archup_completion archup" \
         in done.stdout
+
+
+# Modules a command that only reads the journal has no use for: the S3 client stack, the
+# sending engine, and typer 0.29's pydantic-based option coercion (0.25-0.3 s of every start).
+SENDING_MODULES = ("boto3", "botocore", "awscrt", "pydantic", "archup.run", "archup.uploader", "archup.multipart",
+                   "archup.batches", "archup.store.s3", "rich.progress")
+REPORT_MODULES = ("import atexit, sys\n"
+                  f"atexit.register(lambda: sys.stderr.write('loaded: ' + ' '.join(m for m in {SENDING_MODULES!r} "
+                  "if m in sys.modules)))\n"
+                  "from archup.cli import main\n"
+                  "main()\n")
+
+
+def test_status_loads_none_of_the_sending_modules(tmp_path: Path) -> None:
+    """status is read on every cron check; it must not pay for the S3 client and engine imports."""
+    path = tmp_path / "journal.db"
+    journal = SQLiteJournal(path)
+    journal.init_batch("01K8RNKN488RQCG3YGG72QBZS5", source_root="/srv", bucket="b", prefix="staging/",
+                       part_size=8 * 1024 * 1024)
+    journal.close()
+    done = subprocess.run([sys.executable, "-c", REPORT_MODULES, "status", "01K8RNKN488RQCG3YGG72QBZS5",
+                           "--journal", str(path), "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["batch_id"] == "01K8RNKN488RQCG3YGG72QBZS5"
+    assert done.stderr.endswith("loaded: "), done.stderr

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,8 +28,10 @@ from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
 from ..journal import Journal, SQLiteJournal
 from ..locations import default_journal_path
-from ..run import Transport
 from ..scan import display_path
+
+if TYPE_CHECKING:  # the library's sending modules load only when a command sends
+    from ..run import Transport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -200,6 +202,8 @@ def resolve_endpoint(flag: str | None) -> str | None:
 
 def transport(endpoint_url: str | None, profile: str | None, region: str | None, **settings: Any) -> Transport:
     """How this run reaches the destination, from its flags (and the endpoint's environment)."""
+    from ..run import Transport
+
     return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile, **settings)
 
 

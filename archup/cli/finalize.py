@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..run import finalize_batch, store_factory
 from .common import check_batch_id, emit_json, handles_errors, open_journal, print_fields, transport
 from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
 
@@ -12,6 +11,8 @@ def finalize(batch_id: BatchArgument, endpoint_url: EndpointOption = None, profi
              region: RegionOption = None, journal_path: JournalOption = None,
              json_output: JsonOption = False) -> None:
     """Seal a batch: check the bucket, write its manifest once, mark it enqueued. Safe to repeat."""
+    from ..run import finalize_batch, store_factory
+
     batch_id = check_batch_id(batch_id)
     stores = store_factory(transport(endpoint_url, profile, region))
     with open_journal(journal_path, create=False) as journal:

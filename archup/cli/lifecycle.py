@@ -6,15 +6,13 @@ import re
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .. import logs
-from ..batches import GcReport, abort_batch, collect_garbage
 from ..clock import utcnow
 from ..errors import ExitCode, UsageError
-from ..run import store_factory
 from ..scan import display_path
 from ..states import BatchState, FileState
 from . import human
@@ -38,6 +36,9 @@ from .options import (
     QuietOption,
     RegionOption,
 )
+
+if TYPE_CHECKING:  # the library's batch and sending modules load when a command needs them
+    from ..batches import GcReport
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -146,6 +147,9 @@ def abort(
     quiet: QuietOption = False,
 ) -> None:
     """Abort a batch: abort its multipart uploads and mark it aborted (--purge deletes its objects)."""
+    from ..batches import abort_batch
+    from ..run import store_factory
+
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
         # The batch is read under its lock, inside abort_batch: not before it.
@@ -179,6 +183,9 @@ def gc(
 ) -> None:
     """Expire stale unfinalized batches (aborting their uploads), report orphan multipart uploads, and
     forget the file lists of batches that ended long ago (--forget-after)."""
+    from ..batches import GcReport, collect_garbage
+    from ..run import store_factory
+
     age = parse_duration(older_than) if older_than else None
     forget = None if forget_after.strip().lower() == "never" else parse_duration(forget_after)
     missing = _missing_journal(journal_path)

@@ -8,15 +8,17 @@ import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from .. import metrics
 from ..errors import ArchupError, ExitCode, Interrupted, exit_code_for
-from ..run import RunOutcome
 from ..states import FileState
 from .common import invocation
+
+if TYPE_CHECKING:
+    from ..run import RunOutcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("archup")
@@ -84,6 +86,8 @@ def reports_metrics(command: str) -> Callable[[F], F]:
                 raise
             finally:
                 job.duration_s = time.monotonic() - start
+                from ..run import RunOutcome
+
                 outcome = run.outcome if isinstance(run.outcome, RunOutcome) else None
                 job.labels = _labels(command, kwargs, outcome)
                 _count(job, outcome)

@@ -11,17 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from .. import run
 from ..errors import ExitCode, UsageError
 from ..journal import BatchRecord, BatchSettings, Journal, SQLiteJournal
 from ..locations import default_journal_path
-from ..multipart import MIN_PART_SIZE
-from ..outcomes import UploadObserver
-from ..run import RunOutcome, SkippedFiles, UploadRequest
 from ..scan import display_path
 from ..select import read_files_from
 from ..store import ChecksumMode
@@ -61,11 +57,13 @@ from .options import (
     TimeoutOption,
     complete_batch,
 )
-from .progress import RichProgress
+
+if TYPE_CHECKING:  # the sending modules load when a command sends, not for status or --help
+    from ..outcomes import UploadObserver
+    from ..run import RunOutcome, SkippedFiles
 
 MAX_PARALLEL = 256
 MAX_PART_SIZE = 5 * 1024 ** 3
-SHOW_AT_MOST = run.SHOW_AT_MOST
 DEFAULT_GRACE = 30.0
 T = TypeVar("T")
 
@@ -193,6 +191,8 @@ class Talk:
 
     def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
         if self.talk and sys.stderr.isatty():
+            from .progress import RichProgress
+
             return RichProgress(bytes_todo, files_todo)
         return nullcontext(None)
 
@@ -214,6 +214,8 @@ class Talk:
 
 def render(outcome: RunOutcome, *, quiet: bool, json_output: bool) -> None:
     """Print how the run ended, then raise its error (exit 3, 5, 130 ...), if any."""
+    from ..run import SHOW_AT_MOST
+
     invocation().outcome = outcome
     report = outcome.report
     if outcome.kind == "partial" and report is not None:
@@ -264,6 +266,8 @@ def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
 @contextmanager
 def _read_only_journal(journal_path: Path | None) -> Iterator[Journal | None]:
     """The journal, for --dry-run --skip-archived to read: None if there is none yet."""
+    from .. import run
+
     path = journal_path or default_journal_path()
     if missing_journal(path) is not None:
         yield None
@@ -356,6 +360,10 @@ def upload(
     An unfinished batch of the same source and destination is resumed instead
     of starting over (--new-batch starts a new one).
     """
+    from .. import run
+    from ..multipart import MIN_PART_SIZE
+    from ..run import UploadRequest
+
     if not directory.exists():
         raise UsageError(f"{directory}: no such directory")
     if not directory.is_dir():
@@ -435,6 +443,8 @@ def resume(
     json_output: JsonOption = False,
 ) -> None:
     """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
+    from .. import run
+
     _check_parallel(parallel)
     _check_run_limits(retries, timeout, connect_timeout, grace)
     batch_id = check_batch_id(batch_id)

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..run import store_factory
 from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
 from .common import check_batch_id, emit_json, handles_errors, open_journal, transport
 from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
@@ -39,6 +38,8 @@ def verify(batch_id: BatchArgument,
            journal_path: JournalOption = None, json_output: JsonOption = False) -> None:
     """Check the bucket against a batch's manifest (or its journal, before finalize): missing, changed
     and unexpected objects. Exits 3 on any difference."""
+    from ..run import store_factory
+
     batch_id = check_batch_id(batch_id)
     if not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")

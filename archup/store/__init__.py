@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..checksums import crc32_b64, crc32_combine
 
@@ -190,6 +190,7 @@ class ObjectStore(Protocol):
 def open_store(config: StoreConfig) -> ObjectStore:
     """The S3 store for ``config``, wrapped in what the configuration asks for beyond S3."""
     from .. import crashpoints
+    from .s3 import S3Store
     from .wrappers import CrashPointStore, RateLimitedStore
 
     store: ObjectStore = S3Store(config)
@@ -200,4 +201,14 @@ def open_store(config: StoreConfig) -> ObjectStore:
     return store
 
 
-from .s3 import S3Store  # noqa: E402  (after the types it uses)
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+
+def __getattr__(name: str) -> Any:
+    """S3Store (boto3 behind it) loads when first used: commands that read only the journal,
+    such as status, do not pay for it."""
+    if name == "S3Store":
+        from .s3 import S3Store
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
