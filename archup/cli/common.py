@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.console import Console
 
 try:  # newer typer vendors its own copy of click
     from typer._click.globals import get_current_context
@@ -34,8 +33,6 @@ if TYPE_CHECKING:  # the library's sending modules load only when a command send
     from ..run import Transport
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -235,6 +232,7 @@ def print_fields(fields: list[tuple[str, Any]]) -> None:
     invocation().result = dict(fields)
     if sys.stdout.isatty():
         from rich import box
+        from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..scan import display_path
 from ..states import FileState
-from .common import stderr
 
 
 class RichProgress:
@@ -18,7 +18,7 @@ class RichProgress:
         self._progress = Progress(
             TextColumn("{task.fields[files]}"), BarColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[in_flight]}"),
-            console=stderr, transient=True)
+            console=Console(stderr=True, highlight=False, soft_wrap=True), transient=True)
         self._task = self._progress.add_task("upload", total=total_bytes, files=f"0/{total_files} files",
                                              in_flight="")
         self._in_flight: dict[str, None] = {}

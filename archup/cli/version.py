@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import sys
-from importlib import metadata
 
 import typer
 
@@ -18,6 +17,8 @@ LIBRARIES = ("boto3", "botocore", "awscrt")
 
 def versions() -> dict[str, str | None]:
     """Read from the installed packages' metadata: nothing is imported (no boto3 start-up)."""
+    from importlib import metadata
+
     found: dict[str, str | None] = {"archup": __version__, "python": platform.python_version()}
     for name in LIBRARIES:
         try:
