@@ -32,7 +32,7 @@ from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
 from .states import BatchState, FileState
-from .store import ChecksumMode, ObjectStore, StoreConfig, open_store
+from .store import DEFAULT_TRANSPORT, ChecksumMode, ObjectStore, StoreConfig, TransportKind, open_store
 from .uploader import Uploader, UploadOptions
 
 log = logging.getLogger("archup.run")
@@ -57,6 +57,7 @@ class Transport:
     bwlimit: int | None = None
     checksum: ChecksumMode | None = None
     full_object_checksum: bool | None = None
+    kind: TransportKind = DEFAULT_TRANSPORT  # what sends a source file's PutObject (--transport)
 
 
 def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
@@ -77,6 +78,7 @@ def _store_config(bucket: str, endpoint_url: str | None, region: str | None, set
                               else transport.full_object_checksum),
         max_attempts=transport.max_attempts, retry_mode=transport.retry_mode,
         connect_timeout=transport.connect_timeout, read_timeout=transport.read_timeout, bwlimit=transport.bwlimit,
+        transport=transport.kind,
         # Every object of the batch stored alike, whichever run sends it.
         storage_class=settings.storage_class, sse=settings.sse, sse_kms_key_id=settings.sse_kms_key_id,
         user_metadata=settings.metadata, tags=settings.tags)

@@ -6,6 +6,7 @@ no tool always runs first on a cold or warm machine):
   archup   archup upload --parallel N --json (fresh journal, fresh bucket per run)
   archup-noprehash  the same with --no-prehash (no whole-file read before a multipart upload)
   archup-prehash    the same with --prehash (the opt-in whole-file read first)
+  archup-crt / archup-botocore  the same with --transport crt / botocore
   archup-base  archup as another checkout has it (--base DIR, e.g. a git worktree of the commit
            before a change), run with the same interpreter: a change's same-round ratio
   aws      aws s3 cp --recursive, max_concurrent_requests = N (temp AWS_CONFIG_FILE)
@@ -20,9 +21,9 @@ both from os.wait4. Medians over the rounds, then archup/peer ratios of the
 medians and the median of the per-round ratios (pairs from the same round, which
 is what to trust on a noisy machine). Markdown on stdout, JSON with --json-out.
 
-``bench.py probe [--server s3rver] [--processes 4] [--threads 4]`` measures the server's
-own limit: bare PUTs of 8 MiB (unsigned payload, no checksum) from several processes,
-aggregate MB/s.
+``bench.py probe [--server s3rver] [--processes 4] [--threads 4] [--size 8MiB]`` measures
+the server's own limit: bare PUTs of --size bytes (8 MiB; 1024 for the small-file limit),
+unsigned payload, no checksum, from several processes; aggregate MiB/s and PUTs/s.
 
 ``bench.py profile [--server s3rver] [--dataset small] [--parallel 16]`` runs archup
 and the raw boto3 uploader once each under cProfile with every thread profiled
@@ -71,6 +72,7 @@ MOTO_RSS_LIMIT = 1536 * MiB  # restart moto once it holds more than this
 DATASETS = {
     # name: (description, seed)
     "small": ("2,000 files x 4 KiB in nested directories", 1),
+    "tiny": ("20,000 files x 1 KiB in nested directories", 6),
     "mixed": ("200 files, 1 KiB to 2 MiB (log-uniform)", 2),
     "large": ("4 files x 128 MiB", 3),
     "large64": ("4 files x 64 MiB", 4),
@@ -84,6 +86,8 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
     rng = random.Random(DATASETS[name][1])
     if name == "small":
         return [(f"d{i // 200:02d}/s{(i // 20) % 10}/f{i:05d}.bin", 4 * KiB) for i in range(2000)]
+    if name == "tiny":
+        return [(f"t{i // 1000:02d}/s{(i // 100) % 10}/f{i:05d}.bin", KiB) for i in range(20000)]
     if name == "mixed":
         return [(f"m{i % 8}/file-{i:04d}.dat", int(2 ** rng.uniform(10, 21))) for i in range(200)]
     if name == "large":
@@ -249,6 +253,8 @@ ARCHUP_VARIANTS: dict[str, list[str]] = {
     "archup": [],
     "archup-noprehash": ["--no-prehash"],
     "archup-prehash": ["--prehash"],
+    "archup-crt": ["--transport", "crt"],
+    "archup-botocore": ["--transport", "botocore"],
 }
 
 @dataclass
@@ -657,8 +663,9 @@ def _boto3_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: str) -> None:
-    """One probe process: ``threads`` threads sending bare 8 MiB PUTs for ``seconds``; prints bytes sent."""
+def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: str, size: int) -> None:
+    """One probe process: ``threads`` threads sending bare PUTs of ``size`` bytes for ``seconds``;
+    prints bytes sent and PUTs sent."""
     os.environ["BOTO_DISABLE_CRT"] = "true"
     from concurrent.futures import ThreadPoolExecutor
 
@@ -668,19 +675,19 @@ def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: 
     client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, config=botocore.config.Config(
         max_pool_connections=threads + 2, s3={"payload_signing_enabled": False},
         request_checksum_calculation="when_required"))
-    body = os.urandom(PART_SIZE)
+    body = os.urandom(size)
     deadline = time.monotonic() + seconds
 
     def loop(thread: int) -> int:
-        sent = count = 0
+        count = 0
         while time.monotonic() < deadline:
             client.put_object(Bucket=bucket, Key=f"probe/{tag}-{thread}-{count}", Body=body)
-            sent += len(body)
             count += 1
-        return sent
+        return count
 
     with ThreadPoolExecutor(threads) as pool:
-        print(sum(pool.map(loop, range(threads))))
+        puts = sum(pool.map(loop, range(threads)))
+    print(puts * size, puts)
 
 
 def probe_main(argv: list[str]) -> int:
@@ -690,6 +697,7 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--processes", default="1,2,4", help="process counts to try, comma separated")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--size", type=int, default=PART_SIZE, help="bytes per PUT (8 MiB)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="archup-probe-"))
     server = Server(args.server, work)
@@ -701,13 +709,15 @@ def probe_main(argv: list[str]) -> int:
             client.create_bucket(Bucket=bucket)
             start = time.perf_counter()
             children = [subprocess.Popen([str(ARCHUP_PYTHON), str(Path(__file__).resolve()), "_probe", server.endpoint,
-                                          bucket, str(args.threads), str(args.seconds), f"p{n}"],
+                                          bucket, str(args.threads), str(args.seconds), f"p{n}", str(args.size)],
                                          stdout=subprocess.PIPE, env=clean_env()) for n in range(count)]
-            sent = sum(int(child.communicate()[0].decode().strip() or 0) for child in children)
+            answers = [child.communicate()[0].decode().split() or ["0", "0"] for child in children]
+            sent, puts = sum(int(a[0]) for a in answers), sum(int(a[1]) for a in answers)
             wall = time.perf_counter() - start
             count_and_empty(client, bucket)
-            print(f"{args.server}: {count} process(es) x {args.threads} threads: {sent / MiB / wall:,.0f} MiB/s "
-                  f"({sent / MiB:,.0f} MiB in {wall:.1f} s)", flush=True)
+            print(f"{args.server}: {count} process(es) x {args.threads} threads, {args.size} B PUTs: "
+                  f"{sent / MiB / wall:,.1f} MiB/s, {puts / wall:,.0f} PUTs/s "
+                  f"({puts:,} PUTs in {wall:.1f} s)", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -716,7 +726,7 @@ def probe_main(argv: list[str]) -> int:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_probe":
-        _probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
+        _probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "probe":
         return probe_main(sys.argv[2:])

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from archup.cli import app
+from archup.store import DEFAULT_TRANSPORT, TransportKind
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing-access-key",
@@ -49,12 +50,28 @@ def quiet_server_logs() -> Iterator[None]:
     root.setLevel(level)
 
 
+# What sends the source files' PutObject in this run (--transport): the default, or what
+# ARCHUP_TEST_TRANSPORT says (CI runs the whole suite once more on the other transport).
+TEST_TRANSPORT = os.environ.get("ARCHUP_TEST_TRANSPORT", DEFAULT_TRANSPORT.value)
+TRANSPORTS = [kind.value for kind in TransportKind]
+# For the tests of behaviour that each transport must keep (retries, slow-down, timeouts,
+# faults, credential errors, crash points, scrubbing): run them on both in every run.
+both_transports = pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)
+
+
+@pytest.fixture
+def transport(request: pytest.FixtureRequest) -> str:
+    """The transport of this test's archup runs: ARCHUP_TRANSPORT in their environment."""
+    return str(getattr(request, "param", TEST_TRANSPORT))
+
+
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, transport: str) -> None:
     """No test ever sees the developer's real credentials, config or journal."""
     for name in list(os.environ):
         if name.startswith(("AWS_", "ARCHUP_")):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("ARCHUP_TRANSPORT", transport)
     for name, value in FAKE_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config-absent"))

@@ -20,6 +20,7 @@ import boto3
 import pytest
 import typer.core
 import typer.main
+from conftest import both_transports
 from typer.testing import CliRunner
 from ulid import ULID
 
@@ -289,6 +290,7 @@ CANARY_SECRET = "canarySecret/9f8e7d6c5b4a3+ZzYyXxWw1234567890"
 CANARY_TOKEN = "canaryToken//FwoGZXIvYXdzEBcaDH7Q3ZX9canary"
 
 
+@both_transports
 def test_credentials_never_appear_in_output_logs_journal_or_manifest(cli, s3, bucket, source: Path,
                                                                      tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TEST_TRANSPORT, TRANSPORTS
 from testdata import pattern_bytes
 
 from archup.crashpoints import POINTS
@@ -244,7 +245,14 @@ NTH = {
 }
 
 
-@pytest.mark.parametrize("point", POINTS)
+# Every point on the default transport; the PutObject points on the other one too.
+PUT_POINTS = ("before-put-object", "during-put-object", "after-put-object")
+CASES = [pytest.param(point, TEST_TRANSPORT, id=point) for point in POINTS] + [
+    pytest.param(point, other, id=f"{point}-{other}")
+    for point in PUT_POINTS for other in TRANSPORTS if other != TEST_TRANSPORT]
+
+
+@pytest.mark.parametrize(("point", "transport"), CASES, indirect=["transport"])
 def test_crash_at_named_point_then_rerun_converges(point: str, cli: Any, s3: Any, bucket: str,
                                                     crash_source: Path) -> None:
     spec = f"{point}:{NTH.get(point, 1)}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import both_transports
 from test_cli_errors import closed_port
 from typer.testing import CliRunner
 
@@ -137,6 +138,7 @@ def test_scrub_covers_botocore_sigv4_debug_lines() -> None:
         assert "dGhpcyBpcyBiYXNlNjQ" not in scrubbed and "***" in scrubbed, scrubbed
 
 
+@both_transports
 def test_signatures_are_scrubbed_from_botocore_debug_output(cli, bucket: str, source: Path,
                                                            tmp_path: Path) -> None:
     log_file = tmp_path / "archup.log"

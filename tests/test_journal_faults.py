@@ -33,6 +33,7 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import both_transports
 from privileges import can_drop_read_override, drop_read_override
 from typer.testing import CliRunner
 from ulid import ULID
@@ -599,6 +600,7 @@ def _process_has_open(pid: int, path: Path) -> bool:
         return False
 
 
+@both_transports
 def test_credentials_never_in_output_log_journal_wal_manifest_or_command_line(
         cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", CANARY_KEY_ID)

@@ -212,11 +212,12 @@ def test_a_part_buffer_goes_back_once_with_its_bytes() -> None:
 
 _PROBE = r"""
 import json, os, sys
-from archup.store import StoreConfig, ChecksumMode, MultipartChecksum
+from archup.store import StoreConfig, ChecksumMode, MultipartChecksum, TransportKind
 from archup.store.s3 import S3Store
 import botocore.compat
+# botocore's signer is the point here (test_crt_transport checks the CRT's PutObject).
 store = S3Store(StoreConfig(bucket=sys.argv[2], endpoint_url=sys.argv[1], region="us-east-1",
-                            checksum=ChecksumMode(sys.argv[3])))
+                            checksum=ChecksumMode(sys.argv[3]), transport=TransportKind.BOTOCORE))
 seen = []
 store.client.meta.events.register("before-send.s3", lambda request, **kw: seen.append(
     {"op": kw.get("event_name", ""), "payload": request.headers.get("X-Amz-Content-SHA256", b"").decode(),

@@ -13,7 +13,7 @@ import pytest
 
 from archup.checksums import crc32_combine, crc_b64, crc_combine, crc_of
 from archup.errors import DestinationError, TransferError
-from archup.store import MultipartChecksum, ObjectStore, S3Store, StoreConfig, UploadedPart
+from archup.store import MultipartChecksum, ObjectStore, S3Store, StoreConfig, TransportKind, UploadedPart
 from archup.store.memory import MemoryStore
 from archup.store.wrappers import RateLimitedStore
 
@@ -21,7 +21,7 @@ MiB = 1024 * 1024
 FULL_CRC32 = MultipartChecksum("CRC32", full_object=True)
 
 
-@pytest.fixture(params=["s3", "memory"])
+@pytest.fixture(params=["s3-crt", "s3-botocore", "memory"])
 def make_store(request: pytest.FixtureRequest) -> Callable[..., ObjectStore]:
     """A store over a fresh bucket of the kind under test; ``exists=False``: a bucket that is not there."""
     def make(*, exists: bool = True) -> ObjectStore:
@@ -29,7 +29,8 @@ def make_store(request: pytest.FixtureRequest) -> Callable[..., ObjectStore]:
             return MemoryStore(exists=exists)
         endpoint = request.getfixturevalue("moto_endpoint")
         bucket = request.getfixturevalue("bucket") if exists else "archup-no-such-bucket"
-        return S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1"))
+        kind = TransportKind(request.param.removeprefix("s3-"))  # what sends PutObject
+        return S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1", transport=kind))
     return make
 
 

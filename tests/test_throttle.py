@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli
+from conftest import Cli, both_transports
 from faultproxy import Canned, FaultProxy, RequestHead, Rule, operation_is
 from test_crash import write_tree
 from test_faults import assert_sealed_with_exactly, list_keys, on_path, one_json_object, only_batch, small_files
@@ -74,6 +74,7 @@ def error_lines(stderr: str) -> list[str]:
 TOO_MANY_AS_SLOW_DOWN = Canned(429, "SlowDown", "Please reduce your request rate.")
 
 
+@both_transports
 def test_429_answers_are_retried_and_the_batch_completes_byte_identical(
         moto_endpoint: str, s3: Any, bucket: str, tmp_path: Path, journal_path: Path,
         adaptive_limiters: list[tuple[Any, Any]]) -> None:
@@ -144,6 +145,7 @@ def test_adaptive_retry_mode_engages_the_client_side_rate_limiter_on_slow_down(
 # -- --bwlimit -----------------------------------------------------------------------------------
 
 
+@both_transports
 def test_bwlimit_is_one_budget_shared_by_all_workers(proxied: Cli, s3: Any, bucket: str, tmp_path: Path) -> None:
     """3 MiB in 12 files of 256 KiB through 5 workers at --bwlimit 1MiB take at least
     0.6 x 3 s. The limit is one average for the whole run: a body goes at once and the next

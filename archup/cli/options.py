@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import ArchupError
-from ..store import ChecksumMode
+from ..store import ChecksumMode, TransportKind
 
 
 def complete_batch(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
@@ -77,9 +77,14 @@ FullObjectOption = Annotated[bool, typer.Option(
 GraceOption = Annotated[float, typer.Option(
     "--grace", help="Seconds a first SIGINT/SIGTERM leaves the requests in flight to finish before "
     "archup exits 130 at once (a second signal exits at once).")]
-RetriesOption = Annotated[int, typer.Option("--retries", help="Retries of a failed request (botocore).")]
+RetriesOption = Annotated[int, typer.Option("--retries", help="Retries of a failed request (N + 1 attempts).")]
 RetryModeOption = Annotated[RetryMode, typer.Option(
     "--retry-mode", help="standard, or adaptive (also slows down on 503 SlowDown / 429).")]
+TransportOption = Annotated[TransportKind, typer.Option(
+    "--transport", envvar="ARCHUP_TRANSPORT",
+    help="What sends each small file's PutObject: crt (the AWS Common Runtime's S3 client: signing and "
+    "HTTP in C) or botocore. Multipart uploads, listings and the manifest always use botocore; "
+    "--retry-mode adaptive sends with botocore.")]
 BwlimitOption = Annotated[str | None, typer.Option(
     "--bwlimit", help="Average upload bandwidth limit in bytes per second (e.g. 10MiB).", show_default=False)]
 TimeoutOption = Annotated[float, typer.Option(

@@ -20,7 +20,7 @@ from ..journal import BatchRecord, BatchSettings, Journal, SQLiteJournal
 from ..locations import default_journal_path
 from ..scan import display_path
 from ..select import read_files_from
-from ..store import ChecksumMode
+from ..store import DEFAULT_TRANSPORT, ChecksumMode
 from .common import (
     Invocation,
     check_batch_id,
@@ -55,6 +55,7 @@ from .options import (
     RetryMode,
     RetryModeOption,
     TimeoutOption,
+    TransportOption,
     complete_batch,
 )
 
@@ -349,6 +350,7 @@ def upload(
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
     retry_mode: RetryModeOption = RetryMode.STANDARD,
+    transport_kind: TransportOption = DEFAULT_TRANSPORT,
     grace: GraceOption = DEFAULT_GRACE,
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
@@ -397,7 +399,8 @@ def upload(
         transport=transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
                             checksum=checksum, full_object_checksum=full_object_checksum,
                             max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
-                            retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None))
+                            retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None,
+                            kind=transport_kind))
     if dry_run:
         report = run.dry_run(request, lambda: _read_only_journal(journal_path))
         if json_output:
@@ -432,6 +435,7 @@ def resume(
     prehash: PrehashOption = False,
     retries: RetriesOption = 4,
     retry_mode: RetryModeOption = RetryMode.STANDARD,
+    transport_kind: TransportOption = DEFAULT_TRANSPORT,
     bwlimit: BwlimitOption = None,
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
@@ -451,7 +455,7 @@ def resume(
     how = transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4), read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
                     bwlimit=parse_size(bwlimit) if bwlimit else None, checksum=checksum,
-                    full_object_checksum=full_object_checksum)
+                    full_object_checksum=full_object_checksum, kind=transport_kind)
     with stop_on_signals(grace, json_output) as stopping, open_journal(journal_path) as journal:
         listener = Talk(not (quiet or json_output), stopping)
         outcome = in_worker(lambda: run.resume(journal, batch_id, how, parallel=parallel, prehash=prehash,

@@ -1,7 +1,8 @@
 """The object store seam: the only thing finalize, verify, batches and the engine see.
 
 :class:`ObjectStore` is the interface; :mod:`archup.store.s3` implements it over boto3
-(the one module of archup that imports boto3 or botocore), :mod:`archup.store.memory`
+(the one module of archup that imports boto3 or botocore; with ``--transport crt`` its
+PutObject goes through :mod:`archup.store.crt`, the CRT's S3 client), :mod:`archup.store.memory`
 in memory for unit tests, both held to one contract suite
 (``tests/test_store_contract.py``). Behaviour that is not S3's (``--bwlimit``, a test's
 crash point) wraps a store (:mod:`archup.store.wrappers`) instead of living inside one.
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..checksums import crc32_b64, crc32_combine
 
 __all__ = ["CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore",
-           "OpenUpload", "S3Store", "StoreConfig", "UploadedPart", "crc32_b64", "crc32_combine", "open_store"]
+           "OpenUpload", "S3Store", "StoreConfig", "TransportKind", "DEFAULT_TRANSPORT", "UploadedPart", "crc32_b64", "crc32_combine", "open_store"]
 
 
 # The whole file's SHA-256 (hex) in a file object's user metadata (x-amz-meta-archup-sha256):
@@ -29,6 +30,17 @@ __all__ = ["CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChec
 SHA256_METADATA = "archup-sha256"
 # TransferError.code of a CreateMultipartUpload whose CRC64NVME the endpoint refused.
 CHECKSUM_REFUSED = "ChecksumAlgorithmRefused"
+
+
+class TransportKind(str, Enum):
+    """What sends a source file's single-request PutObject (--transport)."""
+
+    CRT = "crt"             # awscrt.s3.S3Client: signing, pooling and HTTP in C (archup.store.crt)
+    BOTOCORE = "botocore"   # boto3's client, as every other request
+
+
+# The measured default (docs/benchmarks.md, "The CRT transport").
+DEFAULT_TRANSPORT = TransportKind.CRT
 
 
 class ChecksumMode(str, Enum):
@@ -64,6 +76,9 @@ class StoreConfig:
     # CRC32 where the endpoint refuses CRC64NVME) instead of a checksum of part checksums;
     # off for endpoints that do not know the header.
     full_object_checksum: bool = True
+    # What sends a source file's PutObject; every other request goes through botocore.
+    # --retry-mode adaptive keeps botocore's (its client-side rate limiter has no CRT twin).
+    transport: TransportKind = DEFAULT_TRANSPORT
 
 
 @dataclass(frozen=True)

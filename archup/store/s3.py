@@ -1,4 +1,5 @@
-"""The S3 store: the ObjectStore over one boto3 client shared by every worker thread.
+"""The S3 store: the ObjectStore over one boto3 client shared by every worker thread, and
+with ``--transport crt`` one CRT S3 client for PutObject (:mod:`archup.store.crt`).
 
 The only module of archup that imports boto3 or botocore. Every request goes
 through :func:`_request`, which turns botocore's exceptions into archup's named
@@ -10,10 +11,11 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 # botocore signs with the CRT's signer whenever awscrt is importable (archup needs awscrt for
 # CRC64NVME). That signer costs 3.7 ms of CPU per 8 MiB part even with an unsigned payload
@@ -34,25 +36,10 @@ from . import (  # noqa: E402
     ObjectInfo,
     OpenUpload,
     StoreConfig,
+    TransportKind,
     UploadedPart,
 )
-
-# Answers that mean no further request to this destination can succeed.
-_FATAL_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "InvalidBucketName",
-    # A bare 403 (no body, as on HEAD) is access denied; a bare 404 is not fatal: it is
-    # how some servers answer one odd key, while a missing bucket says NoSuchBucket.
-    "AccountProblem", "RequestTimeTooSkewed", "403",
-})
-_HINTS = {
-    "RequestTimeTooSkewed": "this machine's clock differs too much from the server's; fix the clock (NTP)",
-    "ExpiredToken": "the session token has expired; refresh the credentials and resume the batch",
-    "NoSuchBucket": "create the bucket or fix --bucket",
-    "InvalidAccessKeyId": "check the credentials (profile, AWS_ACCESS_KEY_ID)",
-    "SignatureDoesNotMatch": "check the secret key of the credentials",
-    "AccessDenied": "the credentials may not write to this bucket and prefix",
-}
+from .answers import CORRUPTED, HINTS, answer_error  # noqa: E402
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -82,12 +69,7 @@ def translate(error: Exception, what: str) -> Exception:
     """Map a botocore exception to DestinationError (fatal) or TransferError (this request)."""
     if isinstance(error, botocore.exceptions.ClientError):
         code = _error_code(error)
-        message = error.response.get("Error", {}).get("Message") or code
-        hint = _HINTS.get(code)
-        text = f"{what}: {code}: {message}" + (f"; {hint}" if hint else "")
-        if code in _FATAL_CODES:
-            return DestinationError(text, code)
-        return TransferError(text, code)
+        return answer_error(what, code, error.response.get("Error", {}).get("Message") or code)
     if isinstance(error, (botocore.exceptions.NoCredentialsError,
                           botocore.exceptions.PartialCredentialsError)):
         return DestinationError(f"{what}: no usable credentials ({error}); set a profile or AWS_* variables")
@@ -108,10 +90,8 @@ _EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None
 
 T = TypeVar("T")
 
-
-# The server received a body other than the one sent (its checksum does not match): the
-# bytes were changed on the way. botocore does not retry a 400; archup sends the body again.
-_CORRUPTED = ("BadDigest", "XAmzContentSHA256Mismatch")
+if TYPE_CHECKING:
+    from .crt import Credentials, CrtPut
 
 
 def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = (), attempts: int = 1) -> T | None:
@@ -125,7 +105,7 @@ def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = (), 
             code = _error_code(error)
             if absent and code in absent:
                 return None
-            if code in _CORRUPTED and attempt < attempts:
+            if code in CORRUPTED and attempt < attempts:
                 continue
             raise translate(error, what) from None
         except Exception as error:
@@ -148,6 +128,17 @@ def _content_md5(request: Any, **kwargs: Any) -> None:
         body = body.encode("utf-8")
     if isinstance(body, (bytes, bytearray)) and body and "Content-MD5" not in request.headers:
         request.headers["Content-MD5"] = b64(hashlib.md5(body).digest())
+
+
+# A key no one writes: botocore builds a PutObject of it to say where a key's PUT goes.
+_ENDPOINT_PROBE = "archup-endpoint-probe"
+
+
+class _NoBody:
+    """The raw body of an answer made here (the endpoint probe's)."""
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield b""
 
 
 class _Body:
@@ -212,16 +203,107 @@ class S3Store:
         if credentials is not None:
             frozen = credentials.get_frozen_credentials()
             register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
+        self._credentials = credentials
+        self._crt_wanted = config.transport is TransportKind.CRT and config.retry_mode != "adaptive"
+        self._crt: CrtPut | None = None
+        self._crt_lock = threading.Lock()
+        self._before_put: list[Callable[[str], None]] = []
 
     @property
     def checksum_mode(self) -> ChecksumMode:
         return self.config.checksum
 
     def before_send(self, operation: str, hook: Callable[[str], None]) -> None:
-        """Call ``hook(url)`` when a request of ``operation`` is signed and about to be sent
-        (for a test's crash point: see archup.store.wrappers.CrashPointStore)."""
+        """Call ``hook(url)`` when a request of ``operation`` is about to be sent (for a test's
+        crash point: see archup.store.wrappers.CrashPointStore), on either transport."""
         self.client.meta.events.register(f"before-send.s3.{operation}",
                                          lambda request, **kwargs: hook(request.url))
+        if operation == "PutObject":
+            self._before_put.append(hook)
+            if self._crt is not None:
+                self._crt.before_send.append(hook)
+
+    # -- the CRT's PutObject (--transport crt) ----------------------------------
+
+    def _crt_put(self) -> CrtPut:
+        """The CRT client of this store, made at its first PutObject."""
+        with self._crt_lock:
+            if self._crt is None:
+                from .crt import CrtPut, Endpoint
+
+                self._crt = CrtPut(
+                    Endpoint.from_request(*self._signed_put_url(), _ENDPOINT_PROBE), self._frozen_credentials,
+                    max_attempts=self.config.max_attempts, connect_timeout=self.config.connect_timeout,
+                    read_timeout=self.config.read_timeout, max_connections=self.config.max_pool_connections,
+                    sign_payload=self.config.checksum is ChecksumMode.NONE)
+                self._crt.before_send.extend(self._before_put)
+            return self._crt
+
+    def _signed_put_url(self) -> tuple[str, str]:
+        """The URL and Authorization header of a PutObject of the probe key that botocore
+        builds, resolves (its endpoint rules: path-style or virtual-hosted, region) and signs,
+        and that is answered here instead of being sent."""
+        from botocore.awsrequest import AWSResponse
+
+        seen: list[tuple[str, str]] = []
+
+        def answer_here(request: Any, **kwargs: Any) -> AWSResponse | None:
+            if not urllib.parse.urlsplit(request.url).path.endswith("/" + _ENDPOINT_PROBE):
+                return None  # another thread's real request
+            authorization = request.headers.get("Authorization", b"")
+            seen.append((request.url, authorization.decode() if isinstance(authorization, bytes) else authorization))
+            return AWSResponse(request.url, 200, {"ETag": '"probe"'}, _NoBody())
+
+        event = "before-send.s3.PutObject"
+        self.client.meta.events.register_first(event, answer_here, unique_id="archup-endpoint-probe")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=_ENDPOINT_PROBE, Body=b"")
+        except Exception as error:
+            raise translate(error, "PutObject") from None
+        finally:
+            self.client.meta.events.unregister(event, unique_id="archup-endpoint-probe")
+        assert seen, "the probe PutObject was not built"
+        return seen[0]
+
+    def _frozen_credentials(self) -> Credentials:
+        """botocore's chain, asked at each signature (a refreshed token is registered as a secret)."""
+        from .crt import Credentials
+
+        try:
+            if self._credentials is None:
+                raise botocore.exceptions.NoCredentialsError()
+            frozen = self._credentials.get_frozen_credentials()
+        except Exception as error:
+            raise translate(error, "PutObject") from None
+        register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    def _crt_headers(self, body: bytes, sha256_digest: bytes | None, metadata: dict[str, str] | None,
+                     content_type: str | None, archive: bool) -> list[tuple[str, str]]:
+        """The PutObject headers botocore would send for the same arguments."""
+        config = self.config
+        headers = [(f"x-amz-meta-{name}", value) for name, value in
+                   {**(dict(config.user_metadata) if archive else {}), **(metadata or {})}.items()]
+        if content_type:
+            headers.append(("Content-Type", content_type))
+        if config.sse:
+            headers.append(("x-amz-server-side-encryption", config.sse))
+        if config.sse_kms_key_id:
+            headers.append(("x-amz-server-side-encryption-aws-kms-key-id", config.sse_kms_key_id))
+        if archive and config.storage_class:
+            headers.append(("x-amz-storage-class", config.storage_class))
+        if archive and config.tags:
+            headers.append(("x-amz-tagging", urllib.parse.urlencode(config.tags)))
+        mode = config.checksum
+        if mode is ChecksumMode.SHA256:
+            headers += [("x-amz-sdk-checksum-algorithm", "SHA256"),
+                        ("x-amz-checksum-sha256", b64(sha256_digest or hashlib.sha256(body).digest()))]
+        elif mode is ChecksumMode.CRC32:
+            headers += [("x-amz-sdk-checksum-algorithm", "CRC32"),
+                        ("x-amz-checksum-crc32", crc_b64("CRC32", crc_of("CRC32", body)))]
+        elif mode is ChecksumMode.MD5:
+            headers.append(("Content-MD5", b64(hashlib.md5(body).digest())))
+        return headers
 
     # -- request arguments ---------------------------------------------------
 
@@ -251,7 +333,11 @@ class S3Store:
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
                    metadata: dict[str, str] | None = None, content_type: str | None = None,
                    archive: bool = False) -> str:
-        """PUT one object; ``archive`` marks a source file's object (storage class, tags, user metadata)."""
+        """PUT one object; ``archive`` marks a source file's object (storage class, tags, user metadata).
+        Sent through the CRT with ``--transport crt``."""
+        if self._crt_wanted:
+            return self._crt_put().put(key, body, self._crt_headers(body, sha256_digest, metadata, content_type,
+                                                                    archive), what=f"PutObject {key}")
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
                                 **self._object_args(archive=archive, metadata=metadata),
                                 **self._body_checksum_args(body, sha256_digest)}
@@ -336,7 +422,7 @@ class S3Store:
                 if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
                     raise DestinationError(
                         f"HeadBucket {self.bucket}: 403 and the server's clock differs from this machine's by "
-                        f"{abs(skew) / 60:.0f} minutes; {_HINTS['RequestTimeTooSkewed']}") from None
+                        f"{abs(skew) / 60:.0f} minutes; {HINTS['RequestTimeTooSkewed']}") from None
                 raise DestinationError(f"access to bucket {self.bucket!r} denied; check the credentials") from None
             raise translate(error, f"HeadBucket {self.bucket}") from None
         except Exception as error:

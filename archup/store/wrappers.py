@@ -114,8 +114,9 @@ class RateLimitedStore(StoreWrapper):
 class CrashPointStore(StoreWrapper):
     """The ``during-put-object`` crash point: the process dies while a source file's
     PutObject is on its way. Over the S3 store that is inside botocore, the request
-    signed and about to be sent (its ``before_send`` hook); over any other store, as the
-    call reaches it."""
+    signed and about to be sent, or as the request is handed to the CRT (its
+    ``before_send`` hook, on either transport); over any other store, as the call
+    reaches it."""
 
     POINT = "during-put-object"
 

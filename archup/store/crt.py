@@ -1,0 +1,312 @@
+"""PutObject through the AWS Common Runtime's S3 client (``--transport crt``).
+
+A source file's single-request PUT is most of archup's client CPU on small files, and
+most of that is botocore's request path (docs/benchmarks.md). Here the request is signed,
+pooled and exchanged in C by ``awscrt.s3.S3Client``; the worker thread that calls
+:meth:`CrtPut.put` blocks on the request's future, as it would on botocore's socket.
+
+What stays archup's, and why (docs/design.md, "The CRT transport"):
+
+- **Retries.** The CRT's own retries are switched off (``S3RetryMode.NONE``): they cannot
+  be set to "none" by count, do not retry 429 or BadDigest, and hide each attempt from a
+  per-attempt timeout. :meth:`CrtPut.put` retries as botocore's standard mode does: the
+  same answers, the same full-jitter backoff, ``--retries`` attempts after the first.
+- **Timeouts.** The CRT has a connect timeout but no read timeout: an attempt that sees no
+  progress (bytes sent, an answer's headers) for ``read_timeout`` seconds is cancelled
+  and counts as a failed attempt, as a botocore read timeout does.
+- **Credentials** come from botocore's chain (profiles, environment, instance roles), asked
+  for each signature through a delegate provider; a failure of the chain is kept and raised
+  as itself, not as the CRT's bare delegate error.
+- **Addressing.** The URL of a key (path-style or virtual-hosted, region) is what botocore
+  would use: taken once from a PutObject that botocore builds and signs but never sends.
+
+This module imports no botocore: :class:`archup.store.s3.S3Store` hands it a credentials
+callable and the endpoint botocore chose.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import os
+import random
+import sys
+import threading
+import time
+import urllib.parse
+import weakref
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DestinationError, TransferError
+from .answers import answer_error
+
+# The CRT's error names after which another attempt cannot help (the endpoint cannot be
+# reached at all is decided after the last attempt, as botocore's EndpointConnectionError).
+_UNREACHABLE = frozenset({
+    "AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_DNS_INVALID_NAME", "AWS_IO_DNS_QUERY_FAILED",
+    "AWS_IO_DNS_NO_ADDRESS_FOR_HOST", "AWS_IO_SOCKET_NO_ROUTE_TO_HOST", "AWS_IO_SOCKET_NETWORK_DOWN",
+    "AWS_IO_SOCKET_TIMEOUT",
+})
+# Answers botocore's standard retry mode retries besides 5xx (botocore/retries/standard.py).
+_RETRIED_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException",
+    "IDPCommunicationError", "BadDigest", "XAmzContentSHA256Mismatch",
+})
+_MAX_BACKOFF = 20.0  # seconds, as botocore's standard mode
+# Answers the CRT reports by an error name alone, their status and body dropped (even with
+# its retries off): the S3 error code each name stands for.
+_ANSWER_NAMES = {
+    "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",             # 500
+    "AWS_ERROR_S3_SLOW_DOWN": "SlowDown",                       # 503
+    "AWS_ERROR_S3_REQUEST_TIMEOUT": "RequestTimeout",           # 400 RequestTimeout
+    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed",
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a key's PUT goes, as botocore addresses it: ``scheme://host/path_prefix<key>``."""
+
+    scheme: str
+    host: str           # the Host header, with a port if the URL has one
+    path_prefix: str    # "/bucket/" path-style, "/" virtual-hosted
+    region: str
+
+    @classmethod
+    def from_request(cls, url: str, authorization: str, key: str) -> Endpoint:
+        """From botocore's signed PutObject of ``key``: its URL and its Authorization header
+        (whose credential scope names the region it was signed for)."""
+        parts = urllib.parse.urlsplit(url)
+        quoted = quote_key(key)
+        if not parts.path.endswith(quoted):
+            raise ValueError(f"unexpected request path {parts.path!r}")
+        credential = authorization.partition("Credential=")[2].partition(",")[0]
+        scope = credential.split("/")
+        region = scope[2] if len(scope) >= 5 else "us-east-1"
+        return cls(parts.scheme, parts.netloc, parts.path[:-len(quoted)], region)
+
+
+def quote_key(key: str) -> str:
+    """A key in a request path, as botocore writes it."""
+    return urllib.parse.quote(key, safe="/~")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+    token: str | None
+
+
+class _Stalled(Exception):
+    """No progress for the read timeout: the attempt was cancelled."""
+
+
+class _Attempt:
+    """One request in flight: its answer's status and headers, and when it last moved."""
+
+    __slots__ = ("status", "headers", "moved")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.moved = time.monotonic()
+
+    def on_headers(self, status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+        self.status = status_code
+        self.headers = {name.lower(): value for name, value in headers}
+        self.moved = time.monotonic()
+
+    def on_progress(self, progress: int, **_: Any) -> None:
+        self.moved = time.monotonic()
+
+
+_shared_lock = threading.Lock()
+# The CRT calls a delegate on its own thread and hands an exception it raised to
+# sys.unraisablehook, which prints a traceback; put() raises the kept error instead.
+_DELEGATES: weakref.WeakSet[Callable[[], Any]] = weakref.WeakSet()
+_hook_installed = False
+
+
+def _quiet_delegate_failures() -> None:
+    global _hook_installed
+    with _shared_lock:
+        if _hook_installed:
+            return
+        _hook_installed = True
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            if unraisable.object in _DELEGATES:
+                return
+            previous(unraisable)
+
+        sys.unraisablehook = hook
+
+_shared: Any = None  # one event loop group and bootstrap per process, for every client
+
+
+def _bootstrap() -> Any:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+
+            group = EventLoopGroup()
+            _shared = ClientBootstrap(group, DefaultHostResolver(group))
+        return _shared
+
+
+class CrtPut:
+    """PutObject of one store's bucket through one ``awscrt.s3.S3Client``.
+
+    One client per endpoint: the CRT pools connections by host name, not by port."""
+
+    def __init__(self, endpoint: Endpoint, credentials: Callable[[], Credentials], *, max_attempts: int,
+                 connect_timeout: float, read_timeout: float, max_connections: int, sign_payload: bool,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        from awscrt.auth import AwsCredentials, AwsCredentialsProvider, AwsSignedBodyValue
+        from awscrt.s3 import (
+            S3Client,
+            S3RequestTlsMode,
+            S3RetryConfig,
+            S3RetryMode,
+            create_default_s3_signing_config,
+        )
+
+        self.endpoint = endpoint
+        self.max_attempts = max_attempts
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._sleep = sleep
+        self._credentials = credentials
+        self._credential_error: BaseException | None = None
+        self.before_send: list[Callable[[str], None]] = []
+
+        def delegate() -> Any:
+            try:
+                found = credentials()
+            except BaseException as error:  # kept and raised as itself by put()
+                self._credential_error = error
+                raise
+            return AwsCredentials(found.access_key, found.secret_key, found.token)
+
+        _quiet_delegate_failures()
+        _DELEGATES.add(delegate)
+        provider = AwsCredentialsProvider.new_delegate(delegate)
+        signing = create_default_s3_signing_config(region=endpoint.region, credential_provider=provider)
+        assert signing.signed_body_value == AwsSignedBodyValue.UNSIGNED_PAYLOAD
+        # --checksum none: the signature's SHA-256 is the body's only check. The S3 client
+        # leaves a payload unsigned unless told its hash, so each request gets its own.
+        self._signing = signing if sign_payload else None
+        tls_options = None
+        if endpoint.scheme == "https" and os.environ.get("AWS_CA_BUNDLE"):
+            from awscrt.io import ClientTlsContext, TlsContextOptions
+
+            context = TlsContextOptions()
+            context.override_default_trust_store_from_path(ca_filepath=os.environ["AWS_CA_BUNDLE"])
+            tls_options = ClientTlsContext(context).new_connection_options()
+        self._client = S3Client(
+            bootstrap=_bootstrap(), region=endpoint.region, signing_config=signing,
+            tls_mode=S3RequestTlsMode.ENABLED if endpoint.scheme == "https" else S3RequestTlsMode.DISABLED,
+            tls_connection_options=tls_options,
+            retry_config=S3RetryConfig(retry_mode=S3RetryMode.NONE),
+            connect_timeout_ms=max(1, int(connect_timeout * 1000)),
+            max_active_connections_override=max_connections)
+
+    def put(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str) -> str:
+        """PUT ``body`` at ``key`` with these headers; the answer's ETag. Retries as botocore's
+        standard mode; the last failure is a TransferError or a DestinationError."""
+        path = self.endpoint.path_prefix + quote_key(key)
+        all_headers = [("Host", self.endpoint.host), ("Content-Length", str(len(body))), *headers]
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return self._attempt(path, body, all_headers)
+            except _Stalled:
+                error: Exception = TransferError(
+                    f"{what}: no answer within {self.read_timeout:g} s (--timeout)", "ReadTimeoutError")
+                retry = True
+            except Exception as raised:
+                error, retry = self._meaning(raised, what, last=attempt == self.max_attempts)
+            if not retry or attempt == self.max_attempts:
+                raise error from None
+            self._sleep(random.random() * min(_MAX_BACKOFF, 2.0 ** (attempt - 1)))
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _attempt(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> str:
+        from awscrt.http import HttpHeaders, HttpRequest
+        from awscrt.s3 import S3RequestType
+
+        for hook in self.before_send:
+            hook(f"{self.endpoint.scheme}://{self.endpoint.host}{path}")
+        seen = _Attempt()
+        signing = None if self._signing is None else self._signing.replace(
+            signed_body_value=hashlib.sha256(body).hexdigest())
+        request = self._client.make_request(
+            type=S3RequestType.DEFAULT, operation_name="PutObject", signing_config=signing,
+            request=HttpRequest("PUT", path, HttpHeaders(headers), io.BytesIO(body)),
+            on_headers=seen.on_headers, on_progress=seen.on_progress)
+        done = request.finished_future
+        patience = self.connect_timeout + self.read_timeout  # the first bytes wait for a connection
+        while True:
+            try:
+                done.result(timeout=max(0.0, seen.moved + patience - time.monotonic()))
+                break
+            except concurrent.futures.TimeoutError:
+                if time.monotonic() - seen.moved < patience:
+                    continue
+                request.cancel()
+                concurrent.futures.wait([done])
+                raise _Stalled() from None
+            finally:
+                patience = self.read_timeout
+        etag = seen.headers.get("etag")
+        if not etag:
+            raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
+        return etag
+
+    def _meaning(self, error: Exception, what: str, *, last: bool) -> tuple[Exception, bool]:
+        """What a failed attempt's exception means, and whether another attempt may help."""
+        from awscrt.exceptions import AwsCrtError
+        from awscrt.s3 import S3ResponseError
+
+        if isinstance(error, S3ResponseError):
+            code, message = _error_code(error.status_code, error.body)
+            named = answer_error(what, code, message)
+            retry = (error.status_code >= 500 or error.status_code == 429 or code in _RETRIED_CODES) \
+                and not isinstance(named, DestinationError)
+            return named, retry
+        if isinstance(error, AwsCrtError) and error.name in _ANSWER_NAMES:
+            named = answer_error(what, _ANSWER_NAMES[error.name], error.message)
+            return named, not isinstance(named, DestinationError)
+        if isinstance(error, AwsCrtError):
+            if error.name == "AWS_AUTH_CREDENTIALS_PROVIDER_DELEGATE_FAILURE" and self._credential_error:
+                kept, self._credential_error = self._credential_error, None
+                if isinstance(kept, Exception):
+                    return kept, False
+            if error.name in _UNREACHABLE and last:
+                return DestinationError(f"{what}: cannot reach the endpoint ({error.name}: {error.message}); "
+                                        "check --endpoint-url and the network"), False
+            return TransferError(f"{what}: {error.name}: {error.message}", error.name), True
+        return error, False
+
+
+def _error_code(status: int, body: bytes | None) -> tuple[str, str]:
+    """An S3 error answer's Code and Message (its XML body), or the status for a bare answer."""
+    if body:
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            root = None
+        if root is not None:
+            code = root.findtext("Code") or ""
+            if code:
+                return code, root.findtext("Message") or code
+    return str(status), ""

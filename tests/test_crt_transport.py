@@ -1,0 +1,173 @@
+"""--transport crt: a source file's PutObject through the CRT's S3 client.
+
+What this module proves, beyond the behaviour tests that run on both transports
+(``both_transports`` in test_faults, test_throttle, test_crash, test_cron_output,
+test_cli_errors, test_journal_faults):
+
+- the CRT is really what sends the files (the proxy sees its User-Agent, and botocore's
+  for every other request), and --transport botocore really is botocore;
+- an object stored through the CRT is the object botocore stores: the same bytes, user
+  metadata, content type, storage class, tags, encryption and checksum;
+- keys that need quoting (spaces, non-ASCII, ``+ % ? # ~ =``) land under their own name;
+- the addressing (path-style, virtual-hosted, region) is botocore's;
+- a failure of botocore's credential chain reaches the user as itself, exit 5.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TRANSPORTS, Cli
+from faultproxy import FaultProxy, RequestHead, Rule
+from test_crash import write_tree
+
+from archup.errors import DestinationError, ExitCode
+from archup.store import S3Store, StoreConfig, TransportKind
+from archup.store.crt import Credentials, CrtPut, Endpoint, quote_key
+
+SOURCE_FILES = {
+    "plain.txt": b"plain\n",
+    "with space/and+plus.bin": bytes(range(256)) * 4,
+    "ünïcode/日本語.txt": "utf-8 name\n".encode(),
+    "odd/%41?q=1#frag~tilde&amp=.txt": b"needs quoting\n",
+    "empty.txt": b"",
+}
+
+
+def _recording(proxy: FaultProxy) -> list[RequestHead]:
+    """Every request head the proxy sees (a rule that matches none)."""
+    heads: list[RequestHead] = []
+    proxy.add_rule(Rule(lambda head: heads.append(head) is not None, "500"))
+    return heads
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_the_chosen_transport_is_what_sends_the_files(kind: str, moto_endpoint: str, bucket: str, s3: Any,
+                                                      tmp_path: Path, journal_path: Path) -> None:
+    source = write_tree(tmp_path / "src", SOURCE_FILES)
+    with FaultProxy(moto_endpoint) as proxy:
+        heads = _recording(proxy)
+        result = Cli(proxy.url, bucket, journal_path)("upload", "--json", "--transport", kind, str(source))
+    assert result.exit_code == 0, result.stderr
+    puts = [head for head in heads if head.operation == "PutObject" and not head.header("If-None-Match")]
+    others = [head for head in heads if head not in puts]
+    # Every file, the batch's marker and the manifest's entries.
+    assert len([head for head in puts if "/files/" in head.path]) == len(SOURCE_FILES)
+    agents = {(head.header("User-Agent") or "").split("/")[0] for head in puts}
+    assert agents == ({"CRTS3NativeClient"} if kind == "crt" else {"Boto3"}), agents
+    # The preflight, the manifest's summary (If-None-Match: *), listings: botocore on either.
+    assert others and all((head.header("User-Agent") or "").startswith("Boto3/") for head in others)
+    summary = json.loads(result.stdout)
+    prefix = f"staging/{summary['batch_id']}/files/"
+    for rel_path, data in SOURCE_FILES.items():
+        assert s3.get_object(Bucket=bucket, Key=prefix + rel_path)["Body"].read() == data, rel_path
+
+
+@pytest.mark.parametrize(("checksum", "header"), [
+    ("sha256", "x-amz-checksum-sha256"), ("crc32", "x-amz-checksum-crc32"), ("md5", "Content-MD5"), ("none", None)])
+def test_the_crt_signs_the_payload_only_when_the_body_has_no_checksum(
+        checksum: str, header: str | None, moto_endpoint: str, bucket: str, tmp_path: Path, journal_path: Path) -> None:
+    """As botocore does here (test_large_files): a body with its checksum header goes with an
+    unsigned payload; with --checksum none the signature covers the body's SHA-256."""
+    data = b"signed or not\n" * 10
+    source = write_tree(tmp_path / "src", {"a.txt": data})
+    with FaultProxy(moto_endpoint) as proxy:
+        heads = _recording(proxy)
+        result = Cli(proxy.url, bucket, journal_path)(
+            "upload", "--transport", "crt", "--checksum", checksum, str(source))
+    assert result.exit_code == 0, result.stderr
+    (put,) = [head for head in heads if head.operation == "PutObject" and head.path.endswith("/files/a.txt")]
+    payload = put.header("x-amz-content-sha256")
+    if header is None:
+        assert payload == hashlib.sha256(data).hexdigest()
+    else:
+        assert payload == "UNSIGNED-PAYLOAD" and put.header(header)
+
+
+def _stored(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    tags = s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    return {
+        "body": s3.get_object(Bucket=bucket, Key=key)["Body"].read(),
+        "metadata": head["Metadata"], "content_type": head.get("ContentType"),
+        "storage_class": head.get("StorageClass", "STANDARD"), "sse": head.get("ServerSideEncryption"),
+        "sha256": head.get("ChecksumSHA256"), "etag": head["ETag"],
+        "tags": sorted((tag["Key"], tag["Value"]) for tag in tags),
+    }
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "crc32", "md5", "none"])
+def test_an_object_sent_by_the_crt_is_the_object_botocore_stores(checksum: str, cli: Cli, s3: Any, bucket: str,
+                                                                 tmp_path: Path) -> None:
+    source = write_tree(tmp_path / "src", {"doc.json": b'{"a": 1}\n', "blob.bin": bytes(range(200)) * 50})
+    stored: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind in TRANSPORTS:
+        result = cli("upload", "--json", "--new-batch", "--transport", kind, "--checksum", checksum,
+                     "--storage-class", "STANDARD_IA", "--sse", "AES256", "--metadata", "owner=ops",
+                     "--tag", "project=alpha", "--tag", "keep=10y", str(source))
+        assert result.exit_code == 0, result.stderr
+        prefix = f"staging/{json.loads(result.stdout)['batch_id']}/files/"
+        stored[kind] = {rel: _stored(s3, bucket, prefix + rel) for rel in ("doc.json", "blob.bin")}
+        for rel in stored[kind]:  # the one thing that differs: each run is its own batch
+            assert stored[kind][rel]["metadata"].pop("archup-batch") == json.loads(result.stdout)["batch_id"]
+    # The stored SHA-256 checksum: the CRT path also names the algorithm
+    # (x-amz-sdk-checksum-algorithm), as AWS's SDKs do; moto keeps the checksum only then.
+    for rel, data in (("doc.json", b'{"a": 1}\n'), ("blob.bin", bytes(range(200)) * 50)):
+        crt_sum, botocore_sum = stored["crt"][rel].pop("sha256"), stored["botocore"][rel].pop("sha256")
+        if checksum == "sha256":
+            assert crt_sum == base64.b64encode(hashlib.sha256(data).digest()).decode()
+            assert botocore_sum in (None, crt_sum)
+    assert stored["crt"] == stored["botocore"]
+    blob = stored["crt"]["blob.bin"]
+    assert blob["metadata"]["owner"] == "ops"
+    assert blob["metadata"]["archup-sha256"] == hashlib.sha256(bytes(range(200)) * 50).hexdigest()
+    assert (blob["storage_class"], blob["sse"], blob["tags"]) == (
+        "STANDARD_IA", "AES256", [("keep", "10y"), ("project", "alpha")])
+    assert stored["crt"]["doc.json"]["content_type"] == "application/json"
+
+
+def test_keys_are_quoted_as_botocore_quotes_them() -> None:
+    assert quote_key("a b/ü+%?#~=&.txt") == "a%20b/%C3%BC%2B%25%3F%23~%3D%26.txt"
+
+
+@pytest.mark.parametrize(("endpoint_url", "region", "host", "path_prefix"), [
+    (None, "ap-south-1", "archup-addr.s3.ap-south-1.amazonaws.com", "/"),       # AWS: virtual-hosted
+    (None, "us-east-1", "archup-addr.s3.amazonaws.com", "/"),
+    ("http://127.0.0.1:9", "eu-west-3", "127.0.0.1:9", "/archup-addr/"),         # an IP: path-style
+])
+def test_the_crt_sends_a_key_where_botocore_would(endpoint_url: str | None, region: str, host: str,
+                                                  path_prefix: str) -> None:
+    """Built and signed by botocore, answered before it leaves the process: no request is sent."""
+    store = S3Store(StoreConfig(bucket="archup-addr", endpoint_url=endpoint_url, region=region))
+    endpoint = Endpoint.from_request(*store._signed_put_url(), "archup-endpoint-probe")
+    scheme = "http" if endpoint_url else "https"
+    assert endpoint == Endpoint(scheme, host, path_prefix, region)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_failing_credential_chain_is_raised_as_itself(moto_endpoint: str) -> None:
+    """The CRT only says its delegate failed; archup raises what the chain raised, and prints
+    no traceback from the CRT's thread (an unraisable exception)."""
+    def no_credentials() -> Credentials:
+        raise DestinationError("PutObject: no usable credentials (the chain found none)")
+
+    put = CrtPut(Endpoint("http", moto_endpoint.split("://")[1], "/archup-none/", "us-east-1"), no_credentials,
+                 max_attempts=3, connect_timeout=2, read_timeout=2, max_connections=2, sign_payload=False)
+    with pytest.raises(DestinationError, match="the chain found none"):
+        put.put("k", b"body", [], what="PutObject k")
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_no_credentials_from_botocores_chain_is_a_destination_error(moto_endpoint: str, bucket: str) -> None:
+    """Credentials gone after the preflight (an expired role, a removed profile): a source
+    file's PUT through the CRT raises DestinationError (exit 5: the run stops, resumable)."""
+    store = S3Store(StoreConfig(bucket=bucket, endpoint_url=moto_endpoint, transport=TransportKind.CRT))
+    store._credentials = None  # what botocore's chain answers when it finds nothing
+    with pytest.raises(DestinationError, match="no usable credentials") as raised:
+        store.put_object("staging/x/files/a.txt", b"a\n", archive=True)
+    assert raised.value.exit_code == ExitCode.DESTINATION
