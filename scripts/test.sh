@@ -6,5 +6,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
+# The PostgreSQL journal's tests start servers of their own; they need the server programs.
+bash "$root/scripts/ensure-postgres.sh"
 cd "$root"
 exec python -m pytest -n "${ARCHUP_TEST_WORKERS:-auto}" "$@"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a moto S3 server over HTTP on 127.0.0.1, fresh buckets, the CLI."""
+"""Shared fixtures: a moto S3 server over HTTP on 127.0.0.1, fresh buckets, the CLI, and a
+PostgreSQL server with a fresh database per test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
@@ -16,6 +18,9 @@ from typer.testing import CliRunner
 
 from archup.cli import app
 from archup.store import DEFAULT_TRANSPORT, TransportKind
+
+if TYPE_CHECKING:
+    from pgserver import PostgresServer
 
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing-access-key",
@@ -133,3 +138,44 @@ class Cli:
 @pytest.fixture
 def cli(moto_endpoint: str, bucket: str, journal_path: Path) -> Cli:
     return Cli(moto_endpoint, bucket, journal_path)
+
+
+# ARCHUP_TEST_POSTGRES=skip: where PostgreSQL cannot be found, skip the tests that need it.
+# Otherwise they fail: a machine without it must not pass them by skipping. Read now, as aws_env
+# clears ARCHUP_* for each test.
+POSTGRES_MISSING_SKIPS = os.environ.get("ARCHUP_TEST_POSTGRES", "") == "skip"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this pytest process's own (one per xdist worker): started when the
+    first test that needs one runs, stopped at the end of the session. tests/pgserver.py."""
+    from pgserver import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        missing = str(exc)  # skip or fail outside the except: no "during handling" chain in the report
+    else:
+        missing = ""
+    if missing:
+        if POSTGRES_MISSING_SKIPS:
+            pytest.skip(f"ARCHUP_TEST_POSTGRES=skip: {missing}")
+        pytest.fail(f"{missing} (or set ARCHUP_TEST_POSTGRES=skip to skip the PostgreSQL tests)", pytrace=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on pg_server: its postgresql:// URL (superuser archup, trust auth).
+    Dropped afterwards, with any session the test left open on it."""
+    if pg_server.pid is None:  # an earlier test crash()ed the server and left it down
+        pg_server.restart()
+    url = pg_server.create_database()
+    yield url
+    if pg_server.pid is not None:
+        pg_server.drop_database(url)
