@@ -12,7 +12,6 @@ from . import manifest
 from .clock import isoformat, utcnow
 from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
 from .journal import BatchRecord, Journal
-from .lock import BatchLock
 from .reconcile import abort_uploads
 from .states import BatchState
 from .store import ChecksumMode, ObjectStore
@@ -82,7 +81,7 @@ def abort_batch(journal: Journal, store_for: StoreFactory, batch_id: str, *, pur
     A batch sealed in the bucket (its manifest.json written) is refused like a finalized
     one, whatever state the journal records: abort never destroys an archived batch.
     """
-    with BatchLock(journal.path, batch_id):
+    with journal.batch_lock(batch_id):
         # Read under the lock: a finalize that ended just before it was taken has sealed the batch.
         batch = journal.get_batch(batch_id)
         store = store_for(batch)
@@ -117,6 +116,8 @@ class GcReport:
     # Terminal batches whose file and part rows were forgotten (--forget-after), and the
     # journal's size on disk before and after giving the space back.
     forgotten: list[str] = field(default_factory=list)
+    # Claims on shared batches whose host's lease ran out, given back for any host to take.
+    claims_expired: int = 0
     journal_bytes_before: int = 0
     journal_bytes_after: int = 0
 
@@ -128,6 +129,7 @@ class GcReport:
         return {"expired": [report.as_dict() for report in self.expired], "busy": self.busy,
                 "sealed": self.sealed, "errors": self.errors, "orphan_uploads": self.orphan_uploads,
                 "orphans_aborted": self.orphans_aborted, "forgotten": self.forgotten,
+                "claims_expired": self.claims_expired,
                 "journal_bytes_before": self.journal_bytes_before, "journal_bytes_after": self.journal_bytes_after,
                 "bytes_freed": self.bytes_freed}
 
@@ -146,7 +148,7 @@ def forget_ended(journal: Journal, report: GcReport, forget_after: timedelta, no
         if not batch.state.terminal or batch.forgotten_at is not None or batch.updated_at >= deadline:
             continue
         try:
-            with BatchLock(journal.path, batch.batch_id):
+            with journal.batch_lock(batch.batch_id):
                 if journal.forget_batch(batch.batch_id):
                     report.forgotten.append(batch.batch_id)
         except BatchBusy:
@@ -169,11 +171,15 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
     for batch in batches:
         if batch.state.terminal:
             continue
+        report.claims_expired += journal.expire_claims(batch.batch_id)
         stale = batch.created_at < deadline if deadline else batch.expires_at <= isoformat(now)
         if not stale:
             continue
+        if any(worker.live for worker in journal.list_workers(batch.batch_id)):
+            report.busy.append(batch.batch_id)  # a shared batch's hosts still renew their leases
+            continue
         try:
-            with BatchLock(journal.path, batch.batch_id):
+            with journal.batch_lock(batch.batch_id):
                 current = journal.get_batch(batch.batch_id)  # as it is now that no other archup can change it
                 if current.state.terminal:
                     continue

@@ -47,6 +47,25 @@ class JournalBusy(JournalError):
     exit_code = ExitCode.BUSY
 
 
+class JournalUnavailable(JournalError):
+    """A shared journal's database stayed unreachable past the retries; the batch is resumable."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class LeaseLost(JournalError):
+    """This host's claim on a batch's files ran out and another host may have taken them; its
+    writes are refused (the fence), and it stops sending. The batch is resumable."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class SourceMismatch(ArchupError):
+    """This host's source is not the tree the batch was scanned from."""
+
+    exit_code = ExitCode.USAGE
+
+
 class JournalTooNew(JournalError):
     """The journal was written by a newer archup (schema version too high)."""
 

@@ -72,7 +72,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
     """Raise BatchIncomplete naming the files that keep this batch from being sealed."""
     if not batch.scan_complete:
         raise BatchIncomplete(f"batch {batch.batch_id}: the scan of {batch.source_root} never completed; "
-                              f"run '{resume_command(batch.batch_id, journal.path)}' to resume")
+                              f"run '{resume_command(batch.batch_id, journal.location)}' to resume")
     state = journal.get_state(batch.batch_id)
     not_done = [FileState.PENDING, FileState.UPLOADING, FileState.FAILED]
     count = sum(state.counts[s] for s in not_done)
@@ -85,7 +85,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
                 break
         raise BatchIncomplete(
             f"batch {batch.batch_id} has {count} file(s) not uploaded: {_name_files(named, count)}; "
-            f"run '{resume_command(batch.batch_id, journal.path)}' to resume")
+            f"run '{resume_command(batch.batch_id, journal.location)}' to resume")
 
 
 def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
@@ -134,7 +134,7 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
         named = [(record.rel_path, reason) for record, reason in problems]
         raise BatchIncomplete(
             f"batch {batch_id}: {len(problems)} uploaded file(s) failed the read-back: "
-            f"{_name_files(named, len(problems))}; run '{resume_command(batch_id, journal.path)}' "
+            f"{_name_files(named, len(problems))}; run '{resume_command(batch_id, journal.location)}' "
             "to send them again")
 
     summary_key = manifest.summary_key(batch)

@@ -18,13 +18,25 @@ def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(state_home) / "archup" / "journal.db"
 
 
-def resume_command(batch_id: str, journal_path: Path, profile: str | None = None) -> str:
+def journal_location(explicit: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> str:
+    """--journal, else ``$ARCHUP_JOURNAL``, else the default file: a path, or a ``postgresql://`` URL
+    (kept as written: a URL is not a path, and ``Path`` would fold its ``//``)."""
+    environ = os.environ if environ is None else environ
+    given = os.fspath(explicit) if explicit else environ.get("ARCHUP_JOURNAL")
+    if given and given.startswith(("postgresql://", "postgres://")):
+        return given
+    return str(Path(given).expanduser()) if given else str(default_journal_path(environ))
+
+
+def resume_command(batch_id: str, journal_location: str, profile: str | None = None) -> str:
     """The command that finishes a batch, runnable as printed: the journal records the
     source, the destination and the batch's options; where the journal is, and an AWS
-    profile, it cannot."""
+    profile, it cannot. A shared journal's URL is printed without its password (libpq
+    finds it in PGPASSWORD or ~/.pgpass), so the command works from any host."""
     words = ["archup", "resume", batch_id]
-    if journal_path != default_journal_path(environ={}):
-        words += ["--journal", str(journal_path)]
+    if journal_location != str(default_journal_path(environ={})):
+        words += ["--journal", journal_location]
     if profile:
         words += ["--profile", profile]
     return shlex.join(words)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 from .checksums import multipart_etag
 from .errors import DestinationError, FileNotInBatch, TransferError
@@ -114,16 +115,36 @@ class Reconciler:
         first = next(iter(self.journal.iter_files(batch_id, [FileState.PENDING])), None)
         if first is None:
             return 0
+        files_prefix = self.batch.batch_prefix + FILES_DIR
+
+        def recorded(key: str) -> FileRecord | None:
+            try:
+                return self.journal.get_file(batch_id, key[len(files_prefix):])
+            except FileNotInBatch:
+                return None
+
+        return self._settle(first.key, recorded, limit)
+
+    def settle_lost_puts_among(self, records: list[FileRecord]) -> int:
+        """The same for the files of one chunk that another host held before this one (it may
+        have died after a PutObject and before its commit): one listing over the chunk's keys."""
+        pending = {record.key: record for record in records if record.state is FileState.PENDING}
+        if not pending:
+            return 0
+        first, last = min(pending), max(pending)
+        return self._settle(first, pending.get, len(records) * 4, last)
+
+    def _settle(self, first_key: str, recorded: Callable[[str], FileRecord | None], limit: int,
+                last_key: str | None = None) -> int:
         settled = 0
         files_prefix = self.batch.batch_prefix + FILES_DIR
-        listed = self.store.list_objects(files_prefix, start_after=first.key[:-1])
+        listed = self.store.list_objects(files_prefix, start_after=first_key[:-1])
         for found in itertools.islice(listed, limit):
-            try:
-                record = self.journal.get_file(batch_id, found.key[len(files_prefix):])
-            except FileNotInBatch:
-                continue
-            if (record.state is not FileState.PENDING or record.key != found.key or found.size != record.size
-                    or record.size >= self.multipart_threshold):
+            if last_key is not None and found.key > last_key:
+                break
+            record = recorded(found.key)
+            if (record is None or record.state is not FileState.PENDING or record.key != found.key
+                    or found.size != record.size or record.size >= self.multipart_threshold):
                 continue
             stored = self.store.head(found.key)
             if stored is None or not stored.metadata.get(SHA256_METADATA):

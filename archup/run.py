@@ -23,14 +23,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .batches import find_resumable, write_marker
-from .errors import ArchupError, BatchClosed, BatchIncomplete, Interrupted, JournalError, UsageError
+from .errors import ArchupError, BatchClosed, BatchIncomplete, IllegalTransition, Interrupted, JournalError, UsageError
 from .finalize import FinalizeSummary, finalize
-from .journal import BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
+from .journal import DEFAULT_LEASE, BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
-from .lock import BatchLock, source_lock
 from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
+from .shared import MoreWork, SharedWorker, Stopped, Turn, check_source
 from .states import BatchState, FileState
 from .store import DEFAULT_TRANSPORT, ChecksumMode, ObjectStore, StoreConfig, TransportKind, open_store
 from .uploader import Uploader, UploadOptions
@@ -156,9 +156,11 @@ class UploadRequest:
     transport: Transport
     parallel: int = 5
     prehash: bool = False
-    batch_id: str | None = None        # --batch: continue this one
+    batch_id: str | None = None        # --batch: continue this one (or create it, if no batch has that id)
     new_batch: bool = False            # --new-batch: never resume
     no_finalize: bool = False
+    local_root: str | None = None      # --source-root: where this host finds the source, if elsewhere
+    lease: float = DEFAULT_LEASE       # --lease: seconds a shared journal's claims last unrenewed
 
 
 @dataclass
@@ -188,20 +190,14 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
     stop = stop or threading.Event()
     transport = replace(request.transport, checksum=request.transport.checksum or ChecksumMode(
         request.settings.checksum))
-    with source_lock(journal.path, request.source_root, request.bucket, request.prefix, transport.endpoint_url):
+    with journal.source_lock(request.source_root, request.bucket, request.prefix, transport.endpoint_url):
         record = _choose_batch(journal, request, transport, listener)
         settings = _reconcile_settings(journal, record, request.settings, listener) if record else request.settings
         store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
                                          transport))
         store.check_bucket()
         if record is None:
-            from ulid import ULID  # here, not at the top: only a new batch needs it
-
-            record = journal.init_batch(str(ULID()), source_root=request.source_root, bucket=request.bucket,
-                                        prefix=request.prefix, part_size=request.part_size,
-                                        endpoint_url=transport.endpoint_url, region=transport.region,
-                                        settings=request.settings)
-            resumed = False
+            record, resumed = _create_batch(journal, request, transport)
         else:
             resumed = True
             changed = settings.differences(request.settings) if settings is not request.settings else []
@@ -209,30 +205,35 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
                 changed.append("part_size")
             if changed:
                 listener.options_kept(record, changed)
-        with BatchLock(journal.path, record.batch_id):
+        with journal.batch_lock(record.batch_id):
             return _timed(_run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
                                      parallel=request.parallel, prehash=request.prehash,
                                      no_finalize=request.no_finalize, profile=transport.profile, listener=listener,
-                                     stop=stop, tally=tally), started)
+                                     stop=stop, tally=tally, local_root=request.local_root,
+                                     lease=request.lease), started)
 
 
 def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = False,
            no_finalize: bool = False, listener: RunListener | None = None,
-           stop: threading.Event | None = None, tally: bool = False) -> RunOutcome:
+           stop: threading.Event | None = None, tally: bool = False, local_root: str | None = None,
+           lease: float = DEFAULT_LEASE) -> RunOutcome:
     """``archup resume BATCH``: continue a recorded batch from its journal, then finalize."""
     started = time.monotonic()
     listener = listener or QuietListener()
     stop = stop or threading.Event()
     record = journal.get_batch(batch_id)
-    if not os.path.isdir(record.source_root):
-        raise UsageError(f"batch {batch_id} archives {record.source_root}, which is not a directory now")
+    root = local_root or record.source_root
+    if not os.path.isdir(root):
+        raise UsageError(f"batch {batch_id} archives {record.source_root}, and {root} is not a directory on this "
+                         "host now" + ("" if local_root else "; --source-root says where this host mounts it"))
     settings = _reconcile_settings(journal, record, None, listener)
     store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
     store.check_bucket()
-    with BatchLock(journal.path, batch_id):
+    with journal.batch_lock(batch_id):
         return _timed(_run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True,
                                  parallel=parallel, prehash=prehash, no_finalize=no_finalize,
-                                 profile=transport.profile, listener=listener, stop=stop, tally=tally), started)
+                                 profile=transport.profile, listener=listener, stop=stop, tally=tally,
+                                 local_root=local_root, lease=lease), started)
 
 
 def _timed(outcome: RunOutcome, started: float) -> RunOutcome:
@@ -246,7 +247,7 @@ def _timed(outcome: RunOutcome, started: float) -> RunOutcome:
 
 def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:
     """``archup finalize BATCH``: seal it under its lock (idempotent)."""
-    with BatchLock(journal.path, batch_id):
+    with journal.batch_lock(batch_id):
         return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
 
 
@@ -257,7 +258,19 @@ def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport
     """The batch this upload continues (--batch, or an unfinished one of this source and
     destination), or None for a new one."""
     if request.batch_id:
-        record = journal.get_batch(request.batch_id)
+        record = journal.find_batch(request.batch_id)
+        if record is None:
+            # A new id: this run creates the batch (the first host of several to arrive) -- unless
+            # the source has an unfinished batch to this destination, which a mistyped id must
+            # never silently start over.
+            found = find_resumable(journal, request.source_root, request.bucket, request.prefix,
+                                   transport.endpoint_url)
+            if found is not None:
+                raise UsageError(f"no batch {request.batch_id} in journal {journal.location}, and batch "
+                                 f"{found.batch_id} of {request.source_root} to s3://{request.bucket}/"
+                                 f"{request.prefix} is unfinished; continue it with --batch {found.batch_id}, "
+                                 f"or end it first ('archup abort {found.batch_id}')")
+            return None
         if record.source_root != request.source_root:
             raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {request.source_root}")
         wanted = (request.bucket, request.prefix, transport.endpoint_url)
@@ -272,6 +285,25 @@ def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport
     if found is not None:
         listener.resuming(found)
     return found
+
+
+def _create_batch(journal: Journal, request: UploadRequest, transport: Transport) -> tuple[BatchRecord, bool]:
+    """A new batch (the id --batch gave, or a new ULID); False: new. With a shared journal,
+    several hosts may create one id at once: one insert wins, and the others join it (True)."""
+    batch_id = request.batch_id
+    if batch_id is None:
+        from ulid import ULID  # here, not at the top: only a new batch needs it
+
+        batch_id = str(ULID())
+    try:
+        return journal.init_batch(batch_id, source_root=request.source_root, bucket=request.bucket,
+                                  prefix=request.prefix, part_size=request.part_size,
+                                  endpoint_url=transport.endpoint_url, region=transport.region,
+                                  settings=request.settings), False
+    except IllegalTransition:
+        if request.batch_id is None:
+            raise
+        return journal.get_batch(batch_id), True
 
 
 def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSettings | None,
@@ -293,10 +325,15 @@ def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSett
 
 def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
                resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
-               listener: RunListener, stop: threading.Event, tally: bool = False) -> RunOutcome:
+               listener: RunListener, stop: threading.Event, tally: bool = False, local_root: str | None = None,
+               lease: float = DEFAULT_LEASE) -> RunOutcome:
     """Send (or continue) one batch while holding its lock, then finalize it."""
+    if journal.shared:
+        return _run_shared(journal, store, record, settings, parallel=parallel, prehash=prehash,
+                           no_finalize=no_finalize, profile=profile, listener=listener, stop=stop, tally=tally,
+                           local_root=local_root, lease=lease)
     batch_id = record.batch_id
-    hint = resume_command(batch_id, journal.path, profile)
+    hint = resume_command(batch_id, journal.location, profile)
     listener.starting(record, parallel, hint)
     outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
     if record.state is BatchState.ENQUEUED:
@@ -307,13 +344,25 @@ def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settin
         raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
     else:
         write_marker(store, record)
-        selector = Selector(settings.includes, settings.excludes)
-        options = UploadOptions(parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size,
-                                select=selector if selector.active else None, files_from=settings.files_from,
-                                skip_archived=settings.skip_archived, prehash=prehash,
-                                follow_symlinks=settings.follow_symlinks)
-        outcome.result = _scan_and_send(journal, store, batch_id, options, resumed=resumed, listener=listener,
-                                        stop=stop)
+        outcome.result = _scan_and_send(journal, store, batch_id, _upload_options(record, settings, parallel, prehash),
+                                        resumed=resumed, listener=listener, stop=stop)
+    return _ended(journal, store, outcome, no_finalize=no_finalize, tally=tally, listener=listener)
+
+
+def _upload_options(record: BatchRecord, settings: BatchSettings, parallel: int, prehash: bool) -> UploadOptions:
+    selector = Selector(settings.includes, settings.excludes)
+    return UploadOptions(parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size,
+                         select=selector if selector.active else None, files_from=settings.files_from,
+                         skip_archived=settings.skip_archived, prehash=prehash,
+                         follow_symlinks=settings.follow_symlinks)
+
+
+def _ended(journal: Journal, store: ObjectStore, outcome: RunOutcome, *, no_finalize: bool, tally: bool,
+           listener: RunListener, partial: bool = False, seal: bool = True) -> RunOutcome:
+    """How the run ends, from what the send did: stopped, partial, uploaded, or finalized.
+    ``partial``: the batch has files not uploaded though this run failed none (another
+    host's); ``seal``: this run may finalize (False: another host did; report its seal)."""
+    batch_id, hint = outcome.batch_id, outcome.resume_hint
     listener.sent(_skipped_files(journal, batch_id))
     if tally:
         outcome.tally = journal.get_state(batch_id, problem_limit=0)
@@ -322,14 +371,97 @@ def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settin
         return replace(outcome, kind="stopped", error=result.fatal)
     if result.interrupted:
         return replace(outcome, kind="stopped", error=Interrupted(f"batch {batch_id} interrupted; resume with '{hint}'"))
-    if result.files_failed:
+    if result.files_failed or partial:
+        failed = journal.get_state(batch_id, problem_limit=0).counts[FileState.FAILED] if partial else 0
+        what = f"{result.files_failed} file(s) failed" if result.files_failed else \
+            f"{failed} file(s) failed on the hosts sharing it" if failed else "some files are not uploaded"
         return replace(outcome, kind="partial", report=_partial_report(journal, batch_id, result, hint),
                        failures=result.failures[:SHOW_AT_MOST],
-                       error=BatchIncomplete(f"batch {batch_id}: {result.files_failed} file(s) failed; "
-                                             f"resume with '{hint}'"))
+                       error=BatchIncomplete(f"batch {batch_id}: {what}; resume with '{hint}'"))
     if no_finalize:
         return replace(outcome, kind="uploaded", report=_partial_report(journal, batch_id, result, hint))
     return _finalized(journal, store, outcome)
+
+
+# -- one batch, shared by several hosts -----------------------------------------------
+
+def _run_shared(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
+                parallel: int, prehash: bool, no_finalize: bool, profile: str | None, listener: RunListener,
+                stop: threading.Event, tally: bool, local_root: str | None, lease: float) -> RunOutcome:
+    """This host's part of a batch in a shared journal: join, scan if elected, claim and send
+    chunks until none is left, then race to finalize (exactly one host seals; the others
+    wait for the seal and report it). docs/design.md, "Several hosts, one batch"."""
+    batch_id = record.batch_id
+    hint = resume_command(batch_id, journal.location, profile)
+    listener.starting(record, parallel, hint)
+    outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
+    if record.state.terminal and record.state is not BatchState.ENQUEUED:
+        raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+    if stop.is_set():
+        raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
+    claims: Any = journal  # a shared journal offers the claims (PostgresJournal)
+    with SharedWorker(claims, batch_id, lease=lease, stop=stop) as worker:
+        turn = Turn.SEALED
+        if record.state is not BatchState.ENQUEUED:
+            write_marker(store, record)  # the same bytes from every host
+            uploader = Uploader(journal, store, batch_id, _upload_options(record, settings, parallel, prehash),
+                                stop=stop, source_root=local_root, sole_owner=False)
+            worker.on_lost = uploader.outcomes.stop_with
+            worker.result = uploader.result
+            if journal.get_batch(batch_id).state in (BatchState.OPEN, BatchState.FAILED):
+                journal.set_batch_state(batch_id, BatchState.UPLOADING)
+            claims.reopen_chunks(batch_id)
+            if worker.scan_turn():
+                uploader.scan_into_journal()
+            else:
+                worker.wait_for_first_files()
+            check_source(claims, batch_id, uploader.tree.root, uploader.tree.stat)
+            turn = _send_shared(journal, uploader, worker, listener, no_finalize)
+            outcome.result = uploader.result
+            if outcome.result.fatal is None and worker.lost is not None:
+                outcome.result.fatal = worker.lost
+        try:
+            return _ended(journal, store, outcome, no_finalize=no_finalize, tally=tally, listener=listener,
+                          partial=turn is Turn.PARTIAL)
+        finally:
+            if turn is Turn.FINALIZE:
+                worker.release_finalize()  # a finalize that failed leaves the race to the next host at once
+
+
+def _mark_failed(journal: Journal, batch_id: str) -> None:
+    """Every chunk is done and files are not uploaded: the batch is failed (resumable), as
+    whichever host gets here first records it."""
+    try:
+        journal.set_batch_state(batch_id, BatchState.FAILED, error="some files failed; resume the batch")
+    except IllegalTransition:
+        pass  # sealed, aborted or expired meanwhile: that state stands
+
+
+def _send_shared(journal: Journal, uploader: Uploader, worker: SharedWorker, listener: RunListener,
+                 no_finalize: bool) -> Turn:
+    """Claim and send until no chunk is left; then the finalize race (unless --no-finalize)."""
+    while True:
+        state = journal.get_state(uploader.batch_id, problem_limit=0)
+        done = (FileState.UPLOADED, FileState.SKIPPED)
+        with listener.progress(state.files_total - sum(state.counts[s] for s in done),
+                               state.bytes_total - sum(state.bytes_by_state[s] for s in done)) as observer:
+            if observer is not None:
+                uploader.observer = observer
+            result = uploader.send(worker.claimed_files(uploader.reconciler.settle_lost_puts_among,
+                                                        uploader.scan_into_journal))
+        worker.finish_all()
+        if result.fatal is not None or uploader.stop.is_set() or no_finalize:
+            return Turn.SEALED if no_finalize else Turn.PARTIAL
+        try:
+            turn = worker.finalize_turn()
+            if turn is Turn.PARTIAL:
+                _mark_failed(journal, uploader.batch_id)
+            return turn
+        except MoreWork:
+            continue  # a host died holding chunks: claim them
+        except Stopped:
+            result.interrupted = True
+            return Turn.PARTIAL
 
 
 def _scan_and_send(journal: Journal, store: ObjectStore, batch_id: str, options: UploadOptions, *, resumed: bool,

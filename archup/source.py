@@ -45,16 +45,25 @@ class PathGuard:
     exact: bool = False
 
 
+def same_identity(recorded: str | None, info: os.stat_result) -> bool:
+    """Inode and ctime as recorded (or nothing recorded). The device is left out: it differs
+    between the NFS clients of one export, so another host of a shared batch would see every
+    file as replaced; an inode and a nanosecond ctime both matching by chance is what it loses."""
+    if recorded is None:
+        return True
+    return recorded.split(":", 1)[-1] == identity_of(info).split(":", 1)[-1]
+
+
 def same_file(info: os.stat_result, record: FileRecord) -> bool:
     return (info.st_size == record.size and info.st_mtime_ns == record.mtime_ns
-            and (record.identity is None or identity_of(info) == record.identity))
+            and same_identity(record.identity, info))
 
 
 def check_unchanged(info: os.stat_result, record: FileRecord) -> None:
     if not same_file(info, record):
         raise FileChanged(f"changed since the scan (size {record.size} -> {info.st_size}, "
                           f"mtime changed: {info.st_mtime_ns != record.mtime_ns}, "
-                          f"inode or ctime changed: {identity_of(info) != record.identity})")
+                          f"inode or ctime changed: {not same_identity(record.identity, info)})")
 
 
 def _opened_path(fd: int) -> str | None:

@@ -58,7 +58,13 @@ class UploadOptions:
 
 class Uploader:
     def __init__(self, journal: Journal, store: ObjectStore, batch_id: str, options: UploadOptions,
-                 observer: UploadObserver | None = None, stop: threading.Event | None = None) -> None:
+                 observer: UploadObserver | None = None, stop: threading.Event | None = None,
+                 source_root: str | None = None, sole_owner: bool = True) -> None:
+        """``source_root``: where this host finds the batch's source, if not where the batch
+        recorded it (--source-root: another mount point of a shared tree). ``sole_owner``:
+        this run's end is the batch's (False for one host of a shared batch: its failure
+        leaves the batch to the others)."""
+        self.sole_owner = sole_owner
         self.journal = journal
         self.store = store
         self.batch = journal.get_batch(batch_id)
@@ -67,7 +73,7 @@ class Uploader:
         self.stop = stop or threading.Event()
         self.outcomes = Outcomes(journal, batch_id, self.stop, observer or NullObserver())
         # Every open is checked against where the file must be (see archup.source).
-        self.tree = SourceTree(self.batch.source_root, options.follow_symlinks)
+        self.tree = SourceTree(source_root or self.batch.source_root, options.follow_symlinks)
         self.reconciler = Reconciler(journal, store, self.batch, self.tree, self.outcomes,
                                      options.multipart_threshold)
         self._writer: CompletionWriter  # one per send()
@@ -101,10 +107,11 @@ class Uploader:
         """Write every file of the source into the journal (grouped transactions), then mark the scan complete."""
         self.journal.set_batch_state(self.batch_id, BatchState.UPLOADING)
         if not self.journal.get_batch(self.batch_id).scan_complete:
-            self._scan_into_journal()
+            self.scan_into_journal()
 
-    def send(self) -> UploadResult:
-        """Upload every file the journal says still needs it; never raises for one file's failure."""
+    def send(self, records: Iterable[FileRecord] | None = None) -> UploadResult:
+        """Upload every file the journal says still needs it (or these ``records``: the files
+        this host claimed of a shared batch); never raises for one file's failure."""
         outcomes = self.outcomes
         dispatcher = Dispatcher(self.options.parallel, self.options.parallel * self.options.part_size,
                                 outcomes.stop_with, readers=min(self.options.parallel, READERS))
@@ -114,7 +121,7 @@ class Uploader:
         self._writer = CompletionWriter(self.journal, self.batch_id, outcomes.reported, outcomes.stop_with)
         try:
             with dispatcher.running():
-                self._dispatch(dispatcher, multipart)
+                self._dispatch(dispatcher, multipart, records)
             # Uploads the server lost mid-run (NoSuchUpload: expired, aborted by someone else)
             # start over once, in this run, with a new upload.
             restarted = [self.journal.get_file(self.batch_id, rel_path) for rel_path in multipart.restarted]
@@ -128,12 +135,13 @@ class Uploader:
         result = outcomes.result
         if result.fatal is None and self.stop.is_set():
             result.interrupted = True
-        if result.fatal is not None or result.files_failed:
+        if self.sole_owner and (result.fatal is not None or result.files_failed):
             reason = str(result.fatal) if result.fatal else f"{result.files_failed} file(s) failed"
             self.journal.set_batch_state(self.batch_id, BatchState.FAILED, error=reason)
         return result
 
-    def _scan_into_journal(self) -> None:
+    def scan_into_journal(self) -> None:
+        """Walk the source into the journal in groups; mark the scan complete unless stopped."""
         prefix = self.batch.batch_prefix
         root, select = self.batch.source_root, self.options.select
         follow = self.options.follow_symlinks

@@ -93,6 +93,20 @@ class JournalBackend:
         return SQLiteJournal(self.path)
 
 
+class PostgresBackend(JournalBackend):
+    """The shared journal, in a fresh database of a real PostgreSQL server the suite started."""
+
+    name = "postgres"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def open(self) -> Journal:
+        from archup.journal.postgres import PostgresJournal
+
+        return PostgresJournal(self.url, retry_for=5.0)
+
+
 @contextmanager
 def second_journal(where: Path | JournalBackend) -> Iterator[Journal]:
     """A fresh handle, hence a fresh connection: what any other process would see."""
@@ -113,11 +127,13 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, journal_path: Path) -> JournalBackend:
     """Every test below runs on each backend; those marked sqlite_only test SQLite's own machinery."""
     if request.param != "sqlite" and request.node.get_closest_marker("sqlite_only"):
         pytest.skip("tests SQLite's connection machinery")
+    if request.param == "postgres":
+        return PostgresBackend(request.getfixturevalue("pg_url"))
     return JournalBackend(journal_path)
 
 

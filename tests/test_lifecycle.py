@@ -629,3 +629,30 @@ def test_gc_leaves_a_busy_batch_alone(cli: Any, s3: Any, source: Path) -> None:
     collected = cli("gc", "--json")
     assert [item["batch_id"] for item in one_json(collected.stdout)["expired"]] == [batch_id]
     assert open_uploads(s3, cli.bucket) == []
+
+
+# -- --batch with a new id ---------------------------------------------------------------------
+
+
+def test_batch_with_a_new_id_creates_that_batch(cli: Any, s3: Any, other_source: Path) -> None:
+    """What the first of several hosts does; on the single-host journal too."""
+    wanted = str(ULID())
+    result = cli("upload", *SMALL_ARGS, "--batch", wanted, "--json", str(other_source))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["batch_id"] == wanted
+    assert json.loads(result.stdout)["status"] == "enqueued"
+
+
+def test_a_new_batch_id_for_a_source_with_an_unfinished_batch_is_refused(cli: Any, s3: Any, source: Path) -> None:
+    """A mistyped id never silently starts a second upload of the same source and destination."""
+    unfinished = uploaded_unfinalized(cli, source)
+    typo = str(ULID())
+    result = cli("upload", *SMALL_ARGS, "--batch", typo, "--json", str(source))
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert unfinished in error and typo in error and "unfinished" in error
+    journal = SQLiteJournal(cli.journal)
+    try:
+        assert journal.find_batch(typo) is None
+    finally:
+        journal.close()

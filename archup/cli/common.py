@@ -25,8 +25,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
-from ..journal import Journal, SQLiteJournal
-from ..locations import default_journal_path
+from ..journal import Journal, SQLiteJournal, is_shared_location, open_journal_at
+from ..locations import journal_location
 from ..scan import display_path
 
 if TYPE_CHECKING:  # the library's sending modules load only when a command sends
@@ -139,10 +139,14 @@ def handles_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def missing_journal(path: Path | None) -> Path | None:
-    """Where the journal would be, if there is none yet (None: it exists). A file where one
-    of its directories should be is an error (exit 1), not an empty journal."""
-    path = path or default_journal_path()
+def missing_journal(location: str | None) -> Path | None:
+    """Where the journal would be, if there is none yet (None: it exists, or it is a shared
+    journal's URL). A file where one of its directories should be is an error (exit 1), not
+    an empty journal."""
+    where = journal_location(location)
+    if is_shared_location(where):
+        return None
+    path = Path(where)
     if path.exists():
         return None
     blocker = next((parent for parent in path.parents if parent.exists()), None)
@@ -152,18 +156,19 @@ def missing_journal(path: Path | None) -> Path | None:
 
 
 @contextmanager
-def open_journal(path: Path | None, *, create: bool = True) -> Iterator[Journal]:
-    """The journal at ``path`` (else $ARCHUP_JOURNAL, else the default place).
+def open_journal(location: str | None, *, create: bool = True) -> Iterator[Journal]:
+    """The journal at ``location``, a path or a ``postgresql://`` URL (else $ARCHUP_JOURNAL,
+    else the default place).
 
     ``create=False`` is for commands that only look at or end batches: they never leave an
     empty journal, or its directory, behind (a mistyped --journal would look like a real
     one afterwards). A missing journal has no batches: BatchNotFound, exit 2.
     """
-    path = path or default_journal_path()
-    if not create and missing_journal(path) is not None:
-        raise BatchNotFound(f"no journal at {path} (nothing uploaded yet); "
+    where = journal_location(location)
+    if not create and missing_journal(where) is not None:
+        raise BatchNotFound(f"no journal at {where} (nothing uploaded yet); "
                             "check --journal or ARCHUP_JOURNAL")
-    journal = SQLiteJournal(path)
+    journal = open_journal_at(where) if is_shared_location(where) else SQLiteJournal(where)
     try:
         yield journal
     finally:

@@ -52,7 +52,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _missing_journal(journal_path: Path | None) -> Path | None:
+def _missing_journal(journal_path: str | None) -> Path | None:
     """Where the journal would be, if there is none: nothing uploaded yet, so nothing to list
     or collect (and list and gc must not create it)."""
     return missing_journal(journal_path)

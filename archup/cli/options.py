@@ -17,11 +17,12 @@ def complete_batch(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]
 
     Opened read-only (never created, never migrated, never written); no journal, an
     unreadable one or one of another schema completes nothing rather than failing."""
-    from ..journal import SQLiteJournal
-    from ..locations import default_journal_path
+    from ..journal import SQLiteJournal, is_shared_location
+    from ..locations import journal_location
 
-    path = Path(ctx.params.get("journal_path") or default_journal_path())
-    if not path.is_file():
+    location = journal_location(ctx.params.get("journal_path"))
+    path = Path(location)
+    if is_shared_location(location) or not path.is_file():
         return []
     try:
         journal = SQLiteJournal(path, read_only=True, busy_timeout=1.0)
@@ -39,8 +40,10 @@ def complete_batch(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]
 
 
 JournalOption = Annotated[
-    Path | None,
-    typer.Option("--journal", help="Journal file [env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
+    str | None,
+    typer.Option("--journal", help="Journal: a file (SQLite, one host), or a postgresql:// URL that several "
+                 "hosts share (no password in it: libpq reads PGPASSWORD, ~/.pgpass, PGSERVICE) "
+                 "[env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
                  show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
@@ -100,3 +103,10 @@ PrehashOption = Annotated[bool, typer.Option(
     help="Hash each multipart file before sending it, so its object metadata carries its SHA-256 "
     "(a second read of large files, as rclone does). Off by default: the SHA-256 from the upload's own "
     "read is in the journal and the manifest either way.")]
+
+SourceRootOption = Annotated[str | None, typer.Option(
+    "--source-root", help="Where this host finds the batch's source, if it mounts it elsewhere than the "
+    "batch recorded (hosts sharing a postgresql:// journal).", show_default=False)]
+LeaseOption = Annotated[float, typer.Option(
+    "--lease", envvar="ARCHUP_LEASE", help="Seconds a host's claim on files of a shared (postgresql://) batch "
+    "lasts without a heartbeat; after it another host takes them over.")]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..journal import BatchRecord, BatchSummary, FileRecord
+from ..journal import BatchRecord, BatchSummary, FileRecord, WorkerRecord
 from ..scan import display_path
 from ..states import FileState
 from . import human
@@ -78,6 +78,8 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
         document = status_document(journal.get_state(batch_id, problem_limit=-1 if show_all else PROBLEM_LIMIT))
+        if journal.shared:
+            document["workers"] = [_worker(worker) for worker in journal.list_workers(batch_id)]
     if json_output:
         emit_json(document)
         return
@@ -101,6 +103,10 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         *([("error", document["error"])] if document["error"] else []),
         *([("forgotten", _forgotten(document))] if document["forgotten_at"] else []),
     ])
+    for worker in document.get("workers", []):
+        mark = "ended" if worker["ended"] else "LEASE EXPIRED" if worker["lease_expired"] else "working"
+        print(f"worker: {worker['host']} pid {worker['pid']}: {mark}, since {worker['since']}, last heartbeat "
+              f"{worker['last_heartbeat']}, {worker['files_done']} files, {amount(worker['bytes_done'])} sent")
     for state in (FileState.FAILED.value, FileState.SKIPPED.value):
         for problem in document["problems"]:
             if problem["state"] == state:
@@ -108,6 +114,14 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         if document["problems_omitted"][state]:
             print(f"... and {document['problems_omitted'][state]} more {state} "
                   f"('archup status {batch_id} --all' lists them all)")
+
+
+def _worker(worker: WorkerRecord) -> dict[str, Any]:
+    """One host's process of a shared batch: a lease that ran out without an end means it died
+    or lost the database, and another host takes its files over."""
+    return {"host": worker.host, "pid": worker.pid, "since": worker.started_at, "last_heartbeat": worker.heartbeat_at,
+            "files_done": worker.files_done, "bytes_done": worker.bytes_done, "ended": worker.ended,
+            "lease_expired": worker.lease_expired and not worker.ended}
 
 
 def _forgotten(document: dict[str, Any]) -> str:

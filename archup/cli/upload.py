@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from ..errors import ExitCode, UsageError
-from ..journal import BatchRecord, BatchSettings, Journal, SQLiteJournal
-from ..locations import default_journal_path
+from ..journal import (
+    DEFAULT_LEASE,
+    BatchRecord,
+    BatchSettings,
+    Journal,
+    SQLiteJournal,
+    is_shared_location,
+    open_journal_at,
+)
+from ..locations import journal_location
 from ..scan import display_path
 from ..select import read_files_from
 from ..store import DEFAULT_TRANSPORT, ChecksumMode
@@ -45,6 +53,7 @@ from .options import (
     GraceOption,
     JournalOption,
     JsonOption,
+    LeaseOption,
     NoFinalizeOption,
     ParallelOption,
     PrehashOption,
@@ -54,6 +63,7 @@ from .options import (
     RetriesOption,
     RetryMode,
     RetryModeOption,
+    SourceRootOption,
     TimeoutOption,
     TransportOption,
     complete_batch,
@@ -264,16 +274,22 @@ def parse_pairs(option: str, values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_lease(lease: float) -> None:
+    if not 1 <= lease <= 3600:
+        raise UsageError(f"--lease {lease:g}: must be between 1 and 3600 seconds")
+
+
 @contextmanager
-def _read_only_journal(journal_path: Path | None) -> Iterator[Journal | None]:
+def _read_only_journal(location: str | None) -> Iterator[Journal | None]:
     """The journal, for --dry-run --skip-archived to read: None if there is none yet."""
     from .. import run
 
-    path = journal_path or default_journal_path()
-    if missing_journal(path) is not None:
+    where = journal_location(location)
+    if missing_journal(where) is not None:
         yield None
         return
-    yield from run.read_only(lambda: SQLiteJournal(path, read_only=True))
+    yield from run.read_only(lambda: open_journal_at(where) if is_shared_location(where)
+                             else SQLiteJournal(where, read_only=True))
 
 
 def _print_dry_run(report: dict[str, object]) -> None:
@@ -354,6 +370,8 @@ def upload(
     grace: GraceOption = DEFAULT_GRACE,
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
+    source_root: SourceRootOption = None,
+    lease: LeaseOption = DEFAULT_LEASE,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -366,10 +384,12 @@ def upload(
     from ..multipart import MIN_PART_SIZE
     from ..run import UploadRequest
 
-    if not directory.exists():
-        raise UsageError(f"{directory}: no such directory")
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: not a directory")
+    local = Path(source_root) if source_root else directory
+    if not local.exists():
+        raise UsageError(f"{local}: no such directory")
+    if not local.is_dir():
+        raise UsageError(f"{local}: not a directory")
+    _check_lease(lease)
     _check_parallel(parallel)
     part_bytes = parse_size(part_size)
     if not MIN_PART_SIZE <= part_bytes <= MAX_PART_SIZE:
@@ -393,7 +413,8 @@ def upload(
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
         full_object_checksum=full_object_checksum)
     request = UploadRequest(
-        source_root=str(directory.resolve()), bucket=bucket or "", prefix=normalize_prefix(prefix),
+        source_root=str(directory.resolve()) if source_root is None else os.path.abspath(directory),
+        bucket=bucket or "", local_root=str(local.resolve()) if source_root else None, lease=lease, prefix=normalize_prefix(prefix),
         part_size=part_bytes, settings=wanted, parallel=parallel, prehash=prehash,
         batch_id=check_batch_id(batch) if batch else None, new_batch=new_batch, no_finalize=no_finalize,
         transport=transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
@@ -443,6 +464,8 @@ def resume(
     no_finalize: NoFinalizeOption = False,
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
+    source_root: SourceRootOption = None,
+    lease: LeaseOption = DEFAULT_LEASE,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -451,6 +474,7 @@ def resume(
 
     _check_parallel(parallel)
     _check_run_limits(retries, timeout, connect_timeout, grace)
+    _check_lease(lease)
     batch_id = check_batch_id(batch_id)
     how = transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4), read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
@@ -460,5 +484,7 @@ def resume(
         listener = Talk(not (quiet or json_output), stopping)
         outcome = in_worker(lambda: run.resume(journal, batch_id, how, parallel=parallel, prehash=prehash,
                                                no_finalize=no_finalize, listener=listener, stop=stopping.stop,
-                                               tally=metrics_file is not None))
+                                               tally=metrics_file is not None,
+                                               local_root=str(Path(source_root).resolve()) if source_root else None,
+                                               lease=lease))
     render(outcome, quiet=quiet, json_output=json_output)

@@ -9,8 +9,8 @@ backend's write lock, so concurrent workers never lose an update.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
-from pathlib import Path
 from typing import Protocol
 
 from ..errors import IllegalTransition
@@ -26,13 +26,25 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    WorkerRecord,
 )
 
 
 class Journal(Protocol):
     """The batch-state authority. Safe to share between threads; closed once they are done."""
 
-    path: Path  # where it is, for the locks beside it and the commands archup prints
+    location: str  # where it is, as archup prints it (a path, or a URL without its password)
+    shared: bool   # several processes and hosts may work on one batch (leases), or one owner (OS locks)
+
+    def batch_lock(self, batch_id: str) -> AbstractContextManager[object]:
+        """Held by whoever changes a batch; a second holder fails BatchBusy. A shared journal
+        hands out no lock: its leases let any number of processes work on one batch."""
+        ...
+
+    def source_lock(self, source_root: str, bucket: str, prefix: str,
+                    endpoint_url: str | None) -> AbstractContextManager[object]:
+        """Held by a plain upload while it picks or creates its batch."""
+        ...
 
     def close(self) -> None: ...
 
@@ -131,6 +143,15 @@ class Journal(Protocol):
                    page_size: int = 2000) -> Iterator[FileRecord]: ...
 
     def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary: ...
+
+    # -- several hosts (a shared journal; a single-owner one has no workers and no claims) --
+    def list_workers(self, batch_id: str) -> list[WorkerRecord]:
+        """The processes that joined the batch: host, pid, heartbeat, what each did."""
+        ...
+
+    def expire_claims(self, batch_id: str) -> int:
+        """Free the claims whose lease ran out (their host died or lost the journal); how many."""
+        ...
 
     def integrity_check(self) -> str:
         """"ok", or what the backend found damaged."""

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from ..states import BatchState, FileState
 
 BATCH_TTL = timedelta(hours=24)
+DEFAULT_LEASE = 60.0  # seconds a host's claims on a shared batch last without a heartbeat (--lease)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,43 @@ class BatchSummary:
     @property
     def bytes_total(self) -> int:
         return sum(self.bytes_by_state.values())
+
+@dataclass(frozen=True)
+class Claim:
+    """A chunk this worker holds: its number, and how many times it was claimed before
+    (more than none: another worker had it, so its files may be half done)."""
+
+    chunk_no: int
+    earlier_claims: int
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat_at: str
+    files_done: int
+    bytes_done: int
+    lease_expired: bool
+    ended: bool
+
+    @property
+    def live(self) -> bool:
+        return not self.ended and not self.lease_expired
+
+
+@dataclass(frozen=True)
+class WorkLeft:
+    """Where a shared batch stands for a host deciding what to do next."""
+
+    scan_complete: bool
+    scanner_alive: bool      # a scan is under way on a host whose lease holds
+    open_chunks: int         # chunks not done (held by someone or free)
+    claimable: int           # chunks not done whose lease is free or ran out
+    state: BatchState
+
 
 def _first(row: list[object]) -> object:
     return row[0]

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..clock import isoformat, utcnow
 from ..errors import BatchClosed, BatchNotFound, FileAlreadyUploaded, FileNotInBatch, IllegalTransition
+from ..lock import BatchLock, source_lock
 from ..states import BatchState, FileState, batch_can_move, file_can_move
 from .database import DEFAULT_BUSY_TIMEOUT, SQLiteDatabase
 from .records import (
@@ -26,6 +27,7 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    WorkerRecord,
     encode_files,
 )
 
@@ -100,12 +102,23 @@ def _file_from_row(row: sqlite3.Row) -> FileRecord:
 class SQLiteJournal:
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
+    shared = False  # one process owns a batch at a time: OS locks beside the journal file
+
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                  synchronous: str = "FULL", read_only: bool = False) -> None:
         """``read_only``: opened for reading alone (a dry run): never created, migrated or
         written; a journal of another schema version is a JournalError."""
         self.db = SQLiteDatabase(path, busy_timeout=busy_timeout, synchronous=synchronous, read_only=read_only)
         self.path = self.db.path
+        self.location = str(self.path)
+
+    def batch_lock(self, batch_id: str) -> BatchLock:
+        """The batch's owner lock (flock beside the journal; dies with its process)."""
+        return BatchLock(self.path, batch_id)
+
+    def source_lock(self, source_root: str, bucket: str, prefix: str, endpoint_url: str | None) -> BatchLock:
+        """Held while a plain upload picks or creates its batch (see :func:`archup.lock.source_lock`)."""
+        return source_lock(self.path, source_root, bucket, prefix, endpoint_url)
 
     def close(self) -> None:
         """Close every connection this handle opened (call once worker threads are done)."""
@@ -120,6 +133,13 @@ class SQLiteJournal:
     def integrity_check(self) -> str:
         return self.db.integrity_check()
 
+    def list_workers(self, batch_id: str) -> list[WorkerRecord]:
+        """One owner at a time, under the batch lock: no workers are recorded."""
+        return []
+
+    def expire_claims(self, batch_id: str) -> int:
+        return 0
+
     # -- batches -----------------------------------------------------------
 
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
@@ -127,6 +147,8 @@ class SQLiteJournal:
                    ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord:
         now = utcnow()
         with self.db.atomic() as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
+                raise IllegalTransition(f"batch {batch_id} exists already in journal {self.path}")
             conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
                 "part_size, created_at, updated_at, expires_at, settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

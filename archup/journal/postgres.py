@@ -1,0 +1,741 @@
+"""The journal on PostgreSQL: the authority that several hosts share (the connections and the
+schema are :mod:`archup.journal.pgdatabase`'s).
+
+The same records, states and transitions as :class:`archup.journal.SQLiteJournal`, plus
+what hosts need to share one batch (docs/design.md, "Several hosts, one batch"):
+
+- **chunks**: the scan writes files in chunks of consecutive keys; a host claims chunks
+  with ``FOR UPDATE SKIP LOCKED`` and a lease in the database's clock, renewed by its
+  heartbeat. A chunk whose lease ran out is claimed again by whichever host asks next.
+- **the fence**: a handle bound to a worker (:meth:`PostgresJournal.bind_worker`) records
+  progress on a file (start, upload id, part, completion, failure) only while that worker
+  owns the file's chunk, checked in the same transaction, which holds the chunk row
+  (``FOR KEY SHARE``) until it commits, so a takeover waits for it or finds it refused.
+- **elections**: of the one host that scans and of the one that finalizes, each a lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from ..clock import isoformat, utcnow
+from ..errors import (
+    BatchClosed,
+    BatchNotFound,
+    FileAlreadyUploaded,
+    FileNotInBatch,
+    IllegalTransition,
+    JournalError,
+    LeaseLost,
+)
+from ..states import BatchState, FileState, batch_can_move, file_can_move
+from .pgdatabase import PgDatabase
+from .records import (
+    BATCH_TTL,
+    ArchivedFile,
+    BatchRecord,
+    BatchSettings,
+    BatchSummary,
+    Claim,
+    Destination,
+    EncodedFiles,
+    FileRecord,
+    NewFile,
+    PartRecord,
+    WorkerRecord,
+    WorkLeft,
+    encode_files,
+)
+
+Conn = psycopg.Connection[Any]
+
+# Files a claim hands out at once: up to 1,000, so claims stay a small share of the round trips;
+# a small scan group is cut in eight, at least 16 files each, so a small batch is still shared.
+CHUNK_FILES = 1000
+MIN_CHUNK_FILES = 16
+
+_BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
+                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings, "
+                  "files_archived, forgotten_at")
+_FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
+                 "error, attempts, updated_at, identity, checksum_kind")
+# A chunk nobody holds: never claimed, given back, or its holder's lease ran out (a chunk done
+# keeps its last owner, with no lease, and is free once reopened).
+_FREE = "(owner IS NULL OR coalesce(lease_until, '-infinity') < now())"
+_OPEN_FILE_STATES = (FileState.PENDING.value, FileState.UPLOADING.value, FileState.FAILED.value)
+
+
+def _batch_from_row(row: dict[str, Any]) -> BatchRecord:
+    values = {name: row[name] for name in _BATCH_COLUMNS.split(", ")}
+    values["state"] = BatchState(values["state"])
+    values["scan_complete"] = bool(values["scan_complete"])
+    values["settings"] = BatchSettings.from_json(values["settings"])
+    return BatchRecord(**values)
+
+
+def _file_from_row(row: dict[str, Any]) -> FileRecord:
+    values = {name: row[name] for name in _FILE_COLUMNS.split(", ")}
+    values["state"] = FileState(values["state"])
+    return FileRecord(**values)
+
+
+class PostgresJournal:
+    """A handle on a journal in a PostgreSQL database; safe to share between threads."""
+
+    shared = True  # several processes and hosts work on one batch: leases, not OS locks
+
+    def __init__(self, url: str, *, max_connections: int = 24, retry_for: float = 60.0,
+                 idle_in_transaction: float = 10.0) -> None:
+        self.db = PgDatabase(url, max_connections=max_connections, retry_for=retry_for,
+                             idle_in_transaction=idle_in_transaction)
+        self.location = self.db.location
+        self.worker_id: str | None = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def integrity_check(self) -> str:
+        """PostgreSQL keeps its own pages consistent; what archup can check is that its schema is there."""
+        self.db.query("SELECT count(*) FROM batches")
+        return "ok"
+
+    def batch_lock(self, batch_id: str) -> AbstractContextManager[object]:
+        """Leases replace the OS lock: any number of processes may work on one batch."""
+        return nullcontext()
+
+    def source_lock(self, source_root: str, bucket: str, prefix: str,
+                    endpoint_url: str | None) -> AbstractContextManager[object]:
+        return nullcontext()
+
+    # -- batches -----------------------------------------------------------
+
+    def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
+                   part_size: int, endpoint_url: str | None = None, region: str | None = None,
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord:
+        """Raises IllegalTransition if a batch of that id exists already."""
+        now = utcnow()
+
+        def body(conn: Conn) -> int:
+            return conn.execute(
+                "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
+                "part_size, created_at, updated_at, expires_at, settings) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+                "ON CONFLICT (batch_id) DO NOTHING",
+                (batch_id, BatchState.OPEN.value, source_root, bucket, prefix, endpoint_url, region,
+                 part_size, isoformat(now), isoformat(now), isoformat(now + ttl),
+                 (settings or BatchSettings()).to_json())).rowcount
+
+        if not self.db.write(body):
+            raise IllegalTransition(f"batch {batch_id} exists already in journal {self.location}")
+        return self.get_batch(batch_id)
+
+    def get_batch(self, batch_id: str) -> BatchRecord:
+        rows = self.db.query(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = %s", (batch_id,))
+        if not rows:
+            raise BatchNotFound(f"no batch {batch_id} in journal {self.location}; 'archup list' shows the batches")
+        return _batch_from_row(rows[0])
+
+    def find_batch(self, batch_id: str) -> BatchRecord | None:
+        try:
+            return self.get_batch(batch_id)
+        except BatchNotFound:
+            return None
+
+    def list_batches(self, state: BatchState | None = None) -> list[BatchRecord]:
+        if state is None:
+            rows = self.db.query(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY batch_id")
+        else:
+            rows = self.db.query(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE state = %s ORDER BY batch_id",
+                                 (state.value,))
+        return [_batch_from_row(row) for row in rows]
+
+    def _batch_state(self, conn: Conn, batch_id: str, lock: str = "FOR SHARE") -> BatchState:
+        """The batch's state, its row locked so no state change commits before this transaction does."""
+        row = conn.execute(f"SELECT state FROM batches WHERE batch_id = %s {lock}", (batch_id,)).fetchone()
+        if row is None:
+            raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+        return BatchState(row["state"])
+
+    def set_batch_settings(self, batch_id: str, settings: BatchSettings) -> None:
+        def body(conn: Conn) -> None:
+            self._batch_state(conn, batch_id, "FOR UPDATE")
+            conn.execute("UPDATE batches SET settings = %s WHERE batch_id = %s AND settings IS NULL",
+                         (settings.to_json(), batch_id))
+        self.db.write(body)
+
+    def set_batch_state(self, batch_id: str, target: BatchState, *, error: str | None = None,
+                        manifest_key: str | None = None, finalized_at: str | None = None) -> BatchRecord:
+        def body(conn: Conn) -> None:
+            current = self._batch_state(conn, batch_id, "FOR UPDATE")
+            if not batch_can_move(current, target):
+                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become {target.value}")
+            conn.execute(
+                "UPDATE batches SET state = %s, error = %s, updated_at = %s, "
+                "manifest_key = COALESCE(%s, manifest_key), finalized_at = COALESCE(%s, finalized_at) "
+                "WHERE batch_id = %s",
+                (target.value, error, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+        self.db.write(body)
+        return self.get_batch(batch_id)
+
+    def mark_scan_complete(self, batch_id: str, files_archived: int = 0) -> None:
+        def body(conn: Conn) -> None:
+            self._batch_state(conn, batch_id, "FOR UPDATE")
+            conn.execute("UPDATE batches SET scan_complete = true, files_archived = %s, updated_at = %s, "
+                         "scanner = NULL, scan_lease_until = NULL WHERE batch_id = %s",
+                         (files_archived, isoformat(utcnow()), batch_id))
+        self.db.write(body)
+
+    def delete_batch(self, batch_id: str) -> None:
+        def body(conn: Conn) -> None:
+            self._batch_state(conn, batch_id, "FOR UPDATE")
+            conn.execute("DELETE FROM batches WHERE batch_id = %s", (batch_id,))
+        self.db.write(body)
+
+    # -- files -------------------------------------------------------------
+
+    def add_file(self, batch_id: str, new_file: NewFile) -> None:
+        if self.add_files(batch_id, [new_file]) != 1:
+            raise IllegalTransition(f"batch {batch_id} already has file {new_file.rel_path!r}")
+
+    @staticmethod
+    def encode_files(new_files: Iterable[NewFile]) -> EncodedFiles:
+        return encode_files(new_files)
+
+    def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
+                  durable: bool = True, seen_archived: Sequence[str] = ()) -> int:
+        """Add files in one transaction, in chunks of consecutive keys (see CHUNK_FILES) that hosts
+        claim; paths already in the batch are left as they are (and in their chunk).
+        ``durable`` is SQLite's concern: every PostgreSQL commit is durable."""
+        encoded = new_files if isinstance(new_files, EncodedFiles) else self.encode_files(new_files)
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> int:
+            # FOR UPDATE: the chunk numbering is the batch row's, one scan group at a time.
+            row = conn.execute("SELECT state, next_chunk FROM batches WHERE batch_id = %s FOR UPDATE",
+                               (batch_id,)).fetchone()
+            if row is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+            state = BatchState(row["state"])
+            if not state.accepts_files:
+                raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
+            if seen_archived:
+                self._mark_seen(conn, batch_id, seen_archived)
+            if not encoded.count:
+                return 0
+            first = int(row["next_chunk"])
+            per = max(MIN_CHUNK_FILES, min(CHUNK_FILES, -(-encoded.count // 8)))
+            added = conn.execute(
+                "WITH input AS (SELECT r, ord FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS t(r, ord)), "
+                "added AS (INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, "
+                "updated_at, chunk_no) SELECT %(b)s, r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint, r->>4, r->>5, "
+                "r->>6, %(now)s, %(first)s + (ord - 1) / %(per)s FROM input ORDER BY r->>1 "
+                "ON CONFLICT (batch_id, rel_path) DO NOTHING RETURNING chunk_no) "
+                "INSERT INTO chunks (batch_id, chunk_no, files) SELECT %(b)s, chunk_no, count(*) FROM added "
+                "GROUP BY chunk_no RETURNING files",
+                {"rows": encoded.rows_json, "b": batch_id, "now": now, "first": first, "per": per}).fetchall()
+            count = sum(int(r["files"]) for r in added)
+            conn.execute("UPDATE batches SET next_chunk = %s WHERE batch_id = %s",
+                         (first + -(-encoded.count // per), batch_id))
+            return count
+
+        if "\\u0000" in encoded.rows_json:
+            raise JournalError(f"batch {batch_id}: a path holds a NUL character, which PostgreSQL cannot store")
+        return self.db.write(body)
+
+    def count_skipped(self, batch_id: str, reasons: Iterable[str]) -> int:
+        prefixes = list(reasons)
+        if not prefixes:
+            return 0
+        match = " OR ".join("substr(error, 1, %s) = %s" for _ in prefixes)
+        args: list[Any] = [batch_id, FileState.SKIPPED.value]
+        for prefix in prefixes:
+            args += [len(prefix), prefix]
+        rows = self.db.query(f"SELECT count(*) AS n FROM files WHERE batch_id = %s AND state = %s AND ({match})",
+                             tuple(args))
+        return int(rows[0]["n"])
+
+    # -- the archived index -------------------------------------------------
+
+    def _source(self, destination: Destination) -> int | None:
+        rows = self.db.query("SELECT source_id FROM archive_sources WHERE source_root = %s AND bucket = %s "
+                             "AND prefix = %s AND endpoint_url = %s",
+                             (*destination[:3], destination.endpoint_url or ""))
+        return None if not rows else int(rows[0]["source_id"])
+
+    def find_archived(self, destination: Destination, candidates: Sequence[tuple[str, int, int]]) -> set[str]:
+        source = self._source(destination)
+        # No stored path holds a NUL (PostgreSQL text cannot): such a candidate matches nothing.
+        wanted = [c for c in candidates if "\x00" not in c[0]]
+        if source is None or not wanted:
+            return set()
+        rows = self.db.query(
+            "SELECT a.rel_path FROM jsonb_array_elements(%s::jsonb) j JOIN archived a ON a.source_id = %s "
+            "AND a.rel_path = j->>0 AND a.size = (j->>1)::bigint AND a.mtime_ns = (j->>2)::bigint",
+            (json.dumps(wanted, ensure_ascii=False), source))
+        return {str(row["rel_path"]) for row in rows}
+
+    @staticmethod
+    def _mark_seen(conn: Conn, batch_id: str, rel_paths: Sequence[str]) -> None:
+        conn.execute(
+            "UPDATE archived SET seen_by = %(b)s FROM archive_sources s JOIN batches b ON s.source_root = b.source_root "
+            "AND s.bucket = b.bucket AND s.prefix = b.prefix AND s.endpoint_url = coalesce(b.endpoint_url, '') "
+            "WHERE b.batch_id = %(b)s AND archived.source_id = s.source_id AND archived.rel_path = ANY(%(paths)s) "
+            "AND (archived.seen_by IS NULL OR archived.seen_by < %(b)s)",
+            {"b": batch_id, "paths": list(rel_paths)})
+
+    def iter_archived(self, destination: Destination, page_size: int = 2000) -> Iterator[ArchivedFile]:
+        source = self._source(destination)
+        if source is None:
+            return
+        last = ""
+        while True:
+            rows = self.db.query("SELECT rel_path, size, mtime_ns, identity, batch_id FROM archived "
+                                 "WHERE source_id = %s AND rel_path > %s ORDER BY rel_path LIMIT %s",
+                                 (source, last, page_size))
+            if not rows:
+                return
+            for row in rows:
+                yield ArchivedFile(**row)
+            last = rows[-1]["rel_path"]
+
+    def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
+                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+        """-> enqueued, and the archived index updated, in one transaction (see SQLiteJournal.seal_batch)."""
+        def body(conn: Conn) -> None:
+            current = self._batch_state(conn, batch_id, "FOR UPDATE")
+            if not batch_can_move(current, BatchState.ENQUEUED):
+                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become enqueued")
+            # Two finalizing batches of one destination would otherwise race to create its source row.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('archup-archive-sources'))")
+            dest = conn.execute("SELECT source_root, bucket, prefix, coalesce(endpoint_url, '') AS endpoint_url "
+                                "FROM batches WHERE batch_id = %s", (batch_id,)).fetchone()
+            assert dest is not None
+            values = (dest["source_root"], dest["bucket"], dest["prefix"], dest["endpoint_url"])
+            conn.execute("INSERT INTO archive_sources (source_root, bucket, prefix, endpoint_url) "
+                         "VALUES (%s,%s,%s,%s) ON CONFLICT DO NOTHING", values)
+            source = conn.execute("SELECT source_id FROM archive_sources WHERE source_root = %s AND bucket = %s "
+                                  "AND prefix = %s AND endpoint_url = %s", values).fetchone()
+            assert source is not None
+            source_id = source["source_id"]
+            conn.execute(
+                "INSERT INTO archived (source_id, rel_path, size, mtime_ns, identity, batch_id, seen_by) "
+                "SELECT %(s)s, rel_path, size, mtime_ns, identity, batch_id, batch_id FROM files "
+                "WHERE batch_id = %(b)s AND state = 'uploaded' "
+                "ON CONFLICT (source_id, rel_path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "identity = excluded.identity, batch_id = excluded.batch_id, seen_by = excluded.seen_by "
+                "WHERE excluded.batch_id >= archived.batch_id", {"s": source_id, "b": batch_id})
+            not_found = ("FROM archived WHERE source_id = %(s)s AND (seen_by IS NULL OR seen_by < %(b)s) "
+                         "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.batch_id = %(b)s "
+                         "AND f.rel_path = archived.rel_path AND f.state != 'skipped')")
+            args = {"s": source_id, "b": batch_id}
+            if covers is None:
+                conn.execute(f"DELETE {not_found}", args)
+            else:
+                gone = [row["rel_path"] for row in conn.execute(f"SELECT rel_path {not_found}", args)
+                        if covers(row["rel_path"])]
+                if gone:
+                    conn.execute("DELETE FROM archived WHERE source_id = %s AND rel_path = ANY(%s)",
+                                 (source_id, gone))
+            conn.execute("UPDATE batches SET state = %s, error = NULL, updated_at = %s, manifest_key = %s, "
+                         "finalized_at = %s, finalizer = NULL, finalize_lease_until = NULL WHERE batch_id = %s",
+                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+        self.db.write(body)
+        return self.get_batch(batch_id)
+
+    # -- forgetting ----------------------------------------------------------
+
+    def forget_batch(self, batch_id: str) -> bool:
+        def body(conn: Conn) -> bool:
+            row = conn.execute("SELECT state, forgotten_at FROM batches WHERE batch_id = %s FOR UPDATE",
+                               (batch_id,)).fetchone()
+            if row is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+            if not BatchState(row["state"]).terminal or row["forgotten_at"] is not None:
+                return False
+            counts = {state.value: [0, 0] for state in FileState}
+            for r in conn.execute("SELECT state, count(*) AS n, coalesce(sum(size), 0) AS total FROM files "
+                                  "WHERE batch_id = %s GROUP BY state", (batch_id,)):
+                counts[r["state"]] = [int(r["n"]), int(r["total"])]
+            conn.execute("DELETE FROM parts WHERE batch_id = %s", (batch_id,))
+            conn.execute("DELETE FROM files WHERE batch_id = %s", (batch_id,))
+            conn.execute("DELETE FROM chunks WHERE batch_id = %s", (batch_id,))
+            conn.execute("UPDATE batches SET forgotten_at = %s, file_counts = %s WHERE batch_id = %s",
+                         (isoformat(utcnow()), json.dumps(counts, sort_keys=True), batch_id))
+            return True
+        return self.db.write(body)
+
+    def size_on_disk(self) -> int:
+        return self.db.size_on_disk()
+
+    def compact(self) -> None:
+        self.db.compact()
+
+    def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
+        rows = self.db.query(f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = %s AND rel_path = %s",
+                             (batch_id, rel_path))
+        if not rows:
+            raise FileNotInBatch(batch_id, rel_path)
+        return _file_from_row(rows[0])
+
+    # -- progress on one file, fenced ------------------------------------------
+
+    def bind_worker(self, worker_id: str | None) -> None:
+        """From now on this handle records progress only on files of chunks ``worker_id`` holds."""
+        self.worker_id = worker_id
+
+    def _fence(self, conn: Conn, batch_id: str, rel_path: str, chunk_no: int) -> None:
+        """Refuse the write unless this handle's worker owns the file's chunk. KEY SHARE holds
+        the chunk row to the commit: a takeover (FOR UPDATE) waits for it, or skips the chunk."""
+        if self.worker_id is None:
+            return
+        row = conn.execute("SELECT owner FROM chunks WHERE batch_id = %s AND chunk_no = %s FOR KEY SHARE",
+                           (batch_id, chunk_no)).fetchone()
+        if row is None or row["owner"] != self.worker_id:
+            raise LeaseLost(f"batch {batch_id}: file {rel_path!r} is no longer this host's to record (its claim "
+                            f"ran out and {'another host took it' if row and row['owner'] else 'it was released'}); "
+                            "this host stops sending")
+
+    def _file_row(self, conn: Conn, batch_id: str, rel_path: str) -> dict[str, Any]:
+        row = conn.execute("SELECT state, chunk_no, upload_id FROM files WHERE batch_id = %s AND rel_path = %s "
+                           "FOR UPDATE", (batch_id, rel_path)).fetchone()
+        if row is None:
+            self._batch_state(conn, batch_id)  # an unknown batch is the clearer error
+            raise FileNotInBatch(batch_id, rel_path)
+        return row
+
+    def _move_file(self, conn: Conn, batch_id: str, rel_path: str, target: FileState, *,
+                   fenced: bool = True) -> FileState:
+        row = self._file_row(conn, batch_id, rel_path)
+        current = FileState(row["state"])
+        if current is FileState.UPLOADED and target is FileState.UPLOADED:
+            raise FileAlreadyUploaded(batch_id, rel_path)
+        if not file_can_move(current, target):
+            raise IllegalTransition(
+                f"batch {batch_id}: file {rel_path!r} is {current.value}; it cannot become {target.value}")
+        batch_state = self._batch_state(conn, batch_id)
+        if batch_state.terminal:
+            raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
+        if fenced:
+            self._fence(conn, batch_id, rel_path, row["chunk_no"])
+        return current
+
+    def _require_uploading(self, conn: Conn, batch_id: str, rel_path: str) -> None:
+        row = self._file_row(conn, batch_id, rel_path)
+        if FileState(row["state"]) is not FileState.UPLOADING:
+            raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row['state']}, not uploading")
+        self._fence(conn, batch_id, rel_path, row["chunk_no"])
+
+    def start_file(self, batch_id: str, rel_path: str) -> None:
+        def body(conn: Conn) -> None:
+            self._move_file(conn, batch_id, rel_path, FileState.UPLOADING)
+            conn.execute("UPDATE files SET state = %s, attempts = attempts + 1, error = NULL, updated_at = %s "
+                         "WHERE batch_id = %s AND rel_path = %s",
+                         (FileState.UPLOADING.value, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
+
+    def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int,
+                         sha256: str | None = None, checksum_kind: str | None = None) -> None:
+        def body(conn: Conn) -> None:
+            self._require_uploading(conn, batch_id, rel_path)
+            conn.execute("UPDATE files SET upload_id = %s, part_size = %s, sha256 = %s, checksum_kind = %s, "
+                         "updated_at = %s WHERE batch_id = %s AND rel_path = %s",
+                         (upload_id, part_size, sha256, checksum_kind, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
+
+    def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
+        def body(conn: Conn) -> None:
+            self._require_uploading(conn, batch_id, rel_path)
+            conn.execute(
+                "INSERT INTO parts (batch_id, rel_path, part_number, size, etag, checksum) "
+                "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (batch_id, rel_path, part_number) DO UPDATE SET "
+                "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
+                (batch_id, rel_path, part.part_number, part.size, part.etag, part.checksum))
+        self.db.write(body)
+
+    def upload_ids(self, batch_id: str) -> set[str]:
+        rows = self.db.query("SELECT upload_id FROM files WHERE batch_id = %s AND upload_id IS NOT NULL", (batch_id,))
+        return {row["upload_id"] for row in rows}
+
+    def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
+        rows = self.db.query("SELECT part_number, size, etag, checksum FROM parts WHERE batch_id = %s "
+                             "AND rel_path = %s ORDER BY part_number", (batch_id, rel_path))
+        return [PartRecord(**row) for row in rows]
+
+    def complete_file(self, batch_id: str, rel_path: str, *, sha256: str, etag: str) -> None:
+        def body(conn: Conn) -> None:
+            self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
+            conn.execute("UPDATE files SET state = %s, sha256 = %s, etag = %s, error = NULL, updated_at = %s "
+                         "WHERE batch_id = %s AND rel_path = %s",
+                         (FileState.UPLOADED.value, sha256, etag, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
+
+    def complete_files(self, batch_id: str,
+                       completions: list[tuple[str, str, str]]) -> list[tuple[str, IllegalTransition]]:
+        """Many (rel_path, sha256, etag) -> uploaded in one transaction: one statement moves every
+        file that may move (and, bound to a worker, lies in a chunk it holds); the rest are
+        looked at one by one for the reason they were refused, which is rare."""
+        if not completions:
+            return []
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> list[tuple[str, IllegalTransition]]:
+            batch_state = self._batch_state(conn, batch_id)
+            if batch_state.terminal:
+                raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
+            fence = ""
+            args: dict[str, Any] = {"b": batch_id, "rows": json.dumps(completions, ensure_ascii=False),
+                                    "now": now, "open": list(_OPEN_FILE_STATES)}
+            if self.worker_id is not None:
+                # The chunks this worker holds, locked to the commit (see _fence).
+                fence = ("AND f.chunk_no IN (SELECT chunk_no FROM chunks WHERE batch_id = %(b)s "
+                         "AND owner = %(w)s FOR KEY SHARE)")
+                args["w"] = self.worker_id
+            moved = {row["rel_path"] for row in conn.execute(
+                "UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
+                "updated_at = %(now)s FROM jsonb_array_elements(%(rows)s::jsonb) AS i(r) "
+                f"WHERE f.batch_id = %(b)s AND f.rel_path = i.r->>0 AND f.state = ANY(%(open)s) {fence} "
+                "RETURNING f.rel_path", args)}
+            refused: list[tuple[str, IllegalTransition]] = []
+            for rel_path, _sha256, _etag in completions:
+                if rel_path in moved:
+                    continue
+                try:
+                    # LeaseLost propagates: the whole group is left uncommitted, and this host stops.
+                    self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
+                except IllegalTransition as error:
+                    refused.append((rel_path, error))
+            return refused
+        return self.db.write(body)
+
+    def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
+        def body(conn: Conn) -> None:
+            self._move_file(conn, batch_id, rel_path, FileState.FAILED)
+            conn.execute("UPDATE files SET state = %s, error = %s, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, updated_at = %s WHERE batch_id = %s AND rel_path = %s",
+                         (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = %s AND rel_path = %s", (batch_id, rel_path))
+        self.db.write(body)
+
+    def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
+        """-> pending, forgetting any upload. Not fenced: finalize's read-back calls it once every
+        chunk is done, and reopens the file's chunk so that a host sends it again."""
+        def body(conn: Conn) -> None:
+            self._move_file(conn, batch_id, rel_path, FileState.PENDING, fenced=False)
+            conn.execute("UPDATE files SET state = %s, error = %s, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, etag = NULL, updated_at = %s WHERE batch_id = %s AND rel_path = %s",
+                         (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = %s AND rel_path = %s", (batch_id, rel_path))
+            conn.execute("UPDATE chunks SET done = false, owner = NULL, lease_until = NULL WHERE batch_id = %s "
+                         "AND chunk_no = (SELECT chunk_no FROM files WHERE batch_id = %s AND rel_path = %s)",
+                         (batch_id, batch_id, rel_path))
+        self.db.write(body)
+
+    def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int,
+                     identity: str | None = None) -> FileRecord:
+        def body(conn: Conn) -> None:
+            row = self._file_row(conn, batch_id, rel_path)
+            if FileState(row["state"]) not in (FileState.PENDING, FileState.FAILED) or row["upload_id"] is not None:
+                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row['state']}; "
+                                        "only a pending or failed file can be re-scanned")
+            self._fence(conn, batch_id, rel_path, row["chunk_no"])
+            conn.execute("UPDATE files SET size = %s, mtime_ns = %s, identity = %s, part_size = NULL, "
+                         "updated_at = %s WHERE batch_id = %s AND rel_path = %s",
+                         (size, mtime_ns, identity, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
+        return self.get_file(batch_id, rel_path)
+
+    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
+                   page_size: int = 2000) -> Iterator[FileRecord]:
+        wanted = [state.value for state in states] if states is not None else None
+        if wanted == []:
+            return
+        filter_sql = " AND state = ANY(%s)" if wanted else ""
+        last_key = ""
+        while True:
+            args: tuple[Any, ...] = (batch_id, last_key, *((wanted,) if wanted else ()), page_size)
+            rows = self.db.query(f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = %s AND key > %s{filter_sql} "
+                                 "ORDER BY key LIMIT %s", args)
+            if not rows:
+                return
+            for row in rows:
+                yield _file_from_row(row)
+            last_key = rows[-1]["key"]
+
+    def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary:
+        with self.db.snapshot() as conn:
+            row = conn.execute(f"SELECT {_BATCH_COLUMNS}, file_counts FROM batches WHERE batch_id = %s",
+                               (batch_id,)).fetchone()
+            if row is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.location}; "
+                                    "'archup list' shows the batches")
+            counts = {state: 0 for state in FileState}
+            sizes = {state: 0 for state in FileState}
+            per_state: Iterable[tuple[str, int, int]]
+            if row["file_counts"]:
+                per_state = [(state, *pair) for state, pair in json.loads(row["file_counts"]).items()]
+            else:
+                per_state = [(r["state"], r["n"], r["total"]) for r in conn.execute(
+                    "SELECT state, count(*) AS n, coalesce(sum(size), 0) AS total FROM files "
+                    "WHERE batch_id = %s GROUP BY state", (batch_id,))]
+            for state, count, total in per_state:
+                counts[FileState(state)] = int(count)
+                sizes[FileState(state)] = int(total)
+            listed: dict[FileState, list[FileRecord]] = {}
+            for state in (FileState.FAILED, FileState.SKIPPED):
+                if not counts[state] or not problem_limit:
+                    listed[state] = []
+                    continue
+                limit = "" if problem_limit < 0 else f" LIMIT {int(problem_limit)}"
+                listed[state] = [_file_from_row(r) for r in conn.execute(
+                    f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = %s AND state = %s ORDER BY key{limit}",
+                    (batch_id, state.value))]
+        return BatchSummary(_batch_from_row(row), counts, sizes, listed[FileState.FAILED],
+                            listed[FileState.SKIPPED], problem_limit)
+
+    # -- several hosts: workers, claims, elections --------------------------------
+
+    def register_worker(self, batch_id: str, worker_id: str, lease: float) -> None:
+        """This process joins the batch: its row in the workers view, and its handle bound to it."""
+        def body(conn: Conn) -> None:
+            conn.execute(
+                "INSERT INTO workers (worker_id, batch_id, host, pid, started_at, heartbeat_at, lease_until) "
+                "VALUES (%s, %s, %s, %s, now(), now(), now() + make_interval(secs => %s)) "
+                "ON CONFLICT (worker_id) DO UPDATE SET heartbeat_at = now(), lease_until = excluded.lease_until, "
+                "ended_at = NULL", (worker_id, batch_id, socket.gethostname(), os.getpid(), lease))
+        self.db.write(body)
+        self.bind_worker(worker_id)
+
+    def heartbeat(self, batch_id: str, worker_id: str, lease: float, files_done: int, bytes_done: int) -> int:
+        """Extend this worker's leases (its chunks, its scan or finalize election); returns how
+        many chunks it still holds. One statement, one round trip."""
+        row = self.db.write(lambda conn: conn.execute(
+            "WITH w AS (UPDATE workers SET heartbeat_at = now(), lease_until = now() + make_interval(secs => %(l)s), "
+            "files_done = %(f)s, bytes_done = %(by)s WHERE worker_id = %(w)s), "
+            "b AS (UPDATE batches SET scan_lease_until = CASE WHEN scanner = %(w)s "
+            "THEN now() + make_interval(secs => %(l)s) ELSE scan_lease_until END, "
+            "finalize_lease_until = CASE WHEN finalizer = %(w)s THEN now() + make_interval(secs => %(l)s) "
+            "ELSE finalize_lease_until END WHERE batch_id = %(b)s AND (scanner = %(w)s OR finalizer = %(w)s)), "
+            "c AS (UPDATE chunks SET lease_until = now() + make_interval(secs => %(l)s) "
+            "WHERE batch_id = %(b)s AND owner = %(w)s AND NOT done RETURNING 1) "
+            "SELECT count(*) AS held FROM c",
+            {"w": worker_id, "b": batch_id, "l": lease, "f": files_done, "by": bytes_done}).fetchone())
+        return int(row["held"]) if row else 0
+
+    def end_worker(self, batch_id: str, worker_id: str, files_done: int = 0, bytes_done: int = 0) -> None:
+        """A clean exit: give back the chunks not done, so another host takes them at once."""
+        def body(conn: Conn) -> None:
+            conn.execute("UPDATE chunks SET owner = NULL, lease_until = NULL WHERE batch_id = %s AND owner = %s "
+                         "AND NOT done", (batch_id, worker_id))
+            conn.execute("UPDATE batches SET scanner = NULL, scan_lease_until = NULL WHERE batch_id = %s "
+                         "AND scanner = %s", (batch_id, worker_id))
+            conn.execute("UPDATE workers SET ended_at = now(), lease_until = now(), files_done = %s, "
+                         "bytes_done = %s WHERE worker_id = %s", (files_done, bytes_done, worker_id))
+        self.db.write(body)
+
+    def claim_scan(self, batch_id: str, worker_id: str, lease: float) -> bool:
+        """The election of the one host that scans: True for this worker if the scan is not
+        complete and nobody else holds a live lease on it."""
+        row = self.db.write(lambda conn: conn.execute(
+            "UPDATE batches SET scanner = %(w)s, scan_lease_until = now() + make_interval(secs => %(l)s) "
+            "WHERE batch_id = %(b)s AND NOT scan_complete AND (scanner IS NULL OR scanner = %(w)s "
+            "OR scan_lease_until < now()) RETURNING batch_id", {"w": worker_id, "b": batch_id, "l": lease}).fetchone())
+        return row is not None
+
+    def reopen_chunks(self, batch_id: str) -> int:
+        """A new run of a batch left with failed or unsent files: their chunks may be claimed again."""
+        return self.db.write(lambda conn: conn.execute(
+            "UPDATE chunks c SET done = false, owner = NULL, lease_until = NULL WHERE c.batch_id = %s AND c.done "
+            "AND EXISTS (SELECT 1 FROM files f "
+            "WHERE f.batch_id = c.batch_id AND f.chunk_no = c.chunk_no AND f.state = ANY(%s))",
+            (batch_id, list(_OPEN_FILE_STATES))).rowcount)
+
+    def claim_chunk(self, batch_id: str, worker_id: str, lease: float) -> Claim | None:
+        """The next chunk not done whose lease is free or ran out, now this worker's. SKIP LOCKED:
+        claimers never queue behind each other, and a chunk whose owner is committing is skipped."""
+        row = self.db.write(lambda conn: conn.execute(
+            "UPDATE chunks c SET owner = %(w)s, lease_until = now() + make_interval(secs => %(l)s), "
+            "claims = c.claims + 1 FROM (SELECT chunk_no FROM chunks WHERE batch_id = %(b)s AND NOT done "
+            f"AND {_FREE} ORDER BY chunk_no LIMIT 1 FOR UPDATE SKIP LOCKED) AS free "
+            "WHERE c.batch_id = %(b)s AND c.chunk_no = free.chunk_no RETURNING c.chunk_no, c.claims",
+            {"w": worker_id, "b": batch_id, "l": lease}).fetchone())
+        return None if row is None else Claim(int(row["chunk_no"]), int(row["claims"]) - 1)
+
+    def chunk_files(self, batch_id: str, chunk_no: int) -> list[FileRecord]:
+        """The files of a chunk that still need work, in key order (one query: a chunk is small)."""
+        rows = self.db.query(f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = %s AND chunk_no = %s "
+                             "AND state = ANY(%s) ORDER BY key", (batch_id, chunk_no, list(_OPEN_FILE_STATES)))
+        return [_file_from_row(row) for row in rows]
+
+    def finish_chunk(self, batch_id: str, chunk_no: int, worker_id: str) -> bool:
+        """The chunk's files are all handled (uploaded, failed or skipped): done, if still ours."""
+        return bool(self.db.write(lambda conn: conn.execute(
+            "UPDATE chunks SET done = true, lease_until = NULL WHERE batch_id = %s AND chunk_no = %s AND owner = %s",
+            (batch_id, chunk_no, worker_id)).rowcount))
+
+    def work_left(self, batch_id: str) -> WorkLeft:
+        row = self.db.query(
+            "SELECT b.state, b.scan_complete, (b.scanner IS NOT NULL AND b.scan_lease_until >= now()) AS scanner_alive, "
+            "(SELECT count(*) FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done) AS open_chunks, "
+            "(SELECT count(*) FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done "
+            f"AND {_FREE}) AS claimable "
+            "FROM batches b WHERE b.batch_id = %s", (batch_id,))
+        if not row:
+            raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+        r = row[0]
+        return WorkLeft(bool(r["scan_complete"]), bool(r["scanner_alive"]), int(r["open_chunks"]),
+                        int(r["claimable"]), BatchState(r["state"]))
+
+    def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool:
+        """The race to finalize: exactly one worker moves the batch to finalizing (or takes over
+        a finalize whose worker's lease ran out), and only once the scan is complete and every
+        chunk is done."""
+        def body(conn: Conn) -> bool:
+            row = conn.execute("SELECT state, scan_complete, finalizer, finalize_lease_until < now() AS lapsed "
+                               "FROM batches WHERE batch_id = %s FOR UPDATE", (batch_id,)).fetchone()
+            if row is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+            state = BatchState(row["state"])
+            if not row["scan_complete"] or state.terminal:
+                return False
+            if state is BatchState.FINALIZING and row["finalizer"] not in (None, worker_id) and not row["lapsed"]:
+                return False
+            left = conn.execute("SELECT 1 FROM chunks WHERE batch_id = %s AND NOT done LIMIT 1",
+                                (batch_id,)).fetchone()
+            if left is not None:
+                return False
+            conn.execute("UPDATE batches SET state = %s, updated_at = %s, finalizer = %s, "
+                         "finalize_lease_until = now() + make_interval(secs => %s) WHERE batch_id = %s",
+                         (BatchState.FINALIZING.value, isoformat(utcnow()), worker_id, lease, batch_id))
+            return True
+        return self.db.write(body)
+
+    def release_finalize(self, batch_id: str, worker_id: str) -> None:
+        self.db.write(lambda conn: conn.execute(
+            "UPDATE batches SET finalizer = NULL, finalize_lease_until = NULL WHERE batch_id = %s AND finalizer = %s",
+            (batch_id, worker_id)))
+
+    def list_workers(self, batch_id: str) -> list[WorkerRecord]:
+        rows = self.db.query(
+            "SELECT worker_id, host, pid, started_at, heartbeat_at, files_done, bytes_done, "
+            "lease_until < now() AS lease_expired, ended_at IS NOT NULL AS ended FROM workers "
+            "WHERE batch_id = %s ORDER BY started_at, worker_id", (batch_id,))
+        return [WorkerRecord(row["worker_id"], row["host"], int(row["pid"]), _iso(row["started_at"]),
+                             _iso(row["heartbeat_at"]), int(row["files_done"]), int(row["bytes_done"]),
+                             bool(row["lease_expired"]), bool(row["ended"])) for row in rows]
+
+    def expire_claims(self, batch_id: str) -> int:
+        """gc: free the chunks whose owner's lease ran out (the owner is gone)."""
+        return self.db.write(lambda conn: conn.execute(
+            "UPDATE chunks SET owner = NULL, lease_until = NULL WHERE batch_id = %s AND owner IS NOT NULL "
+            "AND NOT done AND lease_until < now()", (batch_id,)).rowcount)
+
+
+def _iso(value: Any) -> str:
+    return value.astimezone().isoformat(timespec="seconds") if hasattr(value, "astimezone") else str(value)

@@ -1,0 +1,276 @@
+"""Several hosts, one batch: this process's part of a batch in a shared (PostgreSQL) journal.
+
+Every host runs the same command. Each one joins the batch as a worker with a heartbeat;
+one of them, elected in the database, scans the source into the journal; all of them
+claim chunks of files with leases and send them through the usual engine, whose writes
+the journal fences; when the scan is complete and no chunk is left, they race to
+finalize, and exactly one wins and seals the batch while the others wait for the seal.
+A worker that dies stops renewing its leases; its chunks are claimed again by another
+host, which settles what the dead one left (PUTs finished but not recorded are adopted
+after a HEAD and a SHA-256 compare; multipart uploads continue from their recorded
+parts). docs/design.md, "Several hosts, one batch", gives the order and the proofs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from enum import Enum
+from types import TracebackType
+from typing import Protocol
+
+from .errors import ArchupError, JournalError, LeaseLost, SourceMismatch
+from .journal import DEFAULT_LEASE, BatchRecord, Claim, FileRecord, WorkLeft
+from .outcomes import UploadResult
+from .source import same_file
+from .states import BatchState, FileState
+
+log = logging.getLogger("archup.shared")
+
+SOURCE_SAMPLE = 8  # files of the batch this host checks on its own disk before it claims any
+
+
+class Claims(Protocol):
+    """What a shared journal offers for claims, leases and elections (PostgresJournal)."""
+
+    def register_worker(self, batch_id: str, worker_id: str, lease: float) -> None: ...
+    def heartbeat(self, batch_id: str, worker_id: str, lease: float, files_done: int, bytes_done: int) -> int: ...
+    def end_worker(self, batch_id: str, worker_id: str, files_done: int, bytes_done: int) -> None: ...
+    def claim_scan(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
+    def reopen_chunks(self, batch_id: str) -> int: ...
+    def claim_chunk(self, batch_id: str, worker_id: str, lease: float) -> Claim | None: ...
+    def chunk_files(self, batch_id: str, chunk_no: int) -> list[FileRecord]: ...
+    def finish_chunk(self, batch_id: str, chunk_no: int, worker_id: str) -> bool: ...
+    def work_left(self, batch_id: str) -> WorkLeft: ...
+    def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
+    def release_finalize(self, batch_id: str, worker_id: str) -> None: ...
+    def get_batch(self, batch_id: str) -> BatchRecord: ...
+    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
+                   page_size: int = 2000) -> Iterator[FileRecord]: ...
+
+
+def new_worker_id() -> str:
+    """Unique per process run: a restarted process is a new worker, never its old self."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Turn(Enum):
+    """What the finalize race told this host."""
+
+    FINALIZE = "finalize"   # this host won: it seals the batch
+    SEALED = "sealed"       # another host sealed it: report the summary
+    PARTIAL = "partial"     # every chunk is done but some files are not uploaded
+
+
+class SharedWorker:
+    """This process as one worker of a shared batch: its heartbeat, its claims, its turns.
+
+    Use as a context manager: entering registers the worker and starts the heartbeat;
+    leaving stops it and gives back the chunks not done, so another host takes them at
+    once instead of after the lease."""
+
+    def __init__(self, journal: Claims, batch_id: str, *, lease: float = DEFAULT_LEASE,
+                 stop: threading.Event, on_lost: Callable[[ArchupError], None] | None = None) -> None:
+        self.journal = journal
+        self.batch_id = batch_id
+        self.lease = lease
+        self.stop = stop
+        self.worker_id = new_worker_id()
+        self.result: UploadResult | None = None  # this host's send, for the workers view
+        self.on_lost = on_lost
+        self._held: list[int] = []         # chunks claimed and sent, not yet marked done
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_ok = time.monotonic()
+        self.lost: ArchupError | None = None
+
+    # -- joining and leaving -----------------------------------------------------
+
+    def __enter__(self) -> SharedWorker:
+        self.journal.register_worker(self.batch_id, self.worker_id, self.lease)
+        self._last_ok = time.monotonic()
+        self._threads = [threading.Thread(target=self._beat, name="archup-heartbeat", daemon=True),
+                         threading.Thread(target=self._watch, name="archup-lease-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self._done.set()
+        # The heartbeat may be stuck in a call to an unreachable database: not waited for.
+        self._threads[1].join()
+        try:
+            self.journal.end_worker(self.batch_id, self.worker_id, *self._done_so_far())
+        except JournalError as failure:
+            log.warning("could not give back this host's claims (they expire in %.0f s): %s", self.lease, failure)
+
+    def _beat(self) -> None:
+        """Renew every lease this worker holds, a few times per lease."""
+        while not self._done.wait(self.lease / 4):
+            try:
+                self.journal.heartbeat(self.batch_id, self.worker_id, self.lease, *self._done_so_far())
+                self._last_ok = time.monotonic()
+            except ArchupError as error:
+                log.warning("batch %s: heartbeat failed: %s", self.batch_id, error)
+
+    def _watch(self) -> None:
+        """A host that could not renew its leases for half the lease stops sending: past the
+        lease another host may take its files. Apart from the heartbeat, whose call may hang
+        as long as the network does (a partition answers nothing)."""
+        while not self._done.wait(self.lease / 8):
+            silent = time.monotonic() - self._last_ok
+            if silent >= self.lease / 2:
+                self.lost = LeaseLost(f"batch {self.batch_id}: this host could not renew its lease for {silent:.1f} s "
+                                      "(the journal's database is unreachable); it stops sending, and another host "
+                                      "takes its files over")
+                log.error("%s", self.lost)
+                if self.on_lost is not None:
+                    self.on_lost(self.lost)
+                self.stop.set()
+                return
+
+    def _done_so_far(self) -> tuple[int, int]:
+        result = self.result
+        return (result.files_uploaded, result.bytes_sent) if result is not None else (0, 0)
+
+    # -- the scan -------------------------------------------------------------------
+
+    def scan_turn(self) -> bool:
+        """True if this worker is elected to scan (or to take over a scan whose host died)."""
+        return self.journal.claim_scan(self.batch_id, self.worker_id, self.lease)
+
+    def wait_for_first_files(self) -> None:
+        """Another host scans: wait (bounded polls) until it has written its first group, the
+        scan is complete, or its scanner is gone (the claim loop then takes the scan over)."""
+        wait = 0.05
+        while not self.stop.is_set():
+            if next(iter(self.journal.iter_files(self.batch_id, page_size=1)), None) is not None:
+                return
+            left = self.journal.work_left(self.batch_id)
+            if left.scan_complete or not left.scanner_alive:
+                return
+            self.stop.wait(wait)
+            wait = min(wait * 2, 1.0)
+
+    # -- claims ----------------------------------------------------------------------
+
+    def claimed_files(self, settle: Callable[[list[FileRecord]], int],
+                      scan: Callable[[], None]) -> Iterator[FileRecord]:
+        """The files of each chunk this worker claims, chunk after chunk, until the scan is
+        complete and no chunk is left to claim. ``settle(records)`` runs on a chunk another
+        worker held before (it adopts PUTs that finished unrecorded); ``scan()`` runs when the
+        scanning host died and this one is elected to take the scan over."""
+        wait = 0.05
+        while not self.stop.is_set():
+            self._finish_handled()
+            claim = self.journal.claim_chunk(self.batch_id, self.worker_id, self.lease)
+            if claim is None:
+                left = self.journal.work_left(self.batch_id)
+                if left.state.terminal or left.state is BatchState.FINALIZING:
+                    return
+                if left.scan_complete and not left.open_chunks:
+                    return
+                if not left.scan_complete and not left.scanner_alive and self.scan_turn():
+                    scan()
+                    continue
+                if left.scan_complete and not left.claimable and not self._held:
+                    return  # what is left is other hosts' to finish; the finalize race waits for them
+                # Bounded waits, never a fixed sleep: more files are scanned, or a lease runs out.
+                if self.stop.wait(wait):
+                    return
+                wait = min(wait * 2, self.lease / 4, 1.0)
+                continue
+            wait = 0.05
+            chunk_no = claim.chunk_no
+            records = self.journal.chunk_files(self.batch_id, chunk_no)
+            if claim.earlier_claims and records:
+                if settle(records):
+                    records = self.journal.chunk_files(self.batch_id, chunk_no)
+            self._held.append(chunk_no)
+            yield from records
+
+    def _finish_handled(self) -> None:
+        """Mark done the held chunks whose files have all reached an end (committed)."""
+        still: list[int] = []
+        for chunk_no in self._held:
+            open_files = [r for r in self.journal.chunk_files(self.batch_id, chunk_no)
+                          if r.state in (FileState.PENDING, FileState.UPLOADING)]
+            if open_files or not self.journal.finish_chunk(self.batch_id, chunk_no, self.worker_id):
+                still.append(chunk_no)
+        self._held = still
+
+    def finish_all(self) -> None:
+        """After the send (every completion committed): the chunks handled are done."""
+        self._finish_handled()
+
+    # -- the finalize race -------------------------------------------------------------
+
+    def finalize_turn(self) -> Turn:
+        """Wait until the batch can be finalized, then race for it: exactly one worker wins."""
+        wait = 0.05
+        while True:
+            state = self.journal.get_batch(self.batch_id).state
+            if state.terminal:
+                return Turn.SEALED
+            left = self.journal.work_left(self.batch_id)
+            if left.scan_complete and not left.open_chunks:
+                if self._not_uploaded():
+                    return Turn.PARTIAL
+                if self.journal.claim_finalize(self.batch_id, self.worker_id, self.lease):
+                    return Turn.FINALIZE
+            elif left.claimable or (not left.scan_complete and not left.scanner_alive):
+                raise MoreWork()
+            if self.stop.wait(wait):
+                raise Stopped()
+            wait = min(wait * 2, self.lease / 4, 1.0)
+
+    def _not_uploaded(self) -> bool:
+        return next(iter(self.journal.iter_files(self.batch_id, [FileState.PENDING, FileState.UPLOADING,
+                                                                  FileState.FAILED], page_size=1)), None) is not None
+
+    def release_finalize(self) -> None:
+        try:
+            self.journal.release_finalize(self.batch_id, self.worker_id)
+        except JournalError:
+            pass  # the lease runs out by itself
+
+
+class MoreWork(Exception):
+    """The finalize wait found chunks to claim again (a host died holding them)."""
+
+
+class Stopped(Exception):
+    """A signal stopped the wait."""
+
+
+def check_source(journal: Claims, batch_id: str, root: str, tree_stat: Callable[[str], os.stat_result]) -> None:
+    """Before claiming anything: the first files of the batch must be on this host's disk as
+    the scan saw them (size, mtime, inode and ctime; not the device, which differs between the
+    NFS clients of one export). Another tree, or a changed one, is refused by name."""
+    if not os.path.isdir(root):
+        raise SourceMismatch(f"batch {batch_id}: its source is not a directory on this host: {root}; "
+                             "pass --source-root with where this host mounts it")
+    checked = 0
+    for record in journal.iter_files(batch_id, None, page_size=SOURCE_SAMPLE * 4):
+        if record.state is FileState.SKIPPED:
+            continue
+        path = os.path.join(root, record.rel_path)
+        try:
+            info = tree_stat(path)
+        except OSError as error:
+            raise SourceMismatch(f"batch {batch_id}: {record.rel_path!r} is not in {root} on this host "
+                                 f"({error.strerror}); this host's source is not the batch's "
+                                 "(pass --source-root with where this host mounts it)") from None
+        if not same_file(info, record):
+            raise SourceMismatch(f"batch {batch_id}: {record.rel_path!r} in {root} differs from the batch's "
+                                 f"(size {record.size} -> {info.st_size}, or its mtime, inode or ctime); this "
+                                 "host's source is not the tree the batch was scanned from")
+        checked += 1
+        if checked >= SOURCE_SAMPLE:
+            return
