@@ -23,8 +23,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .batches import find_resumable, write_marker
-from .errors import ArchupError, BatchClosed, BatchIncomplete, IllegalTransition, Interrupted, JournalError, UsageError
-from .finalize import FinalizeSummary, finalize
+from .errors import (
+    ArchupError,
+    BatchBusy,
+    BatchClosed,
+    BatchIncomplete,
+    IllegalTransition,
+    Interrupted,
+    JournalError,
+    UsageError,
+)
+from .finalize import FinalizeSummary, check_complete, finalize
 from .journal import DEFAULT_LEASE, BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
 from .outcomes import UploadObserver, UploadResult
@@ -246,9 +255,25 @@ def _timed(outcome: RunOutcome, started: float) -> RunOutcome:
 
 
 def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:
-    """``archup finalize BATCH``: seal it under its lock (idempotent)."""
+    """``archup finalize BATCH``: seal it under its lock (idempotent). On a shared journal, it
+    takes part in the finalize race like a host: it seals only if it wins."""
     with journal.batch_lock(batch_id):
-        return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
+        if not journal.shared:
+            return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
+        claims: Any = journal
+        with SharedWorker(claims, batch_id, stop=threading.Event()) as worker:
+            batch = journal.get_batch(batch_id)
+            if batch.state.terminal or claims.claim_finalize(batch_id, worker.worker_id, worker.lease):
+                try:
+                    return finalize(journal, store_for(batch), batch_id)  # sealed already: its summary
+                finally:
+                    worker.release_finalize()
+            if batch.state is BatchState.FINALIZING:
+                raise BatchBusy(f"batch {batch_id} is being finalized by another host; 'archup status {batch_id}' "
+                                "shows when it is sealed")
+            check_complete(journal, journal.get_batch(batch_id))  # names what is not uploaded
+            raise BatchBusy(f"batch {batch_id}: its files are being sent by hosts that hold them; try again "
+                            "when they finish")
 
 
 # -- choosing the batch --------------------------------------------------------

@@ -94,6 +94,7 @@ class SharedWorker:
     def __enter__(self) -> SharedWorker:
         self.journal.register_worker(self.batch_id, self.worker_id, self.lease)
         self._last_ok = time.monotonic()
+        self._wake = threading.Event()
         self._threads = [threading.Thread(target=self._beat, name="archup-heartbeat", daemon=True),
                          threading.Thread(target=self._watch, name="archup-lease-watch", daemon=True)]
         for thread in self._threads:
@@ -103,6 +104,7 @@ class SharedWorker:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self._done.set()
+        self._wake.set()
         # The heartbeat may be stuck in a call to an unreachable database: not waited for.
         self._threads[1].join()
         try:
@@ -111,29 +113,44 @@ class SharedWorker:
             log.warning("could not give back this host's claims (they expire in %.0f s): %s", self.lease, failure)
 
     def _beat(self) -> None:
-        """Renew every lease this worker holds, a few times per lease."""
-        while not self._done.wait(self.lease / 4):
+        """Renew every lease this worker holds, a few times per lease (or at once when the
+        watchdog asks)."""
+        while not self._done.is_set():
+            self._wake.wait(self.lease / 4)
+            self._wake.clear()
+            if self._done.is_set():
+                return
             try:
-                self.journal.heartbeat(self.batch_id, self.worker_id, self.lease, *self._done_so_far())
-                self._last_ok = time.monotonic()
+                began = time.monotonic()
+                held = self.journal.heartbeat(self.batch_id, self.worker_id, self.lease, *self._done_so_far())
+                self._last_ok = began  # the lease now runs from before the request, to be safe
+                log.debug("batch %s: heartbeat renewed %d chunk(s) in %.3f s", self.batch_id, held,
+                          time.monotonic() - began)
             except ArchupError as error:
                 log.warning("batch %s: heartbeat failed: %s", self.batch_id, error)
 
     def _watch(self) -> None:
-        """A host that could not renew its leases for half the lease stops sending: past the
-        lease another host may take its files. Apart from the heartbeat, whose call may hang
-        as long as the network does (a partition answers nothing)."""
+        """A host that cannot renew its leases for half the lease stops sending: past the lease
+        another host may take its files. Apart from the heartbeat, whose call may hang as long
+        as the network does (a partition answers nothing). Silence alone is not enough: a
+        process that was not scheduled for a while (a loaded machine) asks for a renewal at once
+        and stops only if that does not come back in time either."""
         while not self._done.wait(self.lease / 8):
+            if time.monotonic() - self._last_ok < self.lease / 2:
+                continue
+            self._wake.set()
+            self._done.wait(min(self.lease / 8, 2.0))
             silent = time.monotonic() - self._last_ok
-            if silent >= self.lease / 2:
-                self.lost = LeaseLost(f"batch {self.batch_id}: this host could not renew its lease for {silent:.1f} s "
-                                      "(the journal's database is unreachable); it stops sending, and another host "
-                                      "takes its files over")
-                log.error("%s", self.lost)
-                if self.on_lost is not None:
-                    self.on_lost(self.lost)
-                self.stop.set()
-                return
+            if self._done.is_set() or silent < self.lease / 2:
+                continue
+            self.lost = LeaseLost(f"batch {self.batch_id}: this host could not renew its lease for {silent:.1f} s "
+                                  "(the journal's database is unreachable); it stops sending, and another host "
+                                  "takes its files over")
+            log.error("%s", self.lost)
+            if self.on_lost is not None:
+                self.on_lost(self.lost)
+            self.stop.set()
+            return
 
     def _done_so_far(self) -> tuple[int, int]:
         result = self.result
@@ -212,27 +229,23 @@ class SharedWorker:
     # -- the finalize race -------------------------------------------------------------
 
     def finalize_turn(self) -> Turn:
-        """Wait until the batch can be finalized, then race for it: exactly one worker wins."""
+        """Wait until nothing is left to send on any host, then race to finalize: exactly one
+        worker wins. Files failed and nothing else left: the batch is partial, on every host."""
         wait = 0.05
         while True:
-            state = self.journal.get_batch(self.batch_id).state
-            if state.terminal:
-                return Turn.SEALED
             left = self.journal.work_left(self.batch_id)
-            if left.scan_complete and not left.open_chunks:
-                if self._not_uploaded():
+            if left.state.terminal:
+                return Turn.SEALED
+            if left.scan_complete and not left.open_files:
+                if left.failed_files:
                     return Turn.PARTIAL
                 if self.journal.claim_finalize(self.batch_id, self.worker_id, self.lease):
                     return Turn.FINALIZE
             elif left.claimable or (not left.scan_complete and not left.scanner_alive):
-                raise MoreWork()
+                raise MoreWork()  # a host died holding files: claim them
             if self.stop.wait(wait):
                 raise Stopped()
             wait = min(wait * 2, self.lease / 4, 1.0)
-
-    def _not_uploaded(self) -> bool:
-        return next(iter(self.journal.iter_files(self.batch_id, [FileState.PENDING, FileState.UPLOADING,
-                                                                  FileState.FAILED], page_size=1)), None) is not None
 
     def release_finalize(self) -> None:
         try:

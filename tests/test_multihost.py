@@ -272,31 +272,55 @@ def test_a_host_with_another_tree_is_refused_before_it_claims(pg_url: str, moto_
 
 def test_the_password_of_the_journal_url_never_shows(pg_server, moto_endpoint: str, bucket: str, s3,
                                                     tree, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A URL with a password: the output, the log file and the manifest never carry it (trust
-    authentication here ignores it, so the run itself works)."""
+    """The canary test for the shared journal: a URL with a password (trust authentication
+    here ignores it, so the runs work). The most talkative run there is (-vvv, a log file),
+    then status, list and a finalize; neither their output, the log, any row of the journal
+    nor any object or metadata in the bucket carries the password."""
     source, _ = tree
     url = pg_server.create_database()
-    canary = "canary-pw-7f3a91"
+    canary = "canaryPgPassword7f3a91"
     with_password = url.replace("archup@", f"archup:{canary}@")
-    hosts = Hosts(with_password, moto_endpoint, bucket, source, str(ULID()))
+    # A long lease: -vvv logs every request, which slows this process down for seconds at a time.
+    hosts = Hosts(with_password, moto_endpoint, bucket, source, str(ULID()), lease=60)
     log_file = tmp_path / "archup.log"
-    proc = hosts.start("--no-finalize", env={"ARCHUP_LOG_FILE": str(log_file)})
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-    assert canary not in out and canary not in err
-    if log_file.exists():
-        assert canary not in log_file.read_text()
-    status = subprocess.run([sys.executable, "-m", "archup", "status", hosts.batch_id, "--journal", with_password,
-                             "--json"], capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
-    assert canary not in status.stdout + status.stderr
+    loud = hosts.command("--no-finalize")
+    loud[3:3] = ["-vvv", "--log-file", str(log_file)]
+    proc = subprocess.run(loud, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [proc.stdout, proc.stderr]
+    for command in (["status", hosts.batch_id], ["list"], ["finalize", hosts.batch_id]):
+        run = subprocess.run([sys.executable, "-m", "archup", *command, "--journal", with_password, "--json"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "ARCHUP_ENDPOINT_URL": moto_endpoint})
+        assert run.returncode == 0, run.stderr
+        outputs += [run.stdout, run.stderr]
+    assert any("postgresql://archup@127.0.0.1" in text for text in outputs)  # the journal is named, bare
+    stored = {str(log_file): log_file.read_bytes()}
     journal = PostgresJournal(url)
     try:
-        dump = json.dumps([journal.get_batch(hosts.batch_id).__dict__], default=str)
-        assert canary not in dump
+        for table in ("batches", "files", "parts", "chunks", "workers", "archive_sources", "archived"):
+            rows = journal.db.query(f"SELECT * FROM {table}")
+            stored[f"journal table {table}"] = json.dumps(rows, default=str).encode()
     finally:
         journal.close()
+    for item in s3.list_objects_v2(Bucket=bucket)["Contents"]:
+        stored[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        stored[item["Key"] + " (metadata)"] = json.dumps(s3.head_object(Bucket=bucket, Key=item["Key"])["Metadata"]).encode()
+    assert any(key.endswith("manifest.json") for key in stored)
+    for text in outputs:
+        assert canary not in text
+    for where, data in stored.items():
+        assert canary.encode() not in data, f"the password is in {where}"
 
+
+def test_an_unreachable_journal_is_named_without_its_password() -> None:
+    from archup.errors import JournalUnavailable
+
+    canary = "canaryUnreachable42"
+    with pytest.raises(JournalUnavailable) as caught:
+        PostgresJournal(f"postgresql://archup:{canary}@127.0.0.1:1/archup?connect_timeout=2", retry_for=0.5)
+    assert canary not in str(caught.value)
+    assert "postgresql://archup@127.0.0.1:1/archup" in str(caught.value)
 
 def test_a_host_cut_off_from_the_database_is_fenced_and_the_batch_stays_correct(
         pg_server, pg_url: str, moto_endpoint: str, bucket: str, s3, tree) -> None:  # type: ignore[no-untyped-def]
@@ -415,5 +439,31 @@ def test_a_dead_host_is_taken_over_within_its_lease(pg_url: str, moto_endpoint: 
         assert claim is not None and claim.chunk_no == owner["chunk_no"] and claim.earlier_claims >= 1
         taken_at = journal.db.query("SELECT now() AS t")[0]["t"]
         assert taken_at >= lease_end["lease_until"]  # never before the dead host's lease ran out
+    finally:
+        journal.close()
+
+
+def test_reset_file_reopens_a_done_chunk_and_leaves_a_held_one_to_its_holder(pg_url: str) -> None:
+    """Finalize's read-back resets a file of a done chunk: any host may claim it again. A sender
+    starting a lost upload over resets a file of the chunk it holds: the chunk stays its own."""
+    journal = PostgresJournal(pg_url)
+    try:
+        batch_id = str(ULID())
+        journal.init_batch(batch_id, source_root="/src", bucket="b", prefix="staging/", part_size=8 * MiB)
+        journal.add_files(batch_id, [NewFile("f", f"staging/{batch_id}/files/f", 1, 1)])
+        journal.register_worker(batch_id, "A", 30)
+        claim = journal.claim_chunk(batch_id, "A", 30)
+        assert claim is not None
+        journal.start_file(batch_id, "f")
+        journal.reset_file(batch_id, "f", "restarted after an interrupted run")
+        journal.start_file(batch_id, "f")  # fenced: still A's chunk
+        journal.complete_file(batch_id, "f", sha256="ab" * 32, etag="e")
+        assert journal.finish_chunk(batch_id, claim.chunk_no, "A")
+        journal.bind_worker(None)
+        journal.reset_file(batch_id, "f", "object missing from the bucket")
+        journal.register_worker(batch_id, "B", 30)
+        again = journal.claim_chunk(batch_id, "B", 30)
+        assert again is not None and again.chunk_no == claim.chunk_no
+        assert [r.rel_path for r in journal.chunk_files(batch_id, again.chunk_no)] == ["f"]
     finally:
         journal.close()

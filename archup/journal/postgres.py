@@ -70,6 +70,10 @@ _FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upl
 # A chunk nobody holds: never claimed, given back, or its holder's lease ran out (a chunk done
 # keeps its last owner, with no lease, and is free once reopened).
 _FREE = "(owner IS NULL OR coalesce(lease_until, '-infinity') < now())"
+# Whether a batch (b) has files in these states: an index probe a state (files_by_state).
+_HAS_FILES = "EXISTS (SELECT 1 FROM files f WHERE f.batch_id = b.batch_id AND f.state IN ({states}))"
+_HAS_OPEN = _HAS_FILES.format(states="'pending', 'uploading'")
+_HAS_FAILED = _HAS_FILES.format(states="'failed'")
 _OPEN_FILE_STATES = (FileState.PENDING.value, FileState.UPLOADING.value, FileState.FAILED.value)
 
 
@@ -525,15 +529,17 @@ class PostgresJournal:
 
     def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
         """-> pending, forgetting any upload. Not fenced: finalize's read-back calls it once every
-        chunk is done, and reopens the file's chunk so that a host sends it again."""
+        file is uploaded, and reopens the file's chunk so that a host sends it again."""
         def body(conn: Conn) -> None:
             self._move_file(conn, batch_id, rel_path, FileState.PENDING, fenced=False)
             conn.execute("UPDATE files SET state = %s, error = %s, upload_id = NULL, checksum_kind = NULL, "
                          "sha256 = NULL, etag = NULL, updated_at = %s WHERE batch_id = %s AND rel_path = %s",
                          (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = %s AND rel_path = %s", (batch_id, rel_path))
+            # A done chunk (finalize's read-back) is reopened for any host; a chunk still held
+            # (a sender starting a lost upload over) stays its holder's.
             conn.execute("UPDATE chunks SET done = false, owner = NULL, lease_until = NULL WHERE batch_id = %s "
-                         "AND chunk_no = (SELECT chunk_no FROM files WHERE batch_id = %s AND rel_path = %s)",
+                         "AND done AND chunk_no = (SELECT chunk_no FROM files WHERE batch_id = %s AND rel_path = %s)",
                          (batch_id, batch_id, rel_path))
         self.db.write(body)
 
@@ -680,25 +686,28 @@ class PostgresJournal:
             (batch_id, chunk_no, worker_id)).rowcount))
 
     def work_left(self, batch_id: str) -> WorkLeft:
+        """One statement of index probes (EXISTS, never a count: a host asks this while it waits)."""
         row = self.db.query(
             "SELECT b.state, b.scan_complete, (b.scanner IS NOT NULL AND b.scan_lease_until >= now()) AS scanner_alive, "
-            "(SELECT count(*) FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done) AS open_chunks, "
-            "(SELECT count(*) FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done "
-            f"AND {_FREE}) AS claimable "
+            "EXISTS (SELECT 1 FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done) AS open_chunks, "
+            f"EXISTS (SELECT 1 FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done AND {_FREE}) AS claimable, "
+            f"{_HAS_OPEN} AS open_files, {_HAS_FAILED} AS failed_files "
             "FROM batches b WHERE b.batch_id = %s", (batch_id,))
         if not row:
             raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
         r = row[0]
-        return WorkLeft(bool(r["scan_complete"]), bool(r["scanner_alive"]), int(r["open_chunks"]),
-                        int(r["claimable"]), BatchState(r["state"]))
+        return WorkLeft(bool(r["scan_complete"]), bool(r["scanner_alive"]), bool(r["open_chunks"]),
+                        bool(r["claimable"]), bool(r["open_files"]), bool(r["failed_files"]), BatchState(r["state"]))
 
     def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool:
         """The race to finalize: exactly one worker moves the batch to finalizing (or takes over
         a finalize whose worker's lease ran out), and only once the scan is complete and every
-        chunk is done."""
+        file is uploaded (or skipped): nothing is left to send, on any host. The batch row is
+        locked first, so of two racers the second sees the first's commit."""
         def body(conn: Conn) -> bool:
-            row = conn.execute("SELECT state, scan_complete, finalizer, finalize_lease_until < now() AS lapsed "
-                               "FROM batches WHERE batch_id = %s FOR UPDATE", (batch_id,)).fetchone()
+            row = conn.execute("SELECT state, scan_complete, finalizer, finalize_lease_until < now() AS lapsed, "
+                               f"({_HAS_OPEN} OR {_HAS_FAILED}) AS not_uploaded "
+                               "FROM batches b WHERE batch_id = %s FOR UPDATE", (batch_id,)).fetchone()
             if row is None:
                 raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
             state = BatchState(row["state"])
@@ -706,9 +715,7 @@ class PostgresJournal:
                 return False
             if state is BatchState.FINALIZING and row["finalizer"] not in (None, worker_id) and not row["lapsed"]:
                 return False
-            left = conn.execute("SELECT 1 FROM chunks WHERE batch_id = %s AND NOT done LIMIT 1",
-                                (batch_id,)).fetchone()
-            if left is not None:
+            if row["not_uploaded"]:
                 return False
             conn.execute("UPDATE batches SET state = %s, updated_at = %s, finalizer = %s, "
                          "finalize_lease_until = now() + make_interval(secs => %s) WHERE batch_id = %s",
