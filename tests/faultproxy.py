@@ -187,6 +187,7 @@ class Stats:
     bad_digests: int = 0  # bodies refused with 400 BadDigest
     corrupted: int = 0  # bodies the proxy changed a byte of
     corrupted_forwarded: int = 0  # changed bodies that reached the server anyway
+    bytes_forwarded: Counter[str] = field(default_factory=Counter)  # operation -> request body bytes answered
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -258,7 +259,7 @@ class FaultProxy:
                          Counter(self._stats.canned), Counter(self._stats.by_operation),
                          self._stats.stalls_abandoned_by_client, self._stats.upstream_errors,
                          Counter(self._stats.validated), self._stats.bad_digests, self._stats.corrupted,
-                         self._stats.corrupted_forwarded)
+                         self._stats.corrupted_forwarded, Counter(self._stats.bytes_forwarded))
 
     def set_rate(self, rate: float) -> None:
         with self._lock:
@@ -314,6 +315,7 @@ class FaultProxy:
                 self._stats.canned[canned] += 1
             if outcome == "forwarded":
                 self._stats.forwarded += 1
+                self._stats.bytes_forwarded[head.operation] += int(head.header("Content-Length") or 0)
 
     # -- one connection ------------------------------------------------------
 
