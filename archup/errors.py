@@ -158,8 +158,8 @@ def exit_code_for(error: BaseException) -> int:
 EXIT_CODE_TABLE: tuple[tuple[int, str], ...] = (
     (ExitCode.OK, "batch complete (finalized), or the command did what it was asked"),
     (ExitCode.ERROR, "error (journal unusable, manifest conflict, unexpected failure)"),
-    (ExitCode.USAGE, "usage or bad input: missing directory, malformed or unknown batch id, bad option"),
-    (ExitCode.PARTIAL, "partial: some files failed or are not uploaded (the batch is resumable), or could not be read (the batch is sealed without them)"),
+    (ExitCode.USAGE, "usage or bad input: missing directory, malformed or unknown batch id, bad option; a host whose source is not the batch's"),
+    (ExitCode.PARTIAL, "partial: some files failed or are not uploaded (the batch is resumable), or could not be read (the batch is sealed without them); a shared journal unreachable past the retries, or a host that lost its lease (the batch is resumable, other hosts go on)"),
     (ExitCode.BUSY, "busy: another archup owns the batch or holds the journal"),
     (ExitCode.DESTINATION, "destination or credentials unusable"),
     (ExitCode.INTERRUPTED, "interrupted (SIGINT/SIGTERM); the batch is resumable"),
