@@ -13,14 +13,14 @@ from .clock import isoformat, utcnow
 from .errors import ArchupError, BatchBusy, BatchClosed, DestinationError, TransferError
 from .journal import BatchRecord, Journal
 from .reconcile import abort_uploads
-from .states import BatchState
+from .states import UNFINISHED, BatchState
 from .store import ChecksumMode, ObjectStore
 
 log = logging.getLogger("archup.batches")
 
 StoreFactory = Callable[[BatchRecord], ObjectStore]
 
-_RESUMABLE = (BatchState.OPEN, BatchState.UPLOADING, BatchState.FAILED, BatchState.FINALIZING)
+_RESUMABLE = UNFINISHED
 
 
 def find_resumable(journal: Journal, source_root: str, bucket: str, prefix: str,

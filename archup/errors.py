@@ -92,6 +92,15 @@ class FileAlreadyUploaded(IllegalTransition):
         self.rel_path = rel_path
 
 
+class BatchExists(IllegalTransition):
+    """A batch was to be created where one is: the same id, or an unfinished batch of the same
+    source and destination (``existing`` names it)."""
+
+    def __init__(self, message: str, existing: str) -> None:
+        super().__init__(message)
+        self.existing = existing
+
+
 class BatchClosed(IllegalTransition):
     """A file was added to a batch that is finalizing, finalized, aborted or expired."""
 

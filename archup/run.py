@@ -27,6 +27,7 @@ from .errors import (
     ArchupError,
     BatchBusy,
     BatchClosed,
+    BatchExists,
     BatchIncomplete,
     IllegalTransition,
     Interrupted,
@@ -207,6 +208,10 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         store.check_bucket()
         if record is None:
             record, resumed = _create_batch(journal, request, transport)
+            if resumed:  # another host created it a moment ago: its settings are the batch's
+                settings = _reconcile_settings(journal, record, request.settings, listener)
+                store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
+                                                 transport))
         else:
             resumed = True
             changed = settings.differences(request.settings) if settings is not request.settings else []
@@ -324,11 +329,11 @@ def _create_batch(journal: Journal, request: UploadRequest, transport: Transport
         return journal.init_batch(batch_id, source_root=request.source_root, bucket=request.bucket,
                                   prefix=request.prefix, part_size=request.part_size,
                                   endpoint_url=transport.endpoint_url, region=transport.region,
-                                  settings=request.settings), False
-    except IllegalTransition:
-        if request.batch_id is None:
-            raise
-        return journal.get_batch(batch_id), True
+                                  settings=request.settings,
+                                  unless_unfinished=request.batch_id is None and not request.new_batch), False
+    except BatchExists as exists:
+        # Another host created it (or, for a plain upload, a batch of this source) a moment ago.
+        return journal.get_batch(exists.existing), True
 
 
 def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSettings | None,

@@ -35,6 +35,9 @@ class FileState(str, Enum):
     SKIPPED = "skipped"
 
 
+# A batch a plain upload of its source and destination resumes (unless it expired).
+UNFINISHED = (BatchState.OPEN, BatchState.UPLOADING, BatchState.FAILED, BatchState.FINALIZING)
+
 _BATCH_TRANSITIONS: dict[BatchState, frozenset[BatchState]] = {
     BatchState.OPEN: frozenset({BatchState.UPLOADING, BatchState.FINALIZING, BatchState.FAILED,
                                 BatchState.ABORTED, BatchState.EXPIRED}),

@@ -1141,3 +1141,22 @@ def test_a_schema_4_journal_gets_the_archived_index_of_its_finalized_batches(jou
     with closing(raw_connection(journal_path)) as conn:
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "files_by_path" not in indexes  # --skip-archived reads the index now
+
+
+def test_init_batch_unless_unfinished_names_the_unfinished_batch_of_the_source(journal: Journal) -> None:
+    from archup.errors import BatchExists
+
+    first = open_batch(journal)
+    with pytest.raises(BatchExists) as caught:
+        journal.init_batch(new_batch_id(), source_root="/data/src", bucket="archive", prefix="staging/",
+                           part_size=8 * 1024 * 1024, unless_unfinished=True)
+    assert caught.value.existing == first
+    elsewhere = journal.init_batch(new_batch_id(), source_root="/data/src", bucket="other", prefix="staging/",
+                                   part_size=8 * 1024 * 1024, unless_unfinished=True)
+    assert elsewhere.batch_id != first
+    with pytest.raises(BatchExists) as again:
+        journal.init_batch(first, source_root="/x", bucket="y", prefix="z/", part_size=8 * 1024 * 1024)
+    assert again.value.existing == first
+    move_batch(journal, first, BatchState.ABORTED)
+    assert journal.init_batch(new_batch_id(), source_root="/data/src", bucket="archive", prefix="staging/",
+                              part_size=8 * 1024 * 1024, unless_unfinished=True).state is BatchState.OPEN

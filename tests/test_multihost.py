@@ -467,3 +467,31 @@ def test_reset_file_reopens_a_done_chunk_and_leaves_a_held_one_to_its_holder(pg_
         assert [r.rel_path for r in journal.chunk_files(batch_id, again.chunk_no)] == ["f"]
     finally:
         journal.close()
+
+
+def test_hosts_starting_a_plain_upload_together_create_one_batch(pg_url: str) -> None:
+    """No --batch: the check for an unfinished batch of the source and the insert are one
+    transaction under an advisory lock, so of eight hosts racing, one creates and seven join."""
+    handles = [PostgresJournal(pg_url) for _ in range(8)]
+    barrier = threading.Barrier(len(handles))
+    created: list[str] = []
+    joined: list[str] = []
+
+    def start(handle: PostgresJournal) -> None:
+        from archup.errors import BatchExists
+
+        barrier.wait()
+        try:
+            created.append(handle.init_batch(str(ULID()), source_root="/src", bucket="b", prefix="staging/",
+                                             part_size=8 * MiB, unless_unfinished=True).batch_id)
+        except BatchExists as exists:
+            joined.append(exists.existing)
+
+    threads = [threading.Thread(target=start, args=(handle,)) for handle in handles]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for handle in handles:
+        handle.close()
+    assert len(created) == 1 and joined == created * 7

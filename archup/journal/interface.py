@@ -51,7 +51,11 @@ class Journal(Protocol):
     # -- batches --
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
                    part_size: int, endpoint_url: str | None = None, region: str | None = None,
-                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord: ...
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None,
+                   unless_unfinished: bool = False) -> BatchRecord:
+        """Raises BatchExists for an id in use, or (``unless_unfinished``) when this source and
+        destination have an unfinished batch: the check and the insert are one transaction."""
+        ...
 
     def get_batch(self, batch_id: str) -> BatchRecord:
         """Raises BatchNotFound."""

@@ -29,6 +29,7 @@ import psycopg
 from ..clock import isoformat, utcnow
 from ..errors import (
     BatchClosed,
+    BatchExists,
     BatchNotFound,
     FileAlreadyUploaded,
     FileNotInBatch,
@@ -36,7 +37,7 @@ from ..errors import (
     JournalError,
     LeaseLost,
 )
-from ..states import BatchState, FileState, batch_can_move, file_can_move
+from ..states import UNFINISHED, BatchState, FileState, batch_can_move, file_can_move
 from .pgdatabase import PgDatabase
 from .records import (
     BATCH_TTL,
@@ -123,11 +124,25 @@ class PostgresJournal:
 
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
                    part_size: int, endpoint_url: str | None = None, region: str | None = None,
-                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord:
-        """Raises IllegalTransition if a batch of that id exists already."""
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None,
+                   unless_unfinished: bool = False) -> BatchRecord:
+        """Raises BatchExists if a batch of that id exists already, or (``unless_unfinished``) an
+        unfinished one of this source and destination: hosts starting a plain upload together
+        create one batch, not one each (the check and the insert under one advisory lock)."""
         now = utcnow()
 
         def body(conn: Conn) -> int:
+            if unless_unfinished:
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                             (json.dumps([source_root, bucket, prefix, endpoint_url]),))
+                found = conn.execute(
+                    "SELECT batch_id FROM batches WHERE source_root = %s AND bucket = %s AND prefix = %s "
+                    "AND endpoint_url IS NOT DISTINCT FROM %s AND state = ANY(%s) AND expires_at > %s "
+                    "ORDER BY batch_id DESC LIMIT 1",
+                    (source_root, bucket, prefix, endpoint_url, [s.value for s in UNFINISHED],
+                     isoformat(now))).fetchone()
+                if found is not None:
+                    raise BatchExists(f"batch {found['batch_id']} of {source_root} is unfinished", found["batch_id"])
             return conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
                 "part_size, created_at, updated_at, expires_at, settings) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
@@ -137,7 +152,7 @@ class PostgresJournal:
                  (settings or BatchSettings()).to_json())).rowcount
 
         if not self.db.write(body):
-            raise IllegalTransition(f"batch {batch_id} exists already in journal {self.location}")
+            raise BatchExists(f"batch {batch_id} exists already in journal {self.location}", batch_id)
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:

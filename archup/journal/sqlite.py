@@ -12,9 +12,9 @@ from datetime import timedelta
 from typing import Any
 
 from ..clock import isoformat, utcnow
-from ..errors import BatchClosed, BatchNotFound, FileAlreadyUploaded, FileNotInBatch, IllegalTransition
+from ..errors import BatchClosed, BatchExists, BatchNotFound, FileAlreadyUploaded, FileNotInBatch, IllegalTransition
 from ..lock import BatchLock, source_lock
-from ..states import BatchState, FileState, batch_can_move, file_can_move
+from ..states import UNFINISHED, BatchState, FileState, batch_can_move, file_can_move
 from .database import DEFAULT_BUSY_TIMEOUT, SQLiteDatabase
 from .records import (
     BATCH_TTL,
@@ -144,11 +144,21 @@ class SQLiteJournal:
 
     def init_batch(self, batch_id: str, *, source_root: str, bucket: str, prefix: str,
                    part_size: int, endpoint_url: str | None = None, region: str | None = None,
-                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None) -> BatchRecord:
+                   ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None,
+                   unless_unfinished: bool = False) -> BatchRecord:
         now = utcnow()
         with self.db.atomic() as conn:
             if conn.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
-                raise IllegalTransition(f"batch {batch_id} exists already in journal {self.path}")
+                raise BatchExists(f"batch {batch_id} exists already in journal {self.path}", batch_id)
+            if unless_unfinished:
+                found = conn.execute(
+                    f"SELECT batch_id FROM batches WHERE source_root = ? AND bucket = ? AND prefix = ? "
+                    f"AND endpoint_url IS ? AND state IN ({','.join('?' * len(UNFINISHED))}) AND expires_at > ? "
+                    "ORDER BY batch_id DESC LIMIT 1",
+                    (source_root, bucket, prefix, endpoint_url, *(s.value for s in UNFINISHED),
+                     isoformat(now))).fetchone()
+                if found is not None:
+                    raise BatchExists(f"batch {found[0]} of {source_root} is unfinished", found[0])
             conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
                 "part_size, created_at, updated_at, expires_at, settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
