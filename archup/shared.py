@@ -64,7 +64,7 @@ class Turn(Enum):
 
     FINALIZE = "finalize"   # this host won: it seals the batch
     SEALED = "sealed"       # another host sealed it: report the summary
-    PARTIAL = "partial"     # every chunk is done but some files are not uploaded
+    PARTIAL = "partial"     # nothing is left to send, and some files failed
 
 
 class SharedWorker:
@@ -191,13 +191,14 @@ class SharedWorker:
                 left = self.journal.work_left(self.batch_id)
                 if left.state.terminal or left.state is BatchState.FINALIZING:
                     return
-                if left.scan_complete and not left.open_chunks:
+                if left.scan_complete and not left.claimable:
+                    # Nothing more to claim. This host's own chunks end with the send (a lost
+                    # upload is started over after this loop), and the finalize race waits
+                    # for the chunks other hosts hold.
                     return
                 if not left.scan_complete and not left.scanner_alive and self.scan_turn():
                     scan()
                     continue
-                if left.scan_complete and not left.claimable and not self._held:
-                    return  # what is left is other hosts' to finish; the finalize race waits for them
                 # Bounded waits, never a fixed sleep: more files are scanned, or a lease runs out.
                 if self.stop.wait(wait):
                     return

@@ -704,15 +704,13 @@ class PostgresJournal:
         """One statement of index probes (EXISTS, never a count: a host asks this while it waits)."""
         row = self.db.query(
             "SELECT b.state, b.scan_complete, (b.scanner IS NOT NULL AND b.scan_lease_until >= now()) AS scanner_alive, "
-            "EXISTS (SELECT 1 FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done) AS open_chunks, "
             f"EXISTS (SELECT 1 FROM chunks c WHERE c.batch_id = b.batch_id AND NOT c.done AND {_FREE}) AS claimable, "
             f"{_HAS_OPEN} AS open_files, {_HAS_FAILED} AS failed_files "
             "FROM batches b WHERE b.batch_id = %s", (batch_id,))
         if not row:
             raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
         r = row[0]
-        return WorkLeft(bool(r["scan_complete"]), bool(r["scanner_alive"]), bool(r["open_chunks"]),
-                        bool(r["claimable"]), bool(r["open_files"]), bool(r["failed_files"]), BatchState(r["state"]))
+        return WorkLeft(bool(r["scan_complete"]), bool(r["scanner_alive"]), bool(r["claimable"]), bool(r["open_files"]), bool(r["failed_files"]), BatchState(r["state"]))
 
     def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool:
         """The race to finalize: exactly one worker moves the batch to finalizing (or takes over

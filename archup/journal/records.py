@@ -225,7 +225,6 @@ class WorkLeft:
 
     scan_complete: bool
     scanner_alive: bool      # a scan is under way on a host whose lease holds
-    open_chunks: bool        # chunks not done (held by someone or free)
     claimable: bool          # chunks not done whose lease is free or ran out
     open_files: bool         # files pending or uploading (to send, or in flight on some host)
     failed_files: bool       # files failed (this run's hosts will not send them again)
