@@ -495,3 +495,45 @@ def test_hosts_starting_a_plain_upload_together_create_one_batch(pg_url: str) ->
     for handle in handles:
         handle.close()
     assert len(created) == 1 and joined == created * 7
+
+
+def _archup(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "archup", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_shows_the_workers_and_gc_frees_a_dead_hosts_claims(pg_url: str, moto_endpoint: str,
+                                                                   bucket: str) -> None:
+    """A host that died holding a chunk: status marks its lease expired; gc gives its claim
+    back and leaves the batch alone while another host still renews its lease."""
+    journal = PostgresJournal(pg_url)
+    try:
+        batch_id = str(ULID())
+        journal.init_batch(batch_id, source_root="/src", bucket=bucket, prefix="staging/", part_size=8 * MiB,
+                           endpoint_url=moto_endpoint)
+        journal.add_files(batch_id, [NewFile(f"f{i}", f"staging/{batch_id}/files/f{i}", 1, 1) for i in range(40)])
+        journal.register_worker(batch_id, "dead-host-worker", 0.2)
+        assert journal.claim_chunk(batch_id, "dead-host-worker", 0.2) is not None
+        live = PostgresJournal(pg_url)
+        live.register_worker(batch_id, "live-host-worker", 60)
+        for _ in range(200):  # bounded: until the dead worker's 0.2 s lease ran out
+            if any(w.lease_expired for w in journal.list_workers(batch_id)):
+                break
+            threading.Event().wait(0.02)
+
+        status = _archup("status", batch_id, "--journal", pg_url, "--json")
+        assert status.returncode == 0, status.stderr
+        workers = json.loads(status.stdout)["workers"]
+        assert sorted(w["lease_expired"] for w in workers) == [False, True]
+        text = _archup("status", batch_id, "--journal", pg_url)
+        assert "LEASE EXPIRED" in text.stdout and "working" in text.stdout
+
+        gc = _archup("gc", "--journal", pg_url, "--older-than", "0s", "--endpoint-url", moto_endpoint, "--json")
+        assert gc.returncode == 0, gc.stderr
+        report = json.loads(gc.stdout)
+        assert report["claims_expired"] == 1
+        assert report["busy"] == [batch_id] and report["expired"] == []  # a live host still works on it
+        assert journal.db.query("SELECT count(*) AS n FROM chunks WHERE batch_id = %s AND owner IS NOT NULL",
+                                (batch_id,))[0]["n"] == 0
+        live.close()
+    finally:
+        journal.close()
