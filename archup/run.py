@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .batches import find_resumable, write_marker
 from .errors import (
@@ -40,7 +40,7 @@ from .locations import resume_command
 from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
-from .shared import MoreWork, SharedWorker, Stopped, Turn, check_source
+from .shared import Claims, MoreWork, SharedWorker, Stopped, Turn, check_source
 from .states import BatchState, FileState
 from .store import DEFAULT_TRANSPORT, ChecksumMode, ObjectStore, StoreConfig, TransportKind, open_store
 from .uploader import Uploader, UploadOptions
@@ -265,7 +265,7 @@ def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRe
     with journal.batch_lock(batch_id):
         if not journal.shared:
             return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
-        claims: Any = journal
+        claims = cast(Claims, journal)
         with SharedWorker(claims, batch_id, stop=threading.Event()) as worker:
             batch = journal.get_batch(batch_id)
             if batch.state.terminal or claims.claim_finalize(batch_id, worker.worker_id, worker.lease):
@@ -388,10 +388,10 @@ def _upload_options(record: BatchRecord, settings: BatchSettings, parallel: int,
 
 
 def _ended(journal: Journal, store: ObjectStore, outcome: RunOutcome, *, no_finalize: bool, tally: bool,
-           listener: RunListener, partial: bool = False, seal: bool = True) -> RunOutcome:
-    """How the run ends, from what the send did: stopped, partial, uploaded, or finalized.
-    ``partial``: the batch has files not uploaded though this run failed none (another
-    host's); ``seal``: this run may finalize (False: another host did; report its seal)."""
+           listener: RunListener, partial: bool = False) -> RunOutcome:
+    """How the run ends, from what the send did: stopped, partial, uploaded, or finalized (or,
+    sealed by another host, its seal reported). ``partial``: the batch has files not uploaded
+    though this run failed none (another host's)."""
     batch_id, hint = outcome.batch_id, outcome.resume_hint
     listener.sent(_skipped_files(journal, batch_id))
     if tally:
@@ -429,7 +429,7 @@ def _run_shared(journal: Journal, store: ObjectStore, record: BatchRecord, setti
         raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
     if stop.is_set():
         raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
-    claims: Any = journal  # a shared journal offers the claims (PostgresJournal)
+    claims = cast(Claims, journal)  # a shared journal offers the claims (PostgresJournal)
     with SharedWorker(claims, batch_id, lease=lease, stop=stop) as worker:
         turn = Turn.SEALED
         if record.state is not BatchState.ENQUEUED:
@@ -459,8 +459,8 @@ def _run_shared(journal: Journal, store: ObjectStore, record: BatchRecord, setti
 
 
 def _mark_failed(journal: Journal, batch_id: str) -> None:
-    """Every chunk is done and files are not uploaded: the batch is failed (resumable), as
-    whichever host gets here first records it."""
+    """Nothing is left to send and files failed: the batch is failed (resumable), as whichever
+    host gets here first records it."""
     try:
         journal.set_batch_state(batch_id, BatchState.FAILED, error="some files failed; resume the batch")
     except IllegalTransition:

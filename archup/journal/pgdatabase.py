@@ -281,9 +281,6 @@ class PgDatabase:
                 if not self._retryable(error, conn) or time.monotonic() + delay > deadline:
                     raise self.translate(error) from None
                 log.warning("journal %s: %s; retrying", self.location, self.scrub(str(error).strip()))
-            except PoolTimeout as error:
-                if time.monotonic() + delay > deadline:
-                    raise self.translate(error) from None
             time.sleep(delay)  # backing off before reconnecting to a database that is away
             delay = min(delay * 2, 2.0)
 
@@ -292,15 +289,6 @@ class PgDatabase:
 
     def query(self, sql: str, args: Any = ()) -> list[dict[str, Any]]:
         return self.run(lambda conn: conn.execute(sql, args).fetchall(), write=False)
-
-    @contextmanager
-    def atomic(self) -> Iterator[psycopg.Connection[Any]]:
-        """One write transaction as a block (no retry: a block cannot be run again)."""
-        try:
-            with self.pool().connection() as conn, conn.transaction():
-                yield conn
-        except psycopg.Error as error:
-            raise self.translate(error) from error
 
     @contextmanager
     def snapshot(self) -> Iterator[psycopg.Connection[Any]]:
