@@ -508,16 +508,19 @@ class PostgresJournal:
             batch_state = self._batch_state(conn, batch_id)
             if batch_state.terminal:
                 raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
-            fence = ""
+            fence, mine = "", ""
             args: dict[str, Any] = {"b": batch_id, "rows": json.dumps(completions, ensure_ascii=False),
                                     "now": now, "open": list(_OPEN_FILE_STATES)}
             if self.worker_id is not None:
-                # The chunks this worker holds, locked to the commit (see _fence).
-                fence = ("AND f.chunk_no IN (SELECT chunk_no FROM chunks WHERE batch_id = %(b)s "
-                         "AND owner = %(w)s FOR KEY SHARE)")
+                # The chunks of these files that this worker holds, locked to the commit (see
+                # _fence): looked up by key, so the cost follows the group, not the batch's chunks.
+                mine = ("WITH mine AS (SELECT c.chunk_no FROM chunks c WHERE c.batch_id = %(b)s AND c.owner = %(w)s "
+                        "AND c.chunk_no IN (SELECT g.chunk_no FROM files g JOIN jsonb_array_elements(%(rows)s::jsonb) "
+                        "AS j(r) ON g.batch_id = %(b)s AND g.rel_path = j.r->>0) FOR KEY SHARE OF c) ")
+                fence = "AND f.chunk_no IN (SELECT chunk_no FROM mine)"
                 args["w"] = self.worker_id
             moved = {row["rel_path"] for row in conn.execute(
-                "UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
+                f"{mine}UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
                 "updated_at = %(now)s FROM jsonb_array_elements(%(rows)s::jsonb) AS i(r) "
                 f"WHERE f.batch_id = %(b)s AND f.rel_path = i.r->>0 AND f.state = ANY(%(open)s) {fence} "
                 "RETURNING f.rel_path", args)}
