@@ -9,6 +9,8 @@ no tool always runs first on a cold or warm machine):
   archup-crt / archup-botocore  the same with --transport crt / botocore
   archup-base  archup as another checkout has it (--base DIR, e.g. a git worktree of the commit
            before a change), run with the same interpreter: a change's same-round ratio
+           (--tree DIR runs archup and its variants from a checkout too, e.g. a clean worktree of
+           HEAD while the work tree is being edited)
   aws      aws s3 cp --recursive, max_concurrent_requests = N (temp AWS_CONFIG_FILE)
   rclone   rclone copy --transfers N (configured through RCLONE_CONFIG_BENCH_*)
   rclone-nohead  the same with --s3-no-head (needed on moto for multipart objects)
@@ -21,9 +23,13 @@ both from os.wait4. Medians over the rounds, then archup/peer ratios of the
 medians and the median of the per-round ratios (pairs from the same round, which
 is what to trust on a noisy machine). Markdown on stdout, JSON with --json-out.
 
-``bench.py probe [--server s3rver] [--processes 4] [--threads 4] [--size 8MiB]`` measures
-the server's own limit: bare PUTs of --size bytes (8 MiB; 1024 for the small-file limit),
-unsigned payload, no checksum, from several processes; aggregate MiB/s and PUTs/s.
+``bench.py probe [--server s3rver] [--processes 4] [--threads 4] [--size 8MiB] [--client botocore|crt]``
+measures the server's own limit: bare PUTs of --size bytes (8 MiB; 1024 for the small-file limit),
+unsigned payload, no checksum, from several processes; aggregate MiB/s and PUTs/s. With
+``--client crt`` each process keeps --threads PUTs in flight through the CRT's S3 client
+instead of a botocore thread pool: on a 2-core machine the server shares the CPU with the
+probe, and botocore's ~1 ms of client CPU per small PUT would make the probe, not the server,
+the limit.
 
 ``bench.py profile [--server s3rver] [--dataset small] [--parallel 16]`` runs archup
 and the raw boto3 uploader once each under cProfile with every thread profiled
@@ -59,6 +65,7 @@ TOOLS_DIR = ROOT / "bench-tools"
 DATA_DIR = ROOT / "bench-data"
 ARCHUP_PYTHON = ROOT / ".venv" / "bin" / "python"
 BASE_TREE: Path | None = None  # --base: the checkout archup-base runs
+ARCHUP_TREE: Path | None = None  # --tree: the checkout archup and its variants run (default: this one, editable)
 
 KiB, MiB = 1024, 1024 * 1024
 ACCESS_KEY = SECRET_KEY = "S3RVER"  # s3rver's fixed credentials; moto accepts any
@@ -270,6 +277,7 @@ class Run:
     objects: int          # objects found in the bucket afterwards
     ok: bool
     note: str = ""
+    inner: float = 0.0    # archup: the run's own elapsed_s from its --json report (after start-up and imports)
 
 
 def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: int, dataset: str,
@@ -277,6 +285,9 @@ def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: 
     env = clean_env()
     if tool in ARCHUP_VARIANTS or tool == "archup-base":
         program = [str(ROOT / ".venv" / "bin" / "archup")]
+        if ARCHUP_TREE is not None:
+            env["PYTHONPATH"] = str(ARCHUP_TREE)  # ahead of the editable install's finder
+            program = [str(ARCHUP_PYTHON), "-m", "archup"]
         if tool == "archup-base":
             if BASE_TREE is None:
                 raise SystemExit("archup-base needs --base DIR")
@@ -363,9 +374,16 @@ def one_run(tool: str, server: Server, dataset: str, parallel: int, round_no: in
     elif objects < expected:
         note = f"only {objects} of {expected} objects"
     ok = code == 0 and objects >= expected
+    inner = 0.0
+    if tool in ARCHUP_VARIANTS or tool == "archup-base":
+        try:
+            report = json.loads((tmp / "out.log").read_text(errors="replace").strip().splitlines()[-1])
+            inner = float(report.get("elapsed_s", 0.0))
+        except (OSError, ValueError, IndexError, AttributeError):
+            pass
     if ok:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Run(server.kind, dataset, parallel, tool, round_no, wall, cpu, maxrss, objects, ok, note)
+    return Run(server.kind, dataset, parallel, tool, round_no, wall, cpu, maxrss, objects, ok, note, inner)
 
 
 # -- the raw boto3 uploader (run as a child: `bench.py _boto3 ...`) -------------
@@ -511,6 +529,7 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--dataset", default="small")
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "profiles")
+    parser.add_argument("--tree", type=Path, help="the checkout archup runs from (default: this one)")
     args = parser.parse_args(argv)
     src = build_dataset(args.dataset)
     files = len(dataset_files(args.dataset))
@@ -538,6 +557,8 @@ def profile_main(argv: list[str]) -> int:
                 env = clean_env()
                 if target == "boto3":
                     env["BOTO_DISABLE_CRT"] = "true"  # as in the benchmark runs
+                elif args.tree:
+                    env["PYTHONPATH"] = str(args.tree.resolve())
                 wall, cpu, maxrss, code = run_child(cmd, env, work / f"{bucket}.log")
                 objects = count_and_empty(client, bucket)
                 print(f"## {target}, {timer} profile ({args.server}, {args.dataset}, N={args.parallel}): "
@@ -628,6 +649,17 @@ def markdown(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+def git_head(tree: Path) -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "archup"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head + (" (archup/ edited)" if dirty else "")
+    except Exception as error:
+        return f"unknown ({error})"
+
+
 def versions() -> dict[str, str]:
     def out(cmd: list[str]) -> str:
         try:
@@ -663,9 +695,19 @@ def _boto3_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: str, size: int) -> None:
+def _probe_key(tag: str, index: int) -> str:
+    """Nested like the small-file datasets (100 keys a directory): s3rver keeps a key as a file,
+    and a flat directory of tens of thousands of them slows its writes and listings."""
+    return f"probe/{tag}/{index // 1000:03d}/{(index // 100) % 10}/f{index:06d}"
+
+
+def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: str, size: int,
+                 kind: str = "botocore") -> None:
     """One probe process: ``threads`` threads sending bare PUTs of ``size`` bytes for ``seconds``;
     prints bytes sent and PUTs sent."""
+    if kind == "crt":
+        _probe_child_crt(endpoint, bucket, threads, seconds, tag, size)
+        return
     os.environ["BOTO_DISABLE_CRT"] = "true"
     from concurrent.futures import ThreadPoolExecutor
 
@@ -676,18 +718,73 @@ def _probe_child(endpoint: str, bucket: str, threads: int, seconds: float, tag: 
         max_pool_connections=threads + 2, s3={"payload_signing_enabled": False},
         request_checksum_calculation="when_required"))
     body = os.urandom(size)
-    deadline = time.monotonic() + seconds
+    began = time.monotonic()
+    deadline = began + seconds
 
     def loop(thread: int) -> int:
         count = 0
         while time.monotonic() < deadline:
-            client.put_object(Bucket=bucket, Key=f"probe/{tag}-{thread}-{count}", Body=body)
+            client.put_object(Bucket=bucket, Key=_probe_key(f"{tag}-{thread}", count), Body=body)
             count += 1
         return count
 
     with ThreadPoolExecutor(threads) as pool:
         puts = sum(pool.map(loop, range(threads)))
-    print(puts * size, puts)
+    print(puts * size, puts, time.monotonic() - began)
+
+
+def _probe_child_crt(endpoint: str, bucket: str, in_flight: int, seconds: float, tag: str, size: int) -> None:
+    """The probe through the CRT's S3 client: ``in_flight`` bare PUTs outstanding (SigV4, unsigned
+    payload, no checksum, plain http), new ones started from the completion callbacks."""
+    import io
+    import threading
+
+    from awscrt.auth import AwsCredentialsProvider
+    from awscrt.http import HttpHeaders, HttpRequest
+    from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+    from awscrt.s3 import S3Client, S3RequestTlsMode, S3RequestType, create_default_s3_signing_config
+
+    host = endpoint.split("://", 1)[1]
+    group = EventLoopGroup()
+    bootstrap = ClientBootstrap(group, DefaultHostResolver(group))
+    credentials = AwsCredentialsProvider.new_static(ACCESS_KEY, SECRET_KEY)
+    client = S3Client(bootstrap=bootstrap, region=REGION, tls_mode=S3RequestTlsMode.DISABLED,
+                      signing_config=create_default_s3_signing_config(region=REGION, credential_provider=credentials),
+                      max_active_connections_override=in_flight)
+    body = os.urandom(size)
+    began = time.monotonic()
+    deadline = began + seconds
+    lock = threading.Lock()
+    state = {"started": 0, "done": 0, "ok": 0, "errors": 0}
+    finished = threading.Event()
+    requests = []  # keep the request objects alive until they finish
+
+    def start() -> None:
+        with lock:
+            index = state["started"]
+            state["started"] += 1
+        headers = HttpHeaders([("Host", host), ("Content-Length", str(size)),
+                               ("Content-Type", "application/octet-stream")])
+        request = HttpRequest("PUT", f"/{bucket}/{_probe_key(tag, index)}", headers, io.BytesIO(body))
+        requests.append(client.make_request(type=S3RequestType.DEFAULT, operation_name="PutObject",
+                                            request=request, on_done=on_done))
+
+    def on_done(error: BaseException | None = None, **_: object) -> None:
+        with lock:
+            state["done"] += 1
+            state["ok" if error is None else "errors"] += 1
+            more = time.monotonic() < deadline
+            if state["done"] == state["started"] and not more:
+                finished.set()
+        if more:
+            start()
+
+    for _ in range(in_flight):
+        start()
+    finished.wait(seconds + 120)
+    if state["errors"]:
+        print(f"{state['errors']} PUTs failed", file=sys.stderr)
+    print(state["ok"] * size, state["ok"], time.monotonic() - began)
 
 
 def probe_main(argv: list[str]) -> int:
@@ -698,6 +795,9 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--size", type=int, default=PART_SIZE, help="bytes per PUT (8 MiB)")
+    parser.add_argument("--client", default="botocore", choices=["botocore", "crt"],
+                        help="botocore: a put_object thread pool per process; crt: the CRT's S3 client, "
+                             "--threads requests in flight per process")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="archup-probe-"))
     server = Server(args.server, work)
@@ -709,15 +809,19 @@ def probe_main(argv: list[str]) -> int:
             client.create_bucket(Bucket=bucket)
             start = time.perf_counter()
             children = [subprocess.Popen([str(ARCHUP_PYTHON), str(Path(__file__).resolve()), "_probe", server.endpoint,
-                                          bucket, str(args.threads), str(args.seconds), f"p{n}", str(args.size)],
+                                          bucket, str(args.threads), str(args.seconds), f"p{n}", str(args.size),
+                                          args.client],
                                          stdout=subprocess.PIPE, env=clean_env()) for n in range(count)]
-            answers = [child.communicate()[0].decode().split() or ["0", "0"] for child in children]
+            answers = [child.communicate()[0].decode().split() or ["0", "0", "0"] for child in children]
             sent, puts = sum(int(a[0]) for a in answers), sum(int(a[1]) for a in answers)
             wall = time.perf_counter() - start
+            # The sending window: the children's own (interpreter start and imports left out;
+            # they start within a fraction of a second of each other).
+            window = max(float(a[2]) for a in answers) or wall
             count_and_empty(client, bucket)
-            print(f"{args.server}: {count} process(es) x {args.threads} threads, {args.size} B PUTs: "
-                  f"{sent / MiB / wall:,.1f} MiB/s, {puts / wall:,.0f} PUTs/s "
-                  f"({puts:,} PUTs in {wall:.1f} s)", flush=True)
+            print(f"{args.server}: {args.client}, {count} process(es) x {args.threads} threads, {args.size} B PUTs: "
+                  f"{sent / MiB / window:,.1f} MiB/s, {puts / window:,.0f} PUTs/s "
+                  f"({puts:,} PUTs in {window:.1f} s of sending, {wall:.1f} s with start-up)", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -726,7 +830,8 @@ def probe_main(argv: list[str]) -> int:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_probe":
-        _probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
+        _probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7]),
+                     sys.argv[8] if len(sys.argv) > 8 else "botocore")
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "probe":
         return probe_main(sys.argv[2:])
@@ -750,9 +855,12 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path, help="write every run and the summaries here")
     parser.add_argument("--base", type=Path, help="the checkout that tool archup-base runs (e.g. "
                         "'git worktree add /tmp/base HEAD~5')")
+    parser.add_argument("--tree", type=Path, help="the checkout that archup and its variants run (default: "
+                        "this work tree through the venv's editable install)")
     args = parser.parse_args()
-    global BASE_TREE
+    global BASE_TREE, ARCHUP_TREE
     BASE_TREE = args.base.resolve() if args.base else None
+    ARCHUP_TREE = args.tree.resolve() if args.tree else None
 
     servers = [s for s in args.servers.split(",") if s]
     datasets = [d for d in args.datasets.split(",") if d]
@@ -763,8 +871,13 @@ def main() -> int:
         build_dataset(name)
     # archup's venv has it as an editable install: compile its modules once, as pip does for a
     # wheel, so no run pays for compiling them (children run with PYTHONDONTWRITEBYTECODE=1).
-    subprocess.run([str(ARCHUP_PYTHON), "-m", "compileall", "-q", str(ROOT / "archup")], check=True)
+    # The same for the other checkouts (their children also run without writing bytecode).
+    for tree in {ROOT, *(t for t in (BASE_TREE, ARCHUP_TREE) if t is not None)}:
+        subprocess.run([str(ARCHUP_PYTHON), "-m", "compileall", "-q", str(tree / "archup")], check=True)
     info = versions()
+    info["archup tree"] = f"{ARCHUP_TREE or ROOT} at {git_head(ARCHUP_TREE or ROOT)}"
+    if BASE_TREE is not None:
+        info["archup-base tree"] = f"{BASE_TREE} at {git_head(BASE_TREE)}"
     work = Path(tempfile.mkdtemp(prefix="archup-bench-"))
     runs: list[Run] = []
     started = time.time()
@@ -788,6 +901,7 @@ def main() -> int:
                                 print(f"[{time.time() - started:6.0f}s] {server_kind} {dataset} N={parallel} "
                                       f"round {round_no} {tool:13s} wall {run.wall:6.2f}s cpu {run.cpu:6.2f}s "
                                       f"rss {run.maxrss / MiB:5.0f}MiB objects {run.objects}"
+                                      f"{f' inner {run.inner:.2f}s' if run.inner else ''}"
                                       f"{'' if run.ok else '  FAILED ' + run.note}", file=sys.stderr, flush=True)
                     server.stop()
             finally:
