@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -113,9 +114,14 @@ class CompletionWriter:
     """
 
     GROUP = 1000
+    # A shared journal is across the network: each commit is a round trip however small the
+    # group, so the writer waits this long for more completions after the first (SQLite's
+    # commit is local, and waits for none).
+    SHARED_LINGER = 0.02
 
     def __init__(self, journal: Journal, batch_id: str, on_committed: Callable[[FileRecord, str, str], None],
                  on_error: Callable[[ArchupError], None]) -> None:
+        self._linger = self.SHARED_LINGER if journal.shared else 0.0
         self._journal = journal
         self._batch_id = batch_id
         self._on_committed = on_committed
@@ -139,9 +145,11 @@ class CompletionWriter:
             if first is None:
                 return
             group = [first]
+            deadline = time.monotonic() + self._linger
             while len(group) < self.GROUP:
                 try:
-                    item = self._queue.get_nowait()
+                    left = deadline - time.monotonic()
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:

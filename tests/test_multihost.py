@@ -537,3 +537,24 @@ def test_status_shows_the_workers_and_gc_frees_a_dead_hosts_claims(pg_url: str, 
         live.close()
     finally:
         journal.close()
+
+
+def test_abort_and_list_work_on_the_shared_journal(pg_url: str, moto_endpoint: str, bucket: str, s3,
+                                                   tree) -> None:  # type: ignore[no-untyped-def]
+    """list shows the shared journal's batches; abort ends one (its multipart uploads aborted)
+    with no OS lock to take, and a host joining it afterwards is refused."""
+    source, _ = tree
+    hosts = Hosts(pg_url, moto_endpoint, bucket, source, str(ULID()))
+    code, _, err = hosts.run("--no-finalize")
+    assert code == 0, err
+    listed = _archup("list", "--journal", pg_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [b["batch_id"] for b in json.loads(listed.stdout)["batches"]] == [hosts.batch_id]
+    aborted = subprocess.run([sys.executable, "-m", "archup", "abort", hosts.batch_id, "--journal", pg_url, "--json"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "ARCHUP_ENDPOINT_URL": moto_endpoint})
+    assert aborted.returncode == 0, aborted.stderr
+    assert json.loads(aborted.stdout)["state"] == "aborted"
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    code, report, _ = hosts.run()
+    assert code != 0 and "aborted" in str(report["error"])

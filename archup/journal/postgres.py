@@ -505,25 +505,36 @@ class PostgresJournal:
         now = isoformat(utcnow())
 
         def body(conn: Conn) -> list[tuple[str, IllegalTransition]]:
-            batch_state = self._batch_state(conn, batch_id)
-            if batch_state.terminal:
-                raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
-            fence, mine = "", ""
+            fence = ""
             args: dict[str, Any] = {"b": batch_id, "rows": json.dumps(completions, ensure_ascii=False),
-                                    "now": now, "open": list(_OPEN_FILE_STATES)}
+                                    "now": now, "open": list(_OPEN_FILE_STATES),
+                                    "live": [state.value for state in BatchState if not state.terminal]}
+            # One statement (round trips are what a remote database costs): the batch row locked
+            # FOR SHARE and its state checked, as _move_file does; bound to a worker, the chunks of
+            # these files that it holds, locked to the commit (see _fence), looked up by key so
+            # the cost follows the group, not the batch.
+            mine = ""
             if self.worker_id is not None:
-                # The chunks of these files that this worker holds, locked to the commit (see
-                # _fence): looked up by key, so the cost follows the group, not the batch's chunks.
-                mine = ("WITH mine AS (SELECT c.chunk_no FROM chunks c WHERE c.batch_id = %(b)s AND c.owner = %(w)s "
+                mine = (", mine AS (SELECT c.chunk_no FROM chunks c WHERE c.batch_id = %(b)s AND c.owner = %(w)s "
                         "AND c.chunk_no IN (SELECT g.chunk_no FROM files g JOIN jsonb_array_elements(%(rows)s::jsonb) "
-                        "AS j(r) ON g.batch_id = %(b)s AND g.rel_path = j.r->>0) FOR KEY SHARE OF c) ")
+                        "AS j(r) ON g.batch_id = %(b)s AND g.rel_path = j.r->>0) FOR KEY SHARE OF c)")
                 fence = "AND f.chunk_no IN (SELECT chunk_no FROM mine)"
                 args["w"] = self.worker_id
-            moved = {row["rel_path"] for row in conn.execute(
-                f"{mine}UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
+            row = conn.execute(
+                f"WITH b AS (SELECT state FROM batches WHERE batch_id = %(b)s FOR SHARE){mine}, "
+                "moved AS (UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
                 "updated_at = %(now)s FROM jsonb_array_elements(%(rows)s::jsonb) AS i(r) "
                 f"WHERE f.batch_id = %(b)s AND f.rel_path = i.r->>0 AND f.state = ANY(%(open)s) {fence} "
-                "RETURNING f.rel_path", args)}
+                "AND (SELECT state FROM b) = ANY(%(live)s) RETURNING f.rel_path) "
+                "SELECT (SELECT state FROM b) AS batch_state, ARRAY(SELECT rel_path FROM moved) AS moved",
+                args).fetchone()
+            assert row is not None
+            if row["batch_state"] is None:
+                raise BatchNotFound(f"no batch {batch_id} in journal {self.location}")
+            batch_state = BatchState(row["batch_state"])
+            if batch_state.terminal:
+                raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
+            moved = set(row["moved"])
             refused: list[tuple[str, IllegalTransition]] = []
             for rel_path, _sha256, _etag in completions:
                 if rel_path in moved:
