@@ -73,7 +73,8 @@ class Uploader:
         self.stop = stop or threading.Event()
         self.outcomes = Outcomes(journal, batch_id, self.stop, observer or NullObserver())
         # Every open is checked against where the file must be (see archup.source).
-        self.tree = SourceTree(source_root or self.batch.source_root, options.follow_symlinks)
+        self.source_root = source_root or self.batch.source_root  # where this host walks and reads
+        self.tree = SourceTree(self.source_root, options.follow_symlinks)
         self.reconciler = Reconciler(journal, store, self.batch, self.tree, self.outcomes,
                                      options.multipart_threshold)
         self._writer: CompletionWriter  # one per send()
@@ -143,7 +144,7 @@ class Uploader:
     def scan_into_journal(self) -> None:
         """Walk the source into the journal in groups; mark the scan complete unless stopped."""
         prefix = self.batch.batch_prefix
-        root, select = self.batch.source_root, self.options.select
+        root, select = self.source_root, self.options.select
         follow = self.options.follow_symlinks
         items = (scan_list(root, self.options.files_from, select, follow_symlinks=follow)
                  if self.options.files_from is not None else scan(root, select, follow_symlinks=follow))

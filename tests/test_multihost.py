@@ -558,3 +558,20 @@ def test_abort_and_list_work_on_the_shared_journal(pg_url: str, moto_endpoint: s
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     code, report, _ = hosts.run()
     assert code != 0 and "aborted" in str(report["error"])
+
+
+def test_a_host_with_only_its_own_mount_point_scans_and_seals_the_batch(
+        pg_url: str, moto_endpoint: str, bucket: str, s3, tree) -> None:  # type: ignore[no-untyped-def]
+    """The batch's source as every host names it (DIR) does not exist on this host: it has the
+    tree at --source-root only. It creates the batch, walks its own mount, reads, seals."""
+    source, files = tree
+    hosts = Hosts(pg_url, moto_endpoint, bucket, Path("/mnt/shared/exports-not-on-this-host"), str(ULID()))
+    code, summary, err = hosts.run("--source-root", str(source))
+    assert code == 0, err
+    assert summary["files_uploaded"] == len(files)
+    journal = PostgresJournal(pg_url)
+    try:
+        assert journal.get_batch(hosts.batch_id).source_root == "/mnt/shared/exports-not-on-this-host"
+    finally:
+        journal.close()
+    check_record(s3, bucket, hosts.batch_id, files)

@@ -414,7 +414,8 @@ def upload(
         full_object_checksum=full_object_checksum)
     request = UploadRequest(
         source_root=str(directory.resolve()) if source_root is None else os.path.abspath(directory),
-        bucket=bucket or "", local_root=str(local.resolve()) if source_root else None, lease=lease, prefix=normalize_prefix(prefix),
+        local_root=str(local.resolve()) if source_root else None, lease=lease,
+        bucket=bucket or "", prefix=normalize_prefix(prefix),
         part_size=part_bytes, settings=wanted, parallel=parallel, prehash=prehash,
         batch_id=check_batch_id(batch) if batch else None, new_batch=new_batch, no_finalize=no_finalize,
         transport=transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
