@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from ulid import ULID
@@ -27,6 +29,7 @@ from archup.journal.postgres import PostgresJournal
 from archup.states import BatchState, FileState
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 
 def make_tree(root: Path, small: int = 120, large: int = 2, seed: int = 7) -> dict[str, bytes]:
@@ -165,6 +168,26 @@ def test_the_postgresql_server_restarted_mid_run(pg_server, pg_url: str, moto_en
     check_record(s3, bucket, hosts.batch_id, files)
 
 
+def together(handles: list[PostgresJournal], call: Callable[[int, PostgresJournal], T]) -> list[T]:
+    """Each handle makes its call in a thread of its own, all released at once by a barrier;
+    the handles are closed afterwards. The results, in the order the calls returned."""
+    barrier = threading.Barrier(len(handles))
+    results: list[T] = []
+
+    def run(index: int, handle: PostgresJournal) -> None:
+        barrier.wait()
+        results.append(call(index, handle))
+
+    threads = [threading.Thread(target=run, args=(index, handle)) for index, handle in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for handle in handles:
+        handle.close()
+    return results
+
+
 def _shared_journal_with_uploaded_batch(url: str) -> tuple[PostgresJournal, str]:
     journal = PostgresJournal(url)
     batch_id = str(ULID())
@@ -186,21 +209,8 @@ def test_two_hosts_racing_to_finalize_exactly_one_wins_fifty_times(pg_url: str) 
     for _ in range(50):
         setup, batch_id = _shared_journal_with_uploaded_batch(pg_url)
         setup.close()
-        handles = [PostgresJournal(pg_url) for _ in range(2)]
-        barrier = threading.Barrier(2)
-        results: list[bool] = []
-
-        def race(handle: PostgresJournal, worker: str) -> None:
-            barrier.wait()
-            results.append(handle.claim_finalize(batch_id, worker, 30))
-
-        threads = [threading.Thread(target=race, args=(h, f"host{i}")) for i, h in enumerate(handles)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for h in handles:
-            h.close()
+        results = together([PostgresJournal(pg_url) for _ in range(2)],
+                           lambda index, handle: handle.claim_finalize(batch_id, f"host{index}", 30))
         wins.append(results.count(True))
     assert wins == [1] * 50
 
@@ -472,28 +482,19 @@ def test_reset_file_reopens_a_done_chunk_and_leaves_a_held_one_to_its_holder(pg_
 def test_hosts_starting_a_plain_upload_together_create_one_batch(pg_url: str) -> None:
     """No --batch: the check for an unfinished batch of the source and the insert are one
     transaction under an advisory lock, so of eight hosts racing, one creates and seven join."""
-    handles = [PostgresJournal(pg_url) for _ in range(8)]
-    barrier = threading.Barrier(len(handles))
+    from archup.errors import BatchExists
+
     created: list[str] = []
     joined: list[str] = []
 
-    def start(handle: PostgresJournal) -> None:
-        from archup.errors import BatchExists
-
-        barrier.wait()
+    def start(_index: int, handle: PostgresJournal) -> None:
         try:
             created.append(handle.init_batch(str(ULID()), source_root="/src", bucket="b", prefix="staging/",
                                              part_size=8 * MiB, unless_unfinished=True).batch_id)
         except BatchExists as exists:
             joined.append(exists.existing)
 
-    threads = [threading.Thread(target=start, args=(handle,)) for handle in handles]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for handle in handles:
-        handle.close()
+    together([PostgresJournal(pg_url) for _ in range(8)], start)
     assert len(created) == 1 and joined == created * 7
 
 
