@@ -10,13 +10,14 @@ can simply run again.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
+from .manifest import reader
 from .clock import isoformat, utcnow
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
@@ -91,12 +92,13 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
 def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
     """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
     listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
-    current = next(listing, None)
     problems: list[tuple[FileRecord, str]] = []
-    for record in journal.iter_files(batch.batch_id, [FileState.UPLOADED]):
-        while current is not None and current.key < record.key:
-            current = next(listing, None)
-        if current is None or current.key != record.key:
+    records = journal.iter_files(batch.batch_id, [FileState.UPLOADED])
+    for paired in reader.merge_listing(records, lambda record: record.key, listing):
+        record, current = paired.item, paired.listed
+        if record is None:
+            continue  # an object no uploaded file names: verify reports those
+        if current is None:
             problems.append((record, "object missing from the bucket"))
         elif current.size != record.size:
             problems.append((record, f"object has {current.size} bytes, expected {record.size}"))
@@ -105,14 +107,17 @@ def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list
     return problems
 
 
-def _existing_summary(store: ObjectStore, key: str) -> dict[str, Any] | None:
-    if store.head(key) is None:
-        return None
+def _existing_summary(store: ObjectStore, key: str, batch_id: str) -> reader.Summary | None:
+    """The summary already at ``key``, None if there is none; ManifestConflict if it is not
+    a summary of this batch."""
     try:
-        document = json.loads(store.get_bytes(key))
-    except ValueError:
-        return {}
-    return document if isinstance(document, dict) else {}
+        return reader.read_summary(store, key, batch_id)
+    except reader.ManifestDefect as defect:
+        if defect.kind == "missing":
+            return None
+        raise ManifestConflict(f"{key} already exists and is not this batch's manifest ({defect}); "
+                               "archup will not overwrite a manifest (inspect it; to give the batch up, delete "
+                               "that manifest yourself, then 'archup abort' the batch)") from None
 
 
 def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSummary:
@@ -141,7 +146,7 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
     entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]))
     skipped = manifest.write_entries(journal.iter_files(batch_id, [FileState.SKIPPED]), manifest.skipped_entry)
     with entries.handle, skipped.handle:
-        existing = _existing_summary(store, summary_key)
+        existing = _existing_summary(store, summary_key, batch_id)
         if existing is None:
             # The summary does not exist yet, so overwriting the entries and skipped objects
             # is safe: nothing seals them until the summary below is written.
@@ -153,8 +158,9 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(
                 manifest.summary(batch, entries, finalized_at=finalized_at, skipped=skipped))
+            summary_sha256 = hashlib.sha256(body).hexdigest()
             if store.put_if_absent(summary_key, body) is None:
-                existing = _existing_summary(store, summary_key)
+                existing = _existing_summary(store, summary_key, batch_id)
                 if existing is None:
                     # 412 yet nothing there: never take a refusal for a seal.
                     raise TransferError(f"PutObject {summary_key}: the server refused the write (412 "
@@ -162,7 +168,8 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
                                         "PreconditionFailed")
             crash_point("after-manifest-summary")
         if existing is not None:
-            finalized_at = _adopt(existing, batch, entries, skipped, summary_key)
+            finalized_at = _adopt(existing.document, batch, entries, skipped, summary_key)
+            summary_sha256 = existing.sha256
     # The seal and the archived index, in one transaction.
     journal.seal_batch(batch_id, manifest_key=summary_key, finalized_at=finalized_at,
                        covers=walk_covers(journal, batch))

@@ -19,7 +19,6 @@ taken back in key order, so the differences come out in key order.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,11 +28,13 @@ from enum import Enum
 from typing import Any, Union
 
 from . import manifest
-from .errors import DestinationError, TransferError, UnsupportedManifest, VerificationFailed
+from .errors import DestinationError, TransferError, VerificationFailed
 from .journal import BatchRecord, Journal
 from .scan import FILES_DIR
 from .states import BatchState, FileState
-from .store import SHA256_METADATA, ObjectInfo, ObjectReader, ObjectStore
+from .manifest import reader
+from .manifest.reader import BadLine, Entry, ManifestDefect, SealedStream, Summary
+from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
@@ -63,6 +64,10 @@ class Problem(str, Enum):
     TOTAL_BYTES_MISMATCH = "total_bytes_mismatch"
     ENTRY_INVALID = "entry_invalid"
     ENTRY_OUT_OF_ORDER = "entry_out_of_order"
+    # Against the journal that sealed the batch (while it still knows it)
+    MANIFEST_REPLACED = "manifest_replaced"                    # summary SHA-256: recorded at seal vs read
+    ENTRY_NOT_IN_JOURNAL = "entry_not_in_journal"              # actual: the entry's sha256
+    ENTRY_DIFFERS_FROM_JOURNAL = "entry_differs_from_journal"  # sha256: journal vs entry
     # The list of what was not archived (manifest-skipped.jsonl), where the summary seals one
     SKIPPED_MISSING = "skipped_missing"
     SKIPPED_CHECKSUM_MISMATCH = "skipped_checksum_mismatch"
@@ -72,6 +77,14 @@ class Problem(str, Enum):
 
 
 Value = Union[str, int, None]
+
+# A forged manifest can make millions of differences: the report keeps the first ones and counts the rest.
+MAX_DIFFERENCES = 1000
+
+_ENTRIES_SEAL = {"sha256": Problem.ENTRIES_CHECKSUM_MISMATCH, "bytes": Problem.ENTRIES_SIZE_MISMATCH,
+                 "count": Problem.ENTRIES_COUNT_MISMATCH}
+_SKIPPED_SEAL = {"sha256": Problem.SKIPPED_CHECKSUM_MISMATCH, "bytes": Problem.SKIPPED_SIZE_MISMATCH,
+                 "count": Problem.SKIPPED_COUNT_MISMATCH}
 
 
 @dataclass(frozen=True)
@@ -93,20 +106,36 @@ class VerifyReport:
     source: Source
     deep: bool
     checked: int = 0
-    differences: list[Difference] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)  # the first MAX_DIFFERENCES
+    omitted: int = 0  # differences found past those
 
     @property
     def ok(self) -> bool:
         return not self.differences
 
+    @property
+    def total_differences(self) -> int:
+        return len(self.differences) + self.omitted
+
+    def keep(self, difference: Difference) -> bool:
+        """Keep a difference if there is room; count it either way. True when kept."""
+        if len(self.differences) < MAX_DIFFERENCES:
+            self.differences.append(difference)
+            return True
+        self.omitted += 1
+        return False
+
     def as_dict(self) -> dict[str, Any]:
-        return {"batch_id": self.batch_id, "source": self.source.value, "checked": self.checked,
-                "ok": self.ok, "differences": [d.as_dict() for d in self.differences]}
+        document = {"batch_id": self.batch_id, "source": self.source.value, "checked": self.checked,
+                    "ok": self.ok, "differences": [d.as_dict() for d in self.differences]}
+        if self.omitted:
+            document["differences_omitted"] = self.omitted
+        return document
 
     def failure(self) -> VerificationFailed:
         return VerificationFailed(
             f"batch {self.batch_id}: the bucket differs from the {self.source.value} in "
-            f"{len(self.differences)} place(s), listed above; 'archup status {self.batch_id}' "
+            f"{self.total_differences} place(s), listed above; 'archup status {self.batch_id}' "
             "shows what the journal knows")
 
 
@@ -122,10 +151,9 @@ class ExpectedFile:
     multipart: bool
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> ExpectedFile:
-        etag = entry.get("etag")
-        return cls(key=entry["key"], path=entry["path"], size=entry["size"], sha256=entry["sha256"],
-                   etag=etag, multipart=entry.get("part_size") is not None or "-" in (etag or ""))
+    def from_entry(cls, entry: Entry) -> ExpectedFile:
+        return cls(key=entry.key, path=entry.path, size=entry.size, sha256=entry.sha256, etag=entry.etag,
+                   multipart=entry.multipart)
 
 
 def _bare_etag(etag: str | None) -> str | None:
@@ -136,121 +164,6 @@ def _bare_etag(etag: str | None) -> str | None:
 ObjectCheck = Callable[[], list[Difference]]
 Step = Union[list[Difference], ObjectCheck]
 Expected = Union[ExpectedFile, Difference]
-
-
-class _EntriesStream:
-    """The lines of manifest.jsonl as they arrive, hashed and counted on the way.
-
-    The main thread reads it between waits on the object checks, which with
-    ``deep`` can be long, so the server may drop the idle connection: the
-    stream then resumes with a ranged GET from the byte it reached, pinned to
-    the same object by its ETag.
-    """
-
-    RESUMES = 3
-
-    def __init__(self, store: ObjectStore, key: str, reader: ObjectReader) -> None:
-        self.store = store
-        self.key = key
-        self.reader = reader
-        self.etag = reader.etag
-        self.hasher = hashlib.sha256()
-        self.bytes = 0
-
-    def _chunks(self) -> Iterator[bytes]:
-        resumes = 0
-        while True:
-            with closing(self.reader):
-                try:
-                    for chunk in self.reader.chunks(CHUNK_SIZE):
-                        yield chunk
-                    return
-                except (TransferError, OSError):
-                    resumes += 1
-                    if resumes > self.RESUMES:
-                        raise
-            # 412 (an ETag other than the one first read): the entries changed while we read them.
-            reader = self.store.open_object(self.key, start=self.bytes, if_match=self.etag or None)
-            if reader is None:
-                raise TransferError(f"GetObject {self.key} from byte {self.bytes}: NoSuchKey: the object is gone",
-                                    "NoSuchKey")
-            self.reader = reader
-
-    def lines(self) -> Iterator[bytes]:
-        pending = b""
-        for chunk in self._chunks():
-            self.hasher.update(chunk)
-            self.bytes += len(chunk)
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            yield from complete
-        if pending:
-            yield pending
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _entry_problem(document: Any) -> str | None:
-    """Why a parsed line is not a usable entry, or None."""
-    if not isinstance(document, dict):
-        return "not a JSON object"
-    for name in ("path", "key", "sha256"):
-        if not isinstance(document.get(name), str):
-            return f"{name} is not a string"
-    if not _is_count(document.get("size")):
-        return "size is not a non-negative integer"
-    if document.get("etag") is not None and not isinstance(document["etag"], str):
-        return "etag is not a string"
-    if document.get("part_size") is not None and not _is_count(document["part_size"]):
-        return "part_size is not an integer"
-    return None
-
-
-def _summary_problem(document: Any, batch_id: str) -> tuple[str, Value, Value] | None:
-    """(what, expected, actual) for a summary that cannot seal this batch's entries, or None."""
-    if not isinstance(document, dict):
-        return "summary", "a JSON object", type(document).__name__
-    if document.get("format") != manifest.FORMAT:
-        return "format", manifest.FORMAT, str(document.get("format"))
-    if document.get("batch_id") != batch_id:
-        return "batch_id", batch_id, str(document.get("batch_id"))
-    entries = document.get("entries")
-    if not isinstance(entries, dict):
-        return "entries", "an object", str(entries)
-    if not isinstance(entries.get("key"), str) or not isinstance(entries.get("sha256"), str):
-        return "entries", "key and sha256 strings", json.dumps(entries)
-    for name in ("bytes", "count"):
-        if not _is_count(entries.get(name)):
-            return f"entries.{name}", "a non-negative integer", str(entries.get(name))
-    skipped = document.get("skipped")  # absent in manifests written before it was added
-    if skipped is not None:
-        if not isinstance(skipped, dict) or not isinstance(skipped.get("key"), str) \
-                or not isinstance(skipped.get("sha256"), str):
-            return "skipped", "key and sha256 strings", json.dumps(skipped)
-        for name in ("bytes", "count"):
-            if not _is_count(skipped.get(name)):
-                return f"skipped.{name}", "a non-negative integer", str(skipped.get(name))
-    return None
-
-
-def _against_seal(seal: dict[str, Any], stream: _EntriesStream, count: int,
-                  problems: tuple[Problem, Problem, Problem]) -> list[tuple[Problem, Value, Value]]:
-    """(problem, sealed, read) for the SHA-256, the size and the line count of a sealed list."""
-    checksum, size, lines = problems
-    return [(checksum, seal["sha256"], stream.hasher.hexdigest()), (size, seal["bytes"], stream.bytes),
-            (lines, seal["count"], count)]
-
-
-def _skipped_problem(document: Any) -> str | None:
-    if not isinstance(document, dict):
-        return "not a JSON object"
-    if not isinstance(document.get("path"), str) or not document["path"]:
-        return "path is not a non-empty string"
-    if not isinstance(document.get("reason"), str):
-        return "reason is not a string"
-    return None
 
 
 class _Verification:
@@ -267,8 +180,7 @@ class _Verification:
         self.trailing: list[Difference] = []
 
     def add(self, difference: Difference) -> None:
-        self.report.differences.append(difference)
-        if self.on_difference is not None:
+        if self.report.keep(difference) and self.on_difference is not None:
             self.on_difference(difference)
 
     # -- where the expected files come from --------------------------------
@@ -286,117 +198,124 @@ class _Verification:
 
     def _journal_files(self) -> Iterator[Expected]:
         for record in self.journal.iter_files(self.batch.batch_id, [FileState.UPLOADED]):
-            yield ExpectedFile.from_entry(manifest.entry(record))
+            yield ExpectedFile.from_entry(reader.to_entry(manifest.entry(record)))
 
     def _open_manifest(self) -> Iterator[Expected] | None:
         """The manifest's entries, or None (the problem reported) when it cannot be used."""
         summary_key = self.batch.manifest_key or manifest.summary_key(self.batch)
-        if self.store.head(summary_key) is None:
-            self.add(Difference(summary_key, None, Problem.MANIFEST_MISSING, "manifest summary", None))
-            return None
         try:
-            document = json.loads(self.store.get_bytes(summary_key))
-        except ValueError as error:
-            self.add(Difference(summary_key, None, Problem.MANIFEST_INVALID, "JSON", str(error)))
+            summary = reader.read_summary(self.store, summary_key, self.batch.batch_id)
+        except ManifestDefect as defect:
+            problem = Problem.MANIFEST_MISSING if defect.kind == "missing" else Problem.MANIFEST_INVALID
+            expected = defect.expected if defect.kind == "missing" else f"{defect.what}: {defect.expected}"
+            if defect.what == "JSON":
+                expected = "JSON"
+            self.add(Difference(summary_key, None, problem, expected, defect.actual))
             return None
-        version = document.get("format_version") if isinstance(document, dict) else None
-        if isinstance(version, int) and version > manifest.FORMAT_VERSION:
-            raise UnsupportedManifest(
-                f"{summary_key} has format_version {version}; this archup reads version "
-                f"{manifest.FORMAT_VERSION} and older: upgrade archup to verify this batch")
-        problem = _summary_problem(document, self.batch.batch_id)
-        if problem is not None:
-            what, expected, actual = problem
-            self.add(Difference(summary_key, None, Problem.MANIFEST_INVALID, f"{what}: {expected}", actual))
+        recorded = getattr(self.batch, "summary_sha256", None)
+        if recorded is not None and summary.sha256 != recorded:
+            # The journal recorded the summary it wrote: one sealed since is a forgery.
+            self.add(Difference(summary_key, None, Problem.MANIFEST_REPLACED, recorded,
+                                summary.sha256))
             return None
-        if document.get("skipped") is not None:
-            self.trailing.extend(self._check_skipped(document))
-        seal = document["entries"]
-        reader = self.store.open_object(seal["key"])
-        if reader is None:
-            self.add(Difference(seal["key"], None, Problem.ENTRIES_MISSING, seal["sha256"], None))
+        if summary.skipped is not None:
+            self.trailing.extend(self._check_skipped(summary, summary.skipped))
+        stream = SealedStream.open(self.store, summary.entries.key)
+        if stream is None:
+            self.add(Difference(summary.entries.key, None, Problem.ENTRIES_MISSING, summary.entries.sha256, None))
             return None
-        return self._manifest_files(document, _EntriesStream(self.store, seal["key"], reader))
+        return self._manifest_files(summary, stream)
 
-    def _check_skipped(self, summary: dict[str, Any]) -> list[Difference]:
+    def _check_skipped(self, summary: Summary, seal: reader.Seal) -> list[Difference]:
         """The list of files the batch does not hold, against its seal and files_skipped."""
-        seal = summary["skipped"]
-        reader = self.store.open_object(seal["key"])
-        if reader is None:
-            return [Difference(seal["key"], None, Problem.SKIPPED_MISSING, seal["sha256"], None)]
-        stream = _EntriesStream(self.store, seal["key"], reader)
+        stream = SealedStream.open(self.store, seal.key)
+        if stream is None:
+            return [Difference(seal.key, None, Problem.SKIPPED_MISSING, seal.sha256, None)]
         found: list[Difference] = []
-        count = 0
         for number, line in enumerate(stream.lines(), start=1):
-            count += 1
-            try:
-                reason = _skipped_problem(json.loads(line))
-            except ValueError as error:  # UnicodeDecodeError included
-                reason = f"JSON: {error}"
+            reason = reader.skipped_problem(line)
             if reason is not None:
-                found.append(Difference(seal["key"], None, Problem.SKIPPED_ENTRY_INVALID, f"line {number}", reason))
-        checks = _against_seal(seal, stream, count, (Problem.SKIPPED_CHECKSUM_MISMATCH,
-                                                     Problem.SKIPPED_SIZE_MISMATCH, Problem.SKIPPED_COUNT_MISMATCH))
-        if _is_count(summary.get("files_skipped")):
-            checks.append((Problem.SKIPPED_COUNT_MISMATCH, summary["files_skipped"], count))
-        found += [Difference(seal["key"], None, problem, expected, actual)
-                  for problem, expected, actual in checks if expected != actual]
+                found.append(Difference(seal.key, None, Problem.SKIPPED_ENTRY_INVALID, f"line {number}", reason))
+        checks = [(_SKIPPED_SEAL[what], expected, actual) for what, expected, actual in stream.against(seal)]
+        files_skipped = summary.count("files_skipped")
+        if files_skipped is not None and files_skipped != stream.lines_read:
+            checks.append((Problem.SKIPPED_COUNT_MISMATCH, files_skipped, stream.lines_read))
+        found += [Difference(seal.key, None, problem, expected, actual) for problem, expected, actual in checks]
         return found
 
-    def _manifest_files(self, summary: dict[str, Any], stream: _EntriesStream) -> Iterator[Expected]:
-        seal = summary["entries"]
+    def _manifest_files(self, summary: Summary, stream: SealedStream) -> Iterator[Expected]:
+        seal = summary.entries
         count = total_bytes = 0
         previous_key: str | None = None
-        for number, line in enumerate(stream.lines(), start=1):
-            try:
-                document = json.loads(line)
-            except ValueError as error:  # UnicodeDecodeError included
-                yield Difference(seal["key"], None, Problem.ENTRY_INVALID, f"line {number}: JSON", str(error))
-                continue
-            reason = _entry_problem(document)
-            if reason is not None:
-                yield Difference(seal["key"], None, Problem.ENTRY_INVALID, f"line {number}: an entry", reason)
+        checked = self._journal_check()
+        for item in reader.entries(stream.lines()):
+            if isinstance(item, BadLine):
+                what, _, reason = item.reason.partition(": ")
+                yield Difference(seal.key, None, Problem.ENTRY_INVALID, f"line {item.number}: {what}", reason)
                 continue
             count += 1
-            total_bytes += document["size"]
-            if previous_key is not None and document["key"] <= previous_key:
+            total_bytes += item.size
+            if previous_key is not None and item.key <= previous_key:
                 # The merge-join needs strict key order; an entry out of it cannot be placed.
-                yield Difference(document["key"], document["path"], Problem.ENTRY_OUT_OF_ORDER,
-                                 f"after {previous_key}", f"line {number}")
+                yield Difference(item.key, item.path, Problem.ENTRY_OUT_OF_ORDER,
+                                 f"after {previous_key}", f"line {stream.lines_read}")
                 continue
-            previous_key = document["key"]
-            yield ExpectedFile.from_entry(document)
+            previous_key = item.key
+            yield from checked(item)
+            yield ExpectedFile.from_entry(item)
         # The seal is checked only now, after the last byte: the entries were never held whole.
-        checks = _against_seal(seal, stream, count, (Problem.ENTRIES_CHECKSUM_MISMATCH,
-                                                     Problem.ENTRIES_SIZE_MISMATCH, Problem.ENTRIES_COUNT_MISMATCH))
-        if _is_count(summary.get("total_bytes")):
-            checks.append((Problem.TOTAL_BYTES_MISMATCH, summary["total_bytes"], total_bytes))
+        checks = [(_ENTRIES_SEAL[what], expected, actual) for what, expected, actual in stream.against(seal)
+                  if what != "count"]
+        if count != seal.count:  # the entries counted are the usable ones
+            checks.append((Problem.ENTRIES_COUNT_MISMATCH, seal.count, count))
+        total = summary.count("total_bytes")
+        if total is not None and total != total_bytes:
+            checks.append((Problem.TOTAL_BYTES_MISMATCH, total, total_bytes))
         for problem, expected, actual in checks:
-            if expected != actual:
-                self.trailing.append(Difference(seal["key"], None, problem, expected, actual))
+            self.trailing.append(Difference(seal.key, None, problem, expected, actual))
+
+    def _journal_check(self) -> Callable[[Entry], list[Difference]]:
+        """While the journal still holds the batch's file rows, each entry is held against its
+        row (a summary re-sealed over rewritten entries is caught here too)."""
+        if self.batch.forgotten_at is not None:
+            return lambda entry: []
+        rows = self.journal.iter_files(self.batch.batch_id, [FileState.UPLOADED])
+        pending = next(rows, None)
+
+        def check(entry: Entry) -> list[Difference]:
+            nonlocal pending
+            while pending is not None and pending.key < entry.key:
+                pending = next(rows, None)
+            if pending is None or pending.key != entry.key:
+                return [Difference(entry.key, entry.path, Problem.ENTRY_NOT_IN_JOURNAL, None, entry.sha256)]
+            if pending.sha256 != entry.sha256 or pending.size != entry.size:
+                return [Difference(entry.key, entry.path, Problem.ENTRY_DIFFERS_FROM_JOURNAL,
+                                   pending.sha256, entry.sha256)]
+            return []
+
+        return check
 
     # -- the merge ---------------------------------------------------------
 
     def steps(self, expected: Iterator[Expected]) -> Iterator[Step]:
         files_prefix = self.batch.batch_prefix + FILES_DIR
-        listing = self.store.list_objects(files_prefix)
-        current = next(listing, None)
-        for item in expected:
+
+        def key(item: Expected) -> str | None:
+            return None if isinstance(item, Difference) else item.key
+
+        for paired in reader.merge_listing(expected, key, self.store.list_objects(files_prefix)):
+            item, listed = paired.item, paired.listed
             if isinstance(item, Difference):
                 yield [item]
-                continue
-            self.report.checked += 1
-            while current is not None and current.key < item.key:
-                yield [self._unexpected(current, files_prefix)]
-                current = next(listing, None)
-            if current is None or current.key != item.key:
-                yield [Difference(item.key, item.path, Problem.MISSING, item.size, None)]
-                continue
-            yield self._object_check(item, current)
-            current = next(listing, None)
-        while current is not None:
-            yield [self._unexpected(current, files_prefix)]
-            current = next(listing, None)
+            elif item is None:
+                assert listed is not None
+                yield [self._unexpected(listed, files_prefix)]
+            else:
+                self.report.checked += 1
+                if listed is None:
+                    yield [Difference(item.key, item.path, Problem.MISSING, item.size, None)]
+                else:
+                    yield self._object_check(item, listed)
 
     @staticmethod
     def _unexpected(listed: ObjectInfo, files_prefix: str) -> Difference:

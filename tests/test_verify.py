@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import archup
 from archup import verify as verify_core
+from archup.manifest import reader as manifest_reader
 from archup.checksums import crc_b64, crc_of
 from archup.cli.verify import verify
 from archup.errors import TransferError
@@ -321,12 +322,12 @@ class DroppingBody:
 def dropping_entries(s3: Any, bucket: str, endpoint: str, monkeypatch: pytest.MonkeyPatch,
                      body: bytes) -> Any:
     s3.put_object(Bucket=bucket, Key="batch/manifest.jsonl", Body=body)
-    monkeypatch.setattr(verify_core, "CHUNK_SIZE", 100)
+    monkeypatch.setattr(manifest_reader, "CHUNK_SIZE", 100)
     store = S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint))
     reader = store.open_object("batch/manifest.jsonl")
     assert reader is not None
     reader._stream = DroppingBody(reader._stream, after=3)
-    return verify_core._EntriesStream(store, "batch/manifest.jsonl", reader)
+    return manifest_reader.SealedStream(store, "batch/manifest.jsonl", reader)
 
 
 def test_entries_stream_resumes_where_a_dropped_connection_left(s3, bucket, moto_endpoint, monkeypatch) -> None:

@@ -58,6 +58,7 @@ def verify(batch_id: BatchArgument,
     else:
         how = "re-hashed" if deep else "checked"
         print(f"batch {batch_id}: {report.checked} file(s) {how} against the {report.source.value}: "
-              f"{len(report.differences)} difference(s)")
+              f"{report.total_differences} difference(s)"
+              + (f" ({report.omitted} not listed)" if report.omitted else ""))
     if not report.ok:
         raise report.failure()

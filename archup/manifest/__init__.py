@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .journal import BatchRecord, FileRecord
+from ..journal import BatchRecord, FileRecord
 
 FORMAT = "archup-manifest"
 # Fields are added within version 1 (readers ignore what they do not know): "skipped", the
