@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socketserver
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -13,7 +15,18 @@ import pytest
 
 from archup.checksums import crc32_combine, crc_b64, crc_combine, crc_of
 from archup.errors import DestinationError, TransferError
-from archup.store import MultipartChecksum, ObjectStore, S3Store, StoreConfig, TransportKind, UploadedPart
+from archup.store import (
+    ARCHIVED_STATE,
+    MultipartChecksum,
+    ObjectInfo,
+    ObjectReader,
+    ObjectStore,
+    S3Store,
+    StoreConfig,
+    TransportKind,
+    UploadedPart,
+    thaw_state,
+)
 from archup.store.memory import MemoryStore
 from archup.store.wrappers import RateLimitedStore
 
@@ -23,14 +36,16 @@ FULL_CRC32 = MultipartChecksum("CRC32", full_object=True)
 
 @pytest.fixture(params=["s3-crt", "s3-botocore", "memory"])
 def make_store(request: pytest.FixtureRequest) -> Callable[..., ObjectStore]:
-    """A store over a fresh bucket of the kind under test; ``exists=False``: a bucket that is not there."""
-    def make(*, exists: bool = True) -> ObjectStore:
+    """A store over a fresh bucket of the kind under test; ``exists=False``: a bucket that is not
+    there; ``storage_class``: the class of source files' objects (--storage-class)."""
+    def make(*, exists: bool = True, storage_class: str | None = None) -> ObjectStore:
         if request.param == "memory":
-            return MemoryStore(exists=exists)
+            return MemoryStore(exists=exists, storage_class=storage_class)
         endpoint = request.getfixturevalue("moto_endpoint")
         bucket = request.getfixturevalue("bucket") if exists else "archup-no-such-bucket"
         kind = TransportKind(request.param.removeprefix("s3-"))  # what sends PutObject
-        return S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1", transport=kind))
+        return S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1", transport=kind,
+                                   storage_class=storage_class))
     return make
 
 
@@ -196,3 +211,220 @@ def test_the_rate_limited_wrapper_passes_everything_through(store: ObjectStore) 
     assert limited.get_bytes("r/a") == b"x" * 1000 and limited.bucket == store.bucket
     assert waits == [1.0]
 
+
+
+def _read_all(reader: ObjectReader, buffer_size: int) -> bytes:
+    """Every byte of a reader through readinto, into one reused buffer."""
+    buffer = bytearray(buffer_size)
+    view = memoryview(buffer)
+    got = bytearray()
+    while count := reader.readinto(view):
+        got += view[:count]
+    reader.close()
+    return bytes(got)
+
+
+def test_open_object_reads_a_range_into_the_callers_buffer(store: ObjectStore) -> None:
+    body = os.urandom(10_000)
+    # Sent with its SHA-256 (the default --checksum): a ranged GET must not be checked against it.
+    etag = store.put_object("rng/files/a", body, sha256_digest=hashlib.sha256(body).digest(), archive=True)
+    whole = store.open_object("rng/files/a")
+    assert whole is not None and whole.size == len(body)
+    assert _read_all(whole, 4096) == body
+    middle = store.open_object("rng/files/a", start=1000, length=3000, if_match=etag)
+    assert middle is not None and (middle.size, middle.etag) == (3000, etag)
+    assert _read_all(middle, 1024) == body[1000:4000]
+    head = store.open_object("rng/files/a", length=1)
+    assert head is not None and head.size == 1 and b"".join(head.chunks(100)) == body[:1]
+    head.close()
+    tail = store.open_object("rng/files/a", start=9_000, length=5_000)  # past the end: what there is
+    assert tail is not None and tail.size == 1_000 and _read_all(tail, 4096) == body[9_000:]
+    with pytest.raises(TransferError) as beyond:
+        store.open_object("rng/files/a", start=len(body), length=10)
+    assert beyond.value.code == "InvalidRange"
+    store.put_object("rng/files/a", b"changed")
+    with pytest.raises(TransferError) as changed:
+        store.open_object("rng/files/a", start=10, length=10, if_match=etag)
+    assert changed.value.code == "PreconditionFailed"
+    assert store.open_object("rng/absent", start=5, length=5) is None
+
+
+def test_readinto_fills_a_slice_and_returns_zero_at_the_end(store: ObjectStore) -> None:
+    body = bytes(range(256)) * 4
+    store.put_object("ri/k", body)
+    reader = store.open_object("ri/k", start=24, length=1000)
+    assert reader is not None and reader.size == 1000
+    buffer = bytearray(b"\xff" * 2048)
+    filled = 0
+    while count := reader.readinto(memoryview(buffer)[filled:filled + 300]):
+        filled += count
+    assert filled == 1000 and bytes(buffer[:1000]) == body[24:1024] and buffer[1000:] == b"\xff" * 1048
+    assert reader.readinto(bytearray(10)) == 0
+    reader.close()
+
+
+def _thaw(store: ObjectStore, key: str) -> None:
+    """What hours of waiting do: the memory store finishes the restore under way; moto
+    restores at once (its HEAD says ongoing-request="false" straight after RestoreObject)."""
+    if isinstance(store, MemoryStore):
+        store.finish_thaw(key)
+
+
+def test_an_archived_object_is_read_after_a_restore(make_store: Callable[..., ObjectStore]) -> None:
+    store = make_store(storage_class="GLACIER")
+    body = os.urandom(3000)
+    store.put_object("gl/files/a", body, sha256_digest=hashlib.sha256(body).digest(), archive=True)
+    store.put_if_absent("gl/manifest.json", b"{}")  # not a source file's object: stays readable
+    store.put_object("gl/marker", b"m")
+    for readable in ("gl/manifest.json", "gl/marker"):
+        info = store.head(readable)
+        assert info is not None and info.storage_class is None and thaw_state(info) == "readable"
+    assert store.get_bytes("gl/manifest.json") == b"{}"
+
+    info = store.head("gl/files/a")
+    assert info is not None and (info.storage_class, info.restore) == ("GLACIER", None)
+    assert thaw_state(info) == "archived"
+    assert [item.storage_class for item in store.list_objects("gl/files/")] == ["GLACIER"]
+    with pytest.raises(TransferError) as refused:
+        store.open_object("gl/files/a", start=10, length=10)
+    assert refused.value.code == ARCHIVED_STATE
+    with pytest.raises(TransferError) as refused_whole:
+        store.get_bytes("gl/files/a")
+    assert refused_whole.value.code == ARCHIVED_STATE
+
+    assert store.restore_object("gl/files/a", days=1, tier="Standard") == "started"
+    info = store.head("gl/files/a")
+    assert info is not None and info.restore is not None and thaw_state(info) in ("thawing", "readable")
+    if thaw_state(info) == "thawing":
+        assert store.restore_object("gl/files/a", days=1, tier="Standard") == "in-progress"
+        with pytest.raises(TransferError) as still_cold:
+            store.open_object("gl/files/a")
+        assert still_cold.value.code == ARCHIVED_STATE
+    _thaw(store, "gl/files/a")
+    info = store.head("gl/files/a")
+    assert info is not None and info.storage_class == "GLACIER" and thaw_state(info) == "readable"
+    assert 'ongoing-request="false"' in str(info.restore) and "expiry-date=" in str(info.restore)
+    reader = store.open_object("gl/files/a", start=100, length=2000)
+    assert reader is not None and _read_all(reader, 512) == body[100:2100]
+    assert store.restore_object("gl/files/a", days=2, tier="Standard") == "ready"
+
+
+def test_a_restore_of_an_object_that_is_not_archived_is_refused(make_store: Callable[..., ObjectStore]) -> None:
+    store = make_store()
+    store.put_object("st/files/a", b"standard", archive=True)
+    with pytest.raises(TransferError) as refused:
+        store.restore_object("st/files/a", days=1, tier="Bulk")
+    assert refused.value.code == ARCHIVED_STATE
+    with pytest.raises(TransferError) as missing:
+        store.restore_object("st/files/absent", days=1, tier="Bulk")
+    assert missing.value.code == "NoSuchKey"
+
+
+def test_a_multipart_object_takes_the_storage_class(make_store: Callable[..., ObjectStore]) -> None:
+    store = make_store(storage_class="DEEP_ARCHIVE")
+    upload_id = store.create_multipart("da/files/big", FULL_CRC32)
+    parts = _parts(store, "da/files/big", upload_id, [b"x" * 100])
+    store.complete_multipart("da/files/big", upload_id, parts, FULL_CRC32, full_crc=zlib.crc32(b"x" * 100),
+                             size=100)
+    info = store.head("da/files/big")
+    assert info is not None and info.storage_class == "DEEP_ARCHIVE" and thaw_state(info) == "archived"
+
+
+@pytest.mark.parametrize(("storage_class", "restore", "archive_status", "state"), [
+    (None, None, None, "readable"),
+    ("STANDARD_IA", None, None, "readable"),
+    ("GLACIER_IR", None, None, "readable"),
+    ("GLACIER", None, None, "archived"),
+    ("DEEP_ARCHIVE", None, None, "archived"),
+    ("GLACIER", 'ongoing-request="true"', None, "thawing"),
+    ("DEEP_ARCHIVE", 'ongoing-request="false", expiry-date="Fri, 21 Dec 2012 00:00:00 GMT"', None, "readable"),
+    ("INTELLIGENT_TIERING", None, None, "readable"),
+    ("INTELLIGENT_TIERING", None, "ARCHIVE_ACCESS", "archived"),
+    ("INTELLIGENT_TIERING", None, "DEEP_ARCHIVE_ACCESS", "archived"),
+    ("INTELLIGENT_TIERING", 'ongoing-request="true"', "DEEP_ARCHIVE_ACCESS", "thawing"),
+    ("INTELLIGENT_TIERING", 'ongoing-request="false", expiry-date="x"', "ARCHIVE_ACCESS", "readable"),
+])
+def test_thaw_state(storage_class: str | None, restore: str | None, archive_status: str | None, state: str) -> None:
+    info = ObjectInfo("k", 1, '"e"', {}, storage_class=storage_class, restore=restore, archive_status=archive_status)
+    assert thaw_state(info) == state
+
+
+def test_memory_store_restores_an_intelligent_tiering_archive_tier() -> None:
+    store = MemoryStore(storage_class="INTELLIGENT_TIERING")
+    store.put_object("it/files/a", b"tiered", archive=True)
+    with pytest.raises(TransferError):  # in a frequent-access tier: nothing to restore
+        store.restore_object("it/files/a", days=1, tier="Bulk", storage_class="INTELLIGENT_TIERING")
+    store.archive("it/files/a", storage_class="INTELLIGENT_TIERING", archive_status="ARCHIVE_ACCESS")
+    info = store.head("it/files/a")
+    assert info is not None and info.archive_status == "ARCHIVE_ACCESS" and thaw_state(info) == "archived"
+    assert store.restore_object("it/files/a", days=1, tier="Bulk", storage_class="INTELLIGENT_TIERING") == "started"
+    store.finish_thaw("it/files/a")
+    info = store.head("it/files/a")
+    assert info is not None and info.archive_status is None and thaw_state(info) == "readable"
+    assert store.get_bytes("it/files/a") == b"tiered"
+
+
+def test_s3_restore_request_and_its_answers(moto_endpoint: str, bucket: str) -> None:
+    """What RestoreObject sends (Days, except for INTELLIGENT_TIERING's archive tiers) and how each
+    answer reads; 409 RestoreAlreadyInProgress is an answer moto never gives."""
+    from botocore.stub import Stubber
+
+    store = S3Store(StoreConfig(bucket=bucket, endpoint_url=moto_endpoint, region="us-east-1"))
+    with Stubber(store.client) as stub:
+        for status in (202, 200):
+            stub.add_response("restore_object", {"ResponseMetadata": {"HTTPStatusCode": status}}, {
+                "Bucket": bucket, "Key": "k",
+                "RestoreRequest": {"Days": 3, "GlacierJobParameters": {"Tier": "Bulk"}}})
+        stub.add_response("restore_object", {"ResponseMetadata": {"HTTPStatusCode": 202}}, {
+            "Bucket": bucket, "Key": "k", "RestoreRequest": {"GlacierJobParameters": {"Tier": "Standard"}}})
+        stub.add_client_error("restore_object", "RestoreAlreadyInProgress", "Object restore is already in progress",
+                              409)
+        stub.add_client_error("restore_object", "GlacierExpeditedRetrievalNotAvailable",
+                              "Glacier expedited retrievals are currently not available", 503)
+        assert store.restore_object("k", days=3, tier="Bulk") == "started"
+        assert store.restore_object("k", days=3, tier="Bulk", storage_class="GLACIER") == "ready"
+        assert store.restore_object("k", days=3, tier="Standard", storage_class="INTELLIGENT_TIERING") == "started"
+        assert store.restore_object("k", days=3, tier="Bulk") == "in-progress"
+        with pytest.raises(TransferError) as refused:
+            store.restore_object("k", days=3, tier="Expedited")
+        assert refused.value.code == "GlacierExpeditedRetrievalNotAvailable"
+        stub.assert_no_pending_responses()
+
+
+class _ShortBodyServer(socketserver.ThreadingTCPServer):
+    """Answers every GET with a Content-Length of 100 and 40 bytes of body, then closes."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while self.rfile.readline() not in (b"\r\n", b""):
+                    pass
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n"
+                                 b"Content-Type: application/octet-stream\r\n\r\n" + b"x" * 40)
+                self.wfile.flush()
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.mark.parametrize("read", ["readinto", "chunks"])
+def test_s3_a_body_cut_short_is_a_transfer_error(read: str) -> None:
+    server = _ShortBodyServer()
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        store = S3Store(StoreConfig(bucket="short-body", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+                                    region="us-east-1", max_attempts=1))
+        reader = store.open_object("k")
+        assert reader is not None and reader.size == 100
+        with pytest.raises(TransferError):
+            if read == "readinto":
+                _read_all(reader, 64)
+            else:
+                b"".join(reader.chunks(64))
+        reader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join()

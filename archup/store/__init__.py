@@ -17,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..checksums import crc32_b64, crc32_combine
 
-__all__ = ["CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore",
-           "OpenUpload", "S3Store", "StoreConfig", "TransportKind", "DEFAULT_TRANSPORT", "UploadedPart", "crc32_b64", "crc32_combine", "open_store"]
+__all__ = ["ARCHIVED_STATE", "CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo",
+           "ObjectReader", "ObjectStore", "OpenUpload", "RestoreAnswer", "S3Store", "StoreConfig", "ThawState",
+           "TransportKind", "DEFAULT_TRANSPORT", "UploadedPart", "crc32_b64", "crc32_combine", "open_store",
+           "thaw_state"]
 
 
 # The whole file's SHA-256 (hex) in a file object's user metadata (x-amz-meta-archup-sha256):
@@ -81,12 +83,50 @@ class StoreConfig:
     transport: TransportKind = DEFAULT_TRANSPORT
 
 
+# TransferError.code of a GET of an object whose bytes are in an archive tier (GLACIER,
+# DEEP_ARCHIVE, INTELLIGENT_TIERING's archive tiers) and not restored: S3's own code.
+ARCHIVED_STATE = "InvalidObjectState"
+# Storage classes whose objects cannot be read until RestoreObject made a temporary copy
+# (GLACIER_IR is read like STANDARD).
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+# INTELLIGENT_TIERING's tiers that need a RestoreObject (x-amz-archive-status).
+ARCHIVE_TIERS = frozenset({"ARCHIVE_ACCESS", "DEEP_ARCHIVE_ACCESS"})
+
+# Whether an object's bytes can be read now: "readable", "archived" (a RestoreObject is
+# needed), "thawing" (one is under way).
+ThawState = Literal["readable", "archived", "thawing"]
+# What RestoreObject answered: "started" (202), "ready" (200: a restored copy is there),
+# "in-progress" (409 RestoreAlreadyInProgress).
+RestoreAnswer = Literal["started", "ready", "in-progress"]
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
     etag: str
     metadata: dict[str, str]
+    # What HEAD says of the object's tier (None where a listing or the server says nothing):
+    storage_class: str | None = None    # x-amz-storage-class; None is STANDARD
+    restore: str | None = None          # x-amz-restore as sent: 'ongoing-request="true"', or
+                                        # 'ongoing-request="false", expiry-date="..."'
+    archive_status: str | None = None   # x-amz-archive-status (INTELLIGENT_TIERING):
+                                        # ARCHIVE_ACCESS or DEEP_ARCHIVE_ACCESS
+
+
+def thaw_state(info: ObjectInfo) -> ThawState:
+    """Whether the object's bytes can be read now (a GET of an "archived" or "thawing" one
+    fails with ARCHIVED_STATE): a restore under way is "thawing", a finished one (a
+    temporary copy exists, ``ongoing-request="false"``) "readable"; otherwise an object of
+    an archive class or archive tier is "archived", any other "readable"."""
+    restore = (info.restore or "").replace(" ", "").lower()
+    if 'ongoing-request="true"' in restore:
+        return "thawing"
+    if 'ongoing-request="false"' in restore:
+        return "readable"
+    if (info.storage_class or "").upper() in ARCHIVE_CLASSES or (info.archive_status or "").upper() in ARCHIVE_TIERS:
+        return "archived"
+    return "readable"
 
 
 @dataclass(frozen=True)
@@ -127,13 +167,19 @@ class OpenUpload:
 
 
 class ObjectReader(Protocol):
-    """An object's body being read (a GetObject answer)."""
+    """An object's body being read (a GetObject answer). Read it with :meth:`chunks` or
+    :meth:`readinto`, not both."""
 
     etag: str
     metadata: dict[str, str]
+    size: int  # the bytes this answer carries (its Content-Length: the range's, for a range)
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """The body, ``size`` bytes at a time; a broken read raises TransferError."""
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """Fill ``buffer`` from the body (fewer bytes near the end), returning how many; 0 once
+        all ``size`` bytes were read. A body cut short or a broken read raises TransferError."""
 
     def close(self) -> None: ...
 
@@ -164,8 +210,18 @@ class ObjectStore(Protocol):
 
     def get_bytes(self, key: str) -> bytes: ...
 
-    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> ObjectReader | None:
-        """Read an object from byte ``start`` (pinned to an ETag with ``if_match``); None if it is not there."""
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> ObjectReader | None:
+        """Read an object from byte ``start``, ``length`` bytes of it (fewer at its end; all of
+        the rest if None), pinned to an ETag with ``if_match`` (TransferError PreconditionFailed
+        if it changed); None if it is not there. A range that starts at or past the end is
+        TransferError InvalidRange; an archived object is TransferError ARCHIVED_STATE."""
+
+    def restore_object(self, key: str, *, days: int, tier: str, storage_class: str | None = None) -> RestoreAnswer:
+        """Ask for a temporary readable copy of an archived object for ``days`` days, at
+        ``tier`` (Expedited, Standard, Bulk). ``storage_class`` is the class head() gave: an
+        INTELLIGENT_TIERING object's request carries no Days (it returns to a readable tier).
+        An object that is not archived is TransferError ARCHIVED_STATE, as S3 answers."""
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects under a prefix, in key order (UTF-8 binary order)."""

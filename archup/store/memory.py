@@ -11,7 +11,19 @@ from dataclasses import dataclass, field
 
 from ..checksums import b64, crc_b64, crc_of
 from ..errors import DestinationError, TransferError
-from . import CHECKSUM_REFUSED, ChecksumMode, MultipartChecksum, ObjectInfo, OpenUpload, UploadedPart
+from . import (
+    ARCHIVE_CLASSES,
+    ARCHIVE_TIERS,
+    ARCHIVED_STATE,
+    CHECKSUM_REFUSED,
+    ChecksumMode,
+    MultipartChecksum,
+    ObjectInfo,
+    OpenUpload,
+    RestoreAnswer,
+    UploadedPart,
+    thaw_state,
+)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3 refuses a non-last part below this at completion
 
@@ -22,6 +34,13 @@ class _Object:
     etag: str
     metadata: dict[str, str]
     content_type: str | None = None
+    storage_class: str | None = None   # None: STANDARD
+    restore: str | None = None         # x-amz-restore, as S3 would send it
+    archive_status: str | None = None  # INTELLIGENT_TIERING's archive tier
+
+    def info(self, key: str) -> ObjectInfo:
+        return ObjectInfo(key, len(self.body), self.etag, dict(self.metadata), storage_class=self.storage_class,
+                          restore=self.restore, archive_status=self.archive_status)
 
 
 @dataclass
@@ -30,6 +49,7 @@ class _Upload:
     checksum: MultipartChecksum
     metadata: dict[str, str]
     content_type: str | None
+    storage_class: str | None
     parts: dict[int, tuple[bytes, str]] = field(default_factory=dict)  # number -> (body, etag)
 
 
@@ -38,14 +58,22 @@ def _md5_etag(body: bytes) -> str:
 
 
 class _Reader:
-    def __init__(self, stored: _Object, start: int) -> None:
+    def __init__(self, stored: _Object, start: int, length: int | None) -> None:
         self.etag = stored.etag
         self.metadata = dict(stored.metadata)
-        self._body = stored.body[start:]
+        self._body = memoryview(stored.body)[start:None if length is None else start + length]
+        self.size = len(self._body)
+        self._offset = 0
 
     def chunks(self, size: int) -> Iterator[bytes]:
         for offset in range(0, len(self._body), size):
-            yield self._body[offset:offset + size]
+            yield bytes(self._body[offset:offset + size])
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        count = min(len(buffer), self.size - self._offset)
+        buffer[:count] = self._body[self._offset:self._offset + count]
+        self._offset += count
+        return count
 
     def close(self) -> None:
         pass
@@ -56,8 +84,9 @@ class MemoryStore:
 
     def __init__(self, bucket: str = "archup-memory", *, exists: bool = True,
                  checksum: ChecksumMode = ChecksumMode.SHA256, full_object_checksum: bool = True,
-                 knows_crc64nvme: bool = True) -> None:
+                 knows_crc64nvme: bool = True, storage_class: str | None = None) -> None:
         self.bucket = bucket
+        self.storage_class = storage_class  # of a source file's object (archive=True), as StoreConfig's
         self.exists = exists
         self._checksum = checksum
         self._full_object = full_object_checksum
@@ -87,7 +116,8 @@ class MemoryStore:
             # What S3 answers to a checksum that does not match the body it received.
             raise TransferError(f"PutObject {key}: BadDigest: the SHA-256 you specified did not match the body",
                                 "BadDigest")
-        stored = _Object(bytes(body), _md5_etag(body), dict(metadata or {}), content_type)
+        stored = _Object(bytes(body), _md5_etag(body), dict(metadata or {}), content_type,
+                         self._class_of(archive))
         with self._lock:
             self._objects[key] = stored
         return stored.etag
@@ -108,7 +138,7 @@ class MemoryStore:
             stored = self._objects.get(key)
         if stored is None:
             return None
-        return ObjectInfo(key, len(stored.body), stored.etag, dict(stored.metadata))
+        return stored.info(key)
 
     def get_bytes(self, key: str) -> bytes:
         self._require_bucket()
@@ -116,18 +146,73 @@ class MemoryStore:
             stored = self._objects.get(key)
         if stored is None:
             raise TransferError(f"GetObject {key}: NoSuchKey: The specified key does not exist.", "NoSuchKey")
+        self._require_readable(f"GetObject {key}", key, stored)
         return stored.body
 
-    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> _Reader | None:
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> _Reader | None:
         self._require_bucket()
+        if length is not None and length <= 0:
+            raise ValueError(f"GetObject {key}: a range of {length} bytes")
         with self._lock:
             stored = self._objects.get(key)
         if stored is None:
             return None
+        what = f"GetObject {key}" + (f" bytes {start}-{start + length - 1}" if length is not None
+                                     else f" from byte {start}" if start else "")
+        self._require_readable(what, key, stored)
         if if_match is not None and if_match != stored.etag:
-            raise TransferError(f"GetObject {key} from byte {start}: PreconditionFailed: At least one of the "
+            raise TransferError(f"{what}: PreconditionFailed: At least one of the "
                                 "pre-conditions you specified did not hold", "PreconditionFailed")
-        return _Reader(stored, start)
+        if (start or length is not None) and start >= len(stored.body):
+            raise TransferError(f"{what}: InvalidRange: The requested range is not satisfiable", "InvalidRange")
+        return _Reader(stored, start, length)
+
+    # -- archive tiers --------------------------------------------------------
+
+    def _class_of(self, archive: bool) -> str | None:
+        return self.storage_class if archive and self.storage_class != "STANDARD" else None
+
+    @staticmethod
+    def _require_readable(what: str, key: str, stored: _Object) -> None:
+        if thaw_state(stored.info(key)) != "readable":
+            raise TransferError(f"{what}: {ARCHIVED_STATE}: The operation is not valid for the object's storage "
+                                "class", ARCHIVED_STATE)
+
+    def restore_object(self, key: str, *, days: int, tier: str, storage_class: str | None = None) -> RestoreAnswer:
+        self._require_bucket()
+        what = f"RestoreObject {key}"
+        with self._lock:
+            stored = self._objects.get(key)
+            if stored is None:
+                raise TransferError(f"{what}: NoSuchKey: The specified key does not exist.", "NoSuchKey")
+            if stored.restore is not None:
+                if thaw_state(stored.info(key)) == "thawing":
+                    return "in-progress"
+                return "ready"  # S3 moves the copy's expiry
+            if stored.storage_class not in ARCHIVE_CLASSES and stored.archive_status not in ARCHIVE_TIERS:
+                raise TransferError(f"{what}: {ARCHIVED_STATE}: The operation is not valid for the object's "
+                                    "storage class", ARCHIVED_STATE)
+            stored.restore = 'ongoing-request="true"'
+        return "started"
+
+    def archive(self, key: str, *, storage_class: str = "GLACIER", archive_status: str | None = None) -> None:
+        """For tests: the object moves to an archive class (or INTELLIGENT_TIERING's archive
+        tier, ``archive_status``), as a lifecycle rule or S3's tiering would move it."""
+        with self._lock:
+            stored = self._objects[key]
+            stored.storage_class, stored.archive_status, stored.restore = storage_class, archive_status, None
+
+    def finish_thaw(self, key: str, *, expiry: str = "Fri, 01 Jan 2100 00:00:00 GMT") -> None:
+        """For tests: the restore under way is done, as S3 says it hours later. An
+        INTELLIGENT_TIERING object is back in a readable tier; another keeps its class and
+        has a temporary copy until ``expiry``."""
+        with self._lock:
+            stored = self._objects[key]
+            assert stored.restore is not None, f"no restore of {key} under way"
+            if stored.archive_status is not None:
+                stored.archive_status = None
+            stored.restore = f'ongoing-request="false", expiry-date="{expiry}"'
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         self._require_bucket()
@@ -136,7 +221,7 @@ class MemoryStore:
         # S3 lists in UTF-8 binary order, which for str keys is code point order.
         for key, stored in sorted(found, key=lambda pair: pair[0].encode("utf-8")):
             if start_after is None or key.encode("utf-8") > start_after.encode("utf-8"):
-                yield ObjectInfo(key, len(stored.body), stored.etag, {})
+                yield ObjectInfo(key, len(stored.body), stored.etag, {}, storage_class=stored.storage_class)
 
     def delete_prefix(self, prefix: str) -> int:
         self._require_bucket()
@@ -164,7 +249,8 @@ class MemoryStore:
                                 "CRC32 from now on", CHECKSUM_REFUSED)
         upload_id = f"memory-upload-{next(self._ids)}"
         with self._lock:
-            self._uploads[upload_id] = _Upload(key, checksum, dict(metadata or {}), content_type)
+            self._uploads[upload_id] = _Upload(key, checksum, dict(metadata or {}), content_type,
+                                               self._class_of(True))
         return upload_id
 
     def _upload(self, what: str, key: str, upload_id: str) -> _Upload:
@@ -210,7 +296,8 @@ class MemoryStore:
             digests = b"".join(bytes.fromhex(etag.strip('"')) for _, etag in (upload.parts[p.part_number]
                                                                                 for p in parts))
             etag = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
-            self._objects[key] = _Object(body, etag, dict(upload.metadata), upload.content_type)
+            self._objects[key] = _Object(body, etag, dict(upload.metadata), upload.content_type,
+                                         upload.storage_class)
             del self._uploads[upload_id]
         return etag
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import http.client
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from . import (  # noqa: E402
     MultipartChecksum,
     ObjectInfo,
     OpenUpload,
+    RestoreAnswer,
     StoreConfig,
     TransportKind,
     UploadedPart,
@@ -142,19 +144,53 @@ class _NoBody:
 
 
 class _Body:
-    """A GetObject body read in chunks; a broken read is a TransferError."""
+    """A GetObject body, read in chunks or into the caller's buffers; a broken read or a
+    body cut short is a TransferError."""
 
-    def __init__(self, key: str, answer: dict[str, Any]) -> None:
+    def __init__(self, key: str, answer: dict[str, Any], what: str) -> None:
         self.key = key
         self.etag = str(answer.get("ETag", ""))
         self.metadata = dict(answer.get("Metadata", {}))
+        self.size = int(answer.get("ContentLength", 0))
+        self._what = what
         self._stream = answer["Body"]
+        self._left = self.size
+        # The http.client answer under urllib3's: readinto() fills the caller's buffer
+        # straight from the socket's, where urllib3's readinto reads into a new bytes
+        # object (which http.client fills through a bytearray of its own) and copies that.
+        raw = getattr(self._stream, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        self._raw = raw if isinstance(fp, http.client.HTTPResponse) and not getattr(raw, "_has_decoded_content",
+                                                                                      False) else None
 
     def chunks(self, size: int) -> Iterator[bytes]:
         try:
             yield from self._stream.iter_chunks(size)
         except (botocore.exceptions.BotoCoreError, OSError) as error:
-            raise translate(error, f"GetObject {self.key}") from None
+            raise translate(error, self._what) from None
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        if self._left <= 0 or not len(buffer):
+            return 0
+        view = memoryview(buffer)
+        if len(view) > self._left:
+            view = view[:self._left]
+        try:
+            if self._raw is not None:
+                got = self._raw._fp.readinto(view)
+            else:
+                got = self._stream.readinto(view)
+        except (botocore.exceptions.BotoCoreError, OSError, http.client.HTTPException) as error:
+            raise TransferError(f"{self._what}: {type(error).__name__}: {error}", type(error).__name__) from None
+        if not got:
+            raise TransferError(f"{self._what}: the body ended after {self.size - self._left} of {self.size} bytes",
+                                "IncompleteRead")
+        self._left -= got
+        if self._left == 0 and self._raw is not None:
+            # Read to its end behind urllib3's back: give the connection back to the pool
+            # (what urllib3 does itself when its own read reaches the end).
+            self._raw.release_conn()
+        return got
 
     def close(self) -> None:
         self._stream.close()
@@ -360,22 +396,50 @@ class S3Store:
                           absent=_ABSENT)
         if answer is None:
             return None
-        return ObjectInfo(key, int(answer["ContentLength"]), str(answer["ETag"]), dict(answer.get("Metadata", {})))
+        return ObjectInfo(key, int(answer["ContentLength"]), str(answer["ETag"]), dict(answer.get("Metadata", {})),
+                          storage_class=_storage_class(answer.get("StorageClass")), restore=answer.get("Restore"),
+                          archive_status=answer.get("ArchiveStatus"))
 
     def get_bytes(self, key: str) -> bytes:
         def send() -> bytes:
             return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
         return _sent(f"GetObject {key}", send)
 
-    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> _Body | None:
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> _Body | None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if start:
+        if length is not None:
+            if length <= 0:
+                raise ValueError(f"GetObject {key}: a range of {length} bytes")
+            args["Range"] = f"bytes={start}-{start + length - 1}"
+        elif start:
             args["Range"] = f"bytes={start}-"
         if if_match:
             args["IfMatch"] = if_match  # 412: the object changed since it was first read
-        what = f"GetObject {key}" + (f" from byte {start}" if start else "")
+        # No ChecksumMode: the client validates a response checksum only when asked
+        # (response_checksum_validation="when_required"), which would cost a CRC of every
+        # byte read and cannot check a range against the whole object's value; archup checks
+        # what it reads against the SHA-256 it recorded.
+        what = f"GetObject {key}" + (f" bytes {start}-{start + length - 1}" if length is not None
+                                     else f" from byte {start}" if start else "")
         answer = _request(what, lambda: self.client.get_object(**args), absent=_ABSENT)
-        return None if answer is None else _Body(key, answer)
+        return None if answer is None else _Body(key, answer, what)
+
+    def restore_object(self, key: str, *, days: int, tier: str, storage_class: str | None = None) -> RestoreAnswer:
+        request: dict[str, Any] = {"GlacierJobParameters": {"Tier": tier}}
+        if storage_class != "INTELLIGENT_TIERING":  # S3 refuses Days for an archive tier's object
+            request["Days"] = days
+        what = f"RestoreObject {key}"
+        try:
+            answer = self.client.restore_object(Bucket=self.bucket, Key=key, RestoreRequest=request)
+        except botocore.exceptions.ClientError as error:
+            if _error_code(error) in ("RestoreAlreadyInProgress", "409"):
+                return "in-progress"
+            raise translate(error, what) from None
+        except Exception as error:
+            raise translate(error, what) from None
+        # 202: a restore started; 200: the object already has a restored copy (its expiry moved).
+        return "ready" if answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 else "started"
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects under a prefix, in key order (UTF-8 binary order), page by page."""
@@ -383,7 +447,8 @@ class S3Store:
         pages = self.client.get_paginator("list_objects_v2").paginate(**args)
         for page in _pages(f"ListObjectsV2 {prefix}", pages):
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {})
+                yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")), {},
+                                 storage_class=_storage_class(item.get("StorageClass")))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under a prefix (1,000 keys a request); returns how many."""
@@ -532,6 +597,11 @@ class S3Store:
         for page in _pages(f"ListMultipartUploads {prefix}", pages):
             for item in page.get("Uploads", []):
                 yield str(item["Key"]), str(item["UploadId"])
+
+
+def _storage_class(named: str | None) -> str | None:
+    """A storage class as ObjectInfo keeps it: None for STANDARD (HEAD names no class for it)."""
+    return None if not named or named == "STANDARD" else str(named)
 
 
 def _pages(what: str, pages: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -8,7 +8,16 @@ import time
 from collections.abc import Callable, Iterator
 
 from .. import crashpoints
-from . import ChecksumMode, MultipartChecksum, ObjectInfo, ObjectReader, ObjectStore, OpenUpload, UploadedPart
+from . import (
+    ChecksumMode,
+    MultipartChecksum,
+    ObjectInfo,
+    ObjectReader,
+    ObjectStore,
+    OpenUpload,
+    RestoreAnswer,
+    UploadedPart,
+)
 
 
 class StoreWrapper:
@@ -41,8 +50,12 @@ class StoreWrapper:
     def get_bytes(self, key: str) -> bytes:
         return self.inner.get_bytes(key)
 
-    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> ObjectReader | None:
-        return self.inner.open_object(key, start=start, if_match=if_match)
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> ObjectReader | None:
+        return self.inner.open_object(key, start=start, length=length, if_match=if_match)
+
+    def restore_object(self, key: str, *, days: int, tier: str, storage_class: str | None = None) -> RestoreAnswer:
+        return self.inner.restore_object(key, days=days, tier=tier, storage_class=storage_class)
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         return self.inner.list_objects(prefix, start_after)
