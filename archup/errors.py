@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     PARTIAL = 3
     BUSY = 4
     DESTINATION = 5
+    LATER = 75  # sysexits' EX_TEMPFAIL: nothing failed, run the same command again later
     INTERRUPTED = 130
 
 
@@ -149,6 +150,25 @@ class UnsupportedManifest(ArchupError):
     """The manifest was written in a newer format than this archup reads."""
 
 
+class SealBroken(ArchupError):
+    """restore: the manifest's seal does not hold (or is not the one the journal recorded);
+    nothing was written."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class RestoreIncomplete(ArchupError):
+    """restore: some files could not be restored or were refused (each named); the rest are in place."""
+
+    exit_code = ExitCode.PARTIAL
+
+
+class ThawPending(ArchupError):
+    """restore: archived objects are thawing; nothing failed, run the same command again later."""
+
+    exit_code = ExitCode.LATER
+
+
 class Interrupted(ArchupError):
     """The run was stopped by SIGINT or SIGTERM; the batch is resumable."""
 
@@ -171,5 +191,6 @@ EXIT_CODE_TABLE: tuple[tuple[int, str], ...] = (
     (ExitCode.PARTIAL, "partial: some files failed or are not uploaded (the batch is resumable), or could not be read (the batch is sealed without them); a shared journal unreachable past the retries, or a host that lost its lease (the batch is resumable, other hosts go on)"),
     (ExitCode.BUSY, "busy: another archup owns the batch or holds the journal"),
     (ExitCode.DESTINATION, "destination or credentials unusable"),
+    (ExitCode.LATER, "later: restore asked for archived objects to be thawed; run the same command again once they are (or use --wait)"),
     (ExitCode.INTERRUPTED, "interrupted (SIGINT/SIGTERM); the batch is resumable"),
 )

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import logs
 from ..errors import EXIT_CODE_TABLE, ArchupError, ExitCode, exit_code_for
 from . import config as config_file
-from . import finalize, lifecycle, status, upload, verify
+from . import finalize, lifecycle, restore, status, upload, verify
 from . import version as version_command
 from .common import Invocation, defer_error, emit_json, json_requested, report_error
 
@@ -71,6 +71,7 @@ app.command("status")(status.status)
 app.command("resume")(upload.resume)
 app.command("finalize")(finalize.finalize)
 app.command("verify")(verify.verify)
+app.command("restore", epilog=EXIT_CODES_HELP)(restore.restore)
 app.command("list")(lifecycle.list_batches)
 app.command("abort")(lifecycle.abort)
 app.command("gc")(lifecycle.gc)

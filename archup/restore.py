@@ -1,0 +1,775 @@
+"""Restore: a sealed batch back into a directory, every byte checked against the manifest.
+
+The bucket and the manifest are input from outside: a forged, even correctly sealed,
+manifest can name any path and any digest. So (docs/design.md, "Writes in the target"):
+
+1. The summary is read (bounded) and its seals checked first: manifest.jsonl and
+   manifest-skipped.jsonl are copied to local temporary files while they are hashed; a
+   broken seal stops the restore before anything is created in the target (exit 3). Where
+   the journal knows the batch, the summary must also be the one it recorded at seal time.
+2. The entries are then read from the local copy, in key order, merged with one flat
+   listing of the batch's ``files/`` (sizes and storage classes, no request per file).
+3. Each file is written to a temporary name in its own directory (``.archup-restore-*``),
+   its SHA-256 computed over the bytes written, compared with the entry, its mtime set,
+   and only then renamed over its name. A file whose bytes differ never gets its name.
+4. Paths: an entry whose path is absolute, has empty, ``.`` or ``..`` segments, or whose key
+   is not ``<batch prefix>files/<path>`` is refused. Directories are opened one component
+   at a time relative to the one above, never following a symlink (``O_NOFOLLOW``), so a
+   symlink planted inside the target leads nowhere: nothing is created outside it.
+
+A file already in the target is kept when its size and SHA-256 are the entry's (a re-run
+after a crash downloads nothing that is already in place); otherwise it is replaced only
+with ``overwrite``. The filesystem is the restore's only state: a re-run redoes what is not
+in place, and its temporary names are fixed per file, so it reuses and removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .errors import DestinationError, ExitCode, Interrupted, SealBroken, TransferError, UsageError
+from .manifest import reader
+from .manifest.reader import BadLine, Entry
+from .scan import FILES_DIR, display_path
+from .select import Selector
+from .store import ARCHIVE_CLASSES, ObjectInfo, ObjectStore, thaw_state
+
+log = logging.getLogger("archup.restore")
+
+DEFAULT_PARALLEL = 8
+# Objects larger than this download as ranged GETs of this size, in parallel (s3transfer's
+# default part size; one range is what a worker holds in flight, never in memory whole).
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+BUFFER_SIZE = 1024 * 1024
+# At most this many failures are kept by name; the rest are counted.
+MAX_NAMED = 1000
+# RestoreObject requests per second, at most (S3's limit per account and region is 1,000).
+MAX_THAW_REQUESTS_PER_SECOND = 1000
+THAW_TIERS = ("Standard", "Bulk", "Expedited")
+# How long a thaw takes, as AWS documents it (GLACIER; DEEP_ARCHIVE), for the report.
+THAW_HOURS = {"Expedited": ("1-5 minutes", "not offered"), "Standard": ("3-5 hours", "up to 12 hours"),
+              "Bulk": ("5-12 hours", "up to 48 hours")}
+TEMP_PREFIX = ".archup-restore-"
+
+
+@dataclass(frozen=True)
+class BatchLocation:
+    """Where a sealed batch is: from the journal's row, or from --bucket and --prefix."""
+
+    batch_id: str
+    summary_key: str
+    batch_prefix: str
+    recorded_summary_sha256: str | None = None  # the journal's record of the seal, if it has one
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    parallel: int = DEFAULT_PARALLEL
+    part_size: int = DEFAULT_PART_SIZE
+    overwrite: bool = False
+    includes: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    files_from: frozenset[str] | None = None
+    restore_tier: str = "Standard"
+    restore_days: int = 7
+    wait: bool = False
+    dry_run: bool = False
+    # --wait: HEAD every thawing object this often at first, doubling up to the maximum.
+    poll_first: float = 60.0
+    poll_max: float = 900.0
+    wait_limit: float | None = None  # seconds --wait may last (None: until done)
+
+
+class RestoreObserver(Protocol):
+    def on_bytes(self, count: int) -> None: ...
+
+    def on_file_started(self, rel_path: str, size: int) -> None: ...
+
+    def on_file_done(self, rel_path: str, ok: bool, size: int, error: str | None) -> None: ...
+
+
+class _Quiet:
+    def on_bytes(self, count: int) -> None:
+        pass
+
+    def on_file_started(self, rel_path: str, size: int) -> None:
+        pass
+
+    def on_file_done(self, rel_path: str, ok: bool, size: int, error: str | None) -> None:
+        pass
+
+
+@dataclass
+class RestoreReport:
+    batch_id: str
+    target: str
+    dry_run: bool = False
+    files_restored: int = 0
+    bytes_restored: int = 0
+    files_present: int = 0          # already in the target with the entry's size and SHA-256
+    files_failed: int = 0           # named in ``failures`` (the first MAX_NAMED)
+    objects_thawing: int = 0        # archived: a restore requested (or under way); run again later
+    thaw_requests: int = 0          # RestoreObject requests this run sent
+    files_selected: int = 0
+    bytes_selected: int = 0
+    elapsed_s: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    planned: list[tuple[str, str, int]] = field(default_factory=list)  # dry run: (action, path, size)
+    thaw_note: str = ""
+
+    @property
+    def bytes_per_s(self) -> int:
+        return int(self.bytes_restored / self.elapsed_s) if self.elapsed_s > 0 else 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.files_failed:
+            return ExitCode.PARTIAL
+        if self.objects_thawing:
+            return ExitCode.LATER
+        return ExitCode.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "batch_id": self.batch_id, "target": self.target, "files_restored": self.files_restored,
+            "bytes_restored": self.bytes_restored, "files_present": self.files_present,
+            "files_failed": self.files_failed, "objects_thawing": self.objects_thawing,
+            "thaw_requests": self.thaw_requests, "files_selected": self.files_selected,
+            "bytes_selected": self.bytes_selected, "elapsed_s": round(self.elapsed_s, 3),
+            "bytes_per_s": self.bytes_per_s,
+            "failures": [{"path": path, "reason": reason} for path, reason in self.failures],
+        }
+        if self.dry_run:
+            document["dry_run"] = True
+            document["would_fetch"] = sum(1 for action, _, _ in self.planned if action == "fetch")
+            document["would_thaw"] = sum(1 for action, _, _ in self.planned if action == "thaw")
+        return document
+
+
+def path_problem(path: str) -> str | None:
+    """Why a manifest path cannot be restored under a directory, or None."""
+    if not path:
+        return "empty path"
+    if "\0" in path:
+        return "NUL in path"
+    if path.startswith("/"):
+        return "absolute path"
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            return f"path segment {segment or '(empty)'!r}"
+        if segment.startswith(TEMP_PREFIX):
+            return "name reserved for restore's temporary files"
+    return None
+
+
+def _temp_name(name: str) -> str:
+    # Fixed per file, so a re-run after kill -9 reuses (and so removes) it; short whatever the name's length.
+    return TEMP_PREFIX + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+class UnsafePath(Exception):
+    """A directory on the way is not a directory we made or found as one (a symlink, a file)."""
+
+
+class Target:
+    """The target directory, opened once; every path under it resolved one component at a
+    time with ``dir_fd`` and ``O_NOFOLLOW``."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_parent(self, rel_path: str, *, create: bool) -> int | None:
+        """An fd of the directory that holds ``rel_path`` (the caller closes it), creating the
+        directories on the way if ``create``; None if one is missing and not created."""
+        fd = os.dup(self.fd)
+        try:
+            for segment in rel_path.split("/")[:-1]:
+                try:
+                    child = os.open(segment, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        return None
+                    try:
+                        os.mkdir(segment, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # another worker made it
+                    child = os.open(segment, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except (NotADirectoryError, OSError) as error:
+                    if isinstance(error, NotADirectoryError) or error.errno in (40, 20):  # ELOOP, ENOTDIR
+                        raise UnsafePath(f"{segment!r} on its way is a symlink or not a directory") from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _hash_fd(fd: int, size: int, buffer: bytearray) -> str | None:
+    """SHA-256 of a file's first ``size`` bytes read through ``fd``; None if it is shorter."""
+    hasher = hashlib.sha256()
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        count = os.preadv(fd, [view[:min(len(buffer), size - offset)]], offset)
+        if count == 0:
+            return None
+        hasher.update(view[:count])
+        offset += count
+    return hasher.hexdigest()
+
+
+class _Local(threading.local):
+    buffer: bytearray | None = None
+
+
+@dataclass
+class _Large:
+    """One large file being fetched as ranged GETs into its temporary file."""
+
+    entry: Entry
+    parent_fd: int
+    fd: int
+    temp: str
+    name: str
+    etag: str | None
+    remaining: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: str | None = None
+
+
+class _Restore:
+    def __init__(self, store: ObjectStore, location: BatchLocation, target: Path, options: RestoreOptions,
+                 observer: RestoreObserver, stop: threading.Event) -> None:
+        self.store = store
+        self.location = location
+        self.target_path = target
+        self.options = options
+        self.observer = observer
+        self.stop = stop
+        self.report = RestoreReport(location.batch_id, str(target), dry_run=options.dry_run)
+        self.lock = threading.Lock()
+        self.local = _Local()
+        self.select = Selector(options.includes, options.excludes)
+        self.files_prefix = location.batch_prefix + FILES_DIR
+        self.thaw_times: list[float] = []
+        self.waiting: list[tuple[Entry, ObjectInfo]] = []
+        self.target: Target | None = None
+        # Restored files get the mode a new file gets here (0666 less the umask), as cp gives them.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        self.file_mode = 0o666 & ~umask
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _buffer(self) -> bytearray:
+        if self.local.buffer is None:
+            self.local.buffer = bytearray(BUFFER_SIZE)
+        return self.local.buffer
+
+    def fail(self, path: str, reason: str) -> None:
+        with self.lock:
+            self.report.files_failed += 1
+            if len(self.report.failures) < MAX_NAMED:
+                self.report.failures.append((path, reason))
+        log.warning("restore: %s: %s", display_path(path), display_path(reason))
+
+    def _done(self, entry: Entry, ok: bool, error: str | None = None, *, present: bool = False) -> None:
+        if ok:
+            with self.lock:
+                if present:
+                    self.report.files_present += 1
+                else:
+                    self.report.files_restored += 1
+                    self.report.bytes_restored += entry.size
+        else:
+            self.fail(entry.path, error or "failed")
+        self.observer.on_file_done(entry.path, ok, entry.size, error)
+
+    # -- the seal ---------------------------------------------------------------
+
+    def read_seal(self, spool: IO[bytes]) -> reader.Summary:
+        location = self.location
+        try:
+            summary = reader.read_summary(self.store, location.summary_key, location.batch_id)
+        except reader.ManifestDefect as defect:
+            if defect.kind == "missing":
+                raise SealBroken(f"batch {location.batch_id}: no manifest at {location.summary_key}: the batch "
+                                 "is not sealed there (check --bucket, --prefix and --endpoint-url)") from None
+            raise SealBroken(f"batch {location.batch_id}: the manifest summary cannot be used: {defect}; "
+                             "nothing was restored") from None
+        if location.recorded_summary_sha256 is not None and summary.sha256 != location.recorded_summary_sha256:
+            raise SealBroken(f"batch {location.batch_id}: {location.summary_key} is not the summary the journal "
+                             f"recorded at seal time (SHA-256 {summary.sha256}, recorded "
+                             f"{location.recorded_summary_sha256}); nothing was restored")
+        for seal in (summary.entries, summary.skipped):
+            if seal is None:
+                continue
+            if not seal.key.startswith(location.batch_prefix):
+                raise SealBroken(f"batch {location.batch_id}: the summary seals {seal.key}, outside the batch "
+                                 f"prefix {location.batch_prefix}; nothing was restored")
+            if seal is summary.skipped:
+                with tempfile.TemporaryFile() as scratch:
+                    broken = reader.spool(self.store, seal, scratch)
+            else:
+                broken = reader.spool(self.store, seal, spool)
+            if broken:
+                what = "; ".join(f"{name}: sealed {expected}, read {actual}" for name, expected, actual in broken)
+                raise SealBroken(f"batch {location.batch_id}: {seal.key} does not match its seal ({what}); "
+                                 "nothing was restored")
+        return summary
+
+    # -- planning ---------------------------------------------------------------
+
+    def wanted(self, entries: Iterator[Entry | BadLine]) -> Iterator[Entry]:
+        """The selected entries that may be restored; the others reported."""
+        for item in entries:
+            if isinstance(item, BadLine):
+                self.fail(f"(manifest line {item.number})", f"unusable entry: {item.reason}")
+                continue
+            problem = path_problem(item.path)
+            if problem is None and item.key != self.files_prefix + item.path:
+                problem = f"key {item.key!r} is not the path's key"
+            if problem is not None:
+                self.fail(item.path, f"refused: {problem}")
+                continue
+            if self.options.files_from is not None and item.path not in self.options.files_from:
+                continue
+            if not self.select(item.path):
+                continue
+            with self.lock:
+                self.report.files_selected += 1
+                self.report.bytes_selected += item.size
+            yield item
+
+    # -- one file -----------------------------------------------------------------
+
+    def _existing(self, entry: Entry, parent_fd: int, name: str) -> str | None:
+        """'same' (kept), 'differs', or None (nothing there). A symlink, a directory or any
+        other non-file in the way differs."""
+        try:
+            info = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
+            return "differs"
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            digest = _hash_fd(fd, entry.size, self._buffer())
+        finally:
+            os.close(fd)
+        return "same" if digest == entry.sha256 else "differs"
+
+    def _prepare(self, entry: Entry) -> tuple[int, str] | None:
+        """The open parent directory and the name, or None when the file needs nothing (kept,
+        or failed and reported)."""
+        assert self.target is not None
+        name = entry.path.rsplit("/", 1)[-1]
+        try:
+            parent_fd = self.target.open_parent(entry.path, create=True)
+        except UnsafePath as error:
+            self._done(entry, False, f"refused: {error}")
+            return None
+        except OSError as error:
+            self._done(entry, False, f"cannot create its directory: {error.strerror}")
+            return None
+        assert parent_fd is not None
+        try:
+            existing = self._existing(entry, parent_fd, name)
+        except OSError as error:
+            os.close(parent_fd)
+            self._done(entry, False, f"cannot read the file in place: {error.strerror}")
+            return None
+        if existing == "same":
+            _unlink_quietly(_temp_name(name), parent_fd)
+            os.close(parent_fd)
+            self._done(entry, True, present=True)
+            return None
+        if existing == "differs" and not self.options.overwrite:
+            os.close(parent_fd)
+            self._done(entry, False, "exists and differs from the archive (--overwrite replaces it)")
+            return None
+        return parent_fd, name
+
+    def _open_temp(self, parent_fd: int, name: str) -> tuple[int, str]:
+        temp = _temp_name(name)
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=parent_fd)
+        return fd, temp
+
+    def _seal_file(self, entry: Entry, parent_fd: int, fd: int, temp: str, name: str, digest: str | None) -> str | None:
+        """Check, date and rename the finished temporary file; the reason it failed, or None."""
+        if digest != entry.sha256:
+            _unlink_quietly(temp, parent_fd)
+            return f"SHA-256 of the bytes read is {digest or '(short read)'}, the manifest says {entry.sha256}"
+        os.fchmod(fd, self.file_mode)
+        if entry.mtime_ns is not None:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        try:
+            os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        except OSError as error:  # a directory in the way, say
+            _unlink_quietly(temp, parent_fd)
+            return f"cannot put it in place: {error.strerror}"
+        return None
+
+    def fetch_small(self, entry: Entry, listed: ObjectInfo) -> None:
+        self.observer.on_file_started(entry.path, entry.size)
+        prepared = self._prepare(entry)
+        if prepared is None:
+            return
+        parent_fd, name = prepared
+        fd = -1
+        temp = ""
+        error: str | None = None
+        try:
+            fd, temp = self._open_temp(parent_fd, name)
+            digest = self._download(entry, listed, fd)
+            error = self._seal_file(entry, parent_fd, fd, temp, name, digest)
+        except (TransferError, OSError, _Stopped) as failure:
+            if temp:
+                _unlink_quietly(temp, parent_fd)
+            error = _reason(failure)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.close(parent_fd)
+        if isinstance(error, str) and error == _STOPPED:
+            return
+        self._done(entry, error is None, error)
+
+    def _download(self, entry: Entry, listed: ObjectInfo, fd: int) -> str | None:
+        """GET the whole object into ``fd``, hashing as it streams; its SHA-256, or None if it
+        ended short."""
+        body = self.store.open_object(entry.key, if_match=listed.etag or None)
+        if body is None:
+            raise TransferError(f"GetObject {entry.key}: the object is gone", "NoSuchKey")
+        hasher = hashlib.sha256()
+        buffer = self._buffer()
+        view = memoryview(buffer)
+        written = 0
+        with closing(body):
+            while written <= entry.size:
+                if self.stop.is_set():
+                    raise _Stopped()
+                count = body.readinto(view)
+                if count == 0:
+                    break
+                hasher.update(view[:count])
+                os.write(fd, view[:count])
+                written += count
+                self.observer.on_bytes(count)
+        return hasher.hexdigest() if written == entry.size else None
+
+    # -- large files: ranges ------------------------------------------------------
+
+    def ranges(self, entry: Entry, listed: ObjectInfo) -> list[Callable[[], None]]:
+        """The ranged GETs of one large file, as tasks; the last one to finish seals the file."""
+        self.observer.on_file_started(entry.path, entry.size)
+        prepared = self._prepare(entry)
+        if prepared is None:
+            return []
+        parent_fd, name = prepared
+        try:
+            fd, temp = self._open_temp(parent_fd, name)
+            os.ftruncate(fd, entry.size)
+        except OSError as error:
+            os.close(parent_fd)
+            self._done(entry, False, f"cannot write: {error.strerror}")
+            return []
+        part = self.options.part_size
+        starts = list(range(0, entry.size, part))
+        large = _Large(entry, parent_fd, fd, temp, name, listed.etag or None, len(starts))
+        return [lambda start=start: self._range(large, start, min(part, entry.size - start)) for start in starts]
+
+    def _range(self, large: _Large, start: int, length: int) -> None:
+        error: str | None = None
+        if large.error is None:
+            try:
+                self._fetch_range(large, start, length)
+            except (TransferError, OSError, _Stopped) as failure:
+                error = _reason(failure)
+        with large.lock:
+            if error is not None and large.error is None:
+                large.error = error
+            large.remaining -= 1
+            last = large.remaining == 0
+        if last:
+            self._finish_large(large)
+
+    def _fetch_range(self, large: _Large, start: int, length: int) -> None:
+        body = self.store.open_object(large.entry.key, start=start, length=length, if_match=large.etag)
+        if body is None:
+            raise TransferError(f"GetObject {large.entry.key}: the object is gone", "NoSuchKey")
+        view = memoryview(self._buffer())
+        offset = start
+        end = start + length
+        with closing(body):
+            while offset < end:
+                if self.stop.is_set() or large.error is not None:
+                    raise _Stopped()
+                count = body.readinto(view[:min(len(view), end - offset)])
+                if count == 0:
+                    raise TransferError(f"GetObject {large.entry.key}: the range from byte {start} ended at "
+                                        f"byte {offset}, short of {end}", "IncompleteBody")
+                os.pwrite(large.fd, view[:count], offset)
+                offset += count
+                self.observer.on_bytes(count)
+
+    def _finish_large(self, large: _Large) -> None:
+        entry = large.entry
+        error = large.error
+        try:
+            if error is None:
+                # The ranges arrived in any order: the digest is taken over the file as written.
+                digest = _hash_fd(large.fd, entry.size, self._buffer())
+                error = self._seal_file(entry, large.parent_fd, large.fd, large.temp, large.name, digest)
+            else:
+                _unlink_quietly(large.temp, large.parent_fd)
+        except OSError as failure:
+            _unlink_quietly(large.temp, large.parent_fd)
+            error = _reason(failure)
+        finally:
+            os.close(large.fd)
+            os.close(large.parent_fd)
+        if error == _STOPPED:
+            return
+        self._done(entry, error is None, error)
+
+    # -- archived objects ---------------------------------------------------------
+
+    def _thaw_state(self, entry: Entry, listed: ObjectInfo) -> tuple[str, ObjectInfo]:
+        """readable / archived / thawing, with HEAD's answer for an object of an archive class."""
+        storage_class = (listed.storage_class or "").upper()
+        if storage_class not in ARCHIVE_CLASSES and storage_class != "INTELLIGENT_TIERING":
+            return "readable", listed
+        info = self.store.head(entry.key)
+        if info is None:
+            raise TransferError(f"HeadObject {entry.key}: the object is gone", "NoSuchKey")
+        return thaw_state(info), info
+
+    def _request_thaw(self, entry: Entry, info: ObjectInfo) -> None:
+        # At most MAX_THAW_REQUESTS_PER_SECOND, whatever the parallelism: S3's own limit.
+        now = time.monotonic()
+        with self.lock:
+            while self.thaw_times and now - self.thaw_times[0] >= 1.0:
+                self.thaw_times.pop(0)
+            if len(self.thaw_times) >= MAX_THAW_REQUESTS_PER_SECOND:
+                delay = 1.0 - (now - self.thaw_times[0])
+            else:
+                delay = 0.0
+            self.thaw_times.append(now + delay)
+        if delay > 0:
+            self.stop.wait(delay)
+        self.store.restore_object(entry.key, days=self.options.restore_days, tier=self.options.restore_tier,
+                                  storage_class=info.storage_class)
+        with self.lock:
+            self.report.thaw_requests += 1
+
+    def _dry_action(self, entry: Entry) -> str:
+        """What a real run would do with a readable object: fetch it, or keep the file in place."""
+        if self.target is None:
+            return "fetch"
+        try:
+            parent_fd = self.target.open_parent(entry.path, create=False)
+        except (UnsafePath, OSError):
+            return "refuse"
+        if parent_fd is None:
+            return "fetch"
+        try:
+            existing = self._existing(entry, parent_fd, entry.path.rsplit("/", 1)[-1])
+        except OSError:
+            existing = "differs"
+        finally:
+            os.close(parent_fd)
+        if existing == "same":
+            return "keep"
+        return "fetch" if existing is None or self.options.overwrite else "refuse"
+
+    # -- the run --------------------------------------------------------------------
+
+    def plan_item(self, entry: Entry, listed: ObjectInfo | None) -> list[Callable[[], None]]:
+        """What one entry needs: nothing (reported), or the tasks that fetch it."""
+        if listed is None:
+            self._done(entry, False, "missing from the bucket")
+            return []
+        if listed.size != entry.size:
+            self._done(entry, False, f"the object has {listed.size} bytes, the manifest says {entry.size}")
+            return []
+        try:
+            state, info = self._thaw_state(entry, listed)
+            if state != "readable":
+                if self.options.dry_run:
+                    self.report.planned.append(("thaw", entry.path, entry.size))
+                    self.report.objects_thawing += 1
+                    return []
+                if state == "archived":
+                    self._request_thaw(entry, info)
+                if self.options.wait:
+                    self.waiting.append((entry, listed))
+                else:
+                    with self.lock:
+                        self.report.objects_thawing += 1
+                return []
+        except TransferError as error:
+            self._done(entry, False, str(error))
+            return []
+        if self.options.dry_run:
+            self.report.planned.append((self._dry_action(entry), entry.path, entry.size))
+            return []
+        if entry.size > self.options.part_size:
+            return self.ranges(entry, listed)
+        return [lambda: self.fetch_small(entry, listed)]
+
+    def run(self) -> RestoreReport:
+        started = time.monotonic()
+        with tempfile.TemporaryFile() as spool:
+            self.read_seal(spool)
+            if not self.options.dry_run:
+                self.target = Target(self.target_path)
+            elif self.target_path.is_dir():
+                self.target = Target(self.target_path)
+            try:
+                self._send(reader.entries(reader.local_lines(spool)))
+                if self.waiting:
+                    self._wait_and_fetch()
+            finally:
+                if self.target is not None:
+                    self.target.close()
+        self.report.elapsed_s = time.monotonic() - started
+        if self.report.objects_thawing:
+            glacier, deep = THAW_HOURS[self.options.restore_tier]
+            self.report.thaw_note = (f"{self.report.objects_thawing} object(s) are thawing ({self.options.restore_tier} "
+                                     f"tier: {glacier} for GLACIER, {deep} for DEEP_ARCHIVE); run the same "
+                                     "command again then, or add --wait")
+        if self.stop.is_set():
+            raise Interrupted(f"restore of batch {self.location.batch_id} interrupted; run the same command "
+                              "again to finish it (files in place are kept)")
+        return self.report
+
+    def _send(self, entries: Iterator[Entry | BadLine]) -> None:
+        listing = self.store.list_objects(self.files_prefix)
+        pending: set[Future[None]] = set()
+        limit = self.options.parallel * 2
+        pool = ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-restore")
+        try:
+            for paired in reader.merge_listing(self.wanted(entries), lambda entry: entry.key, listing):
+                if paired.item is None:
+                    continue  # an object the manifest does not name: not part of the batch
+                if self.stop.is_set():
+                    break
+                for task in self.plan_item(paired.item, paired.listed):
+                    while len(pending) >= limit:
+                        _wait_some(pending)
+                    pending.add(pool.submit(task))
+            while pending:
+                _wait_some(pending)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _wait_and_fetch(self) -> None:
+        """--wait: poll the thawing objects with backoff; fetch each once it is readable."""
+        delay = self.options.poll_first
+        deadline = None if self.options.wait_limit is None else time.monotonic() + self.options.wait_limit
+        waiting = self.waiting
+        while waiting and not self.stop.is_set():
+            still: list[tuple[Entry, ObjectInfo]] = []
+            ready: list[tuple[Entry, ObjectInfo]] = []
+            for entry, listed in waiting:
+                info = self.store.head(entry.key)
+                if info is None:
+                    self._done(entry, False, "missing from the bucket")
+                elif thaw_state(info) == "readable":
+                    ready.append((entry, listed))
+                else:
+                    still.append((entry, listed))
+            if ready:
+                self.waiting = []
+                self._send_ready(ready)
+            waiting = still
+            if not waiting:
+                break
+            if deadline is not None and time.monotonic() + delay > deadline:
+                with self.lock:
+                    self.report.objects_thawing += len(waiting)
+                return
+            log.info("restore: %d object(s) still thawing; next look in %.0f s", len(waiting), delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, self.options.poll_max)
+
+    def _send_ready(self, ready: list[tuple[Entry, ObjectInfo]]) -> None:
+        pending: set[Future[None]] = set()
+        with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-restore") as pool:
+            for entry, listed in ready:
+                tasks = self.ranges(entry, listed) if entry.size > self.options.part_size else \
+                    [lambda entry=entry, listed=listed: self.fetch_small(entry, listed)]
+                for task in tasks:
+                    while len(pending) >= self.options.parallel * 2:
+                        _wait_some(pending)
+                    pending.add(pool.submit(task))
+            while pending:
+                _wait_some(pending)
+
+
+class _Stopped(Exception):
+    """A stop was asked for (a signal): the file is left for the next run."""
+
+
+_STOPPED = "stopped"
+
+
+def _reason(failure: BaseException) -> str:
+    if isinstance(failure, _Stopped):
+        return _STOPPED
+    if isinstance(failure, OSError):
+        return f"cannot write: {failure.strerror or failure}"
+    return str(failure)
+
+
+def _wait_some(pending: set[Future[None]]) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for future in done:
+        pending.discard(future)
+        error = future.exception()
+        if isinstance(error, DestinationError):
+            raise error
+        if error is not None:
+            raise error
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def restore_batch(store: ObjectStore, location: BatchLocation, target: Path, options: RestoreOptions, *,
+                  observer: RestoreObserver | None = None, stop: threading.Event | None = None) -> RestoreReport:
+    """Restore a sealed batch under ``target``; see the module's docstring for the order of
+    writes. Raises SealBroken before writing anything when the manifest's seal does not hold,
+    DestinationError when the bucket is unusable, Interrupted when ``stop`` was set; every
+    other problem is one file's, named in the report."""
+    if options.restore_tier not in THAW_TIERS:
+        raise UsageError(f"--restore-tier {options.restore_tier}: use one of {', '.join(THAW_TIERS)}")
+    return _Restore(store, location, target, options, observer or _Quiet(), stop or threading.Event()).run()
