@@ -22,6 +22,11 @@ POINTS = (
     "after-manifest-entries",   # finalize wrote manifest.jsonl and manifest-skipped.jsonl, not the summary
     "after-manifest-summary",   # finalize wrote manifest.json, the journal says finalizing
 )
+RESTORE_POINTS = (
+    "restore-range-written",    # one range of a large file is in its temporary file
+    "restore-before-rename",    # a file's bytes are checked, its temporary file not yet renamed
+    "restore-after-rename",     # a file is in place, the run goes on
+)
 
 _lock = threading.Lock()
 _seen: dict[str, int] = {}

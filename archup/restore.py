@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from .crashpoints import crash_point
 from .errors import DestinationError, ExitCode, Interrupted, SealBroken, TransferError, UsageError
 from .manifest import reader
 from .manifest.reader import BadLine, Entry
@@ -259,8 +260,11 @@ class _Large:
 
 class _Restore:
     def __init__(self, store: ObjectStore, location: BatchLocation, target: Path, options: RestoreOptions,
-                 observer: RestoreObserver, stop: threading.Event) -> None:
+                 observer: RestoreObserver, stop: threading.Event, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] | None = None) -> None:
         self.store = store
+        self.clock = clock
+        self.sleep = sleep or stop.wait  # a signal ends any wait at once
         self.location = location
         self.target_path = target
         self.options = options
@@ -424,11 +428,13 @@ class _Restore:
         os.fchmod(fd, self.file_mode)
         if entry.mtime_ns is not None:
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        crash_point("restore-before-rename")
         try:
             os.rename(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         except OSError as error:  # a directory in the way, say
             _unlink_quietly(temp, parent_fd)
             return f"cannot put it in place: {error.strerror}"
+        crash_point("restore-after-rename")
         return None
 
     def fetch_small(self, entry: Entry, listed: ObjectInfo) -> None:
@@ -533,6 +539,7 @@ class _Restore:
                 os.pwrite(large.fd, view[:count], offset)
                 offset += count
                 self.observer.on_bytes(count)
+        crash_point("restore-range-written")
 
     def _finish_large(self, large: _Large) -> None:
         entry = large.entry
@@ -568,7 +575,7 @@ class _Restore:
 
     def _request_thaw(self, entry: Entry, info: ObjectInfo) -> None:
         # At most MAX_THAW_REQUESTS_PER_SECOND, whatever the parallelism: S3's own limit.
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             while self.thaw_times and now - self.thaw_times[0] >= 1.0:
                 self.thaw_times.pop(0)
@@ -578,7 +585,7 @@ class _Restore:
                 delay = 0.0
             self.thaw_times.append(now + delay)
         if delay > 0:
-            self.stop.wait(delay)
+            self.sleep(delay)
         self.store.restore_object(entry.key, days=self.options.restore_days, tier=self.options.restore_tier,
                                   storage_class=info.storage_class)
         with self.lock:
@@ -619,7 +626,6 @@ class _Restore:
             if state != "readable":
                 if self.options.dry_run:
                     self.report.planned.append(("thaw", entry.path, entry.size))
-                    self.report.objects_thawing += 1
                     return []
                 if state == "archived":
                     self._request_thaw(entry, info)
@@ -688,7 +694,7 @@ class _Restore:
     def _wait_and_fetch(self) -> None:
         """--wait: poll the thawing objects with backoff; fetch each once it is readable."""
         delay = self.options.poll_first
-        deadline = None if self.options.wait_limit is None else time.monotonic() + self.options.wait_limit
+        deadline = None if self.options.wait_limit is None else self.clock() + self.options.wait_limit
         waiting = self.waiting
         while waiting and not self.stop.is_set():
             still: list[tuple[Entry, ObjectInfo]] = []
@@ -707,12 +713,12 @@ class _Restore:
             waiting = still
             if not waiting:
                 break
-            if deadline is not None and time.monotonic() + delay > deadline:
+            if deadline is not None and self.clock() + delay > deadline:
                 with self.lock:
                     self.report.objects_thawing += len(waiting)
                 return
             log.info("restore: %d object(s) still thawing; next look in %.0f s", len(waiting), delay)
-            self.stop.wait(delay)
+            self.sleep(delay)
             delay = min(delay * 2, self.options.poll_max)
 
     def _send_ready(self, ready: list[tuple[Entry, ObjectInfo]]) -> None:
@@ -765,11 +771,14 @@ def _unlink_quietly(name: str, dir_fd: int) -> None:
 
 
 def restore_batch(store: ObjectStore, location: BatchLocation, target: Path, options: RestoreOptions, *,
-                  observer: RestoreObserver | None = None, stop: threading.Event | None = None) -> RestoreReport:
+                  observer: RestoreObserver | None = None, stop: threading.Event | None = None,
+                  clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], object] | None = None) -> RestoreReport:
     """Restore a sealed batch under ``target``; see the module's docstring for the order of
     writes. Raises SealBroken before writing anything when the manifest's seal does not hold,
     DestinationError when the bucket is unusable, Interrupted when ``stop`` was set; every
     other problem is one file's, named in the report."""
     if options.restore_tier not in THAW_TIERS:
         raise UsageError(f"--restore-tier {options.restore_tier}: use one of {', '.join(THAW_TIERS)}")
-    return _Restore(store, location, target, options, observer or _Quiet(), stop or threading.Event()).run()
+    return _Restore(store, location, target, options, observer or _Quiet(), stop or threading.Event(),
+                    clock=clock, sleep=sleep).run()

@@ -198,3 +198,100 @@ def test_dry_run_says_what_it_would_do_and_writes_nothing(cli, batch, tmp_path) 
     assert result.exit_code == 0, result.stderr
     assert "keep   a.txt" in result.stdout and "fetch  dir/b.bin" in result.stdout
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+
+
+# -- kill -9, signals -----------------------------------------------------------
+
+CRASH_FILES = {**{f"small/{n:02}.txt": f"small {n}\n".encode() * (n + 1) for n in range(8)},
+               "big-1.bin": bytes(range(256)) * 9000, "big-2.bin": bytes(reversed(range(256))) * 9000}
+
+
+@pytest.mark.parametrize("point", ["restore-range-written:3", "restore-before-rename:4", "restore-after-rename:5"])
+def test_kill_9_anywhere_then_the_same_command_ends_with_the_exact_tree(cli, tmp_path, point) -> None:
+    import signal
+
+    from archup.crashpoints import RESTORE_POINTS
+
+    assert point.partition(":")[0] in RESTORE_POINTS
+    batch = upload(cli, make_source(tmp_path / "src", CRASH_FILES))
+    target = tmp_path / "out"
+    args = ("restore", batch["batch_id"], str(target), "--json", "--endpoint-url", cli.endpoint,
+            "--part-size", "1MiB", "--parallel", "2")
+    crashed = cli.subprocess(*args, env={"ARCHUP_CRASH_AT": point})
+    assert crashed.exit_code == -signal.SIGKILL, crashed.stderr
+    in_place_before = {name: body for name, body in tree(target).items() if not name.split("/")[-1].startswith(".")}
+    assert all(CRASH_FILES[name] == body for name, body in in_place_before.items())  # nothing unverified in sight
+
+    rerun = cli.subprocess(*args)
+    assert rerun.exit_code == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert tree(target) == CRASH_FILES  # the exact tree, no temporary file left
+    # What was in place before the rerun was checked, not fetched again.
+    assert report["files_present"] == len(in_place_before)
+    assert report["files_restored"] == len(CRASH_FILES) - len(in_place_before)
+
+
+# -- cold storage -------------------------------------------------------------------
+
+
+def test_archived_objects_are_thawed_then_restored_on_the_next_run(cli, s3, bucket, tmp_path) -> None:
+    batch = upload(cli, make_source(tmp_path / "src", FILES), "--storage-class", "GLACIER")
+    target = tmp_path / "out"
+    code, report = restore(cli, batch["batch_id"], target, journal=False)
+    assert code == 75
+    assert (report["objects_thawing"], report["thaw_requests"], report["files_failed"]) == (len(FILES), len(FILES), 0)
+    assert tree(target) == {}
+    head = s3.head_object(Bucket=bucket, Key=batch["prefix"] + "files/a.txt")
+    assert "ongoing-request" in head["ResponseMetadata"]["HTTPHeaders"]["x-amz-restore"]
+
+    code, report = restore(cli, batch["batch_id"], target, journal=False)
+    assert code == 0 and report["thaw_requests"] == 0
+    assert tree(target) == FILES
+
+
+def test_wait_thaws_and_restores_in_one_run(cli, tmp_path) -> None:
+    batch = upload(cli, make_source(tmp_path / "src", FILES), "--storage-class", "DEEP_ARCHIVE")
+    code, report = restore(cli, batch["batch_id"], tmp_path / "out", "--wait", "--restore-tier", "Bulk")
+    assert code == 0, report
+    assert report["thaw_requests"] == len(FILES) and tree(tmp_path / "out") == FILES
+
+
+def test_dry_run_names_what_would_be_thawed(cli, s3, bucket, tmp_path) -> None:
+    batch = upload(cli, make_source(tmp_path / "src", FILES), "--storage-class", "GLACIER")
+    result = cli("restore", batch["batch_id"], str(tmp_path / "out"), "--dry-run", "--endpoint-url", cli.endpoint)
+    assert result.exit_code == 0, result.stderr
+    assert "thaw   a.txt" in result.stdout
+    head = s3.head_object(Bucket=bucket, Key=batch["prefix"] + "files/a.txt")
+    assert "x-amz-restore" not in head["ResponseMetadata"]["HTTPHeaders"]
+
+
+def test_a_signal_stops_with_130_and_the_same_command_finishes(cli, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    files = {"a.bin": os.urandom(2 * MiB), "b.bin": os.urandom(2 * MiB), "c.txt": b"c"}
+    batch = upload(cli, make_source(tmp_path / "src", files))
+    target = tmp_path / "out"
+    args = [sys.executable, "-m", "archup", "restore", batch["batch_id"], str(target), "--json", "--journal",
+            str(cli.journal), "--endpoint-url", cli.endpoint, "--bwlimit", "1MiB", "--parallel", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # A bounded poll for the first temporary file: the restore is then mid-file.
+        while not (target.exists() and list(target.glob(".archup-restore-*"))) and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert json.loads(stdout)["exit_code"] == 130
+    assert not list(target.rglob(".archup-restore-*"))
+    assert all(files[name] == body for name, body in tree(target).items())
+
+    code, report = restore(cli, batch["batch_id"], target)
+    assert code == 0 and tree(target) == files

@@ -123,6 +123,36 @@ class RateLimitedStore(StoreWrapper):
         self._wait_for(len(body))
         return super().upload_part(key, upload_id, part_number, body, checksum, crc=crc)
 
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> ObjectReader | None:
+        reader = super().open_object(key, start=start, length=length, if_match=if_match)
+        return None if reader is None else _MeteredReader(reader, self._wait_for)
+
+
+class _MeteredReader:
+    """A download under --bwlimit: each read waits until its bytes are due in the shared budget."""
+
+    def __init__(self, inner: ObjectReader, wait_for: Callable[[int], None]) -> None:
+        self.inner = inner
+        self._wait_for = wait_for
+        self.etag = inner.etag
+        self.metadata = inner.metadata
+        self.size = inner.size
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        for chunk in self.inner.chunks(size):
+            self._wait_for(len(chunk))
+            yield chunk
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        count = self.inner.readinto(buffer)
+        if count:
+            self._wait_for(count)
+        return count
+
+    def close(self) -> None:
+        self.inner.close()
+
 
 class CrashPointStore(StoreWrapper):
     """The ``during-put-object`` crash point: the process dies while a source file's
