@@ -295,3 +295,17 @@ def test_a_signal_stops_with_130_and_the_same_command_finishes(cli, tmp_path) ->
 
     code, report = restore(cli, batch["batch_id"], target)
     assert code == 0 and tree(target) == files
+
+
+def test_metrics_file_says_what_the_restore_did(cli, batch, tmp_path) -> None:
+    from test_metrics import parse, value
+
+    metrics_file = tmp_path / "textfile" / "archup.prom"
+    metrics_file.parent.mkdir()
+    code, _ = restore(cli, batch["batch_id"], tmp_path / "out", "--metrics-file", str(metrics_file))
+    assert code == 0
+    families = parse(metrics_file)
+    assert value(families, "archup_last_run_exit_code", command="restore") == 0
+    assert value(families, "archup_restore_files_restored") == len(FILES)
+    assert value(families, "archup_restore_bytes_restored") == sum(map(len, FILES.values()))
+    assert value(families, "archup_restore_files_failed") == 0

@@ -28,6 +28,13 @@ MetricsFileOption = Annotated[Path | None, typer.Option(
     "(node_exporter), replaced atomically at the end of every run.", show_default=False)]
 
 
+RESTORE_METRICS = (("files_restored", "Files the last restore wrote (verified)."),
+                   ("bytes_restored", "Bytes the last restore wrote (verified)."),
+                   ("files_present", "Files the last restore found in place with the archive's SHA-256."),
+                   ("files_failed", "Files the last restore could not restore or refused."),
+                   ("objects_thawing", "Archived objects the last restore left thawing."))
+
+
 def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) -> dict[str, str]:
     """Which job this is: its bucket, prefix and source, from the batch where the run got that far."""
     if outcome is not None and outcome.tally is not None:
@@ -38,6 +45,10 @@ def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) ->
 
         directory = kwargs.get("directory")
         return {"bucket": kwargs.get("bucket") or "", "prefix": normalize_prefix(kwargs.get("prefix") or ""),
+                "source": str(Path(directory).resolve()) if directory is not None else ""}
+    if command == "restore":
+        directory = kwargs.get("directory")
+        return {"bucket": kwargs.get("bucket") or "", "prefix": kwargs.get("prefix") or "",
                 "source": str(Path(directory).resolve()) if directory is not None else ""}
     return {"bucket": "", "prefix": "", "source": ""}
 
@@ -91,6 +102,9 @@ def reports_metrics(command: str) -> Callable[[F], F]:
                 outcome = run.outcome if isinstance(run.outcome, RunOutcome) else None
                 job.labels = _labels(command, kwargs, outcome)
                 _count(job, outcome)
+                if command == "restore" and isinstance(run.result, dict):
+                    for name, text in RESTORE_METRICS:
+                        job.extra[f"archup_restore_{name}"] = (text, int(run.result.get(name, 0)))
                 if command == "gc" and isinstance(run.result, dict):
                     job.extra["archup_gc_batches_expired"] = ("Batches the last gc expired.",
                                                              len(run.result.get("expired", [])))
