@@ -95,6 +95,9 @@ class RestoreOptions:
 
 
 class RestoreObserver(Protocol):
+    def on_totals(self, files: int, size: int) -> None:
+        """What the whole restore holds, when it is known before the files are (no selection)."""
+
     def on_bytes(self, count: int) -> None: ...
 
     def on_file_started(self, rel_path: str, size: int) -> None: ...
@@ -103,6 +106,9 @@ class RestoreObserver(Protocol):
 
 
 class _Quiet:
+    def on_totals(self, files: int, size: int) -> None:
+        pass
+
     def on_bytes(self, count: int) -> None:
         pass
 
@@ -656,7 +662,12 @@ class _Restore:
     def run(self) -> RestoreReport:
         started = time.monotonic()
         with tempfile.TemporaryFile() as spool:
-            self.read_seal(spool)
+            summary = self.read_seal(spool)
+            files, size = summary.count("files_uploaded"), summary.count("total_bytes")
+            options = self.options
+            if files is not None and size is not None and not (options.includes or options.excludes
+                                                               or options.files_from is not None):
+                self.observer.on_totals(files, size)
             if not self.options.dry_run:
                 self.target = Target(self.target_path)
             elif self.target_path.is_dir():

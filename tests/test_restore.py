@@ -309,3 +309,22 @@ def test_metrics_file_says_what_the_restore_did(cli, batch, tmp_path) -> None:
     assert value(families, "archup_restore_files_restored") == len(FILES)
     assert value(families, "archup_restore_bytes_restored") == sum(map(len, FILES.values()))
     assert value(families, "archup_restore_files_failed") == 0
+
+
+def test_a_terminal_gets_live_progress_then_the_summary(cli, tmp_path) -> None:
+    import re
+    import sys
+
+    from test_terminal import _run_in_a_terminal
+
+    files = {f"f{n}.bin": os.urandom(256 * 1024) for n in range(6)}
+    batch = upload(cli, make_source(tmp_path / "src", files))
+    args = [sys.executable, "-m", "archup", "restore", batch["batch_id"], str(tmp_path / "out"), "--journal",
+            str(cli.journal), "--endpoint-url", cli.endpoint, "--parallel", "2", "--bwlimit", "512KiB"]
+    code, output = _run_in_a_terminal(args)
+    assert code == 0, output
+    assert "\x1b[" in output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    assert re.search(r"\d+/6 files", plain), plain  # the live line: files done of the total
+    assert "files restored" in plain  # then the summary, as a table
+    assert tree(tmp_path / "out") == files

@@ -111,6 +111,7 @@ class RestoreProgress:
         self._task = self._progress.add_task("restore", total=None, files="0 files")
         self._lock = threading.Lock()
         self._done = 0
+        self._of = ""
 
     def __enter__(self) -> RestoreProgress:
         self._progress.start()
@@ -118,6 +119,10 @@ class RestoreProgress:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
+
+    def on_totals(self, files: int, size: int) -> None:
+        self._of = f"/{files}"
+        self._progress.update(self._task, total=size, files=f"0{self._of} files")
 
     def on_bytes(self, count: int) -> None:
         self._progress.advance(self._task, count)
@@ -129,7 +134,7 @@ class RestoreProgress:
         with self._lock:
             self._done += 1
             done = self._done
-        self._progress.update(self._task, files=f"{done} files")
+        self._progress.update(self._task, files=f"{done}{self._of} files")
 
 
 @handles_errors
