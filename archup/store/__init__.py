@@ -1,11 +1,14 @@
 """The object store seam: the only thing finalize, verify, batches and the engine see.
 
 :class:`ObjectStore` is the interface; :mod:`archup.store.s3` implements it over boto3
-(the one module of archup that imports boto3 or botocore; with ``--transport crt`` its
-PutObject goes through :mod:`archup.store.crt`, the CRT's S3 client), :mod:`archup.store.memory`
+(the one module of archup that imports boto3 or botocore), :mod:`archup.store.memory`
 in memory for unit tests, both held to one contract suite
-(``tests/test_store_contract.py``). Behaviour that is not S3's (``--bwlimit``, a test's
-crash point) wraps a store (:mod:`archup.store.wrappers`) instead of living inside one.
+(``tests/test_store_contract.py``). What is not a bucket's behaviour wraps a store
+instead of living inside one (:func:`open_store` builds the layers): ``--transport crt``
+(:class:`archup.store.crt.CrtPutStore`: PutObject through the CRT's S3 client),
+``--bwlimit`` and a test's crash point (:mod:`archup.store.wrappers`). Both transports
+retry by one policy (:mod:`archup.store.retry`) and build a PUT's arguments in one place
+(:mod:`archup.store.putargs`).
 
 Errors: :class:`DestinationError` when the whole destination is unusable (stop the
 batch), :class:`TransferError` when one request failed after its retries (fail the
@@ -264,7 +267,13 @@ def open_store(config: StoreConfig) -> ObjectStore:
     from .s3 import S3Store
     from .wrappers import CrashPointStore, RateLimitedStore
 
-    store: ObjectStore = S3Store(config)
+    s3 = S3Store(config)
+    store: ObjectStore = s3
+    # --retry-mode adaptive keeps botocore's sending: its client-side rate limiter has no CRT twin.
+    if config.transport is TransportKind.CRT and config.retry_mode != "adaptive":
+        from .crt import CrtPutStore
+
+        store = CrtPutStore(s3)
     if config.bwlimit:
         store = RateLimitedStore(store, config.bwlimit)
     if crashpoints.armed("during-put-object"):
