@@ -174,3 +174,22 @@ def test_no_credentials_from_botocores_chain_is_a_destination_error(moto_endpoin
     with pytest.raises(DestinationError, match="no usable credentials") as raised:
         store.put_object("staging/x/files/a.txt", b"a\n", archive=True)
     assert raised.value.exit_code == ExitCode.DESTINATION
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_glacier_batch_is_sealed_with_its_manifest_readable(kind: str, cli: Cli, s3: Any, bucket: str,
+                                                              tmp_path: Path) -> None:
+    """--storage-class GLACIER puts the files in the archive class; the batch's own objects
+    (marker, manifest) stay readable, so a restore can plan before any thaw."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n", "dir/b.bin": bytes(range(256))})
+    result = cli("upload", "--json", "--transport", kind, "--storage-class", "GLACIER", str(source))
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    prefix = f"staging/{summary['batch_id']}/"
+    listed = {item["Key"]: item.get("StorageClass", "STANDARD")
+              for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert {key: value for key, value in listed.items() if "/files/" in key} == {
+        prefix + "files/a.txt": "GLACIER", prefix + "files/dir/b.bin": "GLACIER"}
+    assert summary["manifest_key"] in listed
+    assert {value for key, value in listed.items() if "/files/" not in key} == {"STANDARD"}
+    assert json.loads(s3.get_object(Bucket=bucket, Key=summary["manifest_key"])["Body"].read())
