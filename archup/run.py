@@ -42,7 +42,7 @@ from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
 from .shared import Claims, MoreWork, SharedWorker, Stopped, Turn, check_source
 from .states import BatchState, FileState
-from .store import DEFAULT_TRANSPORT, ChecksumMode, ObjectStore, StoreConfig, TransportKind, open_store
+from .store import ChecksumMode, Connection, ObjectStore, StoreConfig, connection_of, open_store
 from .uploader import Uploader, UploadOptions
 
 log = logging.getLogger("archup.run")
@@ -51,23 +51,14 @@ SHOW_AT_MOST = 20
 
 
 @dataclass(frozen=True)
-class Transport:
+class Transport(Connection):
     """How this run reaches the destination: flags and environment, never recorded with a
-    batch. ``checksum`` and ``full_object_checksum`` left None take what the batch
-    recorded (what its endpoint accepted when it began)."""
+    batch (the store's Connection settings, and two checksum flags). ``checksum`` and
+    ``full_object_checksum`` left None take what the batch recorded (what its endpoint
+    accepted when it began)."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    max_pool_connections: int = 10
-    max_attempts: int = 5
-    retry_mode: str = "standard"
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    bwlimit: int | None = None
     checksum: ChecksumMode | None = None
     full_object_checksum: bool | None = None
-    kind: TransportKind = DEFAULT_TRANSPORT  # what sends a source file's PutObject (--transport)
 
 
 def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
@@ -79,16 +70,13 @@ def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
 
 def _store_config(bucket: str, endpoint_url: str | None, region: str | None, settings: BatchSettings,
                   transport: Transport) -> StoreConfig:
+    connection = {**connection_of(transport), "endpoint_url": transport.endpoint_url or endpoint_url,
+                  "region": transport.region or region}
     return StoreConfig(
-        bucket=bucket, endpoint_url=transport.endpoint_url or endpoint_url,
-        region=transport.region or region, profile=transport.profile,
-        max_pool_connections=transport.max_pool_connections,
+        **connection, bucket=bucket,
         checksum=transport.checksum or ChecksumMode(settings.checksum),
         full_object_checksum=(settings.full_object_checksum if transport.full_object_checksum is None
                               else transport.full_object_checksum),
-        max_attempts=transport.max_attempts, retry_mode=transport.retry_mode,
-        connect_timeout=transport.connect_timeout, read_timeout=transport.read_timeout, bwlimit=transport.bwlimit,
-        transport=transport.kind,
         # Every object of the batch stored alike, whichever run sends it.
         storage_class=settings.storage_class, sse=settings.sse, sse_kms_key_id=settings.sse_kms_key_id,
         user_metadata=settings.metadata, tags=settings.tags)

@@ -27,8 +27,9 @@ from faultproxy import FaultProxy, RequestHead, Rule
 from test_crash import write_tree
 
 from archup.errors import DestinationError, ExitCode
-from archup.store import S3Store, StoreConfig, TransportKind
-from archup.store.crt import Credentials, CrtPut, Endpoint, quote_key
+from archup.store import S3Store, StoreConfig, TransportKind, open_store
+from archup.store.crt import Credentials, CrtPut, CrtPutStore, Endpoint, quote_key
+from archup.store.retry import RetryPolicy
 
 SOURCE_FILES = {
     "plain.txt": b"plain\n",
@@ -144,7 +145,7 @@ def test_the_crt_sends_a_key_where_botocore_would(endpoint_url: str | None, regi
                                                   path_prefix: str) -> None:
     """Built and signed by botocore, answered before it leaves the process: no request is sent."""
     store = S3Store(StoreConfig(bucket="archup-addr", endpoint_url=endpoint_url, region=region))
-    endpoint = Endpoint.from_request(*store._signed_put_url(), "archup-endpoint-probe")
+    endpoint = Endpoint.from_request(*store.signed_put_url(), "archup-endpoint-probe")
     scheme = "http" if endpoint_url else "https"
     assert endpoint == Endpoint(scheme, host, path_prefix, region)
 
@@ -157,7 +158,8 @@ def test_a_failing_credential_chain_is_raised_as_itself(moto_endpoint: str) -> N
         raise DestinationError("PutObject: no usable credentials (the chain found none)")
 
     put = CrtPut(Endpoint("http", moto_endpoint.split("://")[1], "/archup-none/", "us-east-1"), no_credentials,
-                 max_attempts=3, connect_timeout=2, read_timeout=2, max_connections=2, sign_payload=False)
+                 retry=RetryPolicy(attempts=3), connect_timeout=2, read_timeout=2, max_connections=2,
+                 sign_payload=False)
     with pytest.raises(DestinationError, match="the chain found none"):
         put.put("k", b"body", [], what="PutObject k")
 
@@ -166,8 +168,28 @@ def test_a_failing_credential_chain_is_raised_as_itself(moto_endpoint: str) -> N
 def test_no_credentials_from_botocores_chain_is_a_destination_error(moto_endpoint: str, bucket: str) -> None:
     """Credentials gone after the preflight (an expired role, a removed profile): a source
     file's PUT through the CRT raises DestinationError (exit 5: the run stops, resumable)."""
-    store = S3Store(StoreConfig(bucket=bucket, endpoint_url=moto_endpoint, transport=TransportKind.CRT))
-    store._credentials = None  # what botocore's chain answers when it finds nothing
+    store = open_store(StoreConfig(bucket=bucket, endpoint_url=moto_endpoint, transport=TransportKind.CRT))
+    assert isinstance(store, CrtPutStore)
+    store.s3._credentials = None  # what botocore's chain answers when it finds nothing
     with pytest.raises(DestinationError, match="no usable credentials") as raised:
         store.put_object("staging/x/files/a.txt", b"a\n", archive=True)
     assert raised.value.exit_code == ExitCode.DESTINATION
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_glacier_batch_is_sealed_with_its_manifest_readable(kind: str, cli: Cli, s3: Any, bucket: str,
+                                                              tmp_path: Path) -> None:
+    """--storage-class GLACIER puts the files in the archive class; the batch's own objects
+    (marker, manifest) stay readable, so a restore can plan before any thaw."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n", "dir/b.bin": bytes(range(256))})
+    result = cli("upload", "--json", "--transport", kind, "--storage-class", "GLACIER", str(source))
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    prefix = f"staging/{summary['batch_id']}/"
+    listed = {item["Key"]: item.get("StorageClass", "STANDARD")
+              for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+    assert {key: value for key, value in listed.items() if "/files/" in key} == {
+        prefix + "files/a.txt": "GLACIER", prefix + "files/dir/b.bin": "GLACIER"}
+    assert summary["manifest_key"] in listed
+    assert {value for key, value in listed.items() if "/files/" not in key} == {"STANDARD"}
+    assert json.loads(s3.get_object(Bucket=bucket, Key=summary["manifest_key"])["Body"].read())

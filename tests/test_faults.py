@@ -15,6 +15,7 @@ stall costs 2 s, not 60.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -22,8 +23,9 @@ import random
 import urllib.parse
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import botocore.config
@@ -46,7 +48,9 @@ from ulid import ULID
 from archup.errors import DestinationError, ExitCode
 from archup.journal import SQLiteJournal
 from archup.states import BatchState, FileState
-from archup.store import S3Store, StoreConfig, TransportKind, crc32_b64
+from archup.store import ChecksumMode, S3Store, StoreConfig, TransportKind, crc32_b64
+from archup.store.putargs import put_args
+from archup.store.retry import RetryPolicy, Verdict
 from archup.uploader import Uploader, UploadOptions
 
 MiB = 1024 * 1024
@@ -809,3 +813,126 @@ def test_manifest_write_refused_412_with_no_manifest_there_is_not_success(
         assert journal.get_batch(batch_id).state is not BatchState.ENQUEUED
     finally:
         journal.close()
+
+
+# -- the manifest's checksum ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("checksum", "header"), [
+    ("sha256", "x-amz-checksum-sha256"), ("md5", "Content-MD5"), ("crc32", "x-amz-checksum-crc32"), ("none", None)])
+def test_the_manifest_put_carries_its_checksum_in_every_mode_but_none(
+        checksum: str, header: str | None, moto_endpoint: str, s3: Any, bucket: str, tmp_path: Path,
+        journal_path: Path) -> None:
+    """The manifest seals the batch: its PUT proves its body as every other PUT does (the proxy
+    checks the claim, as S3 does), and --checksum none sends only what the operation requires."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"alpha\n", "b.txt": b"bravo\n"})
+    heads: list[RequestHead] = []
+    with FaultProxy(moto_endpoint, validate=True) as validating:
+        validating.add_rule(Rule(lambda head: heads.append(head) is not None, "500"))  # records, never matches
+        result = Cli(validating.url, bucket, journal_path)("upload", "--json", "--checksum", checksum, str(source))
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    (put,) = [head for head in heads if manifest_put(head)]
+    body = get_bytes(s3, bucket, one_json_object(result.stdout)["manifest_key"])
+    expected = {
+        "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(body).digest()).decode(),
+        "Content-MD5": base64.b64encode(hashlib.md5(body).digest()).decode(),
+        "x-amz-checksum-crc32": crc32_b64(zlib.crc32(body)),
+    }
+    for name, value in expected.items():
+        assert put.header(name) == (value if name == header else None), name
+
+
+# -- the retry policy (archup/store/retry.py), on its own -----------------------------------------
+
+
+class _Refused(Exception):
+    pass
+
+
+def _policy_run(verdicts: list[str], *, attempts: int) -> tuple[list[float], int, BaseException | str]:
+    """RetryPolicy.run over attempts that fail with the listed verdicts (then succeed): the
+    waits it slept, the attempts made, and what it returned or raised."""
+    waits: list[float] = []
+    policy = RetryPolicy(attempts=attempts, sleep=waits.append, jitter=lambda: 0.5)
+    made = 0
+
+    def send() -> str:
+        nonlocal made
+        made += 1
+        if made <= len(verdicts):
+            raise _Refused(f"attempt {made}")
+        return "sent"
+
+    def failed(raised: Exception, last: bool) -> tuple[Exception, Verdict]:
+        return raised, cast(Verdict, verdicts[made - 1])
+
+    try:
+        outcome: BaseException | str = policy.run(send, failed)
+    except _Refused as error:
+        outcome = error
+    return waits, made, outcome
+
+
+def test_the_retry_policy_backs_off_resends_and_gives_up() -> None:
+    # Full jitter (here half of the cap): 1, 2, 4 ... seconds at most, up to 20.
+    assert _policy_run(["back-off", "back-off", "back-off"], attempts=5) == ([0.5, 1.0, 2.0], 4, "sent")
+    assert [RetryPolicy(jitter=lambda: 1.0).backoff(attempt) for attempt in (1, 5, 6, 9)] == [1.0, 16.0, 20.0, 20.0]
+    # A changed body goes again at once; a refusal stops at once.
+    assert _policy_run(["resend", "resend"], attempts=3) == ([], 3, "sent")
+    waits, made, outcome = _policy_run(["back-off", "fail"], attempts=5)
+    assert (waits, made, str(outcome)) == ([0.5], 2, "attempt 2")
+    # --retries 2: three attempts in all, the third's error raised.
+    waits, made, outcome = _policy_run(["back-off"] * 5, attempts=3)
+    assert (waits, made, str(outcome)) == ([0.5, 1.0], 3, "attempt 3")
+
+
+@pytest.mark.parametrize(("status", "code", "alone", "after_botocore"), [
+    (500, "InternalError", "back-off", "fail"),
+    (502, "502", "back-off", "fail"),
+    (503, "SlowDown", "back-off", "fail"),
+    (429, "TooManyRequests", "back-off", "fail"),      # only the status says it is throttling
+    (400, "RequestTimeout", "back-off", "fail"),
+    (400, "BadDigest", "resend", "resend"),            # botocore never retries a 400
+    (400, "XAmzContentSHA256Mismatch", "resend", "resend"),
+    (403, "RequestTimeTooSkewed", "fail", "fail"),     # the clock: no attempt can succeed
+    (403, "AccessDenied", "fail", "fail"),
+    (503, "ExpiredToken", "fail", "fail"),
+    (404, "NoSuchKey", "fail", "fail"),
+    (412, "PreconditionFailed", "fail", "fail"),
+])
+def test_the_retry_policy_reads_each_answer_once_for_both_transports(status: int, code: str, alone: str,
+                                                                     after_botocore: str) -> None:
+    assert RetryPolicy.answer_verdict(status, code) == alone
+    assert RetryPolicy.answer_verdict(status, code, client_retried=True) == after_botocore
+
+
+def test_botocore_is_set_up_from_the_retry_policy() -> None:
+    config = StoreConfig(bucket="b", max_attempts=7, retry_mode="adaptive")
+    assert RetryPolicy.of(config).botocore_retries() == {"mode": "adaptive", "total_max_attempts": 7}
+    store = S3Store(config)
+    assert store.client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 7}
+
+
+def test_one_put_builder_gives_botocore_parameters_and_the_same_http_headers() -> None:
+    config = StoreConfig(bucket="b", checksum=ChecksumMode.MD5, storage_class="GLACIER", sse="aws:kms",
+                         sse_kms_key_id="key-1", user_metadata=(("owner", "ops"),), tags=(("keep", "10y"),))
+    body = b"body"
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    archived = put_args(config, body, metadata={"archup-sha256": "ab"}, content_type="text/plain", archive=True)
+    assert archived.boto() == {
+        "Metadata": {"owner": "ops", "archup-sha256": "ab"}, "ContentType": "text/plain",
+        "ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "key-1", "StorageClass": "GLACIER",
+        "Tagging": "keep=10y", "ContentMD5": md5}
+    assert archived.headers() == [
+        ("x-amz-meta-owner", "ops"), ("x-amz-meta-archup-sha256", "ab"), ("Content-Type", "text/plain"),
+        ("x-amz-server-side-encryption", "aws:kms"), ("x-amz-server-side-encryption-aws-kms-key-id", "key-1"),
+        ("x-amz-storage-class", "GLACIER"), ("x-amz-tagging", "keep=10y"), ("Content-MD5", md5)]
+    # Not a source file's object (the manifest): encryption and the checksum, no archive options.
+    manifest = put_args(config, body, content_type="application/json", if_none_match=True)
+    assert manifest.boto() == {"Metadata": {}, "ContentType": "application/json", "ServerSideEncryption": "aws:kms",
+                               "SSEKMSKeyId": "key-1", "ContentMD5": md5, "IfNoneMatch": "*"}
+    sha256 = put_args(replace(config, checksum=ChecksumMode.SHA256), body)
+    assert sha256.boto()["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(body).digest()).decode()
+    assert ("x-amz-sdk-checksum-algorithm", "SHA256") in sha256.headers()  # botocore writes its own
+    none = put_args(replace(config, checksum=ChecksumMode.NONE), body)
+    assert not [name for name, _ in none.headers() if "checksum" in name or name == "Content-MD5"]

@@ -25,6 +25,7 @@ from archup.store import (
     StoreConfig,
     TransportKind,
     UploadedPart,
+    open_store,
     thaw_state,
 )
 from archup.store.memory import MemoryStore
@@ -44,8 +45,8 @@ def make_store(request: pytest.FixtureRequest) -> Callable[..., ObjectStore]:
         endpoint = request.getfixturevalue("moto_endpoint")
         bucket = request.getfixturevalue("bucket") if exists else "archup-no-such-bucket"
         kind = TransportKind(request.param.removeprefix("s3-"))  # what sends PutObject
-        return S3Store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1", transport=kind,
-                                   storage_class=storage_class))
+        return open_store(StoreConfig(bucket=bucket, endpoint_url=endpoint, region="us-east-1", transport=kind,
+                                      storage_class=storage_class))
     return make
 
 

@@ -422,7 +422,7 @@ def upload(
                             checksum=checksum, full_object_checksum=full_object_checksum,
                             max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
                             retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None,
-                            kind=transport_kind))
+                            transport=transport_kind))
     if dry_run:
         report = run.dry_run(request, lambda: _read_only_journal(journal_path))
         if json_output:
@@ -480,7 +480,7 @@ def resume(
     how = transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4), read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
                     bwlimit=parse_size(bwlimit) if bwlimit else None, checksum=checksum,
-                    full_object_checksum=full_object_checksum, kind=transport_kind)
+                    full_object_checksum=full_object_checksum, transport=transport_kind)
     with stop_on_signals(grace, json_output) as stopping, open_journal(journal_path) as journal:
         listener = Talk(not (quiet or json_output), stopping)
         outcome = in_worker(lambda: run.resume(journal, batch_id, how, parallel=parallel, prehash=prehash,

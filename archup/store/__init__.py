@@ -1,11 +1,14 @@
 """The object store seam: the only thing finalize, verify, batches and the engine see.
 
 :class:`ObjectStore` is the interface; :mod:`archup.store.s3` implements it over boto3
-(the one module of archup that imports boto3 or botocore; with ``--transport crt`` its
-PutObject goes through :mod:`archup.store.crt`, the CRT's S3 client), :mod:`archup.store.memory`
+(the one module of archup that imports boto3 or botocore), :mod:`archup.store.memory`
 in memory for unit tests, both held to one contract suite
-(``tests/test_store_contract.py``). Behaviour that is not S3's (``--bwlimit``, a test's
-crash point) wraps a store (:mod:`archup.store.wrappers`) instead of living inside one.
+(``tests/test_store_contract.py``). What is not a bucket's behaviour wraps a store
+instead of living inside one (:func:`open_store` builds the layers): ``--transport crt``
+(:class:`archup.store.crt.CrtPutStore`: PutObject through the CRT's S3 client),
+``--bwlimit`` and a test's crash point (:mod:`archup.store.wrappers`). Both transports
+retry by one policy (:mod:`archup.store.retry`) and build a PUT's arguments in one place
+(:mod:`archup.store.putargs`).
 
 Errors: :class:`DestinationError` when the whole destination is unusable (stop the
 batch), :class:`TransferError` when one request failed after its retries (fail the
@@ -15,16 +18,16 @@ file, go on); "not there" is None where the method says so.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..checksums import crc32_b64, crc32_combine
 
-__all__ = ["ARCHIVED_STATE", "CHECKSUM_REFUSED", "SHA256_METADATA", "ChecksumMode", "MultipartChecksum", "ObjectInfo",
-           "ObjectReader", "ObjectStore", "OpenUpload", "RestoreAnswer", "S3Store", "StoreConfig", "ThawState",
-           "TransportKind", "DEFAULT_TRANSPORT", "UploadedPart", "crc32_b64", "crc32_combine", "open_store",
-           "thaw_state"]
+__all__ = ["ARCHIVED_STATE", "CHECKSUM_REFUSED", "DEFAULT_TRANSPORT", "SHA256_METADATA", "ChecksumMode", "Connection",
+           "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore", "OpenUpload", "RestoreAnswer", "S3Store",
+           "StoreConfig", "ThawState", "TransportKind", "UploadedPart", "connection_of", "crc32_b64", "crc32_combine",
+           "open_store", "thaw_state"]
 
 
 # The whole file's SHA-256 (hex) in a file object's user metadata (x-amz-meta-archup-sha256):
@@ -55,17 +58,34 @@ class ChecksumMode(str, Enum):
 
 
 @dataclass(frozen=True)
-class StoreConfig:
-    bucket: str
+class Connection:
+    """How archup reaches the endpoint: a run's flags and environment, never recorded with a
+    batch (run.Transport is these and the checksum flags; StoreConfig these and a batch's
+    destination and archive options)."""
+
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
     max_pool_connections: int = 10
-    checksum: ChecksumMode = ChecksumMode.SHA256
-    max_attempts: int = 5
+    max_attempts: int = 5        # --retries + 1 (archup.store.retry.RetryPolicy)
     retry_mode: str = "standard"
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
+    # What sends a source file's PutObject; every other request goes through botocore.
+    # --retry-mode adaptive keeps botocore's (its client-side rate limiter has no CRT twin).
+    transport: TransportKind = DEFAULT_TRANSPORT
+
+
+def connection_of(settings: Connection) -> dict[str, Any]:
+    """The Connection fields of ``settings`` (a Connection or any subclass), by name."""
+    return {item.name: getattr(settings, item.name) for item in fields(Connection)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig(Connection):
+    bucket: str
+    checksum: ChecksumMode = ChecksumMode.SHA256
     # Archive options: storage class, tags and user metadata go on file objects;
     # server-side encryption on every object archup writes.
     storage_class: str | None = None
@@ -73,14 +93,10 @@ class StoreConfig:
     sse_kms_key_id: str | None = None
     user_metadata: tuple[tuple[str, str], ...] = ()
     tags: tuple[tuple[str, str], ...] = ()
-    bwlimit: int | None = None  # bytes per second, averaged; bursts of up to one request body
     # Multipart uploads keep a full-object CRC (S3's ChecksumType FULL_OBJECT: CRC64NVME, or
     # CRC32 where the endpoint refuses CRC64NVME) instead of a checksum of part checksums;
     # off for endpoints that do not know the header.
     full_object_checksum: bool = True
-    # What sends a source file's PutObject; every other request goes through botocore.
-    # --retry-mode adaptive keeps botocore's (its client-side rate limiter has no CRT twin).
-    transport: TransportKind = DEFAULT_TRANSPORT
 
 
 # TransferError.code of a GET of an object whose bytes are in an archive tier (GLACIER,
@@ -264,7 +280,13 @@ def open_store(config: StoreConfig) -> ObjectStore:
     from .s3 import S3Store
     from .wrappers import CrashPointStore, RateLimitedStore
 
-    store: ObjectStore = S3Store(config)
+    s3 = S3Store(config)
+    store: ObjectStore = s3
+    # --retry-mode adaptive keeps botocore's sending: its client-side rate limiter has no CRT twin.
+    if config.transport is TransportKind.CRT and config.retry_mode != "adaptive":
+        from .crt import CrtPutStore
+
+        store = CrtPutStore(s3)
     if config.bwlimit:
         store = RateLimitedStore(store, config.bwlimit)
     if crashpoints.armed("during-put-object"):

@@ -9,8 +9,8 @@ What stays archup's, and why (docs/design.md, "The CRT transport"):
 
 - **Retries.** The CRT's own retries are switched off (``S3RetryMode.NONE``): they cannot
   be set to "none" by count, do not retry 429 or BadDigest, and hide each attempt from a
-  per-attempt timeout. :meth:`CrtPut.put` retries as botocore's standard mode does: the
-  same answers, the same full-jitter backoff, ``--retries`` attempts after the first.
+  per-attempt timeout. :meth:`CrtPut.put` sends single attempts through archup's one
+  retry policy (:mod:`archup.store.retry`), the one botocore's client is set up from.
 - **Timeouts.** The CRT has a connect timeout but no read timeout: an attempt that sees no
   progress (bytes sent, an answer's headers) for ``read_timeout`` seconds is cancelled
   and counts as a failed attempt, as a botocore read timeout does.
@@ -20,8 +20,9 @@ What stays archup's, and why (docs/design.md, "The CRT transport"):
 - **Addressing.** The URL of a key (path-style or virtual-hosted, region) is what botocore
   would use: taken once from a PutObject that botocore builds and signs but never sends.
 
-This module imports no botocore: :class:`archup.store.s3.S3Store` hands it a credentials
-callable and the endpoint botocore chose.
+This module imports no botocore: :class:`CrtPutStore` wraps the S3 store (a layer, as
+``--bwlimit`` is) and asks it for a credentials callable and the endpoint botocore chose;
+the headers are the ones botocore's PutObject gets (:mod:`archup.store.putargs`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import concurrent.futures
 import hashlib
 import io
 import os
-import random
 import sys
 import threading
 import time
@@ -39,10 +39,17 @@ import weakref
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationError, TransferError
+from . import ChecksumMode
 from .answers import answer_error
+from .putargs import put_args
+from .retry import RetryPolicy, Verdict
+from .wrappers import StoreWrapper
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
 
 # The CRT's error names after which another attempt cannot help (the endpoint cannot be
 # reached at all is decided after the last attempt, as botocore's EndpointConnectionError).
@@ -51,22 +58,13 @@ _UNREACHABLE = frozenset({
     "AWS_IO_DNS_NO_ADDRESS_FOR_HOST", "AWS_IO_SOCKET_NO_ROUTE_TO_HOST", "AWS_IO_SOCKET_NETWORK_DOWN",
     "AWS_IO_SOCKET_TIMEOUT",
 })
-# Answers botocore's standard retry mode retries besides 5xx (botocore/retries/standard.py).
-_RETRIED_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
-    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
-    "SlowDown", "PriorRequestNotComplete", "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException",
-    "IDPCommunicationError", "BadDigest", "XAmzContentSHA256Mismatch",
-})
-_MAX_BACKOFF = 20.0  # seconds, as botocore's standard mode
 # Answers the CRT reports by an error name alone, their status and body dropped (even with
 # its retries off): the S3 error code each name stands for.
 _ANSWER_NAMES = {
-    "AWS_ERROR_S3_INTERNAL_ERROR": "InternalError",             # 500
-    "AWS_ERROR_S3_SLOW_DOWN": "SlowDown",                       # 503
-    "AWS_ERROR_S3_REQUEST_TIMEOUT": "RequestTimeout",           # 400 RequestTimeout
-    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": "RequestTimeTooSkewed",
+    "AWS_ERROR_S3_INTERNAL_ERROR": ("InternalError", 500),
+    "AWS_ERROR_S3_SLOW_DOWN": ("SlowDown", 503),
+    "AWS_ERROR_S3_REQUEST_TIMEOUT": ("RequestTimeout", 400),
+    "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED": ("RequestTimeTooSkewed", 403),
 }
 
 
@@ -169,9 +167,8 @@ class CrtPut:
 
     One client per endpoint: the CRT pools connections by host name, not by port."""
 
-    def __init__(self, endpoint: Endpoint, credentials: Callable[[], Credentials], *, max_attempts: int,
-                 connect_timeout: float, read_timeout: float, max_connections: int, sign_payload: bool,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, endpoint: Endpoint, credentials: Callable[[], Credentials], *, retry: RetryPolicy,
+                 connect_timeout: float, read_timeout: float, max_connections: int, sign_payload: bool) -> None:
         from awscrt.auth import AwsCredentials, AwsCredentialsProvider, AwsSignedBodyValue
         from awscrt.s3 import (
             S3Client,
@@ -182,10 +179,9 @@ class CrtPut:
         )
 
         self.endpoint = endpoint
-        self.max_attempts = max_attempts
+        self.retry = retry
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._sleep = sleep
         self._credentials = credentials
         self._credential_error: BaseException | None = None
         self.before_send: list[Callable[[str], None]] = []
@@ -222,23 +218,12 @@ class CrtPut:
             max_active_connections_override=max_connections)
 
     def put(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str) -> str:
-        """PUT ``body`` at ``key`` with these headers; the answer's ETag. Retries as botocore's
-        standard mode; the last failure is a TransferError or a DestinationError."""
+        """PUT ``body`` at ``key`` with these headers; the answer's ETag. Retried as the retry
+        policy says; the last failure is a TransferError or a DestinationError."""
         path = self.endpoint.path_prefix + quote_key(key)
         all_headers = [("Host", self.endpoint.host), ("Content-Length", str(len(body))), *headers]
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return self._attempt(path, body, all_headers)
-            except _Stalled:
-                error: Exception = TransferError(
-                    f"{what}: no answer within {self.read_timeout:g} s (--timeout)", "ReadTimeoutError")
-                retry = True
-            except Exception as raised:
-                error, retry = self._meaning(raised, what, last=attempt == self.max_attempts)
-            if not retry or attempt == self.max_attempts:
-                raise error from None
-            self._sleep(random.random() * min(_MAX_BACKOFF, 2.0 ** (attempt - 1)))
-        raise AssertionError("unreachable")  # the last attempt returns or raises
+        return self.retry.run(lambda: self._attempt(path, body, all_headers),
+                              lambda raised, last: self._meaning(raised, what, last=last))
 
     def _attempt(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> str:
         from awscrt.http import HttpHeaders, HttpRequest
@@ -272,30 +257,31 @@ class CrtPut:
             raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
         return etag
 
-    def _meaning(self, error: Exception, what: str, *, last: bool) -> tuple[Exception, bool]:
-        """What a failed attempt's exception means, and whether another attempt may help."""
+    def _meaning(self, error: Exception, what: str, *, last: bool) -> tuple[Exception, Verdict]:
+        """What a failed attempt's exception means, and what the retry policy makes of it."""
         from awscrt.exceptions import AwsCrtError
         from awscrt.s3 import S3ResponseError
 
+        if isinstance(error, _Stalled):
+            return TransferError(f"{what}: no answer within {self.read_timeout:g} s (--timeout)",
+                                 "ReadTimeoutError"), "back-off"
         if isinstance(error, S3ResponseError):
             code, message = _error_code(error.status_code, error.body)
-            named = answer_error(what, code, message)
-            retry = (error.status_code >= 500 or error.status_code == 429 or code in _RETRIED_CODES) \
-                and not isinstance(named, DestinationError)
-            return named, retry
+            return answer_error(what, code, message), self.retry.answer_verdict(error.status_code, code)
         if isinstance(error, AwsCrtError) and error.name in _ANSWER_NAMES:
-            named = answer_error(what, _ANSWER_NAMES[error.name], error.message)
-            return named, not isinstance(named, DestinationError)
+            code, status = _ANSWER_NAMES[error.name]
+            return answer_error(what, code, error.message), self.retry.answer_verdict(status, code)
         if isinstance(error, AwsCrtError):
             if error.name == "AWS_AUTH_CREDENTIALS_PROVIDER_DELEGATE_FAILURE" and self._credential_error:
                 kept, self._credential_error = self._credential_error, None
                 if isinstance(kept, Exception):
-                    return kept, False
+                    return kept, "fail"
             if error.name in _UNREACHABLE and last:
                 return DestinationError(f"{what}: cannot reach the endpoint ({error.name}: {error.message}); "
-                                        "check --endpoint-url and the network"), False
-            return TransferError(f"{what}: {error.name}: {error.message}", error.name), True
-        return error, False
+                                        "check --endpoint-url and the network"), "fail"
+            # A connection that broke, was refused or timed out: as botocore's connection errors.
+            return TransferError(f"{what}: {error.name}: {error.message}", error.name), "back-off"
+        return error, "fail"
 
 
 def _error_code(status: int, body: bytes | None) -> tuple[str, str]:
@@ -310,3 +296,48 @@ def _error_code(status: int, body: bytes | None) -> tuple[str, str]:
             if code:
                 return code, root.findtext("Message") or code
     return str(status), ""
+
+
+class CrtPutStore(StoreWrapper):
+    """``--transport crt``: a source file's PutObject (and every other put_object) through the
+    CRT's S3 client; every other request goes to the S3 store inside. The CRT client is made
+    at the first PutObject, from the endpoint and credentials botocore has."""
+
+    def __init__(self, inner: S3Store) -> None:
+        super().__init__(inner)
+        self.s3 = inner
+        self._crt: CrtPut | None = None
+        self._lock = threading.Lock()
+        self._before_put: list[Callable[[str], None]] = []
+
+    def before_send(self, operation: str, hook: Callable[[str], None]) -> None:
+        """Call ``hook(url)`` when a request of ``operation`` is about to be sent, by the CRT
+        or by botocore (see archup.store.wrappers.CrashPointStore)."""
+        self.s3.before_send(operation, hook)
+        if operation == "PutObject":
+            with self._lock:
+                self._before_put.append(hook)
+                if self._crt is not None:
+                    self._crt.before_send.append(hook)
+
+    def _client(self) -> CrtPut:
+        with self._lock:
+            if self._crt is None:
+                from .s3 import ENDPOINT_PROBE
+
+                config = self.s3.config
+                self._crt = CrtPut(
+                    Endpoint.from_request(*self.s3.signed_put_url(), ENDPOINT_PROBE), self.s3.frozen_credentials,
+                    retry=self.s3.retry, connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
+                    max_connections=config.max_pool_connections,
+                    sign_payload=config.checksum is ChecksumMode.NONE)
+                self._crt.before_send.extend(self._before_put)
+            return self._crt
+
+    def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                   metadata: dict[str, str] | None = None, content_type: str | None = None,
+                   archive: bool = False) -> str:
+        headers = put_args(self.s3.config, body, sha256_digest=sha256_digest, metadata=metadata,
+                           content_type=content_type, archive=archive).headers()
+        return self._client().put(key, body, headers, what=f"PutObject {key}")
+

@@ -1,9 +1,11 @@
-"""The S3 store: the ObjectStore over one boto3 client shared by every worker thread, and
-with ``--transport crt`` one CRT S3 client for PutObject (:mod:`archup.store.crt`).
+"""The S3 store: the ObjectStore over one boto3 client shared by every worker thread
+(``--transport crt`` wraps it in :class:`archup.store.crt.CrtPutStore`, which sends
+PutObject through the CRT and asks this store where a key's PUT goes and for credentials).
 
 The only module of archup that imports boto3 or botocore. Every request goes
 through :func:`_request`, which turns botocore's exceptions into archup's named
-errors (:func:`translate`) and a listed "not there" answer into None.
+errors (:func:`translate`) and a listed "not there" answer into None, and sends a
+body again as the retry policy says (:mod:`archup.store.retry`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import email.utils
 import hashlib
 import http.client
 import os
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -38,10 +39,11 @@ from . import (  # noqa: E402
     OpenUpload,
     RestoreAnswer,
     StoreConfig,
-    TransportKind,
     UploadedPart,
 )
-from .answers import CORRUPTED, HINTS, answer_error  # noqa: E402
+from .answers import HINTS, answer_error  # noqa: E402
+from .putargs import object_args, put_args  # noqa: E402
+from .retry import RetryPolicy, Verdict  # noqa: E402
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -93,31 +95,40 @@ _EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from .crt import Credentials, CrtPut
+    from .crt import Credentials
+
+# A request without a body has nothing to send again: one attempt (botocore's own retries within).
+_ONCE = RetryPolicy(attempts=1)
 
 
-def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = (), attempts: int = 1) -> T | None:
+def _request(what: str, send: Callable[[], T], *, absent: Collection[str] = (),
+             retry: RetryPolicy = _ONCE) -> T | None:
     """Send one request: botocore's errors become archup's (:func:`translate`), and an error
-    code listed in ``absent`` becomes None (the thing asked about is not there). A request
-    with a body is sent up to ``attempts`` times while the server says its body arrived changed."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return send()
-        except botocore.exceptions.ClientError as error:
+    code listed in ``absent`` becomes None (the thing asked about is not there). botocore
+    has already retried what it retries; a request with a body is sent again as ``retry``
+    says of what it does not (a body that arrived changed)."""
+    def failed(error: Exception, last: bool) -> tuple[Exception, Verdict]:
+        if isinstance(error, botocore.exceptions.ClientError):
             code = _error_code(error)
             if absent and code in absent:
-                return None
-            if code in CORRUPTED and attempt < attempts:
-                continue
-            raise translate(error, what) from None
-        except Exception as error:
-            raise translate(error, what) from None
-    raise AssertionError("unreachable")  # the last attempt returns or raises
+                raise _Absent() from None
+            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return translate(error, what), retry.answer_verdict(status, code, client_retried=True)
+        return translate(error, what), "fail"
+
+    try:
+        return retry.run(send, failed)
+    except _Absent:
+        return None
 
 
-def _sent(what: str, send: Callable[[], T], *, attempts: int = 1) -> T:
+class _Absent(Exception):
+    """The answer said the thing asked about is not there (an ``absent`` code)."""
+
+
+def _sent(what: str, send: Callable[[], T], *, retry: RetryPolicy = _ONCE) -> T:
     """:func:`_request` for a request whose every error is an error."""
-    answer = _request(what, send, attempts=attempts)
+    answer = _request(what, send, retry=retry)
     assert answer is not None
     return answer
 
@@ -133,7 +144,7 @@ def _content_md5(request: Any, **kwargs: Any) -> None:
 
 
 # A key no one writes: botocore builds a PutObject of it to say where a key's PUT goes.
-_ENDPOINT_PROBE = "archup-endpoint-probe"
+ENDPOINT_PROBE = "archup-endpoint-probe"
 
 
 class _NoBody:
@@ -208,12 +219,12 @@ class S3Store:
 
         self.config = config
         self.bucket = config.bucket
+        self.retry = RetryPolicy.of(config)
         self._crc64nvme_refused = False  # the endpoint refused a CRC64NVME upload: CRC32 from then on
         checksum_calculation = "when_supported" if config.checksum is ChecksumMode.CRC32 else "when_required"
         client_config = botocore.config.Config(
             max_pool_connections=config.max_pool_connections,
-            # total_max_attempts counts the first try (botocore's max_attempts does not).
-            retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
+            retries=self.retry.botocore_retries(),
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             request_checksum_calculation=checksum_calculation,
@@ -240,10 +251,6 @@ class S3Store:
             frozen = credentials.get_frozen_credentials()
             register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
         self._credentials = credentials
-        self._crt_wanted = config.transport is TransportKind.CRT and config.retry_mode != "adaptive"
-        self._crt: CrtPut | None = None
-        self._crt_lock = threading.Lock()
-        self._before_put: list[Callable[[str], None]] = []
 
     @property
     def checksum_mode(self) -> ChecksumMode:
@@ -251,31 +258,13 @@ class S3Store:
 
     def before_send(self, operation: str, hook: Callable[[str], None]) -> None:
         """Call ``hook(url)`` when a request of ``operation`` is about to be sent (for a test's
-        crash point: see archup.store.wrappers.CrashPointStore), on either transport."""
+        crash point: see archup.store.wrappers.CrashPointStore)."""
         self.client.meta.events.register(f"before-send.s3.{operation}",
                                          lambda request, **kwargs: hook(request.url))
-        if operation == "PutObject":
-            self._before_put.append(hook)
-            if self._crt is not None:
-                self._crt.before_send.append(hook)
 
-    # -- the CRT's PutObject (--transport crt) ----------------------------------
+    # -- what another transport needs of botocore ---------------------------------
 
-    def _crt_put(self) -> CrtPut:
-        """The CRT client of this store, made at its first PutObject."""
-        with self._crt_lock:
-            if self._crt is None:
-                from .crt import CrtPut, Endpoint
-
-                self._crt = CrtPut(
-                    Endpoint.from_request(*self._signed_put_url(), _ENDPOINT_PROBE), self._frozen_credentials,
-                    max_attempts=self.config.max_attempts, connect_timeout=self.config.connect_timeout,
-                    read_timeout=self.config.read_timeout, max_connections=self.config.max_pool_connections,
-                    sign_payload=self.config.checksum is ChecksumMode.NONE)
-                self._crt.before_send.extend(self._before_put)
-            return self._crt
-
-    def _signed_put_url(self) -> tuple[str, str]:
+    def signed_put_url(self) -> tuple[str, str]:
         """The URL and Authorization header of a PutObject of the probe key that botocore
         builds, resolves (its endpoint rules: path-style or virtual-hosted, region) and signs,
         and that is answered here instead of being sent."""
@@ -284,7 +273,7 @@ class S3Store:
         seen: list[tuple[str, str]] = []
 
         def answer_here(request: Any, **kwargs: Any) -> AWSResponse | None:
-            if not urllib.parse.urlsplit(request.url).path.endswith("/" + _ENDPOINT_PROBE):
+            if not urllib.parse.urlsplit(request.url).path.endswith("/" + ENDPOINT_PROBE):
                 return None  # another thread's real request
             authorization = request.headers.get("Authorization", b"")
             seen.append((request.url, authorization.decode() if isinstance(authorization, bytes) else authorization))
@@ -293,7 +282,7 @@ class S3Store:
         event = "before-send.s3.PutObject"
         self.client.meta.events.register_first(event, answer_here, unique_id="archup-endpoint-probe")
         try:
-            self.client.put_object(Bucket=self.bucket, Key=_ENDPOINT_PROBE, Body=b"")
+            self.client.put_object(Bucket=self.bucket, Key=ENDPOINT_PROBE, Body=b"")
         except Exception as error:
             raise translate(error, "PutObject") from None
         finally:
@@ -301,7 +290,7 @@ class S3Store:
         assert seen, "the probe PutObject was not built"
         return seen[0]
 
-    def _frozen_credentials(self) -> Credentials:
+    def frozen_credentials(self) -> Credentials:
         """botocore's chain, asked at each signature (a refreshed token is registered as a secret)."""
         from .crt import Credentials
 
@@ -314,81 +303,24 @@ class S3Store:
         register_secrets(frozen.access_key, frozen.secret_key, frozen.token)
         return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-    def _crt_headers(self, body: bytes, sha256_digest: bytes | None, metadata: dict[str, str] | None,
-                     content_type: str | None, archive: bool) -> list[tuple[str, str]]:
-        """The PutObject headers botocore would send for the same arguments."""
-        config = self.config
-        headers = [(f"x-amz-meta-{name}", value) for name, value in
-                   {**(dict(config.user_metadata) if archive else {}), **(metadata or {})}.items()]
-        if content_type:
-            headers.append(("Content-Type", content_type))
-        if config.sse:
-            headers.append(("x-amz-server-side-encryption", config.sse))
-        if config.sse_kms_key_id:
-            headers.append(("x-amz-server-side-encryption-aws-kms-key-id", config.sse_kms_key_id))
-        if archive and config.storage_class:
-            headers.append(("x-amz-storage-class", config.storage_class))
-        if archive and config.tags:
-            headers.append(("x-amz-tagging", urllib.parse.urlencode(config.tags)))
-        mode = config.checksum
-        if mode is ChecksumMode.SHA256:
-            headers += [("x-amz-sdk-checksum-algorithm", "SHA256"),
-                        ("x-amz-checksum-sha256", b64(sha256_digest or hashlib.sha256(body).digest()))]
-        elif mode is ChecksumMode.CRC32:
-            headers += [("x-amz-sdk-checksum-algorithm", "CRC32"),
-                        ("x-amz-checksum-crc32", crc_b64("CRC32", crc_of("CRC32", body)))]
-        elif mode is ChecksumMode.MD5:
-            headers.append(("Content-MD5", b64(hashlib.md5(body).digest())))
-        return headers
-
-    # -- request arguments ---------------------------------------------------
-
-    def _object_args(self, *, archive: bool, metadata: dict[str, str] | None) -> dict[str, Any]:
-        args: dict[str, Any] = {"Metadata": {**(dict(self.config.user_metadata) if archive else {}),
-                                             **(metadata or {})}}
-        if self.config.sse:
-            args["ServerSideEncryption"] = self.config.sse
-        if self.config.sse_kms_key_id:
-            args["SSEKMSKeyId"] = self.config.sse_kms_key_id
-        if archive and self.config.storage_class:
-            args["StorageClass"] = self.config.storage_class
-        if archive and self.config.tags:
-            args["Tagging"] = urllib.parse.urlencode(self.config.tags)
-        return args
-
-    def _body_checksum_args(self, body: bytes, sha256_digest: bytes | None = None) -> dict[str, str]:
-        mode = self.config.checksum
-        if mode is ChecksumMode.SHA256:
-            return {"ChecksumSHA256": b64(sha256_digest or hashlib.sha256(body).digest())}
-        if mode is ChecksumMode.MD5:
-            return {"ContentMD5": b64(hashlib.md5(body).digest())}
-        return {}
-
     # -- single objects -----------------------------------------------------
 
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
                    metadata: dict[str, str] | None = None, content_type: str | None = None,
                    archive: bool = False) -> str:
-        """PUT one object; ``archive`` marks a source file's object (storage class, tags, user metadata).
-        Sent through the CRT with ``--transport crt``."""
-        if self._crt_wanted:
-            return self._crt_put().put(key, body, self._crt_headers(body, sha256_digest, metadata, content_type,
-                                                                    archive), what=f"PutObject {key}")
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body,
-                                **self._object_args(archive=archive, metadata=metadata),
-                                **self._body_checksum_args(body, sha256_digest)}
-        if content_type:
-            args["ContentType"] = content_type
-        return str(_sent(f"PutObject {key}", lambda: self.client.put_object(**args),
-                         attempts=self.config.max_attempts)["ETag"])
+        """PUT one object; ``archive`` marks a source file's object (storage class, tags, user metadata)."""
+        args = put_args(self.config, body, sha256_digest=sha256_digest, metadata=metadata,
+                        content_type=content_type, archive=archive).boto()
+        return str(_sent(f"PutObject {key}", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, **args), retry=self.retry)["ETag"])
 
     def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:
-        """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists."""
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "IfNoneMatch": "*",
-                                "ContentType": content_type, **self._object_args(archive=False, metadata=metadata)}
-        answer = _request(f"PutObject {key}", lambda: self.client.put_object(**args), absent=_EXISTS,
-                          attempts=self.config.max_attempts)
+        """PUT with ``If-None-Match: *``; returns the ETag, or None if the key already exists.
+        The body carries its checksum as every PUT does (the manifest is what seals a batch)."""
+        args = put_args(self.config, body, metadata=metadata, content_type=content_type, if_none_match=True).boto()
+        answer = _request(f"PutObject {key}", lambda: self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, **args), absent=_EXISTS, retry=self.retry)
         return None if answer is None else str(answer["ETag"])
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -508,13 +440,12 @@ class S3Store:
     def create_multipart(self, key: str, checksum: MultipartChecksum, *, metadata: dict[str, str] | None = None,
                          content_type: str | None = None) -> str:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
-                                **self._object_args(archive=True, metadata=metadata)}
+                                **object_args(self.config, archive=True, metadata=metadata,
+                                              content_type=content_type).boto()}
         if checksum.algorithm:
             args["ChecksumAlgorithm"] = checksum.algorithm
         if checksum.full_object:
             args["ChecksumType"] = "FULL_OBJECT"
-        if content_type:
-            args["ContentType"] = content_type
         what = f"CreateMultipartUpload {key}"
         try:
             answer = self.client.create_multipart_upload(**args)
@@ -545,7 +476,7 @@ class S3Store:
         checksum_args = self._part_checksum_args(body, checksum, crc)
         answer = _sent(f"UploadPart {key} part {part_number}", lambda: self.client.upload_part(
             Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number, Body=body, **checksum_args),
-            attempts=self.config.max_attempts)
+            retry=self.retry)
         value = next((v for name, v in checksum_args.items() if name.startswith("Checksum")), None)
         return UploadedPart(part_number, str(answer["ETag"]), value)
 
@@ -569,7 +500,7 @@ class S3Store:
         # Sent again on BadDigest too: the part list arrived changed (its Content-MD5), or the
         # whole-object CRC does not match the parts, which a second try then says again.
         answer = _sent(f"CompleteMultipartUpload {key}", lambda: self.client.complete_multipart_upload(**args),
-                       attempts=self.config.max_attempts)
+                       retry=self.retry)
         return str(answer["ETag"])
 
     def list_parts(self, key: str, upload_id: str) -> OpenUpload | None:

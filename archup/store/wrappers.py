@@ -1,5 +1,6 @@
 """Behaviour layered around any ObjectStore instead of flags inside one (restic's backend
-wrappers: sema, limiter): a bandwidth limit, and a test's crash point."""
+wrappers: sema, limiter): a bandwidth limit, and a test's crash point (the CRT transport,
+archup.store.crt.CrtPutStore, is one more)."""
 
 from __future__ import annotations
 
@@ -156,10 +157,10 @@ class _MeteredReader:
 
 class CrashPointStore(StoreWrapper):
     """The ``during-put-object`` crash point: the process dies while a source file's
-    PutObject is on its way. Over the S3 store that is inside botocore, the request
-    signed and about to be sent, or as the request is handed to the CRT (its
-    ``before_send`` hook, on either transport); over any other store, as the call
-    reaches it."""
+    PutObject is on its way. Over a store with a ``before_send`` hook that is as the
+    request leaves: inside botocore, signed and about to be sent (the S3 store), or as it
+    is handed to the CRT (archup.store.crt.CrtPutStore, which passes the hook to botocore
+    too); over any other store, as the call reaches it."""
 
     POINT = "during-put-object"
 
