@@ -126,6 +126,9 @@ def test_a_stop_leaves_no_temporary_file_and_the_rerun_finishes(tmp_path: Path) 
     stop = threading.Event()
 
     class StopAfterFirstBytes:
+        def on_totals(self, files: int, size: int) -> None:
+            pass
+
         def on_bytes(self, count: int) -> None:
             stop.set()
 
