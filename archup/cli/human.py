@@ -45,6 +45,11 @@ def rate(bytes_per_second: float) -> str:
     return f"{size(bytes_per_second)}/s"
 
 
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def label(name: str) -> str:
     """A summary field's name in words."""
     return _LABELS.get(name, name.replace("_", " "))
