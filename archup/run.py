@@ -227,7 +227,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
                                      lease=request.lease), started)
 
 
-def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = False,
+def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int | None = None,
+           prehash: bool = False,
            no_finalize: bool = False, listener: RunListener | None = None,
            stop: threading.Event | None = None, tally: bool = False, local_root: str | None = None,
            lease: float = DEFAULT_LEASE) -> RunOutcome:
@@ -241,6 +242,8 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
         raise UsageError(f"batch {batch_id} archives {record.source_root}, and {root} is not a directory on this "
                          "host now" + ("" if local_root else "; --source-root says where this host mounts it"))
     settings = _reconcile_settings(journal, record, None, listener)
+    parallel = parallel or settings.parallel or 5  # None: as the batch was started
+    transport = replace(transport, max_pool_connections=max(transport.max_pool_connections, parallel + 4))
     store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
     store.check_bucket()
     with journal.batch_lock(batch_id):

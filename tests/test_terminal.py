@@ -66,7 +66,7 @@ def test_a_terminal_gets_live_progress_and_the_summary(cli, bucket, tmp_path: Pa
     # Then the summary, as a table.
     # Labels in words, sizes, the time it took and the average rate in units (cron keeps raw numbers).
     assert re.search(rf"│ files uploaded +│ {FILES} +│", plain), plain
-    assert re.search(r"│ status +│ enqueued +│", plain), plain
+    assert re.search(r"│ status +│ enqueued \(sealed\) +│", plain), plain  # the seal, said
     assert re.search(r"│ size +│ 1\.00 MiB +│", plain), plain
     assert re.search(r"│ elapsed +│ \d+(\.\d)?s +│", plain), plain
     assert re.search(r"│ rate +│ \d+(\.\d+)? [KM]iB/s +│", plain), plain

@@ -55,8 +55,15 @@ def label(name: str) -> str:
     return _LABELS.get(name, name.replace("_", " "))
 
 
+def state(name: str) -> str:
+    """A batch's state for a person: ``enqueued`` is the seal (the JSON keeps the bare value)."""
+    return f"{name} (sealed)" if name == "enqueued" else name
+
+
 def value(name: str, raw: Any) -> Any:
     """A summary field's value for a person: sizes, rates and durations in units."""
+    if name == "status" and isinstance(raw, str):
+        return state(raw)
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         return raw
     if name == "bytes_per_s":

@@ -69,6 +69,9 @@ class RetryMode(str, Enum):
 
 ParallelOption = Annotated[int, typer.Option("--parallel", "-p", envvar="ARCHUP_PARALLEL",
                                              help="Concurrent requests (threads).")]
+ResumeParallelOption = Annotated[int | None, typer.Option(
+    "--parallel", "-p", envvar="ARCHUP_PARALLEL", show_default=False,
+    help="Concurrent requests (threads) [default: as the batch was started]")]
 NoFinalizeOption = Annotated[bool, typer.Option("--no-finalize", help="Upload only; finalize later.")]
 ChecksumOption = Annotated[ChecksumMode, typer.Option(
     "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]

@@ -60,6 +60,7 @@ from .options import (
     PrehashOption,
     ProfileOption,
     QuietOption,
+    ResumeParallelOption,
     RegionOption,
     RetriesOption,
     RetryMode,
@@ -239,11 +240,13 @@ class Talk:
         """The files skipped by policy or unreadable, named (first 20 and a count); the files
         --skip-archived found archived already are only counted."""
         if skipped.archived:
-            self._say(f"archup: {skipped.archived} file(s) unchanged since an earlier batch, not sent again "
+            self._say(f"archup: {human.count(skipped.archived, 'file')} unchanged since an earlier batch, "
+                      "not sent again "
                       "(--skip-archived)")
         if not skipped.count:
             return
-        self._say(f"archup: {skipped.count} file(s) skipped:")
+        # Entries: a directory that could not be listed is among them, named as one.
+        self._say(f"archup: {human.count(skipped.count, 'entry', 'entries')} skipped:")
         for record in skipped.first:
             self._say(f"  skipped: {display_path(record.rel_path)}: {record.error}")
         if skipped.count > len(skipped.first):
@@ -444,7 +447,7 @@ def upload(
         skip_archived=skip_archived, follow_symlinks=follow_symlinks, storage_class=storage_class, sse=sse,
         sse_kms_key_id=sse_kms_key_id, metadata=tuple(parse_pairs("--metadata", metadata or [])),
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
-        full_object_checksum=full_object_checksum)
+        full_object_checksum=full_object_checksum, parallel=parallel)
     request = UploadRequest(
         source_root=str(directory.resolve()) if source_root is None else os.path.abspath(directory),
         local_root=str(local.resolve()) if source_root else None, lease=lease,
@@ -476,7 +479,7 @@ def upload(
 @reports_metrics("resume")
 def resume(
     batch_id: BatchArgument,
-    parallel: ParallelOption = 5,
+    parallel: ResumeParallelOption = None,
     endpoint_url: EndpointOption = None,
     profile: ProfileOption = None,
     region: RegionOption = None,
@@ -506,11 +509,13 @@ def resume(
     """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
     from .. import run
 
-    _check_parallel(parallel)
+    if parallel is not None:
+        _check_parallel(parallel)
     _check_run_limits(retries, timeout, connect_timeout, grace)
     _check_lease(lease)
     batch_id = check_batch_id(batch_id)
-    how = transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4), read_timeout=timeout,
+    how = transport(endpoint_url, profile, region, max_pool_connections=max(10, (parallel or 0) + 4),
+                    read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
                     bwlimit=parse_size(bwlimit) if bwlimit else None, checksum=checksum,
                     full_object_checksum=full_object_checksum, kind=transport_kind)
