@@ -122,6 +122,9 @@ class RunListener(Protocol):
     def sent(self, skipped: SkippedFiles) -> None:
         """The send is over (whatever its end): what was not sent by policy or could not be read."""
 
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
+        """A new batch without --skip-archived, of a source this destination already holds."""
+
 
 class QuietListener:
     def resuming(self, batch: BatchRecord) -> None:
@@ -140,6 +143,9 @@ class QuietListener:
         return nullcontext(None)
 
     def sent(self, skipped: SkippedFiles) -> None:
+        pass
+
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
         pass
 
 
@@ -208,6 +214,9 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         store.check_bucket()
         if record is None:
             record, resumed = _create_batch(journal, request, transport)
+            earlier = None if resumed or settings.skip_archived else _latest_sealed(journal, record)
+            if earlier is not None:
+                listener.archived_before(record, earlier)
             if resumed:  # another host created it a moment ago: its settings are the batch's
                 settings = _reconcile_settings(journal, record, request.settings, listener)
                 store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
@@ -251,6 +260,13 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
                                  parallel=parallel, prehash=prehash, no_finalize=no_finalize,
                                  profile=transport.profile, listener=listener, stop=stop, tally=tally,
                                  local_root=local_root, lease=lease), started)
+
+
+def _latest_sealed(journal: Journal, batch: BatchRecord) -> BatchRecord | None:
+    """The newest finalized batch of this batch's source and destination, if any."""
+    sealed = [other for other in journal.list_batches(BatchState.ENQUEUED)
+              if other.destination == batch.destination and other.batch_id != batch.batch_id]
+    return max(sealed, key=lambda other: other.finalized_at or "", default=None)
 
 
 def _timed(outcome: RunOutcome, started: float) -> RunOutcome:

@@ -236,6 +236,11 @@ class Talk:
             return RichProgress(bytes_todo, files_todo, self.named)
         return nullcontext(None)
 
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
+        self._say(f"archup: batch {earlier.batch_id} already archived {batch.source_root} to "
+                  f"s3://{batch.bucket}/{batch.prefix}; this batch sends every file again (a whole copy; "
+                  "--skip-archived sends only files new or changed since)")
+
     def sent(self, skipped: SkippedFiles) -> None:
         """The files skipped by policy or unreadable, named (first 20 and a count); the files
         --skip-archived found archived already are only counted."""
