@@ -245,8 +245,7 @@ class Talk:
         """The files skipped by policy or unreadable, named (first 20 and a count); the files
         --skip-archived found archived already are only counted."""
         if skipped.archived:
-            self._say(f"archup: {human.count(skipped.archived, 'file')} unchanged since an earlier batch, "
-                      "not sent again "
+            self._say(f"archup: {skipped.archived} file(s) unchanged since an earlier batch, not sent again "
                       "(--skip-archived)")
         if not skipped.count:
             return
