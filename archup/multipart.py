@@ -45,6 +45,7 @@ from .reconcile import Reconciler
 from .source import FileChanged, SourceTree, check_unchanged, describe_read_error
 from .states import FileState
 from .store import CHECKSUM_REFUSED, SHA256_METADATA, MultipartChecksum, ObjectStore, UploadedPart
+from .unreadable import permanent_reason
 
 log = logging.getLogger("archup.upload")
 
@@ -209,6 +210,10 @@ class MultipartSender:
             handle = self.tree.open(path)
             check_unchanged(os.fstat(handle.fileno()), record)
         except (OSError, FileChanged) as error:
+            reason = permanent_reason(error)
+            if reason is not None:  # sealed without it, as an unreadable directory (its upload: finalize aborts it)
+                self.outcomes.skipped(record, reason)
+                return
             if record.state is not FileState.UPLOADING:
                 self.journal.start_file(self.batch_id, record.rel_path)
             self.outcomes.failed(record, describe_read_error(error))

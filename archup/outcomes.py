@@ -97,6 +97,12 @@ class Outcomes:
             self.result.failures.append((record.rel_path, reason))
         self.observer.on_file_done(record.rel_path, FileState.FAILED, record.size, reason)
 
+    def skipped(self, record: FileRecord, reason: str) -> None:
+        """The file cannot be read, for good (archup.unreadable): named, and sealed without."""
+        self.journal.skip_file(self.batch_id, record.rel_path, reason)
+        log.info("skipped %s: %s", record.rel_path, reason)
+        self.observer.on_file_done(record.rel_path, FileState.SKIPPED, record.size, reason)
+
     def sent(self, count: int) -> None:
         with self._lock:
             self.result.bytes_sent += count

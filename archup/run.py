@@ -110,6 +110,9 @@ class RunListener(Protocol):
     def sent(self, skipped: SkippedFiles) -> None:
         """The send is over (whatever its end): what was not sent by policy or could not be read."""
 
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
+        """A new batch without --skip-archived, of a source this destination already holds."""
+
 
 class QuietListener:
     def resuming(self, batch: BatchRecord) -> None:
@@ -128,6 +131,9 @@ class QuietListener:
         return nullcontext(None)
 
     def sent(self, skipped: SkippedFiles) -> None:
+        pass
+
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
         pass
 
 
@@ -196,6 +202,9 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         store.check_bucket()
         if record is None:
             record, resumed = _create_batch(journal, request, transport)
+            earlier = None if resumed or settings.skip_archived else _latest_sealed(journal, record)
+            if earlier is not None:
+                listener.archived_before(record, earlier)
             if resumed:  # another host created it a moment ago: its settings are the batch's
                 settings = _reconcile_settings(journal, record, request.settings, listener)
                 store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
@@ -215,7 +224,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
                                      lease=request.lease), started)
 
 
-def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int = 5, prehash: bool = False,
+def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: int | None = None,
+           prehash: bool = False,
            no_finalize: bool = False, listener: RunListener | None = None,
            stop: threading.Event | None = None, tally: bool = False, local_root: str | None = None,
            lease: float = DEFAULT_LEASE) -> RunOutcome:
@@ -229,6 +239,8 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
         raise UsageError(f"batch {batch_id} archives {record.source_root}, and {root} is not a directory on this "
                          "host now" + ("" if local_root else "; --source-root says where this host mounts it"))
     settings = _reconcile_settings(journal, record, None, listener)
+    parallel = parallel or settings.parallel or 5  # None: as the batch was started
+    transport = replace(transport, max_pool_connections=max(transport.max_pool_connections, parallel + 4))
     store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
     store.check_bucket()
     with journal.batch_lock(batch_id):
@@ -236,6 +248,13 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
                                  parallel=parallel, prehash=prehash, no_finalize=no_finalize,
                                  profile=transport.profile, listener=listener, stop=stop, tally=tally,
                                  local_root=local_root, lease=lease), started)
+
+
+def _latest_sealed(journal: Journal, batch: BatchRecord) -> BatchRecord | None:
+    """The newest finalized batch of this batch's source and destination, if any."""
+    sealed = [other for other in journal.list_batches(BatchState.ENQUEUED)
+              if other.destination == batch.destination and other.batch_id != batch.batch_id]
+    return max(sealed, key=lambda other: other.finalized_at or "", default=None)
 
 
 def _timed(outcome: RunOutcome, started: float) -> RunOutcome:

@@ -27,7 +27,7 @@ G = TypeVar("G")
 
 # Skip reasons that are not a policy but a failure to read what should be archived: a
 # run that meets one still seals what it could, and exits 3 (partial).
-UNREADABLE_REASONS = ("directory unreadable", "vanished or unreadable", "symlink unreadable")
+UNREADABLE_REASONS = ("directory unreadable", "vanished or unreadable", "symlink unreadable", "file unreadable")
 # A --files-from path that is not there: the source no longer has it (not a file kept unread).
 LISTED_BUT_MISSING = "listed in --files-from but no such file or directory"
 

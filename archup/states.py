@@ -63,10 +63,11 @@ _FILE_TRANSITIONS: dict[FileState, frozenset[FileState]] = {
     # resumer sends it again (a PUT of the same bytes is idempotent).
     FileState.PENDING: frozenset({FileState.UPLOADING, FileState.UPLOADED,
                                   FileState.FAILED, FileState.SKIPPED}),
-    FileState.UPLOADING: frozenset({FileState.UPLOADED, FileState.FAILED, FileState.PENDING}),
+    # -> skipped: the file cannot be opened for good (permission denied, ...), archup.unreadable.
+    FileState.UPLOADING: frozenset({FileState.UPLOADED, FileState.FAILED, FileState.PENDING, FileState.SKIPPED}),
     # failed -> failed: a retry that fails again records its newer reason.
     FileState.FAILED: frozenset({FileState.PENDING, FileState.UPLOADING, FileState.UPLOADED,
-                                 FileState.FAILED}),
+                                 FileState.FAILED, FileState.SKIPPED}),
     # Only finalize's read-back moves an uploaded file back, when its object is gone.
     FileState.UPLOADED: frozenset({FileState.PENDING}),
     FileState.SKIPPED: frozenset(),

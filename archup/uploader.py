@@ -35,6 +35,7 @@ from .select import Selector
 from .source import FileChanged, SourceTree, describe_read_error
 from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectStore
+from .unreadable import permanent_reason
 
 log = logging.getLogger("archup.upload")
 
@@ -235,7 +236,11 @@ class Uploader:
                     return None
                 record = fresh
             except OSError as error:
-                self.outcomes.failed(record, describe_read_error(error))
+                reason = permanent_reason(error)
+                if reason is not None:
+                    self.outcomes.skipped(record, reason)  # sealed without it, as an unreadable directory
+                else:
+                    self.outcomes.failed(record, describe_read_error(error))
                 return None
         return None
 

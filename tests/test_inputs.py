@@ -192,14 +192,16 @@ def test_unreadable_file_and_directory_with_real_permission_bits(cli, s3, bucket
         locked_dir.chmod(0o755)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "failed: locked.txt: unreadable: permission denied" in proc.stderr
+    # A file no one may read is skipped by name like the directory, and the batch sealed without both.
+    assert "skipped: locked.txt: file unreadable: Permission denied" in proc.stderr
     assert "skipped: locked-dir: directory unreadable: Permission denied" in proc.stderr
-    check_batch(cli, s3, bucket, uploaded=files, failed={"locked.txt": "unreadable: permission denied"},
-                skipped={"locked-dir": "directory unreadable"}, finalized=False)
+    check_batch(cli, s3, bucket, uploaded=files,
+                skipped={"locked.txt": "file unreadable: Permission denied", "locked-dir": "directory unreadable"},
+                finalized=True)
 
 
 @pytest.mark.parametrize("size", [100, PART], ids=["single-put", "multipart"])
-def test_unreadable_file_is_failed_by_name_in_process(cli, s3, bucket, tmp_path: Path,
+def test_unreadable_file_is_skipped_by_name_in_process(cli, s3, bucket, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     """Root-proof: every way of opening this one path (open(), io.open(), os.open()) raises EACCES,
     as it would for any user the permission bits keep out; every other path opens as usual."""
@@ -220,10 +222,10 @@ def test_unreadable_file_is_failed_by_name_in_process(cli, s3, bucket, tmp_path:
     monkeypatch.setattr(os, "open", refuse_locked(os.open))
     result = cli("upload", "--part-size", "5MiB", str(source))
     assert result.exit_code == 3, result.stderr
-    assert "failed: locked.bin: unreadable: permission denied" in result.stderr
-    assert "resume with 'archup resume " in result.stderr  # how to resume
-    check_batch(cli, s3, bucket, uploaded=files, failed={"locked.bin": "unreadable: permission denied"},
-                finalized=False)
+    assert "skipped: locked.bin: file unreadable: Permission denied" in result.stderr
+    assert "sealed without 1 path(s) that could not be read" in result.stderr  # and what to do
+    check_batch(cli, s3, bucket, uploaded=files, skipped={"locked.bin": "file unreadable: Permission denied"},
+                finalized=True)
 
 
 def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
@@ -293,9 +295,10 @@ def test_a_partial_run_names_the_first_20_failures_a_count_and_the_resume_comman
         write(source / name, b"no one may read this\n")
     real_open = os.open
 
+    # An I/O error: a transient one, which fails the file (a permission refusal skips it).
     def refuse_locked(path: Any, *args: Any, **kwargs: Any) -> Any:
         if os.path.basename(os.fsdecode(path)) in locked:
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+            raise OSError(errno.EIO, "Input/output error", os.fsdecode(path))
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refuse_locked)
@@ -307,7 +310,7 @@ def test_a_partial_run_names_the_first_20_failures_a_count_and_the_resume_comman
         report = json.loads(result.stdout)
         assert report["files_failed"] == 25 and len(report["failures"]) == 20
         assert {item["path"] for item in report["failures"]} < locked
-        assert all("permission denied" in item["error"] for item in report["failures"])
+        assert all("Input/output error" in item["error"] for item in report["failures"])
         assert report["resume"].startswith(f"archup resume {batch.batch_id}")
     else:
         named = [line for line in result.stderr.splitlines() if line.startswith("failed: locked-")]
@@ -460,7 +463,9 @@ def test_file_replaced_by_a_symlink_after_the_scan_is_not_followed(cli, s3, buck
     batch = only_batch(cli.journal)
     assert secret.read_bytes() not in bucket_files(s3, bucket, batch).values(), "followed a symlink out of the source"
     assert result.exit_code == 3, result.stderr
-    check_batch(cli, s3, bucket, uploaded={}, failed={"victim.txt": ""}, finalized=False)
+    # A symlink stands where the file was (ELOOP): named and sealed without, as a permission refusal.
+    check_batch(cli, s3, bucket, uploaded={}, skipped={"victim.txt": "file unreadable: replaced by a symlink"},
+                finalized=True)
 
 
 # -- symlinks: skipped, never followed -------------------------------------------------------------

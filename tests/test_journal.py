@@ -1160,3 +1160,29 @@ def test_init_batch_unless_unfinished_names_the_unfinished_batch_of_the_source(j
     move_batch(journal, first, BatchState.ABORTED)
     assert journal.init_batch(new_batch_id(), source_root="/data/src", bucket="archive", prefix="staging/",
                               part_size=8 * 1024 * 1024, unless_unfinished=True).state is BatchState.OPEN
+
+
+def test_skip_file_takes_a_file_no_one_may_read_out_of_the_upload(journal: Journal, batch_id: str,
+                                                                  backend: JournalBackend) -> None:
+    """uploading (its upload recorded) or failed -> skipped with the reason, the upload forgotten;
+    an uploaded file is never skipped."""
+    for rel_path in ("a.bin", "b.bin", "c.bin"):
+        journal.add_file(batch_id, new_file(batch_id, rel_path))
+    journal.start_file(batch_id, "a.bin")
+    journal.record_upload_id(batch_id, "a.bin", "upload-1", 5 * 1024 * 1024)
+    journal.record_part(batch_id, "a.bin", PartRecord(1, 5 * 1024 * 1024, "etag-1", None))
+    journal.skip_file(batch_id, "a.bin", "file unreadable: Permission denied")
+    journal.fail_file(batch_id, "b.bin", "unreadable: permission denied")
+    journal.skip_file(batch_id, "b.bin", "file unreadable: Permission denied")
+    journal.complete_file(batch_id, "c.bin", sha256=SHA, etag="e")
+    with pytest.raises(IllegalTransition):
+        journal.skip_file(batch_id, "c.bin", "file unreadable: Permission denied")
+
+    with second_journal(backend) as reader:
+        records = {path: reader.get_file(batch_id, path) for path in ("a.bin", "b.bin", "c.bin")}
+        parts = reader.list_parts(batch_id, "a.bin")
+        unreadable = reader.count_skipped(batch_id, ["file unreadable"])
+    assert [(r.state, r.error, r.upload_id) for r in (records["a.bin"], records["b.bin"])] == [
+        (FileState.SKIPPED, "file unreadable: Permission denied", None)] * 2
+    assert records["c.bin"].state is FileState.UPLOADED
+    assert parts == [] and unreadable == 2

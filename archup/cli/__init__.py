@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 try:  # newer typer vendors its own copy of click, whose exceptions it raises
+    import typer._click as click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - older typer uses click itself
+    import click  # type: ignore[no-redef]
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
 from .. import logs
@@ -21,8 +26,27 @@ from . import finalize, lifecycle, restore, status, upload, verify
 from . import version as version_command
 from .common import Invocation, defer_error, emit_json, json_requested, report_error
 
-# "\b" keeps click from re-wrapping the table into one paragraph.
-EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"{code:>5}  {meaning}" for code, meaning in EXIT_CODE_TABLE)
+
+
+def _exit_codes_help(width: int = 76) -> str:
+    """The table, each meaning wrapped under itself to fit 80 columns with click's indent: a
+    terminal would otherwise break its long lines in the middle of a word. "\b" keeps click
+    from re-wrapping it into one paragraph."""
+    rows = [textwrap.fill(meaning, width, initial_indent=f"{code:>5}  ", subsequent_indent=" " * 7,
+                          break_long_words=False, break_on_hyphens=False)
+            for code, meaning in EXIT_CODE_TABLE]
+    return "\b\nExit codes:\n" + "\n".join(rows)
+
+
+EXIT_CODES_HELP = _exit_codes_help()
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its argument as the help does (``DIR``, not typer's
+    ``{DIR}``)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [re.sub(r"\{([A-Z_]+)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 app = typer.Typer(
     name="archup",
@@ -39,7 +63,7 @@ app = typer.Typer(
 def settings(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option(
-        "--config", help="TOML config file [env: ARCHUP_CONFIG; default: ~/.config/archup/config.toml]. "
+        "--config", help="TOML config file [env var: ARCHUP_CONFIG; default: ~/.config/archup/config.toml]. "
         "Precedence: flags, then environment, then this file.", show_default=False)] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
                                          help="More log output: -v info, -vv debug, -vvv botocore too. "
@@ -66,16 +90,16 @@ def settings(
         defer_error(ctx, str(error), exit_code_for(error))
 
 
-app.command("upload", epilog=EXIT_CODES_HELP)(upload.upload)
-app.command("status")(status.status)
-app.command("resume")(upload.resume)
-app.command("finalize")(finalize.finalize)
-app.command("verify")(verify.verify)
-app.command("restore", epilog=EXIT_CODES_HELP)(restore.restore)
-app.command("list")(lifecycle.list_batches)
-app.command("abort")(lifecycle.abort)
-app.command("gc")(lifecycle.gc)
-app.command("version")(version_command.version)
+app.command("upload", epilog=EXIT_CODES_HELP, cls=Command)(upload.upload)
+app.command("status", cls=Command)(status.status)
+app.command("resume", cls=Command)(upload.resume)
+app.command("finalize", cls=Command)(finalize.finalize)
+app.command("verify", cls=Command)(verify.verify)
+app.command("restore", epilog=EXIT_CODES_HELP, cls=Command)(restore.restore)
+app.command("list", cls=Command)(lifecycle.list_batches)
+app.command("abort", cls=Command)(lifecycle.abort)
+app.command("gc", cls=Command)(lifecycle.gc)
+app.command("version", cls=Command)(version_command.version)
 
 
 def main() -> None:
@@ -85,12 +109,15 @@ def main() -> None:
     run = Invocation()  # the command's context object, still here after click is done
     try:
         code = app(standalone_mode=False, obj=run, prog_name="archup")
-    except ClickException as error:
-        error.show()  # click's usage message for a person, as in standalone mode
+    except NoArgsIsHelpError as error:
+        error.show()  # bare 'archup' (or a command alone) is click's help: nothing failed, nothing to report
         code = error.exit_code
-        # Bare 'archup' is click's help (as an error): nothing failed, nothing to report.
-        if not isinstance(error, NoArgsIsHelpError):
-            report_error(error.format_message(), code, as_json=as_json, printed=True, run=run)
+    except ClickException as error:
+        # A bad option or value click found: one line like every other error, with where help is.
+        code = error.exit_code
+        where = getattr(getattr(error, "ctx", None), "command_path", None)
+        message = error.format_message().rstrip(".")
+        report_error(message + (f"; see '{where} --help'" if where else ""), code, as_json=as_json, run=run)
     except typer.Abort:
         code = int(ExitCode.ERROR)
         report_error("aborted", code, as_json=as_json, run=run)

@@ -45,13 +45,25 @@ def rate(bytes_per_second: float) -> str:
     return f"{size(bytes_per_second)}/s"
 
 
+def count(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def label(name: str) -> str:
     """A summary field's name in words."""
     return _LABELS.get(name, name.replace("_", " "))
 
 
+def state(name: str) -> str:
+    """A batch's state for a person: ``enqueued`` is the seal (the JSON keeps the bare value)."""
+    return f"{name} (sealed)" if name == "enqueued" else name
+
+
 def value(name: str, raw: Any) -> Any:
     """A summary field's value for a person: sizes, rates and durations in units."""
+    if name == "status" and isinstance(raw, str):
+        return state(raw)
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         return raw
     if name == "bytes_per_s":

@@ -106,7 +106,10 @@ def list_batches(
     if missing is not None:
         _say_missing(missing)
     if sys.stdout.isatty():
-        _print_table(rows)
+        if rows or missing is not None:
+            _print_table(rows)
+        else:  # one line, not an empty table
+            print("no batches" + (f" in state {status.value}" if status else ""))
         return
     for row in rows:  # cron and scripts: one line a batch, raw numbers
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
@@ -158,7 +161,8 @@ def abort(
     if json_output:
         emit_json(report.as_dict())
     elif not quiet:
-        print_fields(list(report.as_dict().items()))
+        # Labelled as status labels it ('state' stays the JSON's key).
+        print_fields([("status" if name == "state" else name, value) for name, value in report.as_dict().items()])
 
 
 @handles_errors

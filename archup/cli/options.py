@@ -43,7 +43,7 @@ JournalOption = Annotated[
     str | None,
     typer.Option("--journal", help="Journal: a file (SQLite, one host), or a postgresql:// URL that several "
                  "hosts share (no password in it: libpq reads PGPASSWORD, ~/.pgpass, PGSERVICE) "
-                 "[env: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
+                 "[env var: ARCHUP_JOURNAL; default: ~/.local/state/archup/journal.db]",
                  show_default=False),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
@@ -53,7 +53,7 @@ BatchArgument = Annotated[str, typer.Argument(help="Batch id (a ULID, as printed
                                                show_default=False)]
 EndpointOption = Annotated[
     str | None,
-    typer.Option("--endpoint-url", help="S3 endpoint URL [env: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
+    typer.Option("--endpoint-url", help="S3 endpoint URL [env var: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
                  show_default=False),
 ]
 ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
@@ -69,6 +69,9 @@ class RetryMode(str, Enum):
 
 ParallelOption = Annotated[int, typer.Option("--parallel", "-p", envvar="ARCHUP_PARALLEL",
                                              help="Concurrent requests (threads).")]
+ResumeParallelOption = Annotated[int | None, typer.Option(
+    "--parallel", "-p", envvar="ARCHUP_PARALLEL", show_default=False,
+    help="Concurrent requests (threads) [default: as the batch was started]")]
 NoFinalizeOption = Annotated[bool, typer.Option("--no-finalize", help="Upload only; finalize later.")]
 ChecksumOption = Annotated[ChecksumMode, typer.Option(
     "--checksum", help="Integrity check sent with every request (sha256, crc32, md5, none).")]

@@ -1,36 +1,111 @@
-"""Rendering upload progress: a rich bar on a terminal, nothing at all for cron."""
+"""Rendering upload progress: a rich bar on a terminal, nothing at all for cron.
+
+One live area at a time: while it is drawn, every note goes through :func:`say` (printed
+above the bar, never through it), and a forced exit clears it first (:func:`clear`), so
+the terminal keeps lines of its own and no frame of the bar. Units are the summary's:
+IEC sizes and rates, durations as ``2m 14s`` (:mod:`archup.cli.human`)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
 from ..scan import display_path
 from ..states import FileState
+from . import human
+
+_live: RichProgress | None = None  # the one drawn now, if any
+_live_lock = threading.Lock()
+
+
+def _console() -> Console:
+    # stderr as it is now: while the bar is live, rich puts a proxy in sys.stderr that prints
+    # through this console, and a console writing to that proxy would print each note twice.
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def say(line: str) -> None:
+    """A note on a line of its own: above the live area while one is drawn."""
+    live = _live
+    if live is not None:
+        live.console.print(line, markup=False, highlight=False)
+    else:
+        print(line, file=sys.stderr)
+
+
+def clear() -> None:
+    """Take the live area off the screen (before an exit that will not unwind), and put
+    the cursor at the start of an empty line, over any '^C' the terminal echoed there."""
+    global _live
+    with _live_lock:
+        live, _live = _live, None
+    if live is not None:
+        live.stop()
+    if sys.stderr.isatty():
+        os.write(2, b"\r\x1b[K")
+
+
+class RateColumn(ProgressColumn):
+    """Bytes per second in IEC units (``84.2 MiB/s``), as the summary's rate."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("?" if speed is None else human.rate(speed), style="progress.data.speed")
+
+
+class RemainingColumn(ProgressColumn):
+    """Time left in the summary's style (``2m 14s``)."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        return Text("-" if left is None else human.duration(left), style="progress.remaining")
 
 
 class RichProgress:
-    """An UploadObserver that draws one bar of bytes and a count of files."""
+    """An UploadObserver that draws one bar of bytes and a count of files. A failed file is
+    named once, above the bar, and added to ``named`` (the end of the run leaves it out)."""
 
-    def __init__(self, total_bytes: int, total_files: int) -> None:
+    def __init__(self, total_bytes: int, total_files: int, named: set[str] | None = None) -> None:
+        self.console = _console()
         self._progress = Progress(
             TextColumn("{task.fields[files]}"), BarColumn(), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[in_flight]}"),
-            console=Console(stderr=True, highlight=False, soft_wrap=True), transient=True)
+            RateColumn(), RemainingColumn(), TextColumn("{task.fields[in_flight]}"),
+            console=self.console, transient=True)
         self._task = self._progress.add_task("upload", total=total_bytes, files=f"0/{total_files} files",
                                              in_flight="")
         self._in_flight: dict[str, None] = {}
         self._total_files = total_files
         self._done = 0
         self._lock = threading.Lock()
+        self.named = named if named is not None else set()
+        self._stopped = False
 
     def __enter__(self) -> RichProgress:
+        global _live
         self._progress.start()
+        with _live_lock:
+            _live = self
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _live
+        with _live_lock:
+            if _live is self:
+                _live = None
+        self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return  # cleared once
+            self._stopped = True
         self._progress.stop()
 
     def on_bytes(self, count: int) -> None:
@@ -54,6 +129,9 @@ class RichProgress:
             done = self._done
             self._in_flight.pop(rel_path, None)
             text = self._flight_text()
+            first = state is FileState.FAILED and rel_path not in self.named
+            if first:
+                self.named.add(rel_path)
         self._progress.update(self._task, files=f"{done}/{self._total_files} files", in_flight=text)
-        if state is FileState.FAILED:
-            self._progress.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False)
+        if first:
+            self.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False, highlight=False)

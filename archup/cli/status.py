@@ -87,7 +87,7 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
     amount = human.size if sys.stdout.isatty() else str  # cron and scripts keep the raw number
     print_fields([
         ("batch_id", document["batch_id"]),
-        ("status", document["status"]),
+        ("status", human.state(document["status"])),
         ("source", document["source_root"]),
         ("destination", f"s3://{document['bucket']}/{document['prefix']}"),
         ("scan", "complete" if document["scan_complete"] else "incomplete"),

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
@@ -29,6 +29,7 @@ from ..locations import journal_location
 from ..scan import display_path
 from ..select import read_files_from
 from ..store import DEFAULT_TRANSPORT, ChecksumMode
+from . import human
 from .common import (
     Invocation,
     check_batch_id,
@@ -59,6 +60,7 @@ from .options import (
     PrehashOption,
     ProfileOption,
     QuietOption,
+    ResumeParallelOption,
     RegionOption,
     RetriesOption,
     RetryMode,
@@ -106,6 +108,7 @@ class Stopping:
         self._timer: threading.Timer | None = None
 
     def _exit_now(self, why: str) -> None:
+        _clear_terminal()  # no frame of the bar, no echoed '^C', before the last line
         message = f"archup: error: {why}; exiting now"
         if self.hint:
             message += f", the batch is safe to resume with '{self.hint}'"
@@ -121,8 +124,11 @@ class Stopping:
             self._exit_now("second signal")
         self._signalled = True
         self.stop.set()
-        print(f"archup: stopping: finishing the requests in flight (a second signal, or {self.grace:g} s, "
-              "exits at once)", file=sys.stderr)
+        # Printed by a thread of its own: a second signal arriving in the middle of this
+        # print would otherwise interrupt it in this thread and clear the bar under it.
+        threading.Thread(target=_say, name="archup-stopping", daemon=True, args=(
+            f"archup: stopping: finishing the requests in flight (a second signal, or {self.grace:g} s, "
+            "exits at once)",)).start()
         self._timer = threading.Timer(self.grace, self._exit_now,
                                       args=(f"requests still in flight {self.grace:g} s after the signal",))
         self._timer.daemon = True
@@ -131,6 +137,28 @@ class Stopping:
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+
+def _live_display() -> ModuleType | None:
+    """archup.cli.progress if a run loaded it (a terminal's bar): never imported for cron."""
+    return sys.modules.get(f"{__package__}.progress")
+
+
+def _say(line: str) -> None:
+    """A note on a line of its own, above the progress bar if one is drawn."""
+    display = _live_display()
+    if display is not None:
+        display.say(line)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _clear_terminal() -> None:
+    display = _live_display()
+    if display is not None:
+        display.clear()
+    elif sys.stderr.isatty():
+        os.write(2, b"\r\x1b[K")  # over the '^C' the terminal echoed
 
 
 @contextmanager
@@ -177,10 +205,11 @@ class Talk:
     def __init__(self, talk: bool, stopping: Stopping) -> None:
         self.talk = talk
         self.stopping = stopping
+        self.named: set[str] = set()  # failed files the live display named already
 
     def _say(self, line: str) -> None:
         if self.talk:
-            print(line, file=sys.stderr)
+            _say(line)
 
     def resuming(self, batch: BatchRecord) -> None:
         self._say(f"archup: resuming unfinished batch {batch.batch_id} of {batch.source_root} "
@@ -204,8 +233,13 @@ class Talk:
         if self.talk and sys.stderr.isatty():
             from .progress import RichProgress
 
-            return RichProgress(bytes_todo, files_todo)
+            return RichProgress(bytes_todo, files_todo, self.named)
         return nullcontext(None)
+
+    def archived_before(self, batch: BatchRecord, earlier: BatchRecord) -> None:
+        self._say(f"archup: batch {earlier.batch_id} already archived {batch.source_root} to "
+                  f"s3://{batch.bucket}/{batch.prefix}; this batch sends every file again (a whole copy; "
+                  "--skip-archived sends only files new or changed since)")
 
     def sent(self, skipped: SkippedFiles) -> None:
         """The files skipped by policy or unreadable, named (first 20 and a count); the files
@@ -215,7 +249,8 @@ class Talk:
                       "(--skip-archived)")
         if not skipped.count:
             return
-        self._say(f"archup: {skipped.count} file(s) skipped:")
+        # Entries: a directory that could not be listed is among them, named as one.
+        self._say(f"archup: {human.count(skipped.count, 'entry', 'entries')} skipped:")
         for record in skipped.first:
             self._say(f"  skipped: {display_path(record.rel_path)}: {record.error}")
         if skipped.count > len(skipped.first):
@@ -223,8 +258,10 @@ class Talk:
                       "--all' lists them)")
 
 
-def render(outcome: RunOutcome, *, quiet: bool, json_output: bool) -> None:
-    """Print how the run ended, then raise its error (exit 3, 5, 130 ...), if any."""
+def render(outcome: RunOutcome, *, quiet: bool, json_output: bool, named: set[str] | frozenset[str] = frozenset()
+           ) -> None:
+    """Print how the run ended, then raise its error (exit 3, 5, 130 ...), if any. ``named``:
+    failed files the progress display named already (each is named once)."""
     from ..run import SHOW_AT_MOST
 
     invocation().outcome = outcome
@@ -234,6 +271,8 @@ def render(outcome: RunOutcome, *, quiet: bool, json_output: bool) -> None:
             emit_json(report)
         else:
             for path, error in outcome.failures:
+                if path in named:
+                    continue
                 print(f"failed: {display_path(path)}: {display_path(error)}", file=sys.stderr)
             if outcome.result.files_failed > SHOW_AT_MOST:
                 print(f"... and {outcome.result.files_failed - SHOW_AT_MOST} more failed", file=sys.stderr)
@@ -295,7 +334,8 @@ def _read_only_journal(location: str | None) -> Iterator[Journal | None]:
 def _print_dry_run(report: dict[str, object]) -> None:
     count, first = int(str(report["files"])), list(report["first_keys"])  # type: ignore[call-overload]
     already = int(str(report["files_already_archived"]))
-    print(f"would upload {count} file(s), {report['bytes']} bytes, from {report['source_root']} "
+    print(f"would upload {human.count(count, 'file')}, {human.size(int(str(report['bytes'])))}, "
+          f"from {report['source_root']} "
           f"({report['files_skipped']} skipped" + (f", {already} already archived" if already else "") + ")")
     for key in first:
         print(f"  {key}")
@@ -411,7 +451,7 @@ def upload(
         skip_archived=skip_archived, follow_symlinks=follow_symlinks, storage_class=storage_class, sse=sse,
         sse_kms_key_id=sse_kms_key_id, metadata=tuple(parse_pairs("--metadata", metadata or [])),
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
-        full_object_checksum=full_object_checksum)
+        full_object_checksum=full_object_checksum, parallel=parallel)
     request = UploadRequest(
         source_root=str(directory.resolve()) if source_root is None else os.path.abspath(directory),
         local_root=str(local.resolve()) if source_root else None, lease=lease,
@@ -436,14 +476,14 @@ def upload(
         listener = Talk(not (quiet or json_output), stopping)
         outcome = in_worker(lambda: run.upload(journal, request, listener=listener, stop=stopping.stop,
                                                 tally=metrics_file is not None))
-    render(outcome, quiet=quiet, json_output=json_output)
+    render(outcome, quiet=quiet, json_output=json_output, named=listener.named)
 
 
 @handles_errors
 @reports_metrics("resume")
 def resume(
     batch_id: BatchArgument,
-    parallel: ParallelOption = 5,
+    parallel: ResumeParallelOption = None,
     endpoint_url: EndpointOption = None,
     profile: ProfileOption = None,
     region: RegionOption = None,
@@ -473,11 +513,13 @@ def resume(
     """Continue an unfinished batch from its journal (same source and destination), then finalize it."""
     from .. import run
 
-    _check_parallel(parallel)
+    if parallel is not None:
+        _check_parallel(parallel)
     _check_run_limits(retries, timeout, connect_timeout, grace)
     _check_lease(lease)
     batch_id = check_batch_id(batch_id)
-    how = transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4), read_timeout=timeout,
+    how = transport(endpoint_url, profile, region, max_pool_connections=max(10, (parallel or 0) + 4),
+                    read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
                     bwlimit=parse_size(bwlimit) if bwlimit else None, checksum=checksum,
                     full_object_checksum=full_object_checksum, transport=transport_kind)
@@ -488,4 +530,4 @@ def resume(
                                                tally=metrics_file is not None,
                                                local_root=str(Path(source_root).resolve()) if source_root else None,
                                                lease=lease))
-    render(outcome, quiet=quiet, json_output=json_output)
+    render(outcome, quiet=quiet, json_output=json_output, named=listener.named)

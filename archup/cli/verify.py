@@ -22,7 +22,9 @@ def describe(difference: Difference) -> str:
     def show(value: object) -> str:
         if value is None:
             return "no object"
-        return f"{value} bytes" if difference.problem in _BYTE_COUNTS else str(value)
+        if difference.problem in _BYTE_COUNTS and isinstance(value, int):
+            return f"{value} byte" + ("" if value == 1 else "s")
+        return str(value)
 
     name = difference.path or difference.key or "(batch)"
     return f"{difference.problem.value}: {name}: expected {show(difference.expected)}, found {show(difference.actual)}"

@@ -138,6 +138,10 @@ class Journal(Protocol):
 
     def fail_file(self, batch_id: str, rel_path: str, error: str) -> None: ...
 
+    def skip_file(self, batch_id: str, rel_path: str, reason: str) -> None:
+        """-> skipped with its reason, forgetting any upload: the file cannot be read, for good."""
+        ...
+
     def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None: ...
 
     def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int,

@@ -556,6 +556,15 @@ class PostgresJournal:
             conn.execute("DELETE FROM parts WHERE batch_id = %s AND rel_path = %s", (batch_id, rel_path))
         self.db.write(body)
 
+    def skip_file(self, batch_id: str, rel_path: str, reason: str) -> None:
+        def body(conn: Conn) -> None:
+            self._move_file(conn, batch_id, rel_path, FileState.SKIPPED)
+            conn.execute("UPDATE files SET state = %s, error = %s, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, etag = NULL, updated_at = %s WHERE batch_id = %s AND rel_path = %s",
+                         (FileState.SKIPPED.value, reason, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = %s AND rel_path = %s", (batch_id, rel_path))
+        self.db.write(body)
+
     def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
         """-> pending, forgetting any upload. Not fenced: finalize's read-back calls it once every
         file is uploaded, and reopens the file's chunk so that a host sends it again."""

@@ -34,8 +34,10 @@ class BatchSettings:
     # rerun's flags win here (the endpoint changed), so these make no note.
     checksum: str = "sha256"
     full_object_checksum: bool = True
+    # --parallel of the run that began it: resume's default (a flag wins, without a note).
+    parallel: int | None = None
 
-    _FOLLOW_THE_RUN = ("checksum", "full_object_checksum")
+    _FOLLOW_THE_RUN = ("checksum", "full_object_checksum", "parallel")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)

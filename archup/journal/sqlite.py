@@ -502,6 +502,14 @@ class SQLiteJournal:
                          (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
 
+    def skip_file(self, batch_id: str, rel_path: str, reason: str) -> None:
+        with self.db.atomic() as conn:
+            self._move_file(conn, batch_id, rel_path, FileState.SKIPPED)
+            conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, checksum_kind = NULL, "
+                         "sha256 = NULL, etag = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ?",
+                         (FileState.SKIPPED.value, reason, isoformat(utcnow()), batch_id, rel_path))
+            conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
+
     def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
         """-> pending, forgetting any upload; for an object found missing or an upload the server lost."""
         with self.db.atomic() as conn:
