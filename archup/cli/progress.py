@@ -135,3 +135,24 @@ class RichProgress:
         self._progress.update(self._task, files=f"{done}/{self._total_files} files", in_flight=text)
         if first:
             self.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False, highlight=False)
+
+
+class RestoreProgress(RichProgress):
+    """A RestoreObserver on the same live area: files and bytes done, of the batch's totals
+    once they are known (``?`` while a selection hides them)."""
+
+    def __init__(self) -> None:
+        super().__init__(total_bytes=0, total_files=0)
+        self._progress.update(self._task, total=None, files="0/? files")
+        self._of = "?"
+
+    def on_totals(self, files: int, size: int) -> None:
+        with self._lock:
+            self._of = str(files)
+            self._total_files = files
+        self._progress.update(self._task, total=size, files=f"0/{files} files")
+
+    def on_file_done(self, rel_path: str, ok: bool, size: int, error: str | None) -> None:  # type: ignore[override]
+        super().on_file_done(rel_path, FileState.UPLOADED if ok else FileState.FAILED, size, error)
+        if self._of == "?":
+            self._progress.update(self._task, files=f"{self._done}/? files")

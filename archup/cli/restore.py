@@ -78,12 +78,14 @@ def _config(bucket: str, endpoint: str | None, region: str | None, profile: str 
                        connect_timeout=connect_timeout, bwlimit=bwlimit)
 
 
-def _print_report(report: RestoreReport) -> None:
+def _print_report(report: RestoreReport, named: set[str]) -> None:
+    """The summary; the failures the live display did not name already (each named once)."""
     if report.dry_run:
         for action, path, size in report.planned:
             print(f"{action:<6} {display_path(path)} ({size} B)")
     for path, reason in report.failures[:SHOW_AT_MOST]:
-        print(f"failed: {display_path(path)}: {display_path(reason)}", file=sys.stderr)
+        if path not in named:
+            print(f"failed: {display_path(path)}: {display_path(reason)}", file=sys.stderr)
     if report.files_failed > SHOW_AT_MOST:
         print(f"... and {report.files_failed - SHOW_AT_MOST} more failed (--json lists up to 1,000)",
               file=sys.stderr)
@@ -94,47 +96,6 @@ def _print_report(report: RestoreReport) -> None:
               ("files_failed", report.files_failed), ("objects_thawing", report.objects_thawing),
               ("elapsed_s", round(report.elapsed_s, 3)), ("bytes_per_s", report.bytes_per_s)]
     print_fields(fields)
-
-
-class RestoreProgress:
-    """A RestoreObserver drawn as one live area on stderr: files and bytes so far, the rate."""
-
-    def __init__(self) -> None:
-        import threading
-
-        from rich.console import Console
-        from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self._progress = Progress(TextColumn("{task.fields[files]}"), DownloadColumn(binary_units=True),
-                                  TransferSpeedColumn(), console=Console(stderr=True, highlight=False),
-                                  transient=True)
-        self._task = self._progress.add_task("restore", total=None, files="0 files")
-        self._lock = threading.Lock()
-        self._done = 0
-        self._of = ""
-
-    def __enter__(self) -> RestoreProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def on_totals(self, files: int, size: int) -> None:
-        self._of = f"/{files}"
-        self._progress.update(self._task, total=size, files=f"0{self._of} files")
-
-    def on_bytes(self, count: int) -> None:
-        self._progress.advance(self._task, count)
-
-    def on_file_started(self, rel_path: str, size: int) -> None:
-        pass
-
-    def on_file_done(self, rel_path: str, ok: bool, size: int, error: str | None) -> None:
-        with self._lock:
-            self._done += 1
-            done = self._done
-        self._progress.update(self._task, files=f"{done}{self._of} files")
 
 
 @handles_errors
@@ -219,6 +180,8 @@ def restore(
     observer = None
     progress = None
     if sys.stderr.isatty() and not quiet and not json_output and not dry_run:
+        from .progress import RestoreProgress
+
         progress = observer = RestoreProgress()
     with stop_on_signals(grace, json_output) as stopping:
         if progress is not None:
@@ -232,7 +195,7 @@ def restore(
     if json_output:
         emit_json(report.as_dict())
     elif not quiet:
-        _print_report(report)
+        _print_report(report, progress.named if progress is not None else set())
     else:
         for path, reason in report.failures[:SHOW_AT_MOST]:
             print(f"failed: {display_path(path)}: {display_path(reason)}", file=sys.stderr)
