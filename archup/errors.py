@@ -66,6 +66,10 @@ class SourceMismatch(ArchupError):
     exit_code = ExitCode.USAGE
 
 
+class UnsafeJournalPath(JournalError):
+    """The journal's file or directory (or its locks/) is a symlink, another user's, or writable by others."""
+
+
 class JournalTooNew(JournalError):
     """The journal was written by a newer archup (schema version too high)."""
 

@@ -7,6 +7,7 @@ session token), and patterns for anything shaped like a signature or token.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -102,12 +103,32 @@ def configure(verbosity: int, log_file: Path | None) -> None:
     for name in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
     if log_file is not None:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_log_file(log_file)
         to_file = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
         to_file.setFormatter(formatter)
         to_file.setLevel(min(stderr_level, logging.INFO))
         root.addHandler(to_file)
         archup_logger.setLevel(min(stderr_level, logging.INFO))
+
+
+def open_log_file(path: Path) -> int:
+    """Append to the log file, never through a symlink (it would append to the link's target);
+    a new one is created exclusively, 0600, so nothing planted meanwhile is taken."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "it is a symlink; archup does not follow one there: "
+                              "give the real path") from None
+            raise
+    raise OSError(errno.EEXIST, "it keeps appearing and vanishing")
 
 
 def quiet_stderr() -> None:

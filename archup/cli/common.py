@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
 from ..journal import Journal, SQLiteJournal, is_shared_location, open_journal_at
-from ..locations import journal_location
+from ..locations import check_journal_path, journal_location
 from ..scan import display_path
 
 if TYPE_CHECKING:  # the library's sending modules load only when a command sends
@@ -147,6 +147,7 @@ def missing_journal(location: str | None) -> Path | None:
     if is_shared_location(where):
         return None
     path = Path(where)
+    check_journal_path(path)  # a dangling symlink there is not "no journal yet"
     if path.exists():
         return None
     blocker = next((parent for parent in path.parents if parent.exists()), None)
@@ -168,6 +169,8 @@ def open_journal(location: str | None, *, create: bool = True) -> Iterator[Journ
     if not create and missing_journal(where) is not None:
         raise BatchNotFound(f"no journal at {where} (nothing uploaded yet); "
                             "check --journal or ARCHUP_JOURNAL")
+    if not is_shared_location(where):
+        check_journal_path(where)  # before SQLite opens (or creates) anything there
     journal = open_journal_at(where) if is_shared_location(where) else SQLiteJournal(where)
     try:
         yield journal
