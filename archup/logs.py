@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .scan import display_path
+
 REDACTED = "***"
 
 _PATTERNS = (
@@ -51,10 +53,27 @@ def scrub(text: str) -> str:
     return text
 
 
+def _escaped(value: object) -> object:
+    if isinstance(value, str):
+        return display_path(value)
+    if isinstance(value, BaseException | os.PathLike):
+        return display_path(str(value))
+    return value
+
+
 class ScrubbingFormatter(logging.Formatter):
-    """Scrubs the fully formatted line (message, arguments and traceback alike)."""
+    """Scrubs the fully formatted line (message, arguments and traceback alike), and escapes the
+    control characters of a record's arguments: a file name, key or server message (archup's
+    and botocore's log calls pass them as arguments) cannot break its line or drive a terminal.
+    The format strings' own newlines stay (botocore's multi-line request dumps)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            record = logging.makeLogRecord(record.__dict__)  # the other handlers see the original
+            if isinstance(record.args, tuple):
+                record.args = tuple(_escaped(value) for value in record.args)
+            elif isinstance(record.args, dict):
+                record.args = {key: _escaped(value) for key, value in record.args.items()}
         return scrub(super().format(record))
 
 

@@ -256,4 +256,4 @@ def print_fields(fields: list[tuple[str, Any]]) -> None:
         return
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
-        print(f"{name:<{width}}  {value}")
+        print(f"{name:<{width}}  {display_path(str(value))}")

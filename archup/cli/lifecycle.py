@@ -111,7 +111,7 @@ def list_batches(
     for row in rows:  # cron and scripts: one line a batch, raw numbers
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
               f"{row['files_uploaded']}/{row['files_total']} files  "
-              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}"
+              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {display_path(row['source_root'])}"
               + ("  (forgotten)" if row["forgotten_at"] else ""))
 
 
@@ -220,7 +220,8 @@ def _print_gc_report(report: GcReport, missing: Path | None, abort_orphans: bool
         print(f"sealed {batch_id}: its manifest.json is in the bucket but the journal never recorded it; "
               f"left alone; run 'archup finalize {batch_id}' to record it")
     for orphan in report.orphan_uploads:
-        print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
+        # A key and an upload id are the bucket's: escaped, as any name from outside.
+        print(display_path(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})")
               + (" aborted" if abort_orphans else ""))
     for batch_id in report.forgotten:
         print(f"forgot {batch_id}: its file list is in its manifest (finalized) or gone (aborted, expired)")

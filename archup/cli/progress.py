@@ -56,4 +56,5 @@ class RichProgress:
             text = self._flight_text()
         self._progress.update(self._task, files=f"{done}/{self._total_files} files", in_flight=text)
         if state is FileState.FAILED:
-            self._progress.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False)
+            self._progress.console.print(f"failed: {display_path(rel_path)}: {display_path(str(error))}",
+                                         markup=False)
