@@ -195,6 +195,9 @@ def resolve_endpoint(flag: str | None) -> str | None:
     endpoint = (flag or os.environ.get("ARCHUP_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or None)
     if endpoint is not None:
+        if any(char.isspace() or not char.isprintable() for char in endpoint):
+            # urlsplit would silently drop a CR or LF that botocore then refuses (a ValueError).
+            raise UsageError(f"bad endpoint URL {endpoint!r}: it holds a space or a control character")
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port]")
