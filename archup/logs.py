@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from .scan import display_path
 
@@ -53,7 +54,28 @@ def scrub(text: str) -> str:
     return text
 
 
+def _bodies_dropped(value: Any, depth: int = 0) -> Any:
+    """A copy of a request dict without its bodies: botocore's "Making request" line would
+    otherwise hold every PutObject's and UploadPart's bytes, as its ``body`` and again in its
+    context's parameters (file contents in the log, and a log as big as the files)."""
+    if not isinstance(value, dict) or depth > 8:
+        return value
+    copy: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, str) and key.lower() == "body" and item:
+            try:
+                size = f"{len(item)} bytes"
+            except TypeError:
+                size = "a stream"
+            copy[key] = f"<body not logged: {size}>"
+        else:
+            copy[key] = _bodies_dropped(item, depth + 1)
+    return copy
+
+
 def _escaped(value: object) -> object:
+    if isinstance(value, dict):
+        return _bodies_dropped(value)
     if isinstance(value, str):
         return display_path(value)
     if isinstance(value, BaseException | os.PathLike):
