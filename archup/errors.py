@@ -53,6 +53,12 @@ class JournalUnavailable(JournalError):
     exit_code = ExitCode.PARTIAL
 
 
+class JournalAuthenticationFailed(JournalError):
+    """The shared journal's database refused this user's credentials (not retried)."""
+
+    exit_code = ExitCode.DESTINATION
+
+
 class LeaseLost(JournalError):
     """This host's claim on a batch's files ran out and another host may have taken them; its
     writes are refused (the fence), and it stops sending. The batch is resumable."""

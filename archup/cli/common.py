@@ -171,11 +171,26 @@ def open_journal(location: str | None, *, create: bool = True) -> Iterator[Journ
                             "check --journal or ARCHUP_JOURNAL")
     if not is_shared_location(where):
         check_journal_path(where)  # before SQLite opens (or creates) anything there
+    else:
+        warn_password_on_command_line(where)
     journal = open_journal_at(where) if is_shared_location(where) else SQLiteJournal(where)
     try:
         yield journal
     finally:
         journal.close()
+
+
+def warn_password_on_command_line(url: str) -> None:
+    """A password in a --journal URL typed on the command line is in every user's ps output."""
+    from ..journal.pgdatabase import password_of
+
+    ctx = get_current_context(silent=True)
+    if ctx is None or not password_of(url):
+        return
+    source = ctx.get_parameter_source("journal_path")
+    if source is not None and source.name == "COMMANDLINE":
+        log.warning("the --journal URL carries a password, which other users of this host see in ps; "
+                    "give it in PGPASSWORD, ~/.pgpass or PGSERVICE (~/.pg_service.conf) instead")
 
 
 # A ULID in Crockford's base32 (no I, L, O, U); the first character carries only 3 bits.
