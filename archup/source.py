@@ -10,15 +10,17 @@ guarantee 4).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
 import mimetypes
 import os
 import stat
+import sys
 import threading
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from .journal import FileRecord
 from .scan import identity_of, inside
@@ -43,6 +45,10 @@ class PathGuard:
 
     within: str | None = None
     exact: bool = False
+    # With ``exact``: the source root the path lies beneath. Where the kernel has openat2,
+    # the path is resolved beneath it with no symlink anywhere on the way, so nothing a
+    # swapped directory leads to (a device, a FIFO) is ever opened.
+    beneath: str | None = None
 
 
 def same_identity(recorded: str | None, info: os.stat_result) -> bool:
@@ -74,11 +80,68 @@ def _opened_path(fd: int) -> str | None:
         return None
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # one number on every Linux architecture (the unified table, Linux 5.6)
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_openat2_missing = sys.platform != "linux"
+_libc: Any = None
+
+
+def _openat2_beneath(root: str, rel_path: str, flags: int) -> int | None:
+    """``rel_path`` opened beneath ``root`` with no symlink on any component (openat2 with
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS); None where the kernel (or a seccomp filter) has
+    no openat2, for the caller's fallback. OSError as open() raises it otherwise."""
+    global _openat2_missing, _libc
+    if _openat2_missing:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(rel_path)),
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return int(fd)
+        code = ctypes.get_errno()
+    finally:
+        os.close(dirfd)
+    if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
+        _openat2_missing = True  # an old kernel or a sandbox: today's open() and checks
+        return None
+    raise OSError(code, os.strerror(code), os.path.join(root, rel_path))
+
+
+def _open_beneath(path: str, root: str, flags: int) -> int | None:
+    rel_path = os.path.relpath(path, root)
+    if rel_path.startswith(".."):
+        return None
+    try:
+        return _openat2_beneath(root, rel_path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not os.path.islink(path):
+            # A symlink on the way, not the file itself: a directory was swapped for one.
+            raise PathEscaped("a directory on its path was replaced by a symlink (not followed)") from None
+        if error.errno == errno.EXDEV:
+            raise PathEscaped("its path now leads out of the source root (not followed)") from None
+        raise
+
+
 def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader:
     """Open for reading without following a symlink or blocking on a FIFO that replaced the
     file since the scan; anything but a regular file is refused. Then the guard is checked
     against what the kernel says it opened."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = None
+    if guard is not None and guard.exact and guard.beneath:
+        fd = _open_beneath(path, guard.beneath, flags)
+    if fd is None:
+        fd = os.open(path, flags)
     try:
         opened = _opened_path(fd) if guard is not None else None
         if guard is not None and opened is not None:
@@ -158,7 +221,8 @@ class SourceTree:
     def __init__(self, source_root: str, follow_symlinks: bool) -> None:
         self.root = os.path.realpath(source_root)
         self.follow_symlinks = follow_symlinks
-        self.guard = PathGuard(within=self.root) if follow_symlinks else PathGuard(exact=True)
+        self.guard = (PathGuard(within=self.root) if follow_symlinks
+                      else PathGuard(exact=True, beneath=self.root))
 
     def path(self, record: FileRecord) -> str:
         path = os.path.join(self.root, record.rel_path)
