@@ -54,8 +54,8 @@ def check_private(path: str | os.PathLike[str], what: str) -> None:
     not exist yet is fine: archup creates it private (0700, 0600)."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet (or a file on the way: opening the journal says so)
     except OSError as error:
         raise UnsafeJournalPath(f"cannot check {what} {path}: {error.strerror or error}") from None
     if stat.S_ISLNK(info.st_mode):
