@@ -95,7 +95,7 @@ class ScrubbingFormatter(logging.Formatter):
             if isinstance(record.args, tuple):
                 record.args = tuple(_escaped(value) for value in record.args)
             elif isinstance(record.args, dict):
-                record.args = {key: _escaped(value) for key, value in record.args.items()}
+                record.args = _bodies_dropped({key: _escaped(value) for key, value in record.args.items()})
         return scrub(super().format(record))
 
 
