@@ -85,50 +85,49 @@ class _OpenHow(ctypes.Structure):
 
 
 _SYS_OPENAT2 = 437  # one number on every Linux architecture (the unified table, Linux 5.6)
+_AT_FDCWD = -100
 _RESOLVE_NO_SYMLINKS = 0x04
-_RESOLVE_BENEATH = 0x08
 _openat2_missing = sys.platform != "linux"
 _libc: Any = None
 
 
-def _openat2_beneath(root: str, rel_path: str, flags: int) -> int | None:
-    """``rel_path`` opened beneath ``root`` with no symlink on any component (openat2 with
-    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS); None where the kernel (or a seccomp filter) has
-    no openat2, for the caller's fallback. OSError as open() raises it otherwise."""
+def _resolved_without_symlinks(path: str) -> tuple[int, int] | None:
+    """The (device, inode) ``path`` resolves to with no symlink on any component, looked up
+    with openat2(O_PATH, RESOLVE_NO_SYMLINKS): O_PATH opens nothing (no device, no FIFO is
+    touched). None where the kernel (or a seccomp filter) has no openat2. OSError otherwise."""
     global _openat2_missing, _libc
     if _openat2_missing:
         return None
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
-    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
-    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(rel_path)),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return int(fd)
+    how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
+                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
         code = ctypes.get_errno()
-    finally:
-        os.close(dirfd)
-    if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
-        _openat2_missing = True  # an old kernel or a sandbox: today's open() and checks
-        return None
-    raise OSError(code, os.strerror(code), os.path.join(root, rel_path))
-
-
-def _open_beneath(path: str, root: str, flags: int) -> int | None:
-    rel_path = os.path.relpath(path, root)
-    if rel_path.startswith(".."):
-        return None
+        if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
+            _openat2_missing = True  # an old kernel or a sandbox: today's open() and checks
+            return None
+        raise OSError(code, os.strerror(code), path)
     try:
-        return _openat2_beneath(root, rel_path, flags)
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return info.st_dev, info.st_ino
+
+
+def _check_no_symlink_on_the_way(path: str) -> tuple[int, int] | None:
+    """Before opening a file of the tree (its root resolved, so any symlink on the way was put
+    there since the scan): refuse a path through a symlink before anything out there is opened."""
+    try:
+        return _resolved_without_symlinks(path)
     except OSError as error:
         if error.errno == errno.ELOOP and not os.path.islink(path):
             # A symlink on the way, not the file itself: a directory was swapped for one.
             raise PathEscaped("a directory on its path was replaced by a symlink (not followed)") from None
-        if error.errno == errno.EXDEV:
-            raise PathEscaped("its path now leads out of the source root (not followed)") from None
+        if error.errno == errno.ELOOP:
+            return None  # the file itself is a symlink: open() with O_NOFOLLOW says so, as before
         raise
 
 
@@ -136,13 +135,15 @@ def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader
     """Open for reading without following a symlink or blocking on a FIFO that replaced the
     file since the scan; anything but a regular file is refused. Then the guard is checked
     against what the kernel says it opened."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    fd = None
-    if guard is not None and guard.exact and guard.beneath:
-        fd = _open_beneath(path, guard.beneath, flags)
-    if fd is None:
-        fd = os.open(path, flags)
+    expected = None
+    if guard is not None and guard.exact and guard.beneath and inside(guard.beneath, path):
+        expected = _check_no_symlink_on_the_way(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
+        if expected is not None:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != expected:  # swapped between the look-up and the open
+                raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
         opened = _opened_path(fd) if guard is not None else None
         if guard is not None and opened is not None:
             if guard.exact and opened != path:
