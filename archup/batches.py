@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from . import manifest
 from .clock import isoformat, utcnow
@@ -113,6 +113,9 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
     orphan_uploads: list[dict[str, str]] = field(default_factory=list)
     orphans_aborted: int = 0
+    # Orphans not aborted although asked: their batch is too young (or of no age archup can
+    # read), so another host's run, with a journal of its own, may be sending them now.
+    orphans_kept: list[dict[str, str]] = field(default_factory=list)
     # Terminal batches whose file and part rows were forgotten (--forget-after), and the
     # journal's size on disk before and after giving the space back.
     forgotten: list[str] = field(default_factory=list)
@@ -128,10 +131,33 @@ class GcReport:
     def as_dict(self) -> dict[str, object]:
         return {"expired": [report.as_dict() for report in self.expired], "busy": self.busy,
                 "sealed": self.sealed, "errors": self.errors, "orphan_uploads": self.orphan_uploads,
-                "orphans_aborted": self.orphans_aborted, "forgotten": self.forgotten,
+                "orphans_aborted": self.orphans_aborted, "orphans_kept": self.orphans_kept,
+                "forgotten": self.forgotten,
                 "claims_expired": self.claims_expired,
                 "journal_bytes_before": self.journal_bytes_before, "journal_bytes_after": self.journal_bytes_after,
                 "bytes_freed": self.bytes_freed}
+
+
+# gc --abort-orphans aborts an orphan upload only when its batch began longer ago than this
+# (or --older-than): a host with a journal of its own may be sending a younger one right now.
+# rclone's cleanup of multipart uploads waits 24 hours too.
+ORPHAN_AGE = timedelta(hours=24)
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def batch_began(batch_id: str) -> datetime | None:
+    """When a batch began, read from its id (a ULID's first 10 characters are its creation time
+    in milliseconds); None for a name that is not a ULID."""
+    if len(batch_id) != 26 or any(char not in _CROCKFORD for char in batch_id.upper()):
+        return None
+    millis = 0
+    for char in batch_id[:10].upper():
+        millis = millis * 32 + _CROCKFORD.index(char)
+    try:
+        return datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 # What gc forgets by default: terminal batches that ended more than this long ago.
@@ -158,12 +184,24 @@ def forget_ended(journal: Journal, report: GcReport, forget_after: timedelta, no
         report.journal_bytes_after = journal.size_on_disk()
 
 
+def _duration(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    for unit, size in (("h", 3600), ("m", 60)):  # 24h, as rclone and the README say it
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: timedelta | None = None,
                     now: datetime | None = None, abort_orphans: bool = False,
                     forget_after: timedelta | None = None) -> GcReport:
     """Expire unfinalized batches past their time to live; report (and optionally abort)
     multipart uploads under a known staging prefix that no batch in the journal owns; with
-    ``forget_after``, forget the terminal batches that ended longer ago than that."""
+    ``forget_after``, forget the terminal batches that ended longer ago than that.
+
+    An orphan is aborted only when the batch its key names began longer ago than
+    ``older_than`` (default :data:`ORPHAN_AGE`): hosts with journals of their own on one
+    bucket see each other's uploads as orphans, and one in flight must not be aborted."""
     now = now or utcnow()
     report = GcReport()
     batches = journal.list_batches()
@@ -195,6 +233,7 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
         except ArchupError as error:
             report.errors.append(f"{batch.batch_id}: {error}")
 
+    orphan_age = older_than if older_than is not None else ORPHAN_AGE
     known_uploads = {upload_id for batch in batches for upload_id in journal.upload_ids(batch.batch_id)}
     seen_destinations: set[tuple[str, str | None, str]] = set()
     for batch in batches:
@@ -214,9 +253,17 @@ def collect_garbage(journal: Journal, store_for: StoreFactory, *, older_than: ti
                 if owner_batch is not None and not owner_batch.state.terminal:
                     continue  # a live batch's own upload, in flight right now or swept on its resume
                 report.orphan_uploads.append({"bucket": batch.bucket, "key": key, "upload_id": upload_id})
-                if abort_orphans:
-                    store.abort_multipart(key, upload_id)
-                    report.orphans_aborted += 1
+                if not abort_orphans:
+                    continue
+                began = batch_began(owner)
+                if began is None or began > now - orphan_age:
+                    report.orphans_kept.append({
+                        "bucket": batch.bucket, "key": key, "upload_id": upload_id,
+                        "reason": "its batch began less than " + _duration(orphan_age) + " ago" if began is not None
+                        else "its key names no batch archup can date"})
+                    continue
+                store.abort_multipart(key, upload_id)
+                report.orphans_aborted += 1
         except ArchupError as error:
             report.errors.append(f"listing uploads under s3://{batch.bucket}/{batch.prefix}: {error}")
     if forget_after is not None:

@@ -54,6 +54,12 @@ class JournalUnavailable(JournalError):
     exit_code = ExitCode.PARTIAL
 
 
+class JournalAuthenticationFailed(JournalError):
+    """The shared journal's database refused this user's credentials (not retried)."""
+
+    exit_code = ExitCode.DESTINATION
+
+
 class LeaseLost(JournalError):
     """This host's claim on a batch's files ran out and another host may have taken them; its
     writes are refused (the fence), and it stops sending. The batch is resumable."""
@@ -65,6 +71,10 @@ class SourceMismatch(ArchupError):
     """This host's source is not the tree the batch was scanned from."""
 
     exit_code = ExitCode.USAGE
+
+
+class UnsafeJournalPath(JournalError):
+    """The journal's file or directory (or its locks/) is a symlink, another user's, or writable by others."""
 
 
 class JournalTooNew(JournalError):

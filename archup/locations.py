@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from collections.abc import Mapping
 from pathlib import Path
+
+from .errors import UnsafeJournalPath
 
 
 def default_journal_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -40,3 +43,42 @@ def resume_command(batch_id: str, journal_location: str, profile: str | None = N
     if profile:
         words += ["--profile", profile]
     return shlex.join(words)
+
+
+def check_private(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse a journal file or directory (or its locks/) that another user could have planted
+    or could change: a symlink, one owned by someone else, or one writable by group or others.
+
+    Whoever can write there can swap the journal, or plant a symlink where archup writes a
+    lock, and have this user (root, say) overwrite a file of its choosing. A path that does
+    not exist yet is fine: archup creates it private (0700, 0600)."""
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet (or a file on the way: opening the journal says so)
+    except OSError as error:
+        raise UnsafeJournalPath(f"cannot check {what} {path}: {error.strerror or error}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeJournalPath(f"{what} {path} is a symlink; archup does not follow one there: "
+                                "give the real path")
+    if info.st_uid != os.geteuid():
+        raise UnsafeJournalPath(f"{what} {path} belongs to uid {info.st_uid}, not to this user "
+                                f"(uid {os.geteuid()}); use a journal directory of your own")
+    if info.st_mode & 0o022:
+        raise UnsafeJournalPath(f"{what} {path} is writable by group or others "
+                                f"(mode {stat.S_IMODE(info.st_mode):04o}); "
+                                f"run 'chmod go-w {shlex.quote(os.fspath(path))}' or use a directory of your own")
+
+
+JOURNAL_COMPANIONS = ("-wal", "-shm")
+
+
+def check_journal_path(journal_path: str | os.PathLike[str]) -> None:
+    """The checks of :func:`check_private` on an SQLite journal's directory, its file (and
+    SQLite's -wal and -shm files beside it) and its locks/ directory."""
+    path = Path(journal_path)
+    check_private(path.parent, "journal directory")
+    check_private(path.parent / "locks", "lock directory")
+    check_private(path, "journal")
+    for suffix in JOURNAL_COMPANIONS:
+        check_private(f"{path}{suffix}", "journal file")

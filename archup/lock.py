@@ -8,16 +8,19 @@ contents (host, pid, since) only name the holder in the error message.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 from types import TracebackType
 
 from .clock import isoformat, utcnow
-from .errors import BatchBusy, JournalError
+from .errors import BatchBusy, JournalError, UnsafeJournalPath
+from .locations import check_private
 
 
 class BatchLock:
@@ -28,11 +31,15 @@ class BatchLock:
         self._fd: int | None = None
 
     def acquire(self) -> BatchLock:
+        # The journal's directory and locks/ must be this user's alone: lock names are
+        # predictable, and a symlink planted there would have this process overwrite its target.
+        check_private(self.path.parent.parent, "journal directory")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
             raise JournalError(f"cannot create lock file {self.path}: {error.strerror or error}") from None
+        check_private(self.path.parent, "lock directory")
+        fd = _open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,6 +66,33 @@ class BatchLock:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.release()
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open the lock file, never through a symlink: an existing one as it is, a new one
+    created exclusively (O_EXCL), so nothing planted between the two steps is taken."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue  # another archup created it first: open theirs
+            except OSError as error:
+                raise JournalError(f"cannot create lock file {path}: {error.strerror or error}") from None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UnsafeJournalPath(f"lock file {path} is a symlink; archup does not follow one there: "
+                                        "remove it") from None
+            raise JournalError(f"cannot open lock file {path}: {error.strerror or error}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafeJournalPath(f"lock file {path} is not a regular file of this user's "
+                                    f"(uid {info.st_uid}); remove it")
+        return fd
+    raise JournalError(f"cannot create lock file {path}: it keeps appearing and vanishing")
 
 
 def _describe_holder(fd: int) -> str:

@@ -7,12 +7,16 @@ session token), and patterns for anything shaped like a signature or token.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import sys
 import threading
 from pathlib import Path
+from typing import Any
+
+from .scan import display_path
 
 REDACTED = "***"
 
@@ -50,10 +54,48 @@ def scrub(text: str) -> str:
     return text
 
 
+def _bodies_dropped(value: Any, depth: int = 0) -> Any:
+    """A copy of a request dict without its bodies: botocore's "Making request" line would
+    otherwise hold every PutObject's and UploadPart's bytes, as its ``body`` and again in its
+    context's parameters (file contents in the log, and a log as big as the files)."""
+    if not isinstance(value, dict) or depth > 8:
+        return value
+    copy: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, str) and key.lower() == "body" and item:
+            try:
+                size = f"{len(item)} bytes"
+            except TypeError:
+                size = "a stream"
+            copy[key] = f"<body not logged: {size}>"
+        else:
+            copy[key] = _bodies_dropped(item, depth + 1)
+    return copy
+
+
+def _escaped(value: object) -> object:
+    if isinstance(value, dict):
+        return _bodies_dropped(value)
+    if isinstance(value, str):
+        return display_path(value)
+    if isinstance(value, BaseException | os.PathLike):
+        return display_path(str(value))
+    return value
+
+
 class ScrubbingFormatter(logging.Formatter):
-    """Scrubs the fully formatted line (message, arguments and traceback alike)."""
+    """Scrubs the fully formatted line (message, arguments and traceback alike), and escapes the
+    control characters of a record's arguments: a file name, key or server message (archup's
+    and botocore's log calls pass them as arguments) cannot break its line or drive a terminal.
+    The format strings' own newlines stay (botocore's multi-line request dumps)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            record = logging.makeLogRecord(record.__dict__)  # the other handlers see the original
+            if isinstance(record.args, tuple):
+                record.args = tuple(_escaped(value) for value in record.args)
+            elif isinstance(record.args, dict):
+                record.args = _bodies_dropped({key: _escaped(value) for key, value in record.args.items()})
         return scrub(super().format(record))
 
 
@@ -102,12 +144,32 @@ def configure(verbosity: int, log_file: Path | None) -> None:
     for name in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
     if log_file is not None:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = open_log_file(log_file)
         to_file = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
         to_file.setFormatter(formatter)
         to_file.setLevel(min(stderr_level, logging.INFO))
         root.addHandler(to_file)
         archup_logger.setLevel(min(stderr_level, logging.INFO))
+
+
+def open_log_file(path: Path) -> int:
+    """Append to the log file, never through a symlink (it would append to the link's target);
+    a new one is created exclusively, 0600, so nothing planted meanwhile is taken."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            try:
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "it is a symlink; archup does not follow one there: "
+                              "give the real path") from None
+            raise
+    raise OSError(errno.EEXIST, "it keeps appearing and vanishing")
 
 
 def quiet_stderr() -> None:

@@ -28,6 +28,10 @@ G = TypeVar("G")
 # Skip reasons that are not a policy but a failure to read what should be archived: a
 # run that meets one still seals what it could, and exits 3 (partial).
 UNREADABLE_REASONS = ("directory unreadable", "vanished or unreadable", "symlink unreadable", "file unreadable")
+# A name that is not valid UTF-8 (archup's keys and manifest are UTF-8): a file is skipped by
+# name; a directory counts as unreadable, since what it holds is neither counted nor named.
+NOT_UTF8_FILE = "file name is not valid UTF-8"
+NOT_UTF8_DIRECTORY = f"{UNREADABLE_REASONS[0]}: its name is not valid UTF-8"
 # A --files-from path that is not there: the source no longer has it (not a file kept unread).
 LISTED_BUT_MISSING = "listed in --files-from but no such file or directory"
 
@@ -67,6 +71,15 @@ def display_path(name: str) -> str:
         return name
     return "".join(char if char.isprintable() or char == " " else
                    char.encode("unicode_escape").decode("ascii") for char in name)
+
+
+def _name_for(directory: str, rel_path: str) -> str:
+    """The journal's name for a path that is not valid UTF-8: its escaped form, unless a real
+    file of that very name sits beside it; then a trailing '/' keeps the two apart (no real
+    file's relative path ends in '/')."""
+    shown = _printable(rel_path)
+    real = os.path.join(directory, shown.rsplit("/", 1)[-1])
+    return shown + "/" if os.path.lexists(real) else shown
 
 
 def _valid_utf8(name: str) -> bool:
@@ -151,15 +164,21 @@ def scan(root: str | os.PathLike[str], select: Selector | None = None, *,
         with entries:
             for entry in entries:
                 rel_path = rel_dir + entry.name
-                if not _valid_utf8(rel_path):
-                    # The trailing '/' keeps this name apart from a real file whose name is
-                    # literally the escaped form: no real file's relative path ends in '/'.
-                    yield ScanItem(_printable(rel_path) + "/", entry.path, 0, 0, "file name is not valid UTF-8")
-                    continue
                 try:
                     info = entry.stat(follow_symlinks=False)
                 except OSError as error:
+                    if not _valid_utf8(rel_path):
+                        yield ScanItem(_name_for(directory, rel_path), entry.path, 0, 0, NOT_UTF8_FILE)
+                        continue
                     yield ScanItem(rel_path, entry.path, 0, 0, f"{UNREADABLE_REASONS[1]}: {error.strerror}")
+                    continue
+                if not _valid_utf8(rel_path):
+                    # Never archived: no key could be restored to this name. A file is skipped
+                    # by name, with its real size and mtime; a directory is unreadable (its
+                    # files can be neither counted nor named): the run exits 3.
+                    yield ScanItem(_name_for(directory, rel_path), entry.path,
+                                   0 if stat.S_ISDIR(info.st_mode) else info.st_size, info.st_mtime_ns,
+                                   NOT_UTF8_DIRECTORY if stat.S_ISDIR(info.st_mode) else NOT_UTF8_FILE)
                     continue
                 if follow_symlinks and stat.S_ISLNK(info.st_mode):
                     followed = _follow(rel_path, entry.path, root_real, ancestors)

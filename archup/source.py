@@ -10,15 +10,17 @@ guarantee 4).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
 import mimetypes
 import os
 import stat
+import sys
 import threading
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from .journal import FileRecord
 from .scan import identity_of, inside
@@ -43,6 +45,10 @@ class PathGuard:
 
     within: str | None = None
     exact: bool = False
+    # With ``exact``: the source root the path lies beneath. Where the kernel has openat2,
+    # the path is resolved beneath it with no symlink anywhere on the way, so nothing a
+    # swapped directory leads to (a device, a FIFO) is ever opened.
+    beneath: str | None = None
 
 
 def same_identity(recorded: str | None, info: os.stat_result) -> bool:
@@ -74,12 +80,70 @@ def _opened_path(fd: int) -> str | None:
         return None
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # one number on every Linux architecture (the unified table, Linux 5.6)
+_AT_FDCWD = -100
+_RESOLVE_NO_SYMLINKS = 0x04
+_openat2_missing = sys.platform != "linux"
+_libc: Any = None
+
+
+def _resolved_without_symlinks(path: str) -> tuple[int, int] | None:
+    """The (device, inode) ``path`` resolves to with no symlink on any component, looked up
+    with openat2(O_PATH, RESOLVE_NO_SYMLINKS): O_PATH opens nothing (no device, no FIFO is
+    touched). None where the kernel (or a seccomp filter) has no openat2. OSError otherwise."""
+    global _openat2_missing, _libc
+    if _openat2_missing:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
+                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
+            _openat2_missing = True  # an old kernel or a sandbox: today's open() and checks
+            return None
+        raise OSError(code, os.strerror(code), path)
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return info.st_dev, info.st_ino
+
+
+def _check_no_symlink_on_the_way(path: str) -> tuple[int, int] | None:
+    """Before opening a file of the tree (its root resolved, so any symlink on the way was put
+    there since the scan): refuse a path through a symlink before anything out there is opened."""
+    try:
+        return _resolved_without_symlinks(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not os.path.islink(path):
+            # A symlink on the way, not the file itself: a directory was swapped for one.
+            raise PathEscaped("a directory on its path was replaced by a symlink (not followed)") from None
+        if error.errno == errno.ELOOP:
+            return None  # the file itself is a symlink: open() with O_NOFOLLOW says so, as before
+        raise
+
+
 def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader:
     """Open for reading without following a symlink or blocking on a FIFO that replaced the
     file since the scan; anything but a regular file is refused. Then the guard is checked
     against what the kernel says it opened."""
+    expected = None
+    if guard is not None and guard.exact and guard.beneath and inside(guard.beneath, path):
+        expected = _check_no_symlink_on_the_way(path)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
+        if expected is not None:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != expected:  # swapped between the look-up and the open
+                raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
         opened = _opened_path(fd) if guard is not None else None
         if guard is not None and opened is not None:
             if guard.exact and opened != path:
@@ -158,7 +222,8 @@ class SourceTree:
     def __init__(self, source_root: str, follow_symlinks: bool) -> None:
         self.root = os.path.realpath(source_root)
         self.follow_symlinks = follow_symlinks
-        self.guard = PathGuard(within=self.root) if follow_symlinks else PathGuard(exact=True)
+        self.guard = (PathGuard(within=self.root) if follow_symlinks
+                      else PathGuard(exact=True, beneath=self.root))
 
     def path(self, record: FileRecord) -> str:
         path = os.path.join(self.root, record.rel_path)

@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from test_crash import (
 from testdata import pattern_bytes
 from ulid import ULID
 
+from archup.clock import utcnow
 from archup.errors import BatchBusy
 from archup.journal import Journal, SQLiteJournal
 from archup.lock import BatchLock
@@ -541,7 +543,8 @@ def test_gc_reports_orphan_uploads_and_aborts_them_only_when_asked(cli: Any, s3:
     live = crash(cli, source, "after-create-multipart:1")
     live_uploads = open_uploads(s3, cli.bucket, prefix_of(cli, live))
     assert len(live_uploads) == 1
-    orphan_key = f"staging/{ULID()}/files/x"
+    # Of a batch begun two days ago: gc --abort-orphans leaves younger ones (another host's, in flight).
+    orphan_key = f"staging/{ULID.from_datetime(utcnow() - timedelta(days=2))}/files/x"
     orphan_id = s3.create_multipart_upload(Bucket=cli.bucket, Key=orphan_key)["UploadId"]
     orphan = {"bucket": cli.bucket, "key": orphan_key, "upload_id": orphan_id}
 

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .. import logs
 from ..errors import ArchupError, BatchNotFound, ExitCode, JournalError, UsageError, exit_code_for
 from ..journal import Journal, SQLiteJournal, is_shared_location, open_journal_at
-from ..locations import journal_location
+from ..locations import check_journal_path, journal_location
 from ..scan import display_path
 
 if TYPE_CHECKING:  # the library's sending modules load only when a command sends
@@ -147,6 +147,7 @@ def missing_journal(location: str | None) -> Path | None:
     if is_shared_location(where):
         return None
     path = Path(where)
+    check_journal_path(path)  # a dangling symlink there is not "no journal yet"
     if path.exists():
         return None
     blocker = next((parent for parent in path.parents if parent.exists()), None)
@@ -168,11 +169,28 @@ def open_journal(location: str | None, *, create: bool = True) -> Iterator[Journ
     if not create and missing_journal(where) is not None:
         raise BatchNotFound(f"no journal at {where} (nothing uploaded yet); "
                             "check --journal or ARCHUP_JOURNAL")
+    if not is_shared_location(where):
+        check_journal_path(where)  # before SQLite opens (or creates) anything there
+    else:
+        warn_password_on_command_line(where)
     journal = open_journal_at(where) if is_shared_location(where) else SQLiteJournal(where)
     try:
         yield journal
     finally:
         journal.close()
+
+
+def warn_password_on_command_line(url: str) -> None:
+    """A password in a --journal URL typed on the command line is in every user's ps output."""
+    from ..journal.pgdatabase import password_of
+
+    ctx = get_current_context(silent=True)
+    if ctx is None or not password_of(url):
+        return
+    source = ctx.get_parameter_source("journal_path")
+    if source is not None and source.name == "COMMANDLINE":
+        log.warning("the --journal URL carries a password, which other users of this host see in ps; "
+                    "give it in PGPASSWORD, ~/.pgpass or PGSERVICE (~/.pg_service.conf) instead")
 
 
 # A ULID in Crockford's base32 (no I, L, O, U); the first character carries only 3 bits.
@@ -192,6 +210,9 @@ def resolve_endpoint(flag: str | None) -> str | None:
     endpoint = (flag or os.environ.get("ARCHUP_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or None)
     if endpoint is not None:
+        if any(char.isspace() or not char.isprintable() for char in endpoint):
+            # urlsplit would silently drop a CR or LF that botocore then refuses (a ValueError).
+            raise UsageError(f"bad endpoint URL {endpoint!r}: it holds a space or a control character")
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"bad endpoint URL {endpoint!r}: expected http(s)://host[:port]")
@@ -253,4 +274,4 @@ def print_fields(fields: list[tuple[str, Any]]) -> None:
         return
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
-        print(f"{name:<{width}}  {value}")
+        print(f"{name:<{width}}  {display_path(str(value))}")

@@ -16,7 +16,9 @@ A key is the option's parameter name or its long flag (``journal_path`` or ``jou
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,14 @@ def load(path: Path | None, group: Any) -> dict[str, dict[str, Any]]:
             raise UsageError(f"config file {path} does not exist")
         return {}
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(_read(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise UsageError(f"config file {path}: {error}") from None
+        raise UsageError(f"config file {path}: {getattr(error, 'strerror', None) or error}") from None
 
     commands = {name: group.commands[name] for name in group.commands}
     # Duck-typed: typer ships its own copy of click, so isinstance checks against click fail.
     options = {name: _option_keys(command) for name, command in commands.items()}
+    params = {name: {param.name: param for param in command.params} for name, command in commands.items()}
     shared = {key.replace("-", "_"): value for key, value in document.items() if not isinstance(value, dict)}
     known = set().union(*options.values())
     unknown = sorted(set(shared) - known) + sorted(
@@ -72,6 +75,8 @@ def load(path: Path | None, group: Any) -> dict[str, dict[str, Any]]:
                     unknown.append(f"{name}.{key}")
                     continue
                 values[options[name][key]] = value
+        for key, value in values.items():
+            _check_type(path, name, params[name][key], value)
         values = {key: value for key, value in values.items()
                   if not any(os.environ.get(variable) for variable in READ_FROM_ENVIRONMENT.get(key, ()))}
         if values:
@@ -79,6 +84,50 @@ def load(path: Path | None, group: Any) -> dict[str, dict[str, Any]]:
     if unknown:
         raise UsageError(f"config file {path}: unknown setting(s): {', '.join(unknown)}")
     return default_map
+
+
+# A config file is a few lines: a bigger one is not one (--config /dev/zero would fill memory).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_CONFIG_BYTES. Opened without
+    blocking: a FIFO given as the config would otherwise wait for a writer for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"config file {path} is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise UsageError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# click's name of an option's type -> the TOML types a value of it may have.
+_TOML_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "text": (str,), "path": (str,), "choice": (str,),
+    "int": (int,), "integer": (int,), "float": (int, float), "boolean": (bool,),
+}
+
+
+def _check_type(path: Path, command: str, param: Any, value: Any) -> None:
+    """A value of the option's type: 'journal = true' must not become a journal named ./True."""
+    accepted = _TOML_TYPES.get(getattr(param.type, "name", ""))
+    if accepted is None:
+        return
+    values = value if getattr(param, "multiple", False) and isinstance(value, list) else [value]
+    for item in values:
+        if not isinstance(item, accepted) or (isinstance(item, bool) and bool not in accepted):
+            wanted = "a string" if str in accepted else "a number" if int in accepted else "true or false"
+            key = next((flag[2:] for flag in param.opts if flag.startswith("--")), param.name)
+            raise UsageError(f"config file {path}: {key} = {json.dumps(value, default=str)} "
+                             f"(for archup {command}): expected {wanted}")
 
 
 def _option_keys(command: Any) -> dict[str, str]:

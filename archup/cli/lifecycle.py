@@ -114,7 +114,7 @@ def list_batches(
     for row in rows:  # cron and scripts: one line a batch, raw numbers
         print(f"{row['batch_id']}  {row['status']:<10}  {row['age']:>5}  "
               f"{row['files_uploaded']}/{row['files_total']} files  "
-              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {row['source_root']}"
+              f"{row['bytes_uploaded']}/{row['bytes_total']} bytes  {display_path(row['source_root'])}"
               + ("  (forgotten)" if row["forgotten_at"] else ""))
 
 
@@ -170,9 +170,11 @@ def abort(
 def gc(
     older_than: Annotated[str | None, typer.Option(
         "--older-than", help="Expire unfinalized batches created longer ago than this (e.g. 24h); "
-        "default: each batch's own expiry, 24 hours after it was created.", show_default=False)] = None,
+        "default: each batch's own expiry, 24 hours after it was created. With --abort-orphans, "
+        "the age an orphan upload's batch must have (default 24h).", show_default=False)] = None,
     abort_orphans: Annotated[bool, typer.Option(
-        "--abort-orphans", help="Also abort the orphan multipart uploads it finds.")] = False,
+        "--abort-orphans", help="Also abort the orphan multipart uploads it finds whose batch began longer "
+        "ago than --older-than (default 24h): younger ones may be another host's, in flight.")] = False,
     forget_after: Annotated[str, typer.Option(
         "--forget-after", help="Forget the file lists of finalized, aborted and expired batches that ended "
         "longer ago than this (their summaries stay; a finalized batch's files are in its manifest), "
@@ -223,9 +225,12 @@ def _print_gc_report(report: GcReport, missing: Path | None, abort_orphans: bool
     for batch_id in report.sealed:
         print(f"sealed {batch_id}: its manifest.json is in the bucket but the journal never recorded it; "
               f"left alone; run 'archup finalize {batch_id}' to record it")
+    kept = {orphan["upload_id"]: orphan["reason"] for orphan in report.orphans_kept}
     for orphan in report.orphan_uploads:
-        print(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})"
-              + (" aborted" if abort_orphans else ""))
+        # A key and an upload id are the bucket's: escaped, as any name from outside.
+        print(display_path(f"orphan upload s3://{orphan['bucket']}/{orphan['key']} ({orphan['upload_id']})")
+              + ((f" kept: {kept[orphan['upload_id']]}" if orphan["upload_id"] in kept else " aborted")
+                 if abort_orphans else ""))
     for batch_id in report.forgotten:
         print(f"forgot {batch_id}: its file list is in its manifest (finalized) or gone (aborted, expired)")
     print(f"{len(report.expired)} batch(es) expired, {len(report.orphan_uploads)} orphan upload(s) found, "

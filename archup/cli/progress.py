@@ -134,7 +134,8 @@ class RichProgress:
                 self.named.add(rel_path)
         self._progress.update(self._task, files=f"{done}/{self._total_files} files", in_flight=text)
         if first:
-            self.console.print(f"failed: {display_path(rel_path)}: {error}", markup=False, highlight=False)
+            self.console.print(f"failed: {display_path(rel_path)}: {display_path(str(error))}", markup=False,
+                               highlight=False)
 
 
 class RestoreProgress(RichProgress):

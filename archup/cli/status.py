@@ -105,12 +105,12 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
     ])
     for worker in document.get("workers", []):
         mark = "ended" if worker["ended"] else "LEASE EXPIRED" if worker["lease_expired"] else "working"
-        print(f"worker: {worker['host']} pid {worker['pid']}: {mark}, since {worker['since']}, last heartbeat "
+        print(f"worker: {display_path(worker['host'])} pid {worker['pid']}: {mark}, since {worker['since']}, last heartbeat "
               f"{worker['last_heartbeat']}, {worker['files_done']} files, {amount(worker['bytes_done'])} sent")
     for state in (FileState.FAILED.value, FileState.SKIPPED.value):
         for problem in document["problems"]:
             if problem["state"] == state:
-                print(f"{state}: {display_path(problem['path'])}: {problem['error']}")
+                print(f"{state}: {display_path(problem['path'])}: {display_path(str(problem['error']))}")
         if document["problems_omitted"][state]:
             print(f"... and {document['problems_omitted'][state]} more {state} "
                   f"('archup status {batch_id} --all' lists them all)")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
+from ..scan import display_path
 from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
 from .common import check_batch_id, emit_json, handles_errors, open_journal, transport
 from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
@@ -27,7 +28,9 @@ def describe(difference: Difference) -> str:
         return str(value)
 
     name = difference.path or difference.key or "(batch)"
-    return f"{difference.problem.value}: {name}: expected {show(difference.expected)}, found {show(difference.actual)}"
+    # Names, keys and found values come from the bucket: escaped, so none reaches the terminal raw.
+    return display_path(f"{difference.problem.value}: {name}: expected {show(difference.expected)}, "
+                        f"found {show(difference.actual)}")
 
 
 @handles_errors

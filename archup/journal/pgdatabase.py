@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import urllib.parse
@@ -29,7 +30,8 @@ import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import JournalError, JournalTooNew, JournalUnavailable
+from ..errors import JournalAuthenticationFailed, JournalError, JournalTooNew, JournalUnavailable
+from ..logs import register_secrets
 
 log = logging.getLogger("archup.journal")
 
@@ -176,6 +178,12 @@ def password_of(url: str) -> str | None:
     return None
 
 
+# libpq's words for a login the server refused (its connection errors carry no SQLSTATE):
+# waiting will not change them, so they are not retried.
+_AUTHENTICATION_FAILED = re.compile(r"authentication failed|no password supplied|password is required|"
+                                    r"no pg_hba\.conf entry", re.IGNORECASE)
+
+
 class PgDatabase:
     """A pool of connections to one PostgreSQL journal; transactions, retries, migrations."""
 
@@ -185,6 +193,8 @@ class PgDatabase:
         self.url = url
         self.location = redact(url)
         self._password = password_of(url)
+        # Every log line is scrubbed of it, psycopg_pool's own warnings included.
+        register_secrets(self._password)
         self.retry_for = retry_for
         self.max_connections = max_connections
         # Settings of every connection, unless the URL (or libpq's environment) says otherwise:
@@ -202,6 +212,7 @@ class PgDatabase:
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._pid = os.getpid()
+        self._check_login()
         self._migrate()
 
     # -- errors --------------------------------------------------------------
@@ -219,6 +230,20 @@ class PgDatabase:
         return JournalError(f"journal {self.location}: {text}")
 
     # -- connections ---------------------------------------------------------
+
+    def _check_login(self) -> None:
+        """One connection before the pool's: a refused login is said at once (exit 5), not
+        retried for ``retry_for`` seconds and then called unreachable. Any other failure is
+        left to the pool's retries."""
+        try:
+            psycopg.connect(self.url, **self._kwargs).close()
+        except psycopg.OperationalError as error:
+            text = self.scrub(str(error).strip())
+            if _AUTHENTICATION_FAILED.search(text):
+                reason = text.split("FATAL:", 1)[-1].strip().splitlines()[0]
+                raise JournalAuthenticationFailed(
+                    f"journal {self.location}: authentication failed ({reason}); check the user and its "
+                    "password (PGPASSWORD, ~/.pgpass or PGSERVICE)") from None
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute(f"SET search_path TO {SCHEMA}")
