@@ -20,6 +20,7 @@ from archup.cli import app
 from archup.store import DEFAULT_TRANSPORT, TransportKind
 
 if TYPE_CHECKING:
+    from faultstore import Faults
     from pgserver import PostgresServer
 
 FAKE_CREDENTIALS = {
@@ -95,6 +96,20 @@ def bucket(s3) -> str:  # type: ignore[no-untyped-def]
     name = f"archup-test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def store_faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
+    """Faults for every store the CLI's commands open in this process (tests/faultstore.py):
+    each store archup.run opens is wrapped in a FaultStore following this script. The one
+    place a test reaches inside archup for its stores: run.py opens them itself."""
+    import archup.run
+    from faultstore import Faults
+
+    faults = Faults()
+    real_open_store = archup.run.open_store
+    monkeypatch.setattr(archup.run, "open_store", lambda config: faults.wrap(real_open_store(config)))
+    return faults
 
 
 @pytest.fixture
