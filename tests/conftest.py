@@ -30,9 +30,29 @@ FAKE_CREDENTIALS = {
 }
 
 
+# The integration tests' S3 server. moto (the default) starts in each pytest process. With
+# ARCHUP_TEST_S3=localstack they talk to the LocalStack S3 at ARCHUP_TEST_ENDPOINT instead
+# (scripts/localstack.sh starts one), which checks what S3 checks: request checksums,
+# Content-MD5, the full-object CRC64NVME and the size at completion. Only the tests marked
+# `localstack` are meant for it (.ci/run: -m localstack); the others may rely on moto's ways.
+# Read now, as aws_env clears ARCHUP_* for each test.
+TEST_S3 = os.environ.get("ARCHUP_TEST_S3", "moto")
+TEST_ENDPOINT = os.environ.get("ARCHUP_TEST_ENDPOINT", "")
+if TEST_S3 not in ("moto", "localstack"):
+    raise pytest.UsageError(f"ARCHUP_TEST_S3={TEST_S3!r}: moto or localstack")
+if TEST_S3 == "localstack" and not TEST_ENDPOINT.startswith("http"):
+    raise pytest.UsageError("ARCHUP_TEST_S3=localstack needs ARCHUP_TEST_ENDPOINT=http://127.0.0.1:PORT "
+                            "(scripts/localstack.sh start DIR prints it)")
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """A moto server in server mode, spoken to over real HTTP through the boto3 stack."""
+    """The test S3 server, spoken to over real HTTP through the boto3 stack: a moto server in
+    server mode, or the LocalStack that ARCHUP_TEST_S3=localstack names (the fixture keeps its
+    name: every integration test asks for it)."""
+    if TEST_S3 == "localstack":
+        yield TEST_ENDPOINT.rstrip("/")
+        return
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
