@@ -20,6 +20,7 @@ from archup.cli import app
 from archup.store import DEFAULT_TRANSPORT, TransportKind
 
 if TYPE_CHECKING:
+    from faultstore import Faults
     from pgserver import PostgresServer
 
 FAKE_CREDENTIALS = {
@@ -29,9 +30,29 @@ FAKE_CREDENTIALS = {
 }
 
 
+# The integration tests' S3 server. moto (the default) starts in each pytest process. With
+# ARCHUP_TEST_S3=localstack they talk to the LocalStack S3 at ARCHUP_TEST_ENDPOINT instead
+# (scripts/localstack.sh starts one), which checks what S3 checks: request checksums,
+# Content-MD5, the full-object CRC64NVME and the size at completion. Only the tests marked
+# `localstack` are meant for it (.ci/run: -m localstack); the others may rely on moto's ways.
+# Read now, as aws_env clears ARCHUP_* for each test.
+TEST_S3 = os.environ.get("ARCHUP_TEST_S3", "moto")
+TEST_ENDPOINT = os.environ.get("ARCHUP_TEST_ENDPOINT", "")
+if TEST_S3 not in ("moto", "localstack"):
+    raise pytest.UsageError(f"ARCHUP_TEST_S3={TEST_S3!r}: moto or localstack")
+if TEST_S3 == "localstack" and not TEST_ENDPOINT.startswith("http"):
+    raise pytest.UsageError("ARCHUP_TEST_S3=localstack needs ARCHUP_TEST_ENDPOINT=http://127.0.0.1:PORT "
+                            "(scripts/localstack.sh start DIR prints it)")
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """A moto server in server mode, spoken to over real HTTP through the boto3 stack."""
+    """The test S3 server, spoken to over real HTTP through the boto3 stack: a moto server in
+    server mode, or the LocalStack that ARCHUP_TEST_S3=localstack names (the fixture keeps its
+    name: every integration test asks for it)."""
+    if TEST_S3 == "localstack":
+        yield TEST_ENDPOINT.rstrip("/")
+        return
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -62,6 +83,26 @@ TRANSPORTS = [kind.value for kind in TransportKind]
 # For the tests of behaviour that each transport must keep (retries, slow-down, timeouts,
 # faults, credential errors, crash points, scrubbing): run them on both in every run.
 both_transports = pytest.mark.parametrize("transport", TRANSPORTS, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `transport` every test whose archup runs send files to a server on this run's
+    transport (ARCHUP_TEST_TRANSPORT): it reaches the S3 server, and is not parametrized over
+    the transport itself (those run on both in every run). The second CI pass, on the other
+    transport, runs only these."""
+    for item in items:
+        if "moto_endpoint" not in getattr(item, "fixturenames", ()):
+            continue
+        pinned = any("transport" in _argnames(mark) for mark in item.iter_markers("parametrize"))
+        if not pinned:
+            item.add_marker(pytest.mark.transport)
+
+
+def _argnames(mark: pytest.Mark) -> list[str]:
+    names = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+    if isinstance(names, str):
+        return [name.strip() for name in names.split(",")]
+    return list(names)
 
 
 @pytest.fixture
@@ -95,6 +136,20 @@ def bucket(s3) -> str:  # type: ignore[no-untyped-def]
     name = f"archup-test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def store_faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
+    """Faults for every store the CLI's commands open in this process (tests/faultstore.py):
+    each store archup.run opens is wrapped in a FaultStore following this script. The one
+    place a test reaches inside archup for its stores: run.py opens them itself."""
+    import archup.run
+    from faultstore import Faults
+
+    faults = Faults()
+    real_open_store = archup.run.open_store
+    monkeypatch.setattr(archup.run, "open_store", lambda config: faults.wrap(real_open_store(config)))
+    return faults
 
 
 @pytest.fixture

@@ -63,6 +63,7 @@ def _open_uploads(s3: Any, bucket: str) -> list[str]:
     return [upload["Key"] for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
+@pytest.mark.localstack
 def test_composite_sha256_parts_when_full_object_checksums_are_off(cli: Any, s3: Any, bucket: str,
                                                                    tmp_path: Path) -> None:
     source, big = _source(tmp_path)
@@ -73,6 +74,7 @@ def test_composite_sha256_parts_when_full_object_checksums_are_off(cli: Any, s3:
     assert head["Metadata"]["archup-sha256"] == hashlib.sha256(big).hexdigest()
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize(("first", "then", "kind"), [
     (("--no-full-object-checksum",), (), "COMPOSITE"),
     ((), ("--no-full-object-checksum",), "FULL_OBJECT"),

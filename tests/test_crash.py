@@ -252,6 +252,7 @@ CASES = [pytest.param(point, TEST_TRANSPORT, id=point) for point in POINTS] + [
     for point in PUT_POINTS for other in TRANSPORTS if other != TEST_TRANSPORT]
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize(("point", "transport"), CASES, indirect=["transport"])
 def test_crash_at_named_point_then_rerun_converges(point: str, cli: Any, s3: Any, bucket: str,
                                                     crash_source: Path) -> None:

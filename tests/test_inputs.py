@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 import pytest
 from conftest import Cli
 from faultproxy import Canned, FaultProxy, RequestHead, Rule
+from faultstore import Call, Faults
 from privileges import can_drop_read_override, drop_read_override
 from ulid import ULID
 
@@ -870,37 +871,33 @@ def test_key_over_1024_bytes_fails_that_file_by_name(cli, s3, bucket, tmp_path: 
     "rewrite-keeping-mtime",
 ])
 def test_file_changing_during_multipart_upload_is_failed_and_its_upload_aborted(
-        cli, s3, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+        cli, s3, bucket, tmp_path: Path, store_faults: Faults, change: str) -> None:
     source = tmp_path / "src"
     files = {"small.txt": b"small and steady\n"}
     write(source / "small.txt", files["small.txt"])
     big = write(source / "big.bin", pattern(3 * PART, 11))
     scanned = big.stat()
-    original_upload_part = S3Store.upload_part
     changed = threading.Event()
 
-    def upload_part_then_change(self: S3Store, key: str, upload_id: str, part_number: int,
-                                body: bytes, *args: Any, **kwargs: Any) -> Any:
-        part = original_upload_part(self, key, upload_id, part_number, body, *args, **kwargs)
-        if key.endswith("/big.bin") and part_number == 1 and not changed.is_set():
-            changed.set()
-            if change == "append":
-                with open(big, "ab") as handle:
-                    handle.write(b"appended while part 1 was in flight\n")
-                return part
-            # Same size, new bytes in part 1 (already read) and part 3 (not yet read): the parts
-            # sent would make an object that is neither the old file nor the new one.
-            with open(big, "r+b") as handle:
-                handle.write(b"X" * 64)
-                handle.seek(2 * PART)
-                handle.write(b"Y" * 64)
-            if change == "rewrite-in-place":
-                os.utime(big, ns=(scanned.st_atime_ns, scanned.st_mtime_ns + 1_000_000))  # a new mtime
-            else:
-                os.utime(big, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))  # the old mtime put back
-        return part
+    def change_the_file(call: Call) -> None:
+        changed.set()
+        if change == "append":
+            with open(big, "ab") as handle:
+                handle.write(b"appended while part 1 was in flight\n")
+            return
+        # Same size, new bytes in part 1 (already read) and part 3 (not yet read): the parts
+        # sent would make an object that is neither the old file nor the new one.
+        with open(big, "r+b") as handle:
+            handle.write(b"X" * 64)
+            handle.seek(2 * PART)
+            handle.write(b"Y" * 64)
+        if change == "rewrite-in-place":
+            os.utime(big, ns=(scanned.st_atime_ns, scanned.st_mtime_ns + 1_000_000))  # a new mtime
+        else:
+            os.utime(big, ns=(scanned.st_atime_ns, scanned.st_mtime_ns))  # the old mtime put back
 
-    monkeypatch.setattr(S3Store, "upload_part", upload_part_then_change)
+    # Once, as the store returns part 1 of big.bin.
+    store_faults.after("upload_part", "*/big.bin", part_number=1, do=change_the_file)
     # --parallel 1: the byte budget (parallel x part size) holds the read of part 2 until part 1
     # returned, so the change always lands before the read pass ends.
     result = cli("upload", "--part-size", "5MiB", "--parallel", "1", str(source))
@@ -912,7 +909,6 @@ def test_file_changing_during_multipart_upload_is_failed_and_its_upload_aborted(
 
     if change == "append":
         # Nothing lost: the next run sends the file as it is now, and seals the batch.
-        monkeypatch.setattr(S3Store, "upload_part", original_upload_part)
         rerun = cli("upload", "--part-size", "5MiB", str(source))
         assert rerun.exit_code == 0, rerun.stderr
         check_batch(cli, s3, bucket, uploaded={**files, "big.bin": big.read_bytes()}, finalized=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultstore import Faults
 from testdata import pattern_bytes
 
 import archup.multipart
@@ -48,25 +49,22 @@ def _run(tmp_path: Path, files: dict[str, bytes], store: Any, **options: Any) ->
     return result, rows
 
 
-class _OpensMeet(MemoryStore):
-    """CreateMultipartUpload of ``files`` different files meet at a barrier: it trips only if
-    that many files are being opened at once, each by its own reader."""
-
-    def __init__(self, files: int) -> None:
-        super().__init__("b")
-        self.barrier = threading.Barrier(files, timeout=20)
-
-    def create_multipart(self, key: str, checksum: MultipartChecksum, **kwargs: Any) -> str:
-        self.barrier.wait()
-        return super().create_multipart(key, checksum, **kwargs)
+def _meeting(operation: str, parties: int, *, times: int | None) -> tuple[Any, threading.Barrier]:
+    """An in-memory store whose calls of ``operation`` (the first ``times``; None: all) meet at a
+    barrier of ``parties``: it trips only if that many are in flight at once (else it times out)."""
+    barrier = threading.Barrier(parties, timeout=20)
+    faults = Faults()
+    faults.before(operation, do=lambda call: barrier.wait(), times=times)
+    return faults.wrap(MemoryStore("b")), barrier
 
 
 def test_several_large_files_are_read_at_once_each_by_its_own_reader(tmp_path: Path) -> None:
     files = {f"f{n}.bin": pattern_bytes(6 * MiB + n, seed=n) for n in range(3)}
-    store = _OpensMeet(files=3)
+    # CreateMultipartUpload of the 3 files meet: each file is being opened by its own reader at once.
+    store, barrier = _meeting("create_multipart", 3, times=None)
     result, rows = _run(tmp_path, files, store)
     assert result.fatal is None and result.files_uploaded == 3, result
-    assert not store.barrier.broken
+    assert not barrier.broken
     for name, data in files.items():
         assert store.get_bytes(f"staging/{BATCH}/files/{name}") == data
         # The whole file's SHA-256 from the upload's own read: in the journal, no pre-hash.
@@ -112,25 +110,10 @@ def test_the_file_is_hashed_by_its_reader_and_each_part_crc_by_its_stream(tmp_pa
 
 
 def test_a_single_large_file_spreads_its_parts_over_every_stream(tmp_path: Path) -> None:
-    class PartsMeet(MemoryStore):
-        def __init__(self) -> None:
-            super().__init__("b")
-            self.barrier = threading.Barrier(4, timeout=20)
-            self.calls = 0
-            self.lock = threading.Lock()
-
-        def upload_part(self, *args: Any, **kwargs: Any) -> Any:
-            with self.lock:
-                self.calls += 1
-                first_round = self.calls <= 4
-            if first_round:
-                self.barrier.wait()
-            return super().upload_part(*args, **kwargs)
-
-    store = PartsMeet()
+    store, barrier = _meeting("upload_part", 4, times=4)  # the first round of parts
     files = {"huge.bin": pattern_bytes(30 * MiB, seed=4)}
     result, _ = _run(tmp_path, files, store)
-    assert result.files_uploaded == 1 and not store.barrier.broken
+    assert result.files_uploaded == 1 and not barrier.broken
     assert store.get_bytes(f"staging/{BATCH}/files/huge.bin") == files["huge.bin"]
 
 

@@ -202,6 +202,7 @@ def test_different_batches_of_one_journal_lock_side_by_side(cli: Any, s3: Any, s
 # -- resume -------------------------------------------------------------------
 
 
+@pytest.mark.localstack
 def test_resume_finishes_a_crashed_batch(cli: Any, s3: Any, source: Path) -> None:
     batch_id = crash(cli, source, "after-put-object:2")
     assert state_of(cli, batch_id) == "uploading"
@@ -266,6 +267,7 @@ def test_batch_and_new_batch_together_are_refused(cli: Any, source: Path) -> Non
     assert batches_in_journal(cli) == []
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize("rerun_part_size", ["5MiB", "7MiB"])
 def test_a_resumed_multipart_upload_reuses_the_stored_parts(cli: Any, s3: Any, reuse_source: Path,
                                                            rerun_part_size: str) -> None:
@@ -304,6 +306,7 @@ def test_a_recorded_part_is_reused_only_if_its_etag_and_checksum_match(cli: Any,
     check_invariants(s3, cli.bucket, cli.journal, reuse_source, batch_id)
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize("point", ["after-record-upload-id:1", "after-upload-part:2"])
 def test_an_upload_the_server_lost_is_sent_again_from_scratch(point: str, cli: Any, s3: Any,
                                                               source: Path) -> None:

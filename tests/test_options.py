@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultstore import Faults, innermost
 
 from archup.journal import SCHEMA_VERSION
 
@@ -193,23 +194,8 @@ def test_cron_output_has_no_escape_codes_and_quiet_prints_nothing(cli, tmp_path:
     assert quiet.stdout == "" and quiet.stderr == ""
 
 
-def _capture_stores(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every S3Store the command builds, to look at the client it configured."""
-    import archup.store
-
-    made: list[Any] = []
-    real_init = archup.store.S3Store.__init__
-
-    def init(self: Any, config: Any) -> None:
-        real_init(self, config)
-        made.append(self)
-
-    monkeypatch.setattr(archup.store.S3Store, "__init__", init)
-    return made
-
-
 def test_profile_credentials_pool_and_retry_mode(cli, s3, bucket, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch, store_faults: Faults) -> None:
     """--profile takes the profile's keys from the shared credentials file (not the environment's);
     the connection pool has room for every stream; retries are botocore's standard mode, set."""
     credentials = tmp_path / "credentials"
@@ -217,12 +203,12 @@ def test_profile_credentials_pool_and_retry_mode(cli, s3, bucket, tmp_path: Path
                            "aws_secret_access_key = profile-secret-not-env\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
     source = _tree(tmp_path / "src")
-    stores = _capture_stores(monkeypatch)
+    stores = store_faults.stores  # every store the command opens, to look at the client it configured
 
     result = cli("upload", "--profile", "archive", "--parallel", "16", str(source))
 
     assert result.exit_code == 0, result.stderr
-    (store,) = stores
+    (store,) = [innermost(opened) for opened in stores]
     assert store.client._request_signer._credentials.access_key == "AKIAPROFILEARCHIVE01"
     config = store.client.meta.config
     assert config.max_pool_connections >= 16

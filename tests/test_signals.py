@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from faultstore import Faults
 
 FILES = 120
 
@@ -180,19 +181,12 @@ def test_first_signal_exits_after_the_grace_when_work_in_flight_outlasts_it(cli,
 
 
 def test_a_signal_during_the_preflight_ends_the_run_before_any_file_is_read(cli, bucket, tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                             store_faults: Faults) -> None:
     """The handler covers the whole command: a SIGINT while the bucket is being checked stops
     the run before the batch begins (exit 130, the resume command), not with a traceback."""
-    import archup.store
-
     source = _source(tmp_path)
-    real_check = archup.store.S3Store.check_bucket
-
-    def check_then_signal(self: archup.store.S3Store) -> None:
-        real_check(self)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(archup.store.S3Store, "check_bucket", check_then_signal)
+    # As HeadBucket returns, every time the bucket is checked.
+    store_faults.after("check_bucket", do=lambda call: os.kill(os.getpid(), signal.SIGINT), times=None)
     result = cli("upload", str(source))
     assert result.exit_code == 130, result.stderr
     assert "interrupted before it began; resume with 'archup resume " in result.stderr

@@ -1,7 +1,10 @@
 import json
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.localstack
 def test_upload_five_files_and_finalize(cli, s3, bucket, tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()

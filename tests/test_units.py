@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from faultstore import Faults
 
 from archup.checksums import multipart_etag
 from archup.cli.common import parse_size
@@ -19,7 +20,7 @@ from archup.multipart import MAX_PARTS, MiB, part_size_for
 from archup.scan import identity_of
 from archup.select import Selector, compile_glob
 from archup.states import FileState
-from archup.store import MultipartChecksum, UploadedPart
+from archup.store.memory import MemoryStore
 from archup.uploader import Uploader, UploadOptions
 
 
@@ -130,35 +131,6 @@ def test_scrub_masks_registered_secrets_and_signature_shapes() -> None:
     assert "FQoGZXIvYXdzEXAMPLETOKEN" not in cleaned
 
 
-class _PartsInFlight:
-    """A store whose first ``streams`` UploadPart calls meet at a barrier: it trips only if that
-    many parts of the file are in flight at once (else the barrier times out: a test failure)."""
-
-    def __init__(self, streams: int) -> None:
-        self.barrier = threading.Barrier(streams, timeout=20)
-        self.calls = 0
-        self.lock = threading.Lock()
-
-    def multipart_checksum(self) -> MultipartChecksum:
-        return MultipartChecksum("CRC32", full_object=True)
-
-    def create_multipart(self, key: str, checksum: object, **kwargs: object) -> str:
-        return "upload-1"
-
-    def upload_part(self, key: str, upload_id: str, number: int, body: bytes, checksum: object,
-                    crc: int | None = None) -> UploadedPart:
-        with self.lock:
-            self.calls += 1
-            first_round = self.calls <= self.barrier.parties
-        if first_round:
-            self.barrier.wait()
-        return UploadedPart(number, f'"{hashlib.md5(body).hexdigest()}"', None)
-
-    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart], checksum: object,
-                           **kwargs: object) -> str:
-        return f'"done-{len(parts)}"'
-
-
 def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """10,000 parts scaled down to 4: a 40 MiB file gets 10 MiB parts where 5 MiB was asked.
     The memory budget (N x part size) grows with them, so all N streams still carry its parts."""
@@ -172,14 +144,19 @@ def test_a_file_whose_parts_grew_still_gets_n_streams(tmp_path: Path, monkeypatc
     try:
         batch = journal.init_batch("01K8RNKN488RQCG3YGG72QBZS5", source_root=str(source), bucket="b",
                                    prefix="staging/", part_size=5 * MiB)
-        store = _PartsInFlight(streams=4)
+        # The first 4 UploadPart calls meet at a barrier: it trips only if that many parts of the
+        # file are in flight at once (else it times out: a test failure).
+        barrier = threading.Barrier(4, timeout=20)
+        faults = Faults()
+        faults.before("upload_part", do=lambda call: barrier.wait(), times=4)
+        store = faults.wrap(MemoryStore("b"))
         options = UploadOptions(parallel=4, part_size=5 * MiB, multipart_threshold=5 * MiB, prehash=False)
-        result = Uploader(journal, store, batch.batch_id, options).run()  # type: ignore[arg-type]
+        result = Uploader(journal, store, batch.batch_id, options).run()
     finally:
         journal.close()
     assert part_size_for(40 * MiB, 5 * MiB) == 10 * MiB
     assert result.fatal is None and result.files_uploaded == 1, result
-    assert not store.barrier.broken  # four parts were in flight at once
+    assert not barrier.broken  # four parts were in flight at once
 
 
 def test_the_pre_hash_stops_between_chunks_when_the_run_is_stopped(tmp_path: Path) -> None:

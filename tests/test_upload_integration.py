@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import both_transports
 from testdata import pattern_bytes
 from ulid import ULID
 
@@ -91,6 +92,8 @@ def manifest_entries(s3: Any, bucket: str, summary_key: str) -> tuple[dict[str, 
 # -- the full tree -----------------------------------------------------------------------------
 
 
+@pytest.mark.localstack
+@both_transports  # what sends the files' PutObject: each one, on every server
 def test_upload_tree_every_byte_key_checksum_and_manifest_entry(cli, s3, bucket, tmp_path: Path) -> None:
     source = tmp_path / "src"
     files = dict(SMALL_TREE)
@@ -207,6 +210,7 @@ def test_status_reports_state_counts_and_bytes(cli, tmp_path: Path) -> None:
         json.loads(human.stdout)
 
 
+@pytest.mark.localstack
 def test_finalize_again_is_idempotent_and_writes_nothing(cli, s3, bucket, tmp_path: Path) -> None:
     source = tmp_path / "src"
     write_tree(source, SMALL_TREE)
@@ -325,6 +329,7 @@ def test_finalize_refuses_a_batch_whose_scan_never_completed(cli, s3, bucket, tm
     assert status_json(cli, batch_id)["finalized_at"] is None
 
 
+@pytest.mark.localstack
 def test_finalize_reads_back_the_bucket_and_refuses_a_missing_object(cli, s3, bucket, tmp_path: Path) -> None:
     source = tmp_path / "src"
     write_tree(source, SMALL_TREE)

@@ -84,6 +84,7 @@ def batch(cli: Any, tmp_path: Path) -> dict[str, Any]:
     return summary
 
 
+@pytest.mark.localstack
 def test_clean_finalized_batch_verifies(cli, batch) -> None:
     code, document = verify_json(cli, batch["batch_id"])
     assert code == 0
@@ -99,6 +100,7 @@ def test_clean_finalized_batch_verifies(cli, batch) -> None:
         f"batch {batch['batch_id']}: {len(FILES)} file(s) checked against the manifest: 0 difference(s)"]
 
 
+@pytest.mark.localstack
 def test_same_size_rewrite_is_caught_by_etag_and_by_deep_rehash(cli, s3, bucket, batch) -> None:
     key = batch["files_prefix"] + "dir/b.bin"
     original = FILES["dir/b.bin"]
@@ -169,6 +171,7 @@ def test_extra_objects_under_files_are_unexpected(cli, s3, bucket, batch) -> Non
     assert document["checked"] == len(FILES)
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize("prehash", [True, False], ids=["prehash", "no-prehash"])
 def test_multipart_file_verifies_and_a_rewrite_is_caught(cli, s3, bucket, tmp_path, prehash: bool) -> None:
     big = hashlib.sha256(b"seed").digest() * (11 * MiB // 32) + b"tail"
