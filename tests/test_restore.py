@@ -70,6 +70,7 @@ def batch(cli: Any, tmp_path: Path) -> dict[str, Any]:
     return upload(cli, make_source(tmp_path / "src", FILES))
 
 
+@pytest.mark.localstack
 def test_restore_from_the_bucket_alone_gives_the_exact_tree(cli, batch, tmp_path) -> None:
     target = tmp_path / "out"
     code, report = restore(cli, batch["batch_id"], target, journal=False)
@@ -87,6 +88,7 @@ def test_restore_from_the_bucket_alone_gives_the_exact_tree(cli, batch, tmp_path
     assert (report["files_present"], report["files_restored"], report["bytes_restored"]) == (len(FILES), 0, 0)
 
 
+@pytest.mark.localstack
 def test_large_objects_come_back_as_parallel_ranges(cli, tmp_path) -> None:
     big = os.urandom(3 * MiB + 12345)
     batch = upload(cli, make_source(tmp_path / "src", {"big.bin": big, "small": b"s"}), "--part-size", "5MiB")
@@ -106,6 +108,7 @@ def test_selection_by_glob_and_files_from(cli, batch, tmp_path) -> None:
     assert code == 0 and set(tree(tmp_path / "three")) == {"a.txt", "m\u00e9lange.txt"}
 
 
+@pytest.mark.localstack
 def test_a_broken_seal_writes_nothing(cli, s3, bucket, batch, tmp_path) -> None:
     key = batch["prefix"] + "manifest.jsonl"
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -118,6 +121,7 @@ def test_a_broken_seal_writes_nothing(cli, s3, bucket, batch, tmp_path) -> None:
     assert not target.exists()
 
 
+@pytest.mark.localstack
 def test_replaced_bytes_are_never_renamed_into_place(cli, s3, bucket, batch, tmp_path) -> None:
     key = batch["prefix"] + "files/a.txt"
     s3.put_object(Bucket=bucket, Key=key, Body=b"Alpha\n" * 100)  # same size, other bytes
@@ -206,6 +210,7 @@ CRASH_FILES = {**{f"small/{n:02}.txt": f"small {n}\n".encode() * (n + 1) for n i
                "big-1.bin": bytes(range(256)) * 9000, "big-2.bin": bytes(reversed(range(256))) * 9000}
 
 
+@pytest.mark.localstack
 @pytest.mark.parametrize("point", ["restore-range-written:3", "restore-before-rename:4", "restore-after-rename:5"])
 def test_kill_9_anywhere_then_the_same_command_ends_with_the_exact_tree(cli, tmp_path, point) -> None:
     import signal
