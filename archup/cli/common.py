@@ -202,6 +202,16 @@ def resolve_endpoint(flag: str | None) -> str | None:
     return endpoint
 
 
+def normalize_prefix(prefix: str) -> str:
+    """A key prefix as archup stores it: no leading slash, one trailing slash, no '.' or '..' segment."""
+    prefix = prefix.strip().lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if any(segment in (".", "..") for segment in prefix.split("/")[:-1]):
+        raise UsageError(f"bad prefix {prefix!r}: '.' and '..' segments are not allowed")
+    return prefix
+
+
 def transport(endpoint_url: str | None, profile: str | None, region: str | None, **settings: Any) -> Transport:
     """How this run reaches the destination, from its flags (and the endpoint's environment)."""
     from ..run import Transport

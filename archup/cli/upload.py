@@ -36,6 +36,7 @@ from .common import (
     handles_errors,
     invocation,
     missing_journal,
+    normalize_prefix,
     open_journal,
     parse_size,
     print_fields,
@@ -77,15 +78,6 @@ MAX_PARALLEL = 256
 MAX_PART_SIZE = 5 * 1024 ** 3
 DEFAULT_GRACE = 30.0
 T = TypeVar("T")
-
-
-def normalize_prefix(prefix: str) -> str:
-    prefix = prefix.strip().lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    if any(segment in (".", "..") for segment in prefix.split("/")[:-1]):
-        raise UsageError(f"bad prefix {prefix!r}: '.' and '..' segments are not allowed")
-    return prefix
 
 
 class Stopping:
