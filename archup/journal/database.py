@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import JournalBusy, JournalError, JournalTooNew
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 5
 DEFAULT_BUSY_TIMEOUT = 30.0
@@ -282,6 +284,13 @@ class SQLiteDatabase:
                 except sqlite3.Error:
                     pass
                 raise translate(error, self.path) from None
+
+    def write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one write transaction (:meth:`atomic`) and return what it returns: the
+        shape of :meth:`archup.journal.pgdatabase.PgDatabase.write`, so a journal operation reads
+        the same on either backend."""
+        with self.atomic() as conn:
+            return body(conn)
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
