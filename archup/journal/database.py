@@ -21,7 +21,7 @@ from ..errors import JournalBusy, JournalError, JournalTooNew
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
@@ -130,6 +130,11 @@ _MIGRATIONS: tuple[str, ...] = (
             identity = excluded.identity, batch_id = excluded.batch_id, seen_by = excluded.seen_by
         WHERE excluded.batch_id > archived.batch_id;
     DROP INDEX files_by_path;
+    """,
+    # 6: the SHA-256 of a batch's sealed manifest.json, written with the seal: verify and
+    # restore check the summary in the bucket against it (a batch sealed before stays NULL).
+    """
+    ALTER TABLE batches ADD COLUMN summary_sha256 TEXT;
     """,
 )
 

@@ -100,9 +100,11 @@ class Journal(Protocol):
     def iter_archived(self, destination: Destination, page_size: int = 2000) -> Iterator[ArchivedFile]: ...
 
     def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
-                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+                   covers: Callable[[str], bool] | None = None, summary_sha256: str | None = None) -> BatchRecord:
         """-> enqueued with the archived index updated (uploaded files in, paths not found
-        out), one transaction. ``covers``: the paths the batch's selection takes (None: all)."""
+        out), one transaction. ``covers``: the paths the batch's selection takes (None: all).
+        ``summary_sha256``: the SHA-256 (hex) of the sealed manifest.json, recorded in the same
+        transaction, so a summary re-sealed in the bucket later no longer matches the journal."""
         ...
 
     # -- forgetting --

@@ -294,7 +294,7 @@ class PostgresJournal(CommonOperations):
             last = rows[-1]["rel_path"]
 
     def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
-                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+                   covers: Callable[[str], bool] | None = None, summary_sha256: str | None = None) -> BatchRecord:
         """-> enqueued, and the archived index updated, in one transaction (see SQLiteJournal.seal_batch)."""
         def body(conn: Conn) -> None:
             check_batch_move(batch_id, self._batch_state(conn, batch_id, "FOR UPDATE"), BatchState.ENQUEUED)
@@ -330,8 +330,10 @@ class PostgresJournal(CommonOperations):
                     conn.execute("DELETE FROM archived WHERE source_id = %s AND rel_path = ANY(%s)",
                                  (source_id, gone))
             conn.execute("UPDATE batches SET state = %s, error = NULL, updated_at = %s, manifest_key = %s, "
-                         "finalized_at = %s, finalizer = NULL, finalize_lease_until = NULL WHERE batch_id = %s",
-                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+                         "finalized_at = %s, summary_sha256 = %s, finalizer = NULL, finalize_lease_until = NULL "
+                         "WHERE batch_id = %s",
+                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, summary_sha256,
+                          batch_id))
         self.db.write(body)
         return self.get_batch(batch_id)
 

@@ -17,7 +17,7 @@ from .records import BatchRecord, BatchSettings, EncodedFiles, FileRecord, NewFi
 BATCH_FIELDS: tuple[str, ...] = (
     "batch_id", "state", "source_root", "bucket", "prefix", "endpoint_url", "region", "part_size",
     "scan_complete", "manifest_key", "error", "created_at", "updated_at", "expires_at", "finalized_at",
-    "settings", "files_archived", "forgotten_at")
+    "settings", "files_archived", "forgotten_at", "summary_sha256")
 FILE_FIELDS: tuple[str, ...] = (
     "batch_id", "rel_path", "key", "size", "mtime_ns", "state", "part_size", "upload_id", "sha256", "etag",
     "error", "attempts", "updated_at", "identity", "checksum_kind")

@@ -314,7 +314,7 @@ class SQLiteJournal(CommonOperations):
             last = rows[-1]["rel_path"]
 
     def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
-                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+                   covers: Callable[[str], bool] | None = None, summary_sha256: str | None = None) -> BatchRecord:
         """-> enqueued, and the archived index updated, in one transaction.
 
         The batch's uploaded files become the latest archived version of their paths; the
@@ -337,8 +337,9 @@ class SQLiteJournal(CommonOperations):
                         if covers(row[0])]
                 conn.executemany("DELETE FROM archived WHERE source_id = ? AND rel_path = ?", gone)
             conn.execute("UPDATE batches SET state = ?, error = NULL, updated_at = ?, manifest_key = ?, "
-                         "finalized_at = ? WHERE batch_id = ?",
-                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+                         "finalized_at = ?, summary_sha256 = ? WHERE batch_id = ?",
+                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at,
+                          summary_sha256, batch_id))
         self.db.write(body)
         return self.get_batch(batch_id)
 
