@@ -20,27 +20,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from .batches import find_resumable, write_marker
 from .errors import (
     ArchupError,
-    BatchBusy,
     BatchClosed,
     BatchExists,
     BatchIncomplete,
-    IllegalTransition,
     Interrupted,
     JournalError,
     UsageError,
 )
-from .finalize import FinalizeSummary, check_complete, finalize
+from .finalize import FinalizeSummary, finalize
 from .journal import DEFAULT_LEASE, BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
 from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
-from .shared import Claims, MoreWork, SharedWorker, Stopped, Turn, check_source
+from .shared import finalize_shared, run_shared
 from .states import BatchState, FileState
 from .store import DEFAULT_TRANSPORT, ChecksumMode, ObjectStore, StoreConfig, TransportKind, open_store
 from .uploader import Uploader, UploadOptions
@@ -263,22 +261,10 @@ def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRe
     """``archup finalize BATCH``: seal it under its lock (idempotent). On a shared journal, it
     takes part in the finalize race like a host: it seals only if it wins."""
     with journal.batch_lock(batch_id):
-        if not journal.shared:
-            return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
-        claims = cast(Claims, journal)
-        with SharedWorker(claims, batch_id, stop=threading.Event()) as worker:
-            batch = journal.get_batch(batch_id)
-            if batch.state.terminal or claims.claim_finalize(batch_id, worker.worker_id, worker.lease):
-                try:
-                    return finalize(journal, store_for(batch), batch_id)  # sealed already: its summary
-                finally:
-                    worker.release_finalize()
-            if batch.state is BatchState.FINALIZING:
-                raise BatchBusy(f"batch {batch_id} is being finalized by another host; 'archup status {batch_id}' "
-                                "shows when it is sealed")
-            check_complete(journal, journal.get_batch(batch_id))  # names what is not uploaded
-            raise BatchBusy(f"batch {batch_id}: its files are being sent by hosts that hold them; try again "
-                            "when they finish")
+        claims = journal.claims()
+        if claims is not None:
+            return finalize_shared(journal, claims, batch_id, store_for)
+        return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
 
 
 # -- choosing the batch --------------------------------------------------------
@@ -357,15 +343,24 @@ def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settin
                resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
                listener: RunListener, stop: threading.Event, tally: bool = False, local_root: str | None = None,
                lease: float = DEFAULT_LEASE) -> RunOutcome:
-    """Send (or continue) one batch while holding its lock, then finalize it."""
-    if journal.shared:
-        return _run_shared(journal, store, record, settings, parallel=parallel, prehash=prehash,
-                           no_finalize=no_finalize, profile=profile, listener=listener, stop=stop, tally=tally,
-                           local_root=local_root, lease=lease)
+    """Send (or continue) one batch while holding its lock (or, on a shared journal, this
+    host's part of it: :func:`run_shared`), then finalize it."""
     batch_id = record.batch_id
     hint = resume_command(batch_id, journal.location, profile)
     listener.starting(record, parallel, hint)
     outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
+    claims = journal.claims()
+    if claims is not None:
+        if record.state.terminal and record.state is not BatchState.ENQUEUED:
+            raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+        if stop.is_set():
+            raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
+        return run_shared(
+            journal, claims, store, record, _upload_options(record, settings, parallel, prehash), stop=stop,
+            lease=lease, local_root=local_root, no_finalize=no_finalize, progress=listener.progress,
+            end=lambda result, partial: _ended(journal, store, replace(outcome, result=result),
+                                               no_finalize=no_finalize, tally=tally, listener=listener,
+                                               partial=partial))
     if record.state is BatchState.ENQUEUED:
         pass  # already sealed: finalize below just reports its summary again
     elif record.state.terminal:
@@ -411,87 +406,6 @@ def _ended(journal: Journal, store: ObjectStore, outcome: RunOutcome, *, no_fina
     if no_finalize:
         return replace(outcome, kind="uploaded", report=_partial_report(journal, batch_id, result, hint))
     return _finalized(journal, store, outcome)
-
-
-# -- one batch, shared by several hosts -----------------------------------------------
-
-def _run_shared(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
-                parallel: int, prehash: bool, no_finalize: bool, profile: str | None, listener: RunListener,
-                stop: threading.Event, tally: bool, local_root: str | None, lease: float) -> RunOutcome:
-    """This host's part of a batch in a shared journal: join, scan if elected, claim and send
-    chunks until none is left, then race to finalize (exactly one host seals; the others
-    wait for the seal and report it). docs/design.md, "Several hosts, one batch"."""
-    batch_id = record.batch_id
-    hint = resume_command(batch_id, journal.location, profile)
-    listener.starting(record, parallel, hint)
-    outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
-    if record.state.terminal and record.state is not BatchState.ENQUEUED:
-        raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
-    if stop.is_set():
-        raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
-    claims = cast(Claims, journal)  # a shared journal offers the claims (PostgresJournal)
-    with SharedWorker(claims, batch_id, lease=lease, stop=stop) as worker:
-        turn = Turn.SEALED
-        if record.state is not BatchState.ENQUEUED:
-            write_marker(store, record)  # the same bytes from every host
-            uploader = Uploader(journal, store, batch_id, _upload_options(record, settings, parallel, prehash),
-                                stop=stop, source_root=local_root, sole_owner=False)
-            worker.on_lost = uploader.outcomes.stop_with
-            worker.result = uploader.result
-            if journal.get_batch(batch_id).state in (BatchState.OPEN, BatchState.FAILED):
-                journal.set_batch_state(batch_id, BatchState.UPLOADING)
-            claims.reopen_chunks(batch_id)
-            if worker.scan_turn():
-                uploader.scan_into_journal()
-            else:
-                worker.wait_for_first_files()
-            check_source(claims, batch_id, uploader.tree.root, uploader.tree.stat)
-            turn = _send_shared(journal, uploader, worker, listener, no_finalize)
-            outcome.result = uploader.result
-            if outcome.result.fatal is None and worker.lost is not None:
-                outcome.result.fatal = worker.lost
-        try:
-            return _ended(journal, store, outcome, no_finalize=no_finalize, tally=tally, listener=listener,
-                          partial=turn is Turn.PARTIAL)
-        finally:
-            if turn is Turn.FINALIZE:
-                worker.release_finalize()  # a finalize that failed leaves the race to the next host at once
-
-
-def _mark_failed(journal: Journal, batch_id: str) -> None:
-    """Nothing is left to send and files failed: the batch is failed (resumable), as whichever
-    host gets here first records it."""
-    try:
-        journal.set_batch_state(batch_id, BatchState.FAILED, error="some files failed; resume the batch")
-    except IllegalTransition:
-        pass  # sealed, aborted or expired meanwhile: that state stands
-
-
-def _send_shared(journal: Journal, uploader: Uploader, worker: SharedWorker, listener: RunListener,
-                 no_finalize: bool) -> Turn:
-    """Claim and send until no chunk is left; then the finalize race (unless --no-finalize)."""
-    while True:
-        state = journal.get_state(uploader.batch_id, problem_limit=0)
-        done = (FileState.UPLOADED, FileState.SKIPPED)
-        with listener.progress(state.files_total - sum(state.counts[s] for s in done),
-                               state.bytes_total - sum(state.bytes_by_state[s] for s in done)) as observer:
-            if observer is not None:
-                uploader.observer = observer
-            result = uploader.send(worker.claimed_files(uploader.reconciler.settle_lost_puts_among,
-                                                        uploader.scan_into_journal))
-        worker.finish_all()
-        if result.fatal is not None or uploader.stop.is_set() or no_finalize:
-            return Turn.SEALED if no_finalize else Turn.PARTIAL
-        try:
-            turn = worker.finalize_turn()
-            if turn is Turn.PARTIAL:
-                _mark_failed(journal, uploader.batch_id)
-            return turn
-        except MoreWork:
-            continue  # a host died holding chunks: claim them
-        except Stopped:
-            result.interrupted = True
-            return Turn.PARTIAL
 
 
 def _scan_and_send(journal: Journal, store: ObjectStore, batch_id: str, options: UploadOptions, *, resumed: bool,

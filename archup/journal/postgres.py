@@ -82,7 +82,9 @@ _OPEN_FILE_STATES = (FileState.PENDING.value, FileState.UPLOADING.value, FileSta
 class PostgresJournal(CommonOperations):
     """A handle on a journal in a PostgreSQL database; safe to share between threads."""
 
-    shared = True  # several processes and hosts work on one batch: leases, not OS locks
+    # Each commit is a round trip however small the group: the completion writer waits this
+    # long for more completions after the first (0.33 round trips per small file, from 3.6).
+    commit_linger = 0.02
 
     def __init__(self, url: str, *, max_connections: int = 24, retry_for: float = 60.0,
                  idle_in_transaction: float = 10.0) -> None:
@@ -90,6 +92,10 @@ class PostgresJournal(CommonOperations):
                              idle_in_transaction=idle_in_transaction)
         self.location = self.db.location
         self.worker_id: str | None = None
+
+    def claims(self) -> PostgresJournal:
+        """Several processes and hosts work on one batch: leases, not OS locks."""
+        return self
 
     def close(self) -> None:
         self.db.close()

@@ -97,7 +97,7 @@ _NOT_FOUND = ("FROM archived WHERE source_id = ?1 AND (seen_by IS NULL OR seen_b
 class SQLiteJournal(CommonOperations):
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
-    shared = False  # one process owns a batch at a time: OS locks beside the journal file
+    commit_linger = 0.0  # a commit is local
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                  synchronous: str = "FULL", read_only: bool = False) -> None:
@@ -106,6 +106,10 @@ class SQLiteJournal(CommonOperations):
         self.db = SQLiteDatabase(path, busy_timeout=busy_timeout, synchronous=synchronous, read_only=read_only)
         self.path = self.db.path
         self.location = str(self.path)
+
+    def claims(self) -> None:
+        """One process owns a batch at a time (OS locks beside the journal file): no claims."""
+        return None
 
     def batch_lock(self, batch_id: str) -> BatchLock:
         """The batch's owner lock (flock beside the journal; dies with its process)."""
