@@ -28,6 +28,7 @@ from .errors import (
     BatchClosed,
     BatchExists,
     BatchIncomplete,
+    EndpointMismatch,
     Interrupted,
     JournalError,
     UsageError,
@@ -66,13 +67,26 @@ class Transport:
     checksum: ChecksumMode | None = None
     full_object_checksum: bool | None = None
     kind: TransportKind = DEFAULT_TRANSPORT  # what sends a source file's PutObject (--transport)
+    # --trust-recorded-endpoint: a batch whose recorded endpoint is not endpoint_url is accepted.
+    trust_recorded_endpoint: bool = False
+
+
+def endpoint_for(batch: BatchRecord, transport: Transport) -> str | None:
+    """Where a recorded batch's requests go: this host's configured endpoint, or (none
+    configured) the batch's recorded one. A journal row alone never redirects them (a shared
+    journal's rows are written by every host that can reach its database): a recorded
+    endpoint other than this host's (none configured: AWS) is refused, EndpointMismatch,
+    unless the transport trusts it."""
+    if batch.endpoint_url != transport.endpoint_url and not transport.trust_recorded_endpoint:
+        raise EndpointMismatch(batch.batch_id, batch.endpoint_url, transport.endpoint_url)
+    return transport.endpoint_url or batch.endpoint_url
 
 
 def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
     """The store a recorded batch goes to: its destination and archive options as recorded,
-    the transport's flags over the endpoint, region and checksum mode."""
-    return _store_config(batch.bucket, batch.endpoint_url, batch.region, batch.settings or BatchSettings(),
-                         transport)
+    the transport's flags over the endpoint (see :func:`endpoint_for`), region and checksum mode."""
+    return _store_config(batch.bucket, endpoint_for(batch, transport), batch.region,
+                         batch.settings or BatchSettings(), transport)
 
 
 def _store_config(bucket: str, endpoint_url: str | None, region: str | None, settings: BatchSettings,
@@ -239,7 +253,8 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
         raise UsageError(f"batch {batch_id} archives {record.source_root}, and {root} is not a directory on this "
                          "host now" + ("" if local_root else "; --source-root says where this host mounts it"))
     settings = _reconcile_settings(journal, record, None, listener)
-    store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
+    store = open_store(_store_config(record.bucket, endpoint_for(record, transport), record.region, settings,
+                                     transport))
     store.check_bucket()
     with journal.batch_lock(batch_id):
         return _timed(_run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True,
@@ -289,12 +304,12 @@ def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport
             return None
         if record.source_root != request.source_root:
             raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {request.source_root}")
-        wanted = (request.bucket, request.prefix, transport.endpoint_url)
-        if (record.bucket, record.prefix, record.endpoint_url) != wanted:
-            raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
-                             f"{record.endpoint_url or 'AWS'}, not s3://{request.bucket}/{request.prefix} at "
-                             f"{transport.endpoint_url or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
-        return record
+        if (record.bucket, record.prefix) == (request.bucket, request.prefix):
+            endpoint_for(record, transport)  # another endpoint is refused, unless trusted
+            return record
+        raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
+                         f"{record.endpoint_url or 'AWS'}, not s3://{request.bucket}/{request.prefix} at "
+                         f"{transport.endpoint_url or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
     if request.new_batch:
         return None
     found = find_resumable(journal, request.source_root, request.bucket, request.prefix, transport.endpoint_url)

@@ -212,11 +212,13 @@ def normalize_prefix(prefix: str) -> str:
     return prefix
 
 
-def transport(endpoint_url: str | None, profile: str | None, region: str | None, **settings: Any) -> Transport:
+def transport(endpoint_url: str | None, profile: str | None, region: str | None, *,
+              trust_recorded_endpoint: bool = False, **settings: Any) -> Transport:
     """How this run reaches the destination, from its flags (and the endpoint's environment)."""
     from ..run import Transport
 
-    return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile, **settings)
+    return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile,
+                     trust_recorded_endpoint=trust_recorded_endpoint, **settings)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
