@@ -215,15 +215,15 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
     with journal.source_lock(request.source_root, request.bucket, request.prefix, transport.endpoint_url):
         record = _choose_batch(journal, request, transport, listener)
         settings = _reconcile_settings(journal, record, request.settings, listener) if record else request.settings
-        store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
-                                         transport))
+        endpoint = endpoint_for(record, transport) if record else transport.endpoint_url
+        store = open_store(_store_config(request.bucket, endpoint, transport.region, settings, transport))
         store.check_bucket()
         if record is None:
             record, resumed = _create_batch(journal, request, transport)
             if resumed:  # another host created it a moment ago: its settings are the batch's
                 settings = _reconcile_settings(journal, record, request.settings, listener)
-                store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
-                                                 transport))
+                endpoint = endpoint_for(record, transport)
+                store = open_store(_store_config(request.bucket, endpoint, transport.region, settings, transport))
         else:
             resumed = True
             changed = settings.differences(request.settings) if settings is not request.settings else []
@@ -234,7 +234,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         with journal.batch_lock(record.batch_id):
             return _timed(_run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
                                      parallel=request.parallel, prehash=request.prehash,
-                                     no_finalize=request.no_finalize, profile=transport.profile, listener=listener,
+                                     no_finalize=request.no_finalize, profile=transport.profile,
+                                     endpoint_url=endpoint, listener=listener,
                                      stop=stop, tally=tally, local_root=request.local_root,
                                      lease=request.lease), started)
 
@@ -253,13 +254,14 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
         raise UsageError(f"batch {batch_id} archives {record.source_root}, and {root} is not a directory on this "
                          "host now" + ("" if local_root else "; --source-root says where this host mounts it"))
     settings = _reconcile_settings(journal, record, None, listener)
-    store = open_store(_store_config(record.bucket, endpoint_for(record, transport), record.region, settings,
-                                     transport))
+    endpoint = endpoint_for(record, transport)
+    store = open_store(_store_config(record.bucket, endpoint, record.region, settings, transport))
     store.check_bucket()
     with journal.batch_lock(batch_id):
         return _timed(_run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True,
                                  parallel=parallel, prehash=prehash, no_finalize=no_finalize,
-                                 profile=transport.profile, listener=listener, stop=stop, tally=tally,
+                                 profile=transport.profile, endpoint_url=endpoint, listener=listener, stop=stop,
+                                 tally=tally,
                                  local_root=local_root, lease=lease), started)
 
 
@@ -357,11 +359,13 @@ def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSett
 def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
                resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
                listener: RunListener, stop: threading.Event, tally: bool = False, local_root: str | None = None,
-               lease: float = DEFAULT_LEASE) -> RunOutcome:
+               lease: float = DEFAULT_LEASE, endpoint_url: str | None = None) -> RunOutcome:
     """Send (or continue) one batch while holding its lock (or, on a shared journal, this
-    host's part of it: :func:`run_shared`), then finalize it."""
+    host's part of it: :func:`run_shared`), then finalize it. ``endpoint_url``: where its
+    requests go (the resume command printed names it)."""
     batch_id = record.batch_id
-    hint = resume_command(batch_id, journal.location, profile)
+    hint = resume_command(batch_id, journal.location, profile, endpoint_url,
+                          trust_recorded_endpoint=endpoint_url != record.endpoint_url)
     listener.starting(record, parallel, hint)
     outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
     claims = journal.claims()
