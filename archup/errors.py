@@ -77,6 +77,22 @@ class UnsafeJournalPath(JournalError):
     """The journal's file or directory (or its locks/) is a symlink, another user's, or writable by others."""
 
 
+class EndpointMismatch(UsageError):
+    """A batch's recorded endpoint is not the one this host is configured for: a journal row
+    must not decide where requests (signed with this host's credentials) go."""
+
+    def __init__(self, batch_id: str, recorded: str | None, configured: str | None) -> None:
+        super().__init__(
+            f"batch {batch_id} records endpoint {recorded or 'AWS (the default)'}, and this host is configured "
+            f"for {configured or 'AWS (the default)'} (--endpoint-url, ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, "
+            "AWS_ENDPOINT_URL or the config file); archup sends nowhere a journal row alone names: configure "
+            f"{recorded or 'no endpoint'} here, or pass --trust-recorded-endpoint if the journal's record is "
+            "to be trusted")
+        self.batch_id = batch_id
+        self.recorded = recorded
+        self.configured = configured
+
+
 class JournalTooNew(JournalError):
     """The journal was written by a newer archup (schema version too high)."""
 

@@ -32,16 +32,23 @@ def journal_location(explicit: str | os.PathLike[str] | None = None,
     return str(Path(given).expanduser()) if given else str(default_journal_path(environ))
 
 
-def resume_command(batch_id: str, journal_location: str, profile: str | None = None) -> str:
+def resume_command(batch_id: str, journal_location: str, profile: str | None = None,
+                   endpoint_url: str | None = None, *, trust_recorded_endpoint: bool = False) -> str:
     """The command that finishes a batch, runnable as printed: the journal records the
-    source, the destination and the batch's options; where the journal is, and an AWS
-    profile, it cannot. A shared journal's URL is printed without its password (libpq
-    finds it in PGPASSWORD or ~/.pgpass), so the command works from any host."""
+    source, the destination and the batch's options; where the journal is, an AWS
+    profile, and the endpoint (a recorded one alone is never used: this run's is named,
+    with ``trust_recorded_endpoint`` if it is not the recorded one), it cannot. A shared
+    journal's URL is printed without its password (libpq finds it in PGPASSWORD or
+    ~/.pgpass), so the command works from any host."""
     words = ["archup", "resume", batch_id]
     if journal_location != str(default_journal_path(environ={})):
         words += ["--journal", journal_location]
     if profile:
         words += ["--profile", profile]
+    if endpoint_url:
+        words += ["--endpoint-url", endpoint_url]
+    if trust_recorded_endpoint:
+        words += ["--trust-recorded-endpoint"]
     return shlex.join(words)
 
 

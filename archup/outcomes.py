@@ -120,14 +120,11 @@ class CompletionWriter:
     """
 
     GROUP = 1000
-    # A shared journal is across the network: each commit is a round trip however small the
-    # group, so the writer waits this long for more completions after the first (SQLite's
-    # commit is local, and waits for none).
-    SHARED_LINGER = 0.02
 
     def __init__(self, journal: Journal, batch_id: str, on_committed: Callable[[FileRecord, str, str], None],
                  on_error: Callable[[ArchupError], None]) -> None:
-        self._linger = self.SHARED_LINGER if journal.shared else 0.0
+        # A journal across the network waits a moment for more completions (see Journal.commit_linger).
+        self._linger = journal.commit_linger
         self._journal = journal
         self._batch_id = batch_id
         self._on_committed = on_committed

@@ -20,27 +20,26 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from .batches import find_resumable, write_marker
 from .errors import (
     ArchupError,
-    BatchBusy,
     BatchClosed,
     BatchExists,
     BatchIncomplete,
-    IllegalTransition,
+    EndpointMismatch,
     Interrupted,
     JournalError,
     UsageError,
 )
-from .finalize import FinalizeSummary, check_complete, finalize
+from .finalize import FinalizeSummary, finalize
 from .journal import DEFAULT_LEASE, BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
 from .outcomes import UploadObserver, UploadResult
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
-from .shared import Claims, MoreWork, SharedWorker, Stopped, Turn, check_source
+from .shared import finalize_shared, run_shared
 from .states import BatchState, FileState
 from .store import ChecksumMode, Connection, ObjectStore, StoreConfig, connection_of, open_store
 from .uploader import Uploader, UploadOptions
@@ -59,13 +58,26 @@ class Transport(Connection):
 
     checksum: ChecksumMode | None = None
     full_object_checksum: bool | None = None
+    # --trust-recorded-endpoint: a batch whose recorded endpoint is not endpoint_url is accepted.
+    trust_recorded_endpoint: bool = False
+
+
+def endpoint_for(batch: BatchRecord, transport: Transport) -> str | None:
+    """Where a recorded batch's requests go: this host's configured endpoint, or (none
+    configured) the batch's recorded one. A journal row alone never redirects them (a shared
+    journal's rows are written by every host that can reach its database): a recorded
+    endpoint other than this host's (none configured: AWS) is refused, EndpointMismatch,
+    unless the transport trusts it."""
+    if batch.endpoint_url != transport.endpoint_url and not transport.trust_recorded_endpoint:
+        raise EndpointMismatch(batch.batch_id, batch.endpoint_url, transport.endpoint_url)
+    return transport.endpoint_url or batch.endpoint_url
 
 
 def store_config(batch: BatchRecord, transport: Transport) -> StoreConfig:
     """The store a recorded batch goes to: its destination and archive options as recorded,
-    the transport's flags over the endpoint, region and checksum mode."""
-    return _store_config(batch.bucket, batch.endpoint_url, batch.region, batch.settings or BatchSettings(),
-                         transport)
+    the transport's flags over the endpoint (see :func:`endpoint_for`), region and checksum mode."""
+    return _store_config(batch.bucket, endpoint_for(batch, transport), batch.region,
+                         batch.settings or BatchSettings(), transport)
 
 
 def _store_config(bucket: str, endpoint_url: str | None, region: str | None, settings: BatchSettings,
@@ -197,8 +209,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
     with journal.source_lock(request.source_root, request.bucket, request.prefix, transport.endpoint_url):
         record = _choose_batch(journal, request, transport, listener)
         settings = _reconcile_settings(journal, record, request.settings, listener) if record else request.settings
-        store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
-                                         transport))
+        endpoint = endpoint_for(record, transport) if record else transport.endpoint_url
+        store = open_store(_store_config(request.bucket, endpoint, transport.region, settings, transport))
         store.check_bucket()
         if record is None:
             record, resumed = _create_batch(journal, request, transport)
@@ -207,8 +219,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
                 listener.archived_before(record, earlier)
             if resumed:  # another host created it a moment ago: its settings are the batch's
                 settings = _reconcile_settings(journal, record, request.settings, listener)
-                store = open_store(_store_config(request.bucket, transport.endpoint_url, transport.region, settings,
-                                                 transport))
+                endpoint = endpoint_for(record, transport)
+                store = open_store(_store_config(request.bucket, endpoint, transport.region, settings, transport))
         else:
             resumed = True
             changed = settings.differences(request.settings) if settings is not request.settings else []
@@ -219,7 +231,8 @@ def upload(journal: Journal, request: UploadRequest, *, listener: RunListener | 
         with journal.batch_lock(record.batch_id):
             return _timed(_run_batch(journal, store, journal.get_batch(record.batch_id), settings, resumed=resumed,
                                      parallel=request.parallel, prehash=request.prehash,
-                                     no_finalize=request.no_finalize, profile=transport.profile, listener=listener,
+                                     no_finalize=request.no_finalize, profile=transport.profile,
+                                     endpoint_url=endpoint, listener=listener,
                                      stop=stop, tally=tally, local_root=request.local_root,
                                      lease=request.lease), started)
 
@@ -241,12 +254,14 @@ def resume(journal: Journal, batch_id: str, transport: Transport, *, parallel: i
     settings = _reconcile_settings(journal, record, None, listener)
     parallel = parallel or settings.parallel or 5  # None: as the batch was started
     transport = replace(transport, max_pool_connections=max(transport.max_pool_connections, parallel + 4))
-    store = open_store(_store_config(record.bucket, record.endpoint_url, record.region, settings, transport))
+    endpoint = endpoint_for(record, transport)
+    store = open_store(_store_config(record.bucket, endpoint, record.region, settings, transport))
     store.check_bucket()
     with journal.batch_lock(batch_id):
         return _timed(_run_batch(journal, store, journal.get_batch(batch_id), settings, resumed=True,
                                  parallel=parallel, prehash=prehash, no_finalize=no_finalize,
-                                 profile=transport.profile, listener=listener, stop=stop, tally=tally,
+                                 profile=transport.profile, endpoint_url=endpoint, listener=listener, stop=stop,
+                                 tally=tally,
                                  local_root=local_root, lease=lease), started)
 
 
@@ -270,22 +285,10 @@ def finalize_batch(journal: Journal, batch_id: str, store_for: Callable[[BatchRe
     """``archup finalize BATCH``: seal it under its lock (idempotent). On a shared journal, it
     takes part in the finalize race like a host: it seals only if it wins."""
     with journal.batch_lock(batch_id):
-        if not journal.shared:
-            return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
-        claims = cast(Claims, journal)
-        with SharedWorker(claims, batch_id, stop=threading.Event()) as worker:
-            batch = journal.get_batch(batch_id)
-            if batch.state.terminal or claims.claim_finalize(batch_id, worker.worker_id, worker.lease):
-                try:
-                    return finalize(journal, store_for(batch), batch_id)  # sealed already: its summary
-                finally:
-                    worker.release_finalize()
-            if batch.state is BatchState.FINALIZING:
-                raise BatchBusy(f"batch {batch_id} is being finalized by another host; 'archup status {batch_id}' "
-                                "shows when it is sealed")
-            check_complete(journal, journal.get_batch(batch_id))  # names what is not uploaded
-            raise BatchBusy(f"batch {batch_id}: its files are being sent by hosts that hold them; try again "
-                            "when they finish")
+        claims = journal.claims()
+        if claims is not None:
+            return finalize_shared(journal, claims, batch_id, store_for)
+        return finalize(journal, store_for(journal.get_batch(batch_id)), batch_id)
 
 
 # -- choosing the batch --------------------------------------------------------
@@ -310,12 +313,12 @@ def _choose_batch(journal: Journal, request: UploadRequest, transport: Transport
             return None
         if record.source_root != request.source_root:
             raise UsageError(f"batch {record.batch_id} archives {record.source_root}, not {request.source_root}")
-        wanted = (request.bucket, request.prefix, transport.endpoint_url)
-        if (record.bucket, record.prefix, record.endpoint_url) != wanted:
-            raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
-                             f"{record.endpoint_url or 'AWS'}, not s3://{request.bucket}/{request.prefix} at "
-                             f"{transport.endpoint_url or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
-        return record
+        if (record.bucket, record.prefix) == (request.bucket, request.prefix):
+            endpoint_for(record, transport)  # another endpoint is refused, unless trusted
+            return record
+        raise UsageError(f"batch {record.batch_id} goes to s3://{record.bucket}/{record.prefix} at "
+                         f"{record.endpoint_url or 'AWS'}, not s3://{request.bucket}/{request.prefix} at "
+                         f"{transport.endpoint_url or 'AWS'}; 'archup resume {record.batch_id}' takes its own")
     if request.new_batch:
         return None
     found = find_resumable(journal, request.source_root, request.bucket, request.prefix, transport.endpoint_url)
@@ -363,16 +366,27 @@ def _reconcile_settings(journal: Journal, record: BatchRecord, wanted: BatchSett
 def _run_batch(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
                resumed: bool, parallel: int, prehash: bool, no_finalize: bool, profile: str | None,
                listener: RunListener, stop: threading.Event, tally: bool = False, local_root: str | None = None,
-               lease: float = DEFAULT_LEASE) -> RunOutcome:
-    """Send (or continue) one batch while holding its lock, then finalize it."""
-    if journal.shared:
-        return _run_shared(journal, store, record, settings, parallel=parallel, prehash=prehash,
-                           no_finalize=no_finalize, profile=profile, listener=listener, stop=stop, tally=tally,
-                           local_root=local_root, lease=lease)
+               lease: float = DEFAULT_LEASE, endpoint_url: str | None = None) -> RunOutcome:
+    """Send (or continue) one batch while holding its lock (or, on a shared journal, this
+    host's part of it: :func:`run_shared`), then finalize it. ``endpoint_url``: where its
+    requests go (the resume command printed names it)."""
     batch_id = record.batch_id
-    hint = resume_command(batch_id, journal.location, profile)
+    hint = resume_command(batch_id, journal.location, profile, endpoint_url,
+                          trust_recorded_endpoint=endpoint_url != record.endpoint_url)
     listener.starting(record, parallel, hint)
     outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
+    claims = journal.claims()
+    if claims is not None:
+        if record.state.terminal and record.state is not BatchState.ENQUEUED:
+            raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
+        if stop.is_set():
+            raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
+        return run_shared(
+            journal, claims, store, record, _upload_options(record, settings, parallel, prehash), stop=stop,
+            lease=lease, local_root=local_root, no_finalize=no_finalize, progress=listener.progress,
+            end=lambda result, partial: _ended(journal, store, replace(outcome, result=result),
+                                               no_finalize=no_finalize, tally=tally, listener=listener,
+                                               partial=partial))
     if record.state is BatchState.ENQUEUED:
         pass  # already sealed: finalize below just reports its summary again
     elif record.state.terminal:
@@ -418,87 +432,6 @@ def _ended(journal: Journal, store: ObjectStore, outcome: RunOutcome, *, no_fina
     if no_finalize:
         return replace(outcome, kind="uploaded", report=_partial_report(journal, batch_id, result, hint))
     return _finalized(journal, store, outcome)
-
-
-# -- one batch, shared by several hosts -----------------------------------------------
-
-def _run_shared(journal: Journal, store: ObjectStore, record: BatchRecord, settings: BatchSettings, *,
-                parallel: int, prehash: bool, no_finalize: bool, profile: str | None, listener: RunListener,
-                stop: threading.Event, tally: bool, local_root: str | None, lease: float) -> RunOutcome:
-    """This host's part of a batch in a shared journal: join, scan if elected, claim and send
-    chunks until none is left, then race to finalize (exactly one host seals; the others
-    wait for the seal and report it). docs/design.md, "Several hosts, one batch"."""
-    batch_id = record.batch_id
-    hint = resume_command(batch_id, journal.location, profile)
-    listener.starting(record, parallel, hint)
-    outcome = RunOutcome(batch_id, hint, UploadResult(batch_id))
-    if record.state.terminal and record.state is not BatchState.ENQUEUED:
-        raise BatchClosed(f"batch {batch_id} is {record.state.value}; start a new batch")
-    if stop.is_set():
-        raise Interrupted(f"batch {batch_id} interrupted before it began; resume with '{hint}'")
-    claims = cast(Claims, journal)  # a shared journal offers the claims (PostgresJournal)
-    with SharedWorker(claims, batch_id, lease=lease, stop=stop) as worker:
-        turn = Turn.SEALED
-        if record.state is not BatchState.ENQUEUED:
-            write_marker(store, record)  # the same bytes from every host
-            uploader = Uploader(journal, store, batch_id, _upload_options(record, settings, parallel, prehash),
-                                stop=stop, source_root=local_root, sole_owner=False)
-            worker.on_lost = uploader.outcomes.stop_with
-            worker.result = uploader.result
-            if journal.get_batch(batch_id).state in (BatchState.OPEN, BatchState.FAILED):
-                journal.set_batch_state(batch_id, BatchState.UPLOADING)
-            claims.reopen_chunks(batch_id)
-            if worker.scan_turn():
-                uploader.scan_into_journal()
-            else:
-                worker.wait_for_first_files()
-            check_source(claims, batch_id, uploader.tree.root, uploader.tree.stat)
-            turn = _send_shared(journal, uploader, worker, listener, no_finalize)
-            outcome.result = uploader.result
-            if outcome.result.fatal is None and worker.lost is not None:
-                outcome.result.fatal = worker.lost
-        try:
-            return _ended(journal, store, outcome, no_finalize=no_finalize, tally=tally, listener=listener,
-                          partial=turn is Turn.PARTIAL)
-        finally:
-            if turn is Turn.FINALIZE:
-                worker.release_finalize()  # a finalize that failed leaves the race to the next host at once
-
-
-def _mark_failed(journal: Journal, batch_id: str) -> None:
-    """Nothing is left to send and files failed: the batch is failed (resumable), as whichever
-    host gets here first records it."""
-    try:
-        journal.set_batch_state(batch_id, BatchState.FAILED, error="some files failed; resume the batch")
-    except IllegalTransition:
-        pass  # sealed, aborted or expired meanwhile: that state stands
-
-
-def _send_shared(journal: Journal, uploader: Uploader, worker: SharedWorker, listener: RunListener,
-                 no_finalize: bool) -> Turn:
-    """Claim and send until no chunk is left; then the finalize race (unless --no-finalize)."""
-    while True:
-        state = journal.get_state(uploader.batch_id, problem_limit=0)
-        done = (FileState.UPLOADED, FileState.SKIPPED)
-        with listener.progress(state.files_total - sum(state.counts[s] for s in done),
-                               state.bytes_total - sum(state.bytes_by_state[s] for s in done)) as observer:
-            if observer is not None:
-                uploader.observer = observer
-            result = uploader.send(worker.claimed_files(uploader.reconciler.settle_lost_puts_among,
-                                                        uploader.scan_into_journal))
-        worker.finish_all()
-        if result.fatal is not None or uploader.stop.is_set() or no_finalize:
-            return Turn.SEALED if no_finalize else Turn.PARTIAL
-        try:
-            turn = worker.finalize_turn()
-            if turn is Turn.PARTIAL:
-                _mark_failed(journal, uploader.batch_id)
-            return turn
-        except MoreWork:
-            continue  # a host died holding chunks: claim them
-        except Stopped:
-            result.interrupted = True
-            return Turn.PARTIAL
 
 
 def _scan_and_send(journal: Journal, store: ObjectStore, batch_id: str, options: UploadOptions, *, resumed: bool,

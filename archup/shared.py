@@ -19,39 +19,126 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from enum import Enum
 from types import TracebackType
-from typing import Protocol
+from typing import TypeVar
 
-from .errors import ArchupError, JournalError, LeaseLost, SourceMismatch
-from .journal import DEFAULT_LEASE, BatchRecord, Claim, FileRecord, WorkLeft
-from .outcomes import UploadResult
+from .batches import write_marker
+from .errors import ArchupError, BatchBusy, IllegalTransition, JournalError, LeaseLost, SourceMismatch
+from .finalize import FinalizeSummary, check_complete, finalize
+from .journal import DEFAULT_LEASE, BatchRecord, Claims, FileRecord, Journal
+from .outcomes import UploadObserver, UploadResult
 from .source import same_file
 from .states import BatchState, FileState
+from .store import ObjectStore
+from .uploader import Uploader, UploadOptions
 
 log = logging.getLogger("archup.shared")
 
+T = TypeVar("T")
+
 SOURCE_SAMPLE = 8  # files of the batch this host checks on its own disk before it claims any
 
+# Around a send: an observer of its progress (or None), given the files and bytes left to send.
+Progress = Callable[[int, int], AbstractContextManager[UploadObserver | None]]
 
-class Claims(Protocol):
-    """What a shared journal offers for claims, leases and elections (PostgresJournal)."""
+__all__ = ["Claims", "MoreWork", "SharedWorker", "Stopped", "Turn", "check_source", "finalize_shared", "run_shared"]
 
-    def register_worker(self, batch_id: str, worker_id: str, lease: float) -> None: ...
-    def heartbeat(self, batch_id: str, worker_id: str, lease: float, files_done: int, bytes_done: int) -> int: ...
-    def end_worker(self, batch_id: str, worker_id: str, files_done: int, bytes_done: int) -> None: ...
-    def claim_scan(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
-    def reopen_chunks(self, batch_id: str) -> int: ...
-    def claim_chunk(self, batch_id: str, worker_id: str, lease: float) -> Claim | None: ...
-    def chunk_files(self, batch_id: str, chunk_no: int) -> list[FileRecord]: ...
-    def finish_chunk(self, batch_id: str, chunk_no: int, worker_id: str) -> bool: ...
-    def work_left(self, batch_id: str) -> WorkLeft: ...
-    def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
-    def release_finalize(self, batch_id: str, worker_id: str) -> None: ...
-    def get_batch(self, batch_id: str) -> BatchRecord: ...
-    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
-                   page_size: int = 2000) -> Iterator[FileRecord]: ...
+
+def run_shared(journal: Journal, claims: Claims, store: ObjectStore, record: BatchRecord, options: UploadOptions, *,
+               stop: threading.Event, lease: float, local_root: str | None, no_finalize: bool,
+               progress: Progress, end: Callable[[UploadResult, bool], T]) -> T:
+    """This host's part of a batch in a shared journal: join, scan if elected, claim and send
+    chunks until none is left, then race to finalize (exactly one host seals; the others
+    wait for the seal and report it). docs/design.md, "Several hosts, one batch".
+
+    ``end(result, partial)`` says how the run ended (and finalizes, if this host won the race or
+    another sealed the batch) while this host still holds its leases; ``partial``: nothing is
+    left to send, and files failed on the hosts sharing the batch."""
+    batch_id = record.batch_id
+    with SharedWorker(claims, batch_id, lease=lease, stop=stop) as worker:
+        turn = Turn.SEALED
+        result = UploadResult(batch_id)
+        if record.state is not BatchState.ENQUEUED:
+            write_marker(store, record)  # the same bytes from every host
+            uploader = Uploader(journal, store, batch_id, options, stop=stop, source_root=local_root,
+                                sole_owner=False)
+            worker.on_lost = uploader.stop_with
+            worker.result = uploader.result
+            if journal.get_batch(batch_id).state in (BatchState.OPEN, BatchState.FAILED):
+                journal.set_batch_state(batch_id, BatchState.UPLOADING)
+            claims.reopen_chunks(batch_id)
+            if worker.scan_turn():
+                uploader.scan_into_journal()
+            else:
+                worker.wait_for_first_files()
+            check_source(claims, batch_id, uploader.source_root, uploader.stat_source)
+            turn = _send_shared(journal, uploader, worker, progress, no_finalize)
+            result = uploader.result
+            if result.fatal is None and worker.lost is not None:
+                result.fatal = worker.lost
+        try:
+            return end(result, turn is Turn.PARTIAL)
+        finally:
+            if turn is Turn.FINALIZE:
+                worker.release_finalize()  # a finalize that failed leaves the race to the next host at once
+
+
+def finalize_shared(journal: Journal, claims: Claims, batch_id: str,
+                    store_for: Callable[[BatchRecord], ObjectStore]) -> FinalizeSummary:
+    """``archup finalize`` on a shared journal: it takes part in the finalize race like a host,
+    and seals only if it wins (a batch sealed already: its summary)."""
+    with SharedWorker(claims, batch_id, stop=threading.Event()) as worker:
+        batch = journal.get_batch(batch_id)
+        if batch.state.terminal or claims.claim_finalize(batch_id, worker.worker_id, worker.lease):
+            try:
+                return finalize(journal, store_for(batch), batch_id)  # sealed already: its summary
+            finally:
+                worker.release_finalize()
+        if batch.state is BatchState.FINALIZING:
+            raise BatchBusy(f"batch {batch_id} is being finalized by another host; 'archup status {batch_id}' "
+                            "shows when it is sealed")
+        check_complete(journal, journal.get_batch(batch_id))  # names what is not uploaded
+        raise BatchBusy(f"batch {batch_id}: its files are being sent by hosts that hold them; try again "
+                        "when they finish")
+
+
+def _mark_failed(journal: Journal, batch_id: str) -> None:
+    """Nothing is left to send and files failed: the batch is failed (resumable), as whichever
+    host gets here first records it."""
+    try:
+        journal.set_batch_state(batch_id, BatchState.FAILED, error="some files failed; resume the batch")
+    except IllegalTransition:
+        pass  # sealed, aborted or expired meanwhile: that state stands
+
+
+def _send_shared(journal: Journal, uploader: Uploader, worker: SharedWorker, progress: Progress,
+                 no_finalize: bool) -> Turn:
+    """Claim and send until no chunk is left; then the finalize race (unless --no-finalize)."""
+    while True:
+        state = journal.get_state(uploader.batch_id, problem_limit=0)
+        done = (FileState.UPLOADED, FileState.SKIPPED)
+        with progress(state.files_total - sum(state.counts[s] for s in done),
+                      state.bytes_total - sum(state.bytes_by_state[s] for s in done)) as observer:
+            if observer is not None:
+                uploader.observer = observer
+            result = uploader.send(worker.claimed_files(uploader.settle_lost_puts_among,
+                                                        uploader.scan_into_journal))
+        worker.finish_all()
+        if result.fatal is not None or uploader.stop.is_set() or no_finalize:
+            return Turn.SEALED if no_finalize else Turn.PARTIAL
+        try:
+            turn = worker.finalize_turn()
+            if turn is Turn.PARTIAL:
+                _mark_failed(journal, uploader.batch_id)
+            return turn
+        except MoreWork:
+            continue  # a host died holding chunks: claim them
+        except Stopped:
+            result.interrupted = True
+            return Turn.PARTIAL
 
 
 def new_worker_id() -> str:

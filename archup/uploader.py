@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -104,6 +105,18 @@ class Uploader:
 
     def settle_lost_puts(self, limit: int = 10_000) -> int:
         return self.reconciler.settle_lost_puts(limit)
+
+    def settle_lost_puts_among(self, records: list[FileRecord]) -> int:
+        """Settle the PUTs of these files that finished unrecorded (a chunk another host held)."""
+        return self.reconciler.settle_lost_puts_among(records)
+
+    def stop_with(self, error: ArchupError) -> None:
+        """Stop the run for a reason outside the send (a host's lost lease): its fatal error."""
+        self.outcomes.stop_with(error)
+
+    def stat_source(self, path: str) -> os.stat_result:
+        """A path under :attr:`source_root` as this run's reads see it (symlinks followed or not)."""
+        return self.tree.stat(path)
 
     def scan(self) -> None:
         """Write every file of the source into the journal (grouped transactions), then mark the scan complete."""

@@ -172,10 +172,16 @@ class Cli:
         self.bucket = bucket
         self.journal = journal
 
+    # The commands that reach a recorded batch's bucket: this host is configured for its endpoint
+    # (a journal row alone never names where requests go: archup.run.endpoint_for).
+    TO_RECORDED_BATCH = ("resume", "finalize", "abort", "gc", "verify")
+
     def common(self, command: str) -> list[str]:
         args = ["--journal", str(self.journal)]
         if command in ("upload",):
             args += ["--bucket", self.bucket, "--endpoint-url", self.endpoint]
+        elif command in self.TO_RECORDED_BATCH:
+            args += ["--endpoint-url", self.endpoint]
         return args
 
     def __call__(self, *args: str) -> CliResult:

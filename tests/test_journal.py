@@ -6,6 +6,7 @@ Journal (its own connection) or a raw sqlite3 connection, never the writer's.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sqlite3
@@ -254,7 +255,7 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
     assert (batch.source_root, batch.settings) == ("/src", None)  # not recorded: the next run supplies them
     assert (record.upload_id, record.checksum_kind) == ("up-1", None)
     with closing(raw_connection(journal_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 @pytest.mark.sqlite_only
@@ -937,6 +938,29 @@ def test_seal_batch_indexes_the_uploaded_files_and_find_archived_matches_size_an
         other = DESTINATION._replace(prefix="elsewhere/")
         assert reader.find_archived(other, [("a.bin", 10, 1)]) == set()  # per source and destination
         assert index_of(reader) == {"a.bin": (10, 1, first), "b.bin": (20, 2, first)}
+
+
+def test_seal_batch_records_the_summary_sha256_in_its_transaction(journal: Journal,
+                                                                  backend: JournalBackend) -> None:
+    """The sealed manifest.json's SHA-256 is stored with the seal, read back through another
+    handle; a batch sealed without one (and any unsealed batch) reads None."""
+    digest = hashlib.sha256(b'{"manifest": "sealed"}').hexdigest()
+    batch_id = open_batch(journal)
+    journal.add_files(batch_id, [NewFile("a.bin", key_for(batch_id, "a.bin"), 1, 1)])
+    journal.complete_file(batch_id, "a.bin", sha256=SHA, etag="e")
+    journal.mark_scan_complete(batch_id)
+    journal.set_batch_state(batch_id, BatchState.FINALIZING)
+    assert journal.get_batch(batch_id).summary_sha256 is None
+    journal.seal_batch(batch_id, manifest_key=f"staging/{batch_id}/manifest.json", finalized_at="t",
+                       summary_sha256=digest)
+    unrecorded = sealed_batch(journal, {"b.bin": (1, 1)})
+
+    with second_journal(backend) as reader:
+        sealed = reader.get_batch(batch_id)
+        assert (sealed.state, sealed.summary_sha256) == (BatchState.ENQUEUED, digest)
+        assert reader.get_state(batch_id).batch.summary_sha256 == digest
+        assert [b.summary_sha256 for b in reader.list_batches() if b.batch_id == batch_id] == [digest]
+        assert reader.get_batch(unrecorded).summary_sha256 is None
 
 
 def test_find_archived_with_a_nul_in_a_path_matches_nothing_by_mistake(journal: Journal) -> None:

@@ -223,11 +223,23 @@ def resolve_endpoint(flag: str | None) -> str | None:
     return endpoint
 
 
-def transport(endpoint_url: str | None, profile: str | None, region: str | None, **settings: Any) -> Transport:
+def normalize_prefix(prefix: str) -> str:
+    """A key prefix as archup stores it: no leading slash, one trailing slash, no '.' or '..' segment."""
+    prefix = prefix.strip().lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if any(segment in (".", "..") for segment in prefix.split("/")[:-1]):
+        raise UsageError(f"bad prefix {prefix!r}: '.' and '..' segments are not allowed")
+    return prefix
+
+
+def transport(endpoint_url: str | None, profile: str | None, region: str | None, *,
+              trust_recorded_endpoint: bool = False, **settings: Any) -> Transport:
     """How this run reaches the destination, from its flags (and the endpoint's environment)."""
     from ..run import Transport
 
-    return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile, **settings)
+    return Transport(endpoint_url=resolve_endpoint(endpoint_url), region=region, profile=profile,
+                     trust_recorded_endpoint=trust_recorded_endpoint, **settings)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

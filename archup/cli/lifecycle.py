@@ -35,6 +35,7 @@ from .options import (
     ProfileOption,
     QuietOption,
     RegionOption,
+    TrustEndpointOption,
 )
 
 if TYPE_CHECKING:  # the library's batch and sending modules load when a command needs them
@@ -143,6 +144,7 @@ def abort(
     batch_id: BatchArgument,
     purge: Annotated[bool, typer.Option("--purge", help="Also delete the batch's staged objects.")] = False,
     endpoint_url: EndpointOption = None,
+    trust_recorded_endpoint: TrustEndpointOption = False,
     profile: ProfileOption = None,
     region: RegionOption = None,
     journal_path: JournalOption = None,
@@ -156,7 +158,9 @@ def abort(
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
         # The batch is read under its lock, inside abort_batch: not before it.
-        report = abort_batch(journal, store_factory(transport(endpoint_url, profile, region)), batch_id,
+        report = abort_batch(journal, store_factory(transport(endpoint_url, profile, region,
+                                                              trust_recorded_endpoint=trust_recorded_endpoint)),
+                             batch_id,
                              purge=purge)
     if json_output:
         emit_json(report.as_dict())
@@ -180,6 +184,7 @@ def gc(
         "longer ago than this (their summaries stay; a finalized batch's files are in its manifest), "
         "then shrink the journal; 'never' keeps them.")] = "30d",
     endpoint_url: EndpointOption = None,
+    trust_recorded_endpoint: TrustEndpointOption = False,
     profile: ProfileOption = None,
     region: RegionOption = None,
     journal_path: JournalOption = None,
@@ -199,7 +204,8 @@ def gc(
         report = GcReport()  # no batches: none to expire, and no destinations to look for orphans in
     else:
         with open_journal(journal_path, create=False) as journal:
-            report = collect_garbage(journal, store_factory(transport(endpoint_url, profile, region)), older_than=age,
+            report = collect_garbage(journal, store_factory(transport(
+                endpoint_url, profile, region, trust_recorded_endpoint=trust_recorded_endpoint)), older_than=age,
                                      abort_orphans=abort_orphans, forget_after=forget)
     invocation().result = report.as_dict()  # what --metrics-file counts, whatever is printed
     if json_output:

@@ -15,7 +15,7 @@ import typer
 from .. import metrics
 from ..errors import ArchupError, ExitCode, Interrupted, exit_code_for
 from ..states import FileState
-from .common import invocation
+from .common import invocation, normalize_prefix
 
 if TYPE_CHECKING:
     from ..run import RunOutcome
@@ -41,8 +41,6 @@ def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) ->
         batch = outcome.tally.batch
         return {"bucket": batch.bucket, "prefix": batch.prefix, "source": batch.source_root}
     if command == "upload":
-        from .upload import normalize_prefix
-
         directory = kwargs.get("directory")
         return {"bucket": kwargs.get("bucket") or "", "prefix": normalize_prefix(kwargs.get("prefix") or ""),
                 "source": str(Path(directory).resolve()) if directory is not None else ""}

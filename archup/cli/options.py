@@ -56,6 +56,10 @@ EndpointOption = Annotated[
     typer.Option("--endpoint-url", help="S3 endpoint URL [env var: ARCHUP_ENDPOINT_URL, AWS_ENDPOINT_URL]",
                  show_default=False),
 ]
+TrustEndpointOption = Annotated[bool, typer.Option(
+    "--trust-recorded-endpoint", help="Accept a batch whose recorded endpoint is not the one configured here "
+    "(none configured: AWS); its requests then go to the configured endpoint, or to the recorded one if "
+    "none is. Without it such a batch is refused (exit 2): a journal row alone never redirects requests.")]
 ProfileOption = Annotated[str | None, typer.Option("--profile", help="AWS profile name.", show_default=False)]
 RegionOption = Annotated[str | None, typer.Option("--region", help="Region of the bucket.", show_default=False)]
 

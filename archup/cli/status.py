@@ -78,7 +78,7 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
         document = status_document(journal.get_state(batch_id, problem_limit=-1 if show_all else PROBLEM_LIMIT))
-        if journal.shared:
+        if journal.claims() is not None:  # hosts share the batch: their processes are listed
             document["workers"] = [_worker(worker) for worker in journal.list_workers(batch_id)]
     if json_output:
         emit_json(document)

@@ -37,6 +37,7 @@ from .common import (
     handles_errors,
     invocation,
     missing_journal,
+    normalize_prefix,
     open_journal,
     parse_size,
     print_fields,
@@ -68,6 +69,7 @@ from .options import (
     SourceRootOption,
     TimeoutOption,
     TransportOption,
+    TrustEndpointOption,
     complete_batch,
 )
 
@@ -79,15 +81,6 @@ MAX_PARALLEL = 256
 MAX_PART_SIZE = 5 * 1024 ** 3
 DEFAULT_GRACE = 30.0
 T = TypeVar("T")
-
-
-def normalize_prefix(prefix: str) -> str:
-    prefix = prefix.strip().lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    if any(segment in (".", "..") for segment in prefix.split("/")[:-1]):
-        raise UsageError(f"bad prefix {prefix!r}: '.' and '..' segments are not allowed")
-    return prefix
 
 
 class Stopping:
@@ -364,6 +357,7 @@ def upload(
     bucket: Annotated[str | None, typer.Option("--bucket", envvar="ARCHUP_BUCKET",
                                                help="Destination bucket.", show_default=False)] = None,
     endpoint_url: EndpointOption = None,
+    trust_recorded_endpoint: TrustEndpointOption = False,
     profile: ProfileOption = None,
     region: RegionOption = None,
     prefix: Annotated[str, typer.Option("--prefix", envvar="ARCHUP_PREFIX",
@@ -459,6 +453,7 @@ def upload(
         part_size=part_bytes, settings=wanted, parallel=parallel, prehash=prehash,
         batch_id=check_batch_id(batch) if batch else None, new_batch=new_batch, no_finalize=no_finalize,
         transport=transport(endpoint_url, profile, region, max_pool_connections=max(10, parallel + 4),
+                            trust_recorded_endpoint=trust_recorded_endpoint,
                             checksum=checksum, full_object_checksum=full_object_checksum,
                             max_attempts=retries + 1, read_timeout=timeout, connect_timeout=connect_timeout,
                             retry_mode=retry_mode.value, bwlimit=parse_size(bwlimit) if bwlimit else None,
@@ -485,6 +480,7 @@ def resume(
     batch_id: BatchArgument,
     parallel: ResumeParallelOption = None,
     endpoint_url: EndpointOption = None,
+    trust_recorded_endpoint: TrustEndpointOption = False,
     profile: ProfileOption = None,
     region: RegionOption = None,
     checksum: Annotated[ChecksumMode | None, typer.Option(
@@ -518,8 +514,8 @@ def resume(
     _check_run_limits(retries, timeout, connect_timeout, grace)
     _check_lease(lease)
     batch_id = check_batch_id(batch_id)
-    how = transport(endpoint_url, profile, region, max_pool_connections=max(10, (parallel or 0) + 4),
-                    read_timeout=timeout,
+    how = transport(endpoint_url, profile, region, trust_recorded_endpoint=trust_recorded_endpoint,
+                    max_pool_connections=max(10, (parallel or 0) + 4), read_timeout=timeout,
                     connect_timeout=connect_timeout, max_attempts=retries + 1, retry_mode=retry_mode.value,
                     bwlimit=parse_size(bwlimit) if bwlimit else None, checksum=checksum,
                     full_object_checksum=full_object_checksum, transport=transport_kind)

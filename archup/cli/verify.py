@@ -10,7 +10,15 @@ from ..errors import UsageError
 from ..scan import display_path
 from ..verify import DEFAULT_PARALLEL, Difference, Problem, verify_batch
 from .common import check_batch_id, emit_json, handles_errors, open_journal, transport
-from .options import BatchArgument, EndpointOption, JournalOption, JsonOption, ProfileOption, RegionOption
+from .options import (
+    BatchArgument,
+    EndpointOption,
+    JournalOption,
+    JsonOption,
+    ProfileOption,
+    RegionOption,
+    TrustEndpointOption,
+)
 
 MAX_PARALLEL = 256
 _BYTE_COUNTS = frozenset({Problem.MISSING, Problem.UNEXPECTED, Problem.SIZE_MISMATCH,
@@ -40,7 +48,8 @@ def verify(batch_id: BatchArgument,
            parallel: Annotated[int, typer.Option("--parallel", "-p", help="Concurrent requests "
                                                  "(HEAD, or GET with --deep).")] = DEFAULT_PARALLEL,
            endpoint_url: EndpointOption = None, profile: ProfileOption = None, region: RegionOption = None,
-           journal_path: JournalOption = None, json_output: JsonOption = False) -> None:
+           journal_path: JournalOption = None, json_output: JsonOption = False,
+           trust_recorded_endpoint: TrustEndpointOption = False) -> None:
     """Check the bucket against a batch's manifest (or its journal, before finalize): missing, changed
     and unexpected objects. Exits 3 on any difference."""
     from ..run import store_factory
@@ -54,7 +63,7 @@ def verify(batch_id: BatchArgument,
 
     with open_journal(journal_path, create=False) as journal:
         batch = journal.get_batch(batch_id)
-        store = store_factory(transport(endpoint_url, profile, region,
+        store = store_factory(transport(endpoint_url, profile, region, trust_recorded_endpoint=trust_recorded_endpoint,
                                         max_pool_connections=max(10, parallel + 2)))(batch)
         report = verify_batch(journal, store, batch_id, deep=deep, parallel=parallel,
                               on_difference=None if json_output else print_difference)

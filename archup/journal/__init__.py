@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .database import DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION
-from .interface import Journal
+from .interface import Claims, Journal
 from .records import (
     BATCH_TTL,
     DEFAULT_LEASE,
@@ -57,6 +57,7 @@ __all__ = [
     "BatchSettings",
     "BatchSummary",
     "Claim",
+    "Claims",
     "Destination",
     "EncodedFiles",
     "FileRecord",

@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import JournalBusy, JournalError, JournalTooNew
 
-SCHEMA_VERSION = 5
+T = TypeVar("T")
+
+SCHEMA_VERSION = 6
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
@@ -128,6 +130,11 @@ _MIGRATIONS: tuple[str, ...] = (
             identity = excluded.identity, batch_id = excluded.batch_id, seen_by = excluded.seen_by
         WHERE excluded.batch_id > archived.batch_id;
     DROP INDEX files_by_path;
+    """,
+    # 6: the SHA-256 of a batch's sealed manifest.json, written with the seal: verify and
+    # restore check the summary in the bucket against it (a batch sealed before stays NULL).
+    """
+    ALTER TABLE batches ADD COLUMN summary_sha256 TEXT;
     """,
 )
 
@@ -282,6 +289,13 @@ class SQLiteDatabase:
                 except sqlite3.Error:
                     pass
                 raise translate(error, self.path) from None
+
+    def write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one write transaction (:meth:`atomic`) and return what it returns: the
+        shape of :meth:`archup.journal.pgdatabase.PgDatabase.write`, so a journal operation reads
+        the same on either backend."""
+        with self.atomic() as conn:
+            return body(conn)
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:

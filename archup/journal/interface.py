@@ -21,20 +21,49 @@ from .records import (
     BatchRecord,
     BatchSettings,
     BatchSummary,
+    Claim,
     Destination,
     EncodedFiles,
     FileRecord,
     NewFile,
     PartRecord,
     WorkerRecord,
+    WorkLeft,
 )
+
+
+class Claims(Protocol):
+    """What a journal that several hosts share offers for claims, leases and elections
+    (:meth:`Journal.claims`; docs/design.md, "Several hosts, one batch")."""
+
+    def register_worker(self, batch_id: str, worker_id: str, lease: float) -> None: ...
+    def heartbeat(self, batch_id: str, worker_id: str, lease: float, files_done: int, bytes_done: int) -> int: ...
+    def end_worker(self, batch_id: str, worker_id: str, files_done: int, bytes_done: int) -> None: ...
+    def claim_scan(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
+    def reopen_chunks(self, batch_id: str) -> int: ...
+    def claim_chunk(self, batch_id: str, worker_id: str, lease: float) -> Claim | None: ...
+    def chunk_files(self, batch_id: str, chunk_no: int) -> list[FileRecord]: ...
+    def finish_chunk(self, batch_id: str, chunk_no: int, worker_id: str) -> bool: ...
+    def work_left(self, batch_id: str) -> WorkLeft: ...
+    def claim_finalize(self, batch_id: str, worker_id: str, lease: float) -> bool: ...
+    def release_finalize(self, batch_id: str, worker_id: str) -> None: ...
+    def get_batch(self, batch_id: str) -> BatchRecord: ...
+    def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
+                   page_size: int = 2000) -> Iterator[FileRecord]: ...
 
 
 class Journal(Protocol):
     """The batch-state authority. Safe to share between threads; closed once they are done."""
 
     location: str  # where it is, as archup prints it (a path, or a URL without its password)
-    shared: bool   # several processes and hosts may work on one batch (leases), or one owner (OS locks)
+    # Seconds a group commit of completions waits for more after the first: a commit to a
+    # journal across the network is a round trip however small the group (0: a local commit).
+    commit_linger: float
+
+    def claims(self) -> Claims | None:
+        """The claims, leases and elections by which several processes and hosts work on one
+        batch; None for a journal whose batches have one owner at a time (OS locks)."""
+        ...
 
     def batch_lock(self, batch_id: str) -> AbstractContextManager[object]:
         """Held by whoever changes a batch; a second holder fails BatchBusy. A shared journal
@@ -100,9 +129,11 @@ class Journal(Protocol):
     def iter_archived(self, destination: Destination, page_size: int = 2000) -> Iterator[ArchivedFile]: ...
 
     def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
-                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+                   covers: Callable[[str], bool] | None = None, summary_sha256: str | None = None) -> BatchRecord:
         """-> enqueued with the archived index updated (uploaded files in, paths not found
-        out), one transaction. ``covers``: the paths the batch's selection takes (None: all)."""
+        out), one transaction. ``covers``: the paths the batch's selection takes (None: all).
+        ``summary_sha256``: the SHA-256 (hex) of the sealed manifest.json, recorded in the same
+        transaction, so a summary re-sealed in the bucket later no longer matches the journal."""
         ...
 
     # -- forgetting --

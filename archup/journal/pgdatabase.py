@@ -37,7 +37,7 @@ log = logging.getLogger("archup.journal")
 
 T = TypeVar("T")
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 SCHEMA = "archup"
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
@@ -149,6 +149,10 @@ _MIGRATIONS: tuple[str, ...] = (
         seen_by   text COLLATE "C",
         PRIMARY KEY (source_id, rel_path)
     );
+    """,
+    # 2: the SHA-256 of a batch's sealed manifest.json, written with the seal (see SQLite's 6).
+    """
+    ALTER TABLE batches ADD COLUMN summary_sha256 text;
     """,
 )
 

@@ -84,6 +84,9 @@ class BatchRecord:
     files_archived: int = 0  # --skip-archived: unchanged since an earlier batch, not in this one
     # When gc forgot its file and part rows (a terminal batch): its file list is its manifest's.
     forgotten_at: str | None = None
+    # The SHA-256 (hex) of the batch's sealed manifest.json, recorded by the seal: what the
+    # bucket's summary must still hash to (None: sealed before it was recorded, or not sealed).
+    summary_sha256: str | None = None
 
     @property
     def batch_prefix(self) -> str:

@@ -12,9 +12,9 @@ from datetime import timedelta
 from typing import Any
 
 from ..clock import isoformat, utcnow
-from ..errors import BatchClosed, BatchExists, BatchNotFound, FileAlreadyUploaded, FileNotInBatch, IllegalTransition
+from ..errors import FileNotInBatch, IllegalTransition
 from ..lock import BatchLock, source_lock
-from ..states import UNFINISHED, BatchState, FileState, batch_can_move, file_can_move
+from ..states import UNFINISHED, BatchState, FileState
 from .database import DEFAULT_BUSY_TIMEOUT, SQLiteDatabase
 from .records import (
     BATCH_TTL,
@@ -28,20 +28,29 @@ from .records import (
     NewFile,
     PartRecord,
     WorkerRecord,
-    encode_files,
 )
+from .rules import (
+    BATCH_COLUMNS,
+    FILE_COLUMNS,
+    CommonOperations,
+    batch_exists,
+    batch_from_row,
+    batch_not_found,
+    check_accepts_files,
+    check_batch_move,
+    check_file_move,
+    check_rescannable,
+    check_uploading,
+    file_from_row,
+    unfinished_exists,
+)
+
+Conn = sqlite3.Connection
 
 # The scan's groups let the WAL grow to 64 MiB between checkpoints (a B-tree page
 # changed by several groups is copied back once): 20 % less insert time at 1,000,000
 # files. The WAL file keeps that size on disk afterwards; SQLite reuses it.
 SCAN_CHECKPOINT_PAGES = 16384
-
-_BATCH_COLUMNS = ("batch_id, state, source_root, bucket, prefix, endpoint_url, region, part_size, "
-                  "scan_complete, manifest_key, error, created_at, updated_at, expires_at, finalized_at, settings, "
-                  "files_archived, forgotten_at")
-_FILE_COLUMNS = ("batch_id, rel_path, key, size, mtime_ns, state, part_size, upload_id, sha256, etag, "
-                 "error, attempts, updated_at, identity, checksum_kind")
-
 
 _INSERT_FILE = ("INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, updated_at) "
                 "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (batch_id, rel_path) DO NOTHING")
@@ -85,24 +94,10 @@ _NOT_FOUND = ("FROM archived WHERE source_id = ?1 AND (seen_by IS NULL OR seen_b
               "AND f.state != 'skipped')")
 
 
-def _batch_from_row(row: sqlite3.Row) -> BatchRecord:
-    values = dict(row)
-    values["state"] = BatchState(values["state"])
-    values["scan_complete"] = bool(values["scan_complete"])
-    values["settings"] = BatchSettings.from_json(values["settings"])
-    return BatchRecord(**values)
-
-
-def _file_from_row(row: sqlite3.Row) -> FileRecord:
-    values = dict(row)
-    values["state"] = FileState(values["state"])
-    return FileRecord(**values)
-
-
-class SQLiteJournal:
+class SQLiteJournal(CommonOperations):
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
-    shared = False  # one process owns a batch at a time: OS locks beside the journal file
+    commit_linger = 0.0  # a commit is local
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                  synchronous: str = "FULL", read_only: bool = False) -> None:
@@ -111,6 +106,10 @@ class SQLiteJournal:
         self.db = SQLiteDatabase(path, busy_timeout=busy_timeout, synchronous=synchronous, read_only=read_only)
         self.path = self.db.path
         self.location = str(self.path)
+
+    def claims(self) -> None:
+        """One process owns a batch at a time (OS locks beside the journal file): no claims."""
+        return None
 
     def batch_lock(self, batch_id: str) -> BatchLock:
         """The batch's owner lock (flock beside the journal; dies with its process)."""
@@ -147,9 +146,10 @@ class SQLiteJournal:
                    ttl: timedelta = BATCH_TTL, settings: BatchSettings | None = None,
                    unless_unfinished: bool = False) -> BatchRecord:
         now = utcnow()
-        with self.db.atomic() as conn:
+
+        def body(conn: Conn) -> None:
             if conn.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
-                raise BatchExists(f"batch {batch_id} exists already in journal {self.path}", batch_id)
+                raise batch_exists(batch_id, self.location)
             if unless_unfinished:
                 found = conn.execute(
                     f"SELECT batch_id FROM batches WHERE source_root = ? AND bucket = ? AND prefix = ? "
@@ -158,89 +158,76 @@ class SQLiteJournal:
                     (source_root, bucket, prefix, endpoint_url, *(s.value for s in UNFINISHED),
                      isoformat(now))).fetchone()
                 if found is not None:
-                    raise BatchExists(f"batch {found[0]} of {source_root} is unfinished", found[0])
+                    raise unfinished_exists(found[0], source_root)
             conn.execute(
                 "INSERT INTO batches (batch_id, state, source_root, bucket, prefix, endpoint_url, region, "
                 "part_size, created_at, updated_at, expires_at, settings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (batch_id, BatchState.OPEN.value, source_root, bucket, prefix, endpoint_url, region,
                  part_size, isoformat(now), isoformat(now), isoformat(now + ttl),
                  (settings or BatchSettings()).to_json()))
+        self.db.write(body)
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:
         row = next(iter(self.db.query(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,))), None)
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?", (batch_id,))), None)
         if row is None:
-            raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; 'archup list' shows the batches")
-        return _batch_from_row(row)
+            raise batch_not_found(batch_id, self.location)
+        return batch_from_row(row)
 
     def set_batch_settings(self, batch_id: str, settings: BatchSettings) -> None:
         """Record the settings of a batch begun before they were recorded, once, from the first
         run that knows them (the options its job passes); never changes recorded ones."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._batch_state(conn, batch_id)
             conn.execute("UPDATE batches SET settings = ? WHERE batch_id = ? AND settings IS NULL",
                          (settings.to_json(), batch_id))
-
-    def find_batch(self, batch_id: str) -> BatchRecord | None:
-        try:
-            return self.get_batch(batch_id)
-        except BatchNotFound:
-            return None
+        self.db.write(body)
 
     def list_batches(self, state: BatchState | None = None) -> list[BatchRecord]:
-        sql = f"SELECT {_BATCH_COLUMNS} FROM batches"
+        sql = f"SELECT {BATCH_COLUMNS} FROM batches"
         args: tuple[Any, ...] = ()
         if state is not None:
             sql += " WHERE state = ?"
             args = (state.value,)
         rows = self.db.query(sql + " ORDER BY batch_id", args)
-        return [_batch_from_row(row) for row in rows]
+        return [batch_from_row(row) for row in rows]
 
-    def _batch_state(self, conn: sqlite3.Connection, batch_id: str) -> BatchState:
+    def _batch_state(self, conn: Conn, batch_id: str) -> BatchState:
         row = conn.execute("SELECT state FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         if row is None:
-            raise BatchNotFound(f"no batch {batch_id} in journal {self.path}")
+            raise batch_not_found(batch_id, self.location, hint=False)
         return BatchState(row[0])
 
     def set_batch_state(self, batch_id: str, target: BatchState, *, error: str | None = None,
                         manifest_key: str | None = None, finalized_at: str | None = None) -> BatchRecord:
-        with self.db.atomic() as conn:
-            current = self._batch_state(conn, batch_id)
-            if not batch_can_move(current, target):
-                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become {target.value}")
+        def body(conn: Conn) -> None:
+            check_batch_move(batch_id, self._batch_state(conn, batch_id), target)
             conn.execute(
                 "UPDATE batches SET state = ?, error = ?, updated_at = ?, "
                 "manifest_key = COALESCE(?, manifest_key), finalized_at = COALESCE(?, finalized_at) "
                 "WHERE batch_id = ?",
                 (target.value, error, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+        self.db.write(body)
         return self.get_batch(batch_id)
 
     def mark_scan_complete(self, batch_id: str, files_archived: int = 0) -> None:
         """The whole source is in the journal. ``files_archived``: how many files the complete
         walk found archived unchanged already (--skip-archived); set, not added, so a scan run
         again after a crash counts them once."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._batch_state(conn, batch_id)
             conn.execute("UPDATE batches SET scan_complete = 1, files_archived = ?, updated_at = ? "
                          "WHERE batch_id = ?", (files_archived, isoformat(utcnow()), batch_id))
+        self.db.write(body)
 
     def delete_batch(self, batch_id: str) -> None:
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._batch_state(conn, batch_id)
             conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+        self.db.write(body)
 
     # -- files -------------------------------------------------------------
-
-    def add_file(self, batch_id: str, new_file: NewFile) -> None:
-        """Add one file; an existing file of the same path is an error."""
-        if self.add_files(batch_id, [new_file]) != 1:
-            raise IllegalTransition(f"batch {batch_id} already has file {new_file.rel_path!r}")
-
-    @staticmethod
-    def encode_files(new_files: Iterable[NewFile]) -> EncodedFiles:
-        """See :func:`archup.journal.records.encode_files`."""
-        return encode_files(new_files)
 
     def add_files(self, batch_id: str, new_files: Iterable[NewFile] | EncodedFiles, *,
                   durable: bool = True, seen_archived: Sequence[str] = ()) -> int:
@@ -254,12 +241,9 @@ class SQLiteJournal:
         """
         encoded = new_files if isinstance(new_files, EncodedFiles) else self.encode_files(new_files)
         now = isoformat(utcnow())
-        with self.db.synchronous_for("FULL" if durable else "NORMAL"), \
-                self.db.pragma("wal_autocheckpoint", None if durable else SCAN_CHECKPOINT_PAGES), \
-                self.db.atomic() as conn:
-            state = self._batch_state(conn, batch_id)
-            if not state.accepts_files:
-                raise BatchClosed(f"batch {batch_id} is {state.value}; no file can be added to it")
+
+        def body(conn: Conn) -> int:
+            check_accepts_files(batch_id, self._batch_state(conn, batch_id))
             if seen_archived:
                 self._mark_seen(conn, batch_id, seen_archived)
             if not encoded.count:
@@ -273,6 +257,10 @@ class SQLiteJournal:
                 # entire insert, so the scan's walking thread runs meanwhile.
                 conn.execute(_INSERT_FILES_JSON, (batch_id, encoded.rows_json, now))
             return conn.total_changes - before
+
+        with self.db.synchronous_for("FULL" if durable else "NORMAL"), \
+                self.db.pragma("wal_autocheckpoint", None if durable else SCAN_CHECKPOINT_PAGES):
+            return self.db.write(body)
 
     def count_skipped(self, batch_id: str, reasons: Iterable[str]) -> int:
         """How many of the batch's skipped files were skipped for a reason starting with one of these."""
@@ -306,7 +294,7 @@ class SQLiteJournal:
         return {str(row[0]) for row in self.db.query(_FIND_ARCHIVED_JSON, (source, text))}
 
     @staticmethod
-    def _mark_seen(conn: sqlite3.Connection, batch_id: str, rel_paths: Sequence[str]) -> None:
+    def _mark_seen(conn: Conn, batch_id: str, rel_paths: Sequence[str]) -> None:
         row = conn.execute(_SOURCE_OF_BATCH, (batch_id,)).fetchone()
         if row is not None:
             conn.executemany("UPDATE archived SET seen_by = ?1 WHERE source_id = ?2 AND rel_path = ?3 "
@@ -330,7 +318,7 @@ class SQLiteJournal:
             last = rows[-1]["rel_path"]
 
     def seal_batch(self, batch_id: str, *, manifest_key: str, finalized_at: str,
-                   covers: Callable[[str], bool] | None = None) -> BatchRecord:
+                   covers: Callable[[str], bool] | None = None, summary_sha256: str | None = None) -> BatchRecord:
         """-> enqueued, and the archived index updated, in one transaction.
 
         The batch's uploaded files become the latest archived version of their paths; the
@@ -338,10 +326,8 @@ class SQLiteJournal:
         ``covers``: whether the walk found a path absent: its selection takes it, and it is
         not a file the batch skipped (unreadable, say: still there). None: every path.
         """
-        with self.db.atomic() as conn:
-            current = self._batch_state(conn, batch_id)
-            if not batch_can_move(current, BatchState.ENQUEUED):
-                raise IllegalTransition(f"batch {batch_id} is {current.value}; it cannot become enqueued")
+        def body(conn: Conn) -> None:
+            check_batch_move(batch_id, self._batch_state(conn, batch_id), BatchState.ENQUEUED)
             batch = conn.execute("SELECT source_root, bucket, prefix, coalesce(endpoint_url, '') FROM batches "
                                  "WHERE batch_id = ?", (batch_id,)).fetchone()
             conn.execute("INSERT INTO archive_sources (source_root, bucket, prefix, endpoint_url) VALUES (?,?,?,?) "
@@ -355,8 +341,10 @@ class SQLiteJournal:
                         if covers(row[0])]
                 conn.executemany("DELETE FROM archived WHERE source_id = ? AND rel_path = ?", gone)
             conn.execute("UPDATE batches SET state = ?, error = NULL, updated_at = ?, manifest_key = ?, "
-                         "finalized_at = ? WHERE batch_id = ?",
-                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at, batch_id))
+                         "finalized_at = ?, summary_sha256 = ? WHERE batch_id = ?",
+                         (BatchState.ENQUEUED.value, isoformat(utcnow()), manifest_key, finalized_at,
+                          summary_sha256, batch_id))
+        self.db.write(body)
         return self.get_batch(batch_id)
 
     # -- forgetting ----------------------------------------------------------
@@ -364,7 +352,7 @@ class SQLiteJournal:
     def forget_batch(self, batch_id: str) -> bool:
         """Forget a terminal batch's file and part rows, keeping its batch row with the
         per-state counts and bytes. False if it is not terminal or forgotten already."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> bool:
             state = self._batch_state(conn, batch_id)
             forgotten = conn.execute("SELECT forgotten_at FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
             if not state.terminal or forgotten is not None:
@@ -378,7 +366,8 @@ class SQLiteJournal:
             conn.execute("DELETE FROM files WHERE batch_id = ?", (batch_id,))
             conn.execute("UPDATE batches SET forgotten_at = ?, file_counts = ? WHERE batch_id = ?",
                          (isoformat(utcnow()), json.dumps(counts, sort_keys=True), batch_id))
-        return True
+            return True
+        return self.db.write(body)
 
     def size_on_disk(self) -> int:
         return self.db.size_on_disk()
@@ -389,14 +378,13 @@ class SQLiteJournal:
 
     def get_file(self, batch_id: str, rel_path: str) -> FileRecord:
         row = next(iter(self.db.query(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND rel_path = ?",
+            f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ? AND rel_path = ?",
             (batch_id, rel_path))), None)
         if row is None:
             raise FileNotInBatch(batch_id, rel_path)
-        return _file_from_row(row)
+        return file_from_row(row)
 
-    def _move_file(self, conn: sqlite3.Connection, batch_id: str, rel_path: str,
-                   target: FileState) -> FileState:
+    def _move_file(self, conn: Conn, batch_id: str, rel_path: str, target: FileState) -> FileState:
         """Check a file transition inside an open write transaction; return the current state."""
         row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
                            (batch_id, rel_path)).fetchone()
@@ -404,32 +392,25 @@ class SQLiteJournal:
             self._batch_state(conn, batch_id)  # an unknown batch is the clearer error
             raise FileNotInBatch(batch_id, rel_path)
         current = FileState(row[0])
-        if current is FileState.UPLOADED and target is FileState.UPLOADED:
-            raise FileAlreadyUploaded(batch_id, rel_path)
-        if not file_can_move(current, target):
-            raise IllegalTransition(
-                f"batch {batch_id}: file {rel_path!r} is {current.value}; it cannot become {target.value}")
-        batch_state = self._batch_state(conn, batch_id)
-        if batch_state.terminal:
-            raise BatchClosed(f"batch {batch_id} is {batch_state.value}; its files can no longer change")
+        check_file_move(batch_id, rel_path, current, target, self._batch_state(conn, batch_id))
         return current
 
     def start_file(self, batch_id: str, rel_path: str) -> None:
         """pending/failed -> uploading; counts the attempt."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._move_file(conn, batch_id, rel_path, FileState.UPLOADING)
             conn.execute("UPDATE files SET state = ?, attempts = attempts + 1, error = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (FileState.UPLOADING.value, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
 
     @staticmethod
-    def _require_uploading(conn: sqlite3.Connection, batch_id: str, rel_path: str) -> None:
+    def _require_uploading(conn: Conn, batch_id: str, rel_path: str) -> None:
         row = conn.execute("SELECT state FROM files WHERE batch_id = ? AND rel_path = ?",
                            (batch_id, rel_path)).fetchone()
         if row is None:
             raise FileNotInBatch(batch_id, rel_path)
-        if FileState(row[0]) is not FileState.UPLOADING:
-            raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}, not uploading")
+        check_uploading(batch_id, rel_path, FileState(row[0]))
 
     def record_upload_id(self, batch_id: str, rel_path: str, upload_id: str, part_size: int,
                          sha256: str | None = None, checksum_kind: str | None = None) -> None:
@@ -438,20 +419,22 @@ class SQLiteJournal:
         ``sha256`` is the whole-file digest the upload was created with (its object metadata):
         while the file is uploading it is what the upload pass must read again, not yet proof.
         ``checksum_kind`` is how its parts are checksummed, which a resumer must keep."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._require_uploading(conn, batch_id, rel_path)
             conn.execute("UPDATE files SET upload_id = ?, part_size = ?, sha256 = ?, checksum_kind = ?, "
                          "updated_at = ? WHERE batch_id = ? AND rel_path = ?",
                          (upload_id, part_size, sha256, checksum_kind, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
 
     def record_part(self, batch_id: str, rel_path: str, part: PartRecord) -> None:
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._require_uploading(conn, batch_id, rel_path)
             conn.execute(
                 "INSERT INTO parts (batch_id, rel_path, part_number, size, etag, checksum) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT (batch_id, rel_path, part_number) DO UPDATE SET "
                 "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
                 (batch_id, rel_path, part.part_number, part.size, part.etag, part.checksum))
+        self.db.write(body)
 
     def upload_ids(self, batch_id: str) -> set[str]:
         """The multipart upload ids the journal records for a batch (files still uploading)."""
@@ -467,11 +450,12 @@ class SQLiteJournal:
 
     def complete_file(self, batch_id: str, rel_path: str, *, sha256: str, etag: str) -> None:
         """-> uploaded. Call only after the store confirmed the object; raises if already uploaded."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
             conn.execute("UPDATE files SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (FileState.UPLOADED.value, sha256, etag, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
 
     def complete_files(self, batch_id: str,
                        completions: list[tuple[str, str, str]]) -> list[tuple[str, IllegalTransition]]:
@@ -480,9 +464,10 @@ class SQLiteJournal:
         Each file's transition is checked as in complete_file; the illegal ones are left
         unchanged and returned with their error, the others committed.
         """
-        refused: list[tuple[str, IllegalTransition]] = []
         now = isoformat(utcnow())
-        with self.db.atomic() as conn:
+
+        def body(conn: Conn) -> list[tuple[str, IllegalTransition]]:
+            refused: list[tuple[str, IllegalTransition]] = []
             for rel_path, sha256, etag in completions:
                 try:
                     self._move_file(conn, batch_id, rel_path, FileState.UPLOADED)
@@ -492,15 +477,17 @@ class SQLiteJournal:
                 conn.execute("UPDATE files SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
                              "WHERE batch_id = ? AND rel_path = ?",
                              (FileState.UPLOADED.value, sha256, etag, now, batch_id, rel_path))
-        return refused
+            return refused
+        return self.db.write(body)
 
     def fail_file(self, batch_id: str, rel_path: str, error: str) -> None:
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._move_file(conn, batch_id, rel_path, FileState.FAILED)
             conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, checksum_kind = NULL, "
                          "sha256 = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ?",
                          (FileState.FAILED.value, error, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
+        self.db.write(body)
 
     def skip_file(self, batch_id: str, rel_path: str, reason: str) -> None:
         with self.db.atomic() as conn:
@@ -512,27 +499,27 @@ class SQLiteJournal:
 
     def reset_file(self, batch_id: str, rel_path: str, reason: str) -> None:
         """-> pending, forgetting any upload; for an object found missing or an upload the server lost."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             self._move_file(conn, batch_id, rel_path, FileState.PENDING)
             conn.execute("UPDATE files SET state = ?, error = ?, upload_id = NULL, checksum_kind = NULL, "
                          "sha256 = NULL, etag = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ?",
                          (FileState.PENDING.value, reason, isoformat(utcnow()), batch_id, rel_path))
             conn.execute("DELETE FROM parts WHERE batch_id = ? AND rel_path = ?", (batch_id, rel_path))
+        self.db.write(body)
 
     def refresh_file(self, batch_id: str, rel_path: str, size: int, mtime_ns: int,
                      identity: str | None = None) -> FileRecord:
         """A pending or failed file changed on disk: the batch takes it as it is now."""
-        with self.db.atomic() as conn:
+        def body(conn: Conn) -> None:
             row = conn.execute("SELECT state, upload_id FROM files WHERE batch_id = ? AND rel_path = ?",
                                (batch_id, rel_path)).fetchone()
             if row is None:
                 raise FileNotInBatch(batch_id, rel_path)
-            if FileState(row[0]) not in (FileState.PENDING, FileState.FAILED) or row[1] is not None:
-                raise IllegalTransition(f"batch {batch_id}: file {rel_path!r} is {row[0]}; "
-                                        "only a pending or failed file can be re-scanned")
+            check_rescannable(batch_id, rel_path, FileState(row[0]), row[1])
             conn.execute("UPDATE files SET size = ?, mtime_ns = ?, identity = ?, part_size = NULL, updated_at = ? "
                          "WHERE batch_id = ? AND rel_path = ?",
                          (size, mtime_ns, identity, isoformat(utcnow()), batch_id, rel_path))
+        self.db.write(body)
         return self.get_file(batch_id, rel_path)
 
     def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
@@ -545,23 +532,22 @@ class SQLiteJournal:
         last_key = ""
         while True:
             rows = self.db.query(
-                f"SELECT {_FILE_COLUMNS} FROM files WHERE batch_id = ? AND key > ?{filter_sql} "
+                f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ? AND key > ?{filter_sql} "
                 "ORDER BY key LIMIT ?", (batch_id, last_key, *(wanted or ()), page_size))
             if not rows:
                 return
             for row in rows:
-                yield _file_from_row(row)
+                yield file_from_row(row)
             last_key = rows[-1]["key"]
 
     def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary:
         """The batch, its counts, and its first ``problem_limit`` failed and first ``problem_limit``
         skipped files in key order (-1: all of them), read in one snapshot."""
         with self.db.snapshot() as conn:
-            row = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
+            row = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = ?",
                                (batch_id,)).fetchone()
             if row is None:
-                raise BatchNotFound(f"no batch {batch_id} in journal {self.path}; "
-                                    "'archup list' shows the batches")
+                raise batch_not_found(batch_id, self.location)
             counts = {state: 0 for state in FileState}
             sizes = {state: 0 for state in FileState}
             recorded = conn.execute("SELECT file_counts FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
@@ -578,10 +564,10 @@ class SQLiteJournal:
             for state in (FileState.FAILED, FileState.SKIPPED):
                 plan = self._problem_plan(counts[state], sum(counts.values()), problem_limit)
                 listed[state] = [] if not counts[state] or not problem_limit else [
-                    _file_from_row(r) for r in conn.execute(
-                        f"SELECT {_FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state = ? "
+                    file_from_row(r) for r in conn.execute(
+                        f"SELECT {FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state = ? "
                         "ORDER BY key LIMIT ?", (batch_id, state.value, problem_limit))]
-        return BatchSummary(_batch_from_row(row), counts, sizes, listed[FileState.FAILED],
+        return BatchSummary(batch_from_row(row), counts, sizes, listed[FileState.FAILED],
                             listed[FileState.SKIPPED], problem_limit)
 
     @staticmethod
