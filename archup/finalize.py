@@ -171,7 +171,7 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
             finalized_at = _adopt(existing.document, batch, entries, skipped, summary_key)
             summary_sha256 = existing.sha256
     # The seal and the archived index, in one transaction.
-    journal.seal_batch(batch_id, manifest_key=summary_key, finalized_at=finalized_at,
+    journal.seal_batch(batch_id, manifest_key=summary_key, finalized_at=finalized_at, summary_sha256=summary_sha256,
                        covers=walk_covers(journal, batch))
     return _summary_from_journal(journal, journal.get_batch(batch_id))
 

@@ -212,7 +212,7 @@ class _Verification:
                 expected = "JSON"
             self.add(Difference(summary_key, None, problem, expected, defect.actual))
             return None
-        recorded = getattr(self.batch, "summary_sha256", None)
+        recorded = self.batch.summary_sha256
         if recorded is not None and summary.sha256 != recorded:
             # The journal recorded the summary it wrote: one sealed since is a forgery.
             self.add(Difference(summary_key, None, Problem.MANIFEST_REPLACED, recorded,

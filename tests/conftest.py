@@ -174,7 +174,7 @@ class Cli:
 
     # The commands that reach a recorded batch's bucket: this host is configured for its endpoint
     # (a journal row alone never names where requests go: archup.run.endpoint_for).
-    TO_RECORDED_BATCH = ("resume", "finalize", "abort", "gc", "verify")
+    TO_RECORDED_BATCH = ("resume", "finalize", "abort", "gc", "verify", "restore")
 
     def common(self, command: str) -> list[str]:
         args = ["--journal", str(self.journal)]

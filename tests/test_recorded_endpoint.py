@@ -86,3 +86,24 @@ def test_a_recorded_endpoint_other_than_this_hosts_is_refused_unless_trusted(
     assert json.loads(trusted.stdout)["status"] == "enqueued"
     assert cli("gc", "--trust-recorded-endpoint").exit_code == 0
     assert nobody_connected(listener)
+
+
+def test_restore_refuses_a_recorded_endpoint_other_than_this_hosts(cli: Any, tmp_path: Path,
+                                                                    listener: socket.socket) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_bytes(b"a")
+    sealed = cli("upload", "--json", str(source))
+    assert sealed.exit_code == 0, sealed.stderr
+    batch_id = json.loads(sealed.stdout)["batch_id"]
+    elsewhere = "http://127.0.0.1:{}".format(listener.getsockname()[1])
+    redirect(cli.journal, batch_id, elsewhere)
+
+    refused = cli("restore", batch_id, str(tmp_path / "out"))
+    assert refused.exit_code == ExitCode.USAGE, refused.stderr
+    assert elsewhere in refused.stderr and cli.endpoint in refused.stderr
+    assert not (tmp_path / "out").exists() and nobody_connected(listener)
+
+    trusted = cli("restore", batch_id, str(tmp_path / "out"), "--trust-recorded-endpoint")
+    assert trusted.exit_code == 0, trusted.stderr
+    assert (tmp_path / "out" / "a.txt").read_bytes() == b"a"

@@ -333,3 +333,12 @@ def test_a_terminal_gets_live_progress_then_the_summary(cli, tmp_path) -> None:
     assert re.search(r"\d+/6 files", plain), plain  # the live line: files done of the total
     assert "files restored" in plain  # then the summary, as a table
     assert tree(tmp_path / "out") == files
+
+
+def test_a_resealed_summary_is_refused_when_the_journal_knows_the_batch(cli, s3, bucket, batch, tmp_path) -> None:
+    lines = entries(s3, bucket, batch)
+    lines[0]["sha256"] = hashlib.sha256(b"forged").hexdigest()
+    reseal(s3, bucket, batch, lines)  # a seal that holds on its own
+    code, report = restore(cli, batch["batch_id"], tmp_path / "out")
+    assert code == 3 and "not the summary the journal recorded" in report["error"]
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,7 @@ from .options import (
     RegionOption,
     RetriesOption,
     TimeoutOption,
+    TrustEndpointOption,
 )
 
 if TYPE_CHECKING:
@@ -36,14 +37,16 @@ SHOW_AT_MOST = 20
 
 
 def _locate(batch_id: str, journal_path: str | None, bucket: str | None, prefix: str | None,
-            endpoint_url: str | None, region: str | None) -> tuple[BatchLocation, str, str | None, str | None]:
+            endpoint_url: str | None, region: str | None,
+            trust_recorded_endpoint: bool) -> tuple[BatchLocation, str, str | None, str | None]:
     """Where the batch is (and its bucket, endpoint, region): the journal's row if a journal
-    knows the batch, else --bucket and --prefix; the flags win over the row."""
+    knows the batch, else --bucket and --prefix; the flags win over the row, and a recorded
+    endpoint other than this host's is refused as for every command (run.endpoint_for)."""
     from ..manifest import SUMMARY_NAME
     from ..restore import BatchLocation
+    from ..run import Transport, endpoint_for
     from ..states import BatchState
-    from .common import missing_journal, resolve_endpoint
-    from .upload import normalize_prefix
+    from .common import missing_journal, normalize_prefix, resolve_endpoint
 
     endpoint = resolve_endpoint(endpoint_url)
     batch = None
@@ -60,8 +63,10 @@ def _locate(batch_id: str, journal_path: str | None, bucket: str | None, prefix:
             raise UsageError(f"batch {batch_id} is {batch.state.value}, not sealed: only a finalized batch can be "
                              f"restored ('archup finalize {batch_id}' seals it)")
         location = BatchLocation(batch_id, batch.manifest_key or f"{batch.batch_prefix}{SUMMARY_NAME}",
-                                 batch.batch_prefix, getattr(batch, "summary_sha256", None))
-        return location, batch.bucket, endpoint or batch.endpoint_url, region or batch.region
+                                 batch.batch_prefix, batch.summary_sha256)
+        recorded = endpoint_for(batch, Transport(endpoint_url=endpoint,
+                                                 trust_recorded_endpoint=trust_recorded_endpoint))
+        return location, batch.bucket, recorded, region or batch.region
     if bucket is None:
         raise UsageError(f"no journal here knows batch {batch_id}: name its bucket with --bucket (and --prefix, "
                          "--endpoint-url if they are not the defaults)")
@@ -140,6 +145,7 @@ def restore(
     grace: GraceOption = 10.0,
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
+    trust_recorded_endpoint: TrustEndpointOption = False,
     journal_path: JournalOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -169,7 +175,7 @@ def restore(
         raise UsageError(f"{directory} exists and is not a directory")
 
     location, bucket_name, endpoint, region_name = _locate(batch_id, journal_path, bucket, prefix, endpoint_url,
-                                                           region)
+                                                           region, trust_recorded_endpoint)
     store = open_store(_config(bucket_name, endpoint, region_name, profile, parallel, retries, timeout,
                                connect_timeout, limit))
     store.check_bucket()
