@@ -69,11 +69,17 @@ def _summary_from_journal(journal: Journal, batch: BatchRecord) -> FinalizeSumma
         files_skipped=state.counts[FileState.SKIPPED], finalized_at=batch.finalized_at)
 
 
+def _resume(journal: Journal, batch: BatchRecord) -> str:
+    # The endpoint finalize was let through to (run.endpoint_for) is the batch's own: name it,
+    # so the command runs as printed wherever no endpoint is configured.
+    return resume_command(batch.batch_id, journal.location, endpoint_url=batch.endpoint_url)
+
+
 def check_complete(journal: Journal, batch: BatchRecord) -> None:
     """Raise BatchIncomplete naming the files that keep this batch from being sealed."""
     if not batch.scan_complete:
         raise BatchIncomplete(f"batch {batch.batch_id}: the scan of {batch.source_root} never completed; "
-                              f"run '{resume_command(batch.batch_id, journal.location)}' to resume")
+                              f"run '{_resume(journal, batch)}' to resume")
     state = journal.get_state(batch.batch_id)
     not_done = [FileState.PENDING, FileState.UPLOADING, FileState.FAILED]
     count = sum(state.counts[s] for s in not_done)
@@ -86,7 +92,7 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
                 break
         raise BatchIncomplete(
             f"batch {batch.batch_id} has {count} file(s) not uploaded: {_name_files(named, count)}; "
-            f"run '{resume_command(batch.batch_id, journal.location)}' to resume")
+            f"run '{_resume(journal, batch)}' to resume")
 
 
 def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
@@ -139,7 +145,7 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
         named = [(record.rel_path, reason) for record, reason in problems]
         raise BatchIncomplete(
             f"batch {batch_id}: {len(problems)} uploaded file(s) failed the read-back: "
-            f"{_name_files(named, len(problems))}; run '{resume_command(batch_id, journal.location)}' "
+            f"{_name_files(named, len(problems))}; run '{_resume(journal, batch)}' "
             "to send them again")
 
     summary_key = manifest.summary_key(batch)
