@@ -1210,3 +1210,17 @@ def test_skip_file_takes_a_file_no_one_may_read_out_of_the_upload(journal: Journ
         (FileState.SKIPPED, "file unreadable: Permission denied", None)] * 2
     assert records["c.bin"].state is FileState.UPLOADED
     assert parts == [] and unreadable == 2
+
+
+def test_a_batch_is_updated_when_any_of_its_files_changes(journal: Journal, batch_id: str,
+                                                           backend: JournalBackend) -> None:
+    """status's "updated" is the newest change to the batch's row or any of its files, not the
+    row's alone (which stays at its creation while files complete)."""
+    journal.add_file(batch_id, new_file(batch_id, "a.bin"))
+    journal.add_file(batch_id, new_file(batch_id, "b.bin"))
+    journal.complete_file(batch_id, "b.bin", sha256=SHA, etag="e")
+    with second_journal(backend) as reader:
+        summary = reader.get_state(batch_id)
+        completed = reader.get_file(batch_id, "b.bin")
+    assert summary.last_file_change == completed.updated_at
+    assert summary.updated_at == max(summary.batch.updated_at, completed.updated_at)

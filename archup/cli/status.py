@@ -56,7 +56,7 @@ def status_document(summary: BatchSummary) -> dict[str, Any]:
         "bytes_uploaded": summary.bytes_by_state[FileState.UPLOADED],
         "bytes_total": summary.bytes_total,
         "created_at": batch.created_at,
-        "updated_at": batch.updated_at,
+        "updated_at": summary.updated_at,
         "expires_at": batch.expires_at,
         "finalized_at": batch.finalized_at,
         "manifest_key": batch.manifest_key,

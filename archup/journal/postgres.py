@@ -583,16 +583,18 @@ class PostgresJournal(CommonOperations):
                 raise batch_not_found(batch_id, self.location)
             counts = {state: 0 for state in FileState}
             sizes = {state: 0 for state in FileState}
-            per_state: Iterable[tuple[str, int, int]]
+            per_state: Iterable[tuple[str, int, int, str | None]]
             if row["file_counts"]:
-                per_state = [(state, *pair) for state, pair in json.loads(row["file_counts"]).items()]
+                per_state = [(state, *pair, None) for state, pair in json.loads(row["file_counts"]).items()]
             else:
-                per_state = [(r["state"], r["n"], r["total"]) for r in conn.execute(
-                    "SELECT state, count(*) AS n, coalesce(sum(size), 0) AS total FROM files "
-                    "WHERE batch_id = %s GROUP BY state", (batch_id,))]
-            for state, count, total in per_state:
+                per_state = [(r["state"], r["n"], r["total"], r["changed"]) for r in conn.execute(
+                    "SELECT state, count(*) AS n, coalesce(sum(size), 0) AS total, max(updated_at) AS changed "
+                    "FROM files WHERE batch_id = %s GROUP BY state", (batch_id,))]
+            last_change: str | None = None
+            for state, count, total, changed in per_state:
                 counts[FileState(state)] = int(count)
                 sizes[FileState(state)] = int(total)
+                last_change = max(filter(None, (last_change, changed)), default=None)
             listed: dict[FileState, list[FileRecord]] = {}
             for state in (FileState.FAILED, FileState.SKIPPED):
                 if not counts[state] or not problem_limit:
@@ -603,7 +605,7 @@ class PostgresJournal(CommonOperations):
                     f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = %s AND state = %s ORDER BY key{limit}",
                     (batch_id, state.value))]
         return BatchSummary(batch_from_row(row), counts, sizes, listed[FileState.FAILED],
-                            listed[FileState.SKIPPED], problem_limit)
+                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change)
 
     # -- several hosts: workers, claims, elections --------------------------------
 

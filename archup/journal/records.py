@@ -178,6 +178,12 @@ class BatchSummary:
     failed: list[FileRecord] = field(default_factory=list)
     skipped: list[FileRecord] = field(default_factory=list)
     problem_limit: int = 20
+    last_file_change: str | None = None  # the newest change to any of its file rows
+
+    @property
+    def updated_at(self) -> str:
+        """When anything of the batch last changed: its row, or one of its files."""
+        return max(self.batch.updated_at, self.last_file_change or "")
 
     @property
     def problems(self) -> list[FileRecord]:

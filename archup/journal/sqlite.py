@@ -552,12 +552,14 @@ class SQLiteJournal(CommonOperations):
             sizes = {state: 0 for state in FileState}
             recorded = conn.execute("SELECT file_counts FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
             # A forgotten batch's counts were kept when its file rows went.
-            per_state = (((state, *pair) for state, pair in json.loads(recorded).items()) if recorded else
-                         conn.execute("SELECT state, count(*), coalesce(sum(size), 0) FROM files WHERE batch_id = ? "
-                                      "GROUP BY state", (batch_id,)))
-            for state, count, total in per_state:
+            per_state = (((state, *pair, None) for state, pair in json.loads(recorded).items()) if recorded else
+                         conn.execute("SELECT state, count(*), coalesce(sum(size), 0), max(updated_at) FROM files "
+                                      "WHERE batch_id = ? GROUP BY state", (batch_id,)))
+            last_change: str | None = None
+            for state, count, total, changed in per_state:
                 counts[FileState(state)] = count
                 sizes[FileState(state)] = total
+                last_change = max(filter(None, (last_change, changed)), default=None)
             # Each kind apart, so many skipped files cannot hide a failed one; each read the
             # cheaper way for how common that kind is in the batch.
             listed: dict[FileState, list[FileRecord]] = {}
@@ -568,7 +570,7 @@ class SQLiteJournal(CommonOperations):
                         f"SELECT {FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state = ? "
                         "ORDER BY key LIMIT ?", (batch_id, state.value, problem_limit))]
         return BatchSummary(batch_from_row(row), counts, sizes, listed[FileState.FAILED],
-                            listed[FileState.SKIPPED], problem_limit)
+                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change)
 
     @staticmethod
     def _problem_plan(problem_count: int, files_total: int, limit: int) -> str:
