@@ -179,3 +179,17 @@ def _replay_the_shared_directory_attack(tmp_path: Path, nobody: pwd.struct_passw
         assert str(journal_dir) in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert victim.read_bytes() == VICTIM
     assert victim.stat().st_uid == 0
+
+
+def test_the_library_never_creates_a_journal_through_a_dangling_symlink(tmp_path) -> None:
+    from archup.errors import JournalError
+    from archup.journal import SQLiteJournal
+
+    target = tmp_path / "elsewhere" / "owned.db"
+    target.parent.mkdir()
+    (tmp_path / "state").mkdir(mode=0o700)
+    link = tmp_path / "state" / "journal.db"
+    link.symlink_to(target)
+    with pytest.raises(JournalError, match="cannot create journal"):
+        SQLiteJournal(link)
+    assert not target.exists()

@@ -185,8 +185,15 @@ class SQLiteDatabase:
             if not self.path.exists():
                 # Create it private before SQLite does; its -wal and -shm files
                 # inherit the database file's permissions.
-                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-                os.close(fd)
+                # O_EXCL | O_NOFOLLOW: a (dangling) symlink planted at the path is refused, never
+                # followed to create its target.
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600)
+                except FileExistsError:
+                    if self.path.is_symlink():
+                        raise
+                else:  # another process creating it at the same moment made it first: as good
+                    os.close(fd)
         except OSError as error:
             raise JournalError(f"cannot create journal {self.path}: {error.strerror or error}") from None
 
