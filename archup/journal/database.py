@@ -190,9 +190,11 @@ class SQLiteDatabase:
                 try:
                     fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600)
                 except FileExistsError:
+                    # Another process creating it at the same moment made it first: as good. A
+                    # symlink is not.
                     if self.path.is_symlink():
                         raise
-                else:  # another process creating it at the same moment made it first: as good
+                else:
                     os.close(fd)
         except OSError as error:
             raise JournalError(f"cannot create journal {self.path}: {error.strerror or error}") from None
