@@ -121,7 +121,7 @@ def _existing_summary(store: ObjectStore, key: str, batch_id: str) -> reader.Sum
     except reader.ManifestDefect as defect:
         if defect.kind == "missing":
             return None
-        raise ManifestConflict(f"{key} already exists and is not this batch's manifest ({defect}); "
+        raise ManifestConflict(f"{key} already exists and describes other contents ({defect}); "
                                "archup will not overwrite a manifest (inspect it; to give the batch up, delete "
                                "that manifest yourself, then 'archup abort' the batch)") from None
 

@@ -29,7 +29,7 @@ from archup.errors import ExitCode
 from archup.journal import NewFile, SQLiteJournal
 
 WELL_FORMED_UNKNOWN = "01K8RNKN488RQCG3YGG72QBZS5"
-DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 130}
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 75, 130}  # 75: restore left archived objects thawing
 
 
 def archup(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
