@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
-from .manifest import reader
 from .clock import isoformat, utcnow
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
 from .journal import BatchRecord, FileRecord, Journal
 from .locations import resume_command
+from .manifest import reader
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, LISTED_BUT_MISSING, UNREADABLE_REASONS, display_path
 from .select import Selector

@@ -33,14 +33,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from .crashpoints import crash_point
-from .errors import DestinationError, ExitCode, Interrupted, SealBroken, TransferError, UsageError
+from .errors import ExitCode, Interrupted, SealBroken, TransferError, UsageError
 from .manifest import reader
 from .manifest.reader import BadLine, Entry
 from .scan import FILES_DIR, display_path
@@ -232,6 +232,18 @@ class Target:
         return fd
 
 
+def _hash_range(fd: int, hasher: Any, offset: int, length: int, buffer: bytearray) -> None:
+    """Feed ``length`` bytes of a file from ``offset`` to ``hasher`` (OSError if it is shorter)."""
+    view = memoryview(buffer)
+    end = offset + length
+    while offset < end:
+        count = os.preadv(fd, [view[:min(len(buffer), end - offset)]], offset)
+        if count == 0:
+            raise OSError(5, "the temporary file is shorter than the bytes written to it")
+        hasher.update(view[:count])
+        offset += count
+
+
 def _hash_fd(fd: int, size: int, buffer: bytearray) -> str | None:
     """SHA-256 of a file's first ``size`` bytes read through ``fd``; None if it is shorter."""
     hasher = hashlib.sha256()
@@ -252,7 +264,10 @@ class _Local(threading.local):
 
 @dataclass
 class _Large:
-    """One large file being fetched as ranged GETs into its temporary file."""
+    """One large file being fetched as ranged GETs into its temporary file. Its SHA-256 is
+    taken in order as the ranges land: whichever worker lands the range at ``hashed_to``
+    hashes it (and the landed ranges after it) back from the page cache, so no serial pass
+    over the whole file is left for the end."""
 
     entry: Entry
     parent_fd: int
@@ -263,6 +278,11 @@ class _Large:
     remaining: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: str | None = None
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed_to: int = 0
+    landed: dict[int, int] = field(default_factory=dict)  # start -> length, landed and not hashed yet
+    hashing: bool = False   # a worker is hashing: the others only record what landed
+    finished: bool = False  # sealed or given up (once)
 
 
 class _Restore:
@@ -521,12 +541,38 @@ class _Restore:
             except (TransferError, OSError, _Stopped) as failure:
                 error = _reason(failure)
         with large.lock:
+            large.remaining -= 1
             if error is not None and large.error is None:
                 large.error = error
-            large.remaining -= 1
-            last = large.remaining == 0
-        if last:
-            self._finish_large(large)
+            if error is None:
+                large.landed[start] = length
+            if large.hashing:
+                return  # the worker hashing now takes this range when it gets to it
+            large.hashing = True
+        self._hash_landed(large)
+
+    def _hash_landed(self, large: _Large) -> None:
+        """Hash the landed ranges at the cursor, in order; seal or give up the file when it is
+        the last thing to do for it. Only one worker at a time is here for one file."""
+        buffer = self._buffer()
+        while True:
+            with large.lock:
+                length = large.landed.pop(large.hashed_to, None) if large.error is None else None
+                if length is None:
+                    large.hashing = False
+                    done = large.hashed_to == large.entry.size or (large.error is not None and large.remaining == 0)
+                    if not done or large.finished:
+                        return
+                    large.finished = True
+                    break
+            try:
+                _hash_range(large.fd, large.hasher, large.hashed_to, length, buffer)
+            except OSError as failure:
+                with large.lock:
+                    large.error = large.error or _reason(failure)
+                continue
+            large.hashed_to += length  # only the hashing worker moves the cursor
+        self._finish_large(large)
 
     def _fetch_range(self, large: _Large, start: int, length: int) -> None:
         body = self.store.open_object(large.entry.key, start=start, length=length, if_match=large.etag)
@@ -553,8 +599,7 @@ class _Restore:
         error = large.error
         try:
             if error is None:
-                # The ranges arrived in any order: the digest is taken over the file as written.
-                digest = _hash_fd(large.fd, entry.size, self._buffer())
+                digest = large.hasher.hexdigest()
                 error = self._seal_file(entry, large.parent_fd, large.fd, large.temp, large.name, digest)
             else:
                 _unlink_quietly(large.temp, large.parent_fd)
@@ -692,23 +737,14 @@ class _Restore:
 
     def _send(self, entries: Iterator[Entry | BadLine]) -> None:
         listing = self.store.list_objects(self.files_prefix)
-        pending: set[Future[None]] = set()
-        limit = self.options.parallel * 2
-        pool = ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-restore")
-        try:
+        with _Window(self.options.parallel) as window:
             for paired in reader.merge_listing(self.wanted(entries), lambda entry: entry.key, listing):
                 if paired.item is None:
                     continue  # an object the manifest does not name: not part of the batch
                 if self.stop.is_set():
                     break
                 for task in self.plan_item(paired.item, paired.listed):
-                    while len(pending) >= limit:
-                        _wait_some(pending)
-                    pending.add(pool.submit(task))
-            while pending:
-                _wait_some(pending)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                    window.submit(task)
 
     def _wait_and_fetch(self) -> None:
         """--wait: poll the thawing objects with backoff; fetch each once it is readable."""
@@ -741,17 +777,50 @@ class _Restore:
             delay = min(delay * 2, self.options.poll_max)
 
     def _send_ready(self, ready: list[tuple[Entry, ObjectInfo]]) -> None:
-        pending: set[Future[None]] = set()
-        with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="archup-restore") as pool:
+        with _Window(self.options.parallel) as window:
             for entry, listed in ready:
                 tasks = self.ranges(entry, listed) if entry.size > self.options.part_size else \
                     [lambda entry=entry, listed=listed: self.fetch_small(entry, listed)]
                 for task in tasks:
-                    while len(pending) >= self.options.parallel * 2:
-                        _wait_some(pending)
-                    pending.add(pool.submit(task))
-            while pending:
-                _wait_some(pending)
+                    window.submit(task)
+
+
+class _Window:
+    """Bounded submission to a pool of ``parallel`` workers: at most 2 x ``parallel`` tasks
+    queued or running, a slot taken before each submit and given back as its task ends (one
+    semaphore, no per-completion wake-up of the submitter). A task's unexpected error (a bug,
+    an unusable destination) is raised in the submitting thread at its next submit or at the
+    end; a file's own failures never get here (they are reported as the file's)."""
+
+    def __init__(self, parallel: int) -> None:
+        self.limit = parallel * 2
+        self.slots = threading.BoundedSemaphore(self.limit)
+        self.errors: list[BaseException] = []
+        self.pool = ThreadPoolExecutor(parallel, thread_name_prefix="archup-restore")
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.slots.acquire()
+        if self.errors:
+            self.slots.release()
+            raise self.errors[0]
+
+        def run() -> None:
+            try:
+                task()
+            except BaseException as error:  # handed to the submitting thread
+                self.errors.append(error)
+            finally:
+                self.slots.release()
+
+        self.pool.submit(run)
+
+    def __enter__(self) -> _Window:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+        if self.errors and exc[0] is None:
+            raise self.errors[0]
 
 
 class _Stopped(Exception):
@@ -767,19 +836,6 @@ def _reason(failure: BaseException) -> str:
     if isinstance(failure, OSError):
         return f"cannot write: {failure.strerror or failure}"
     return str(failure)
-
-
-def _wait_some(pending: set[Future[None]]) -> None:
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-    for future in done:
-        pending.discard(future)
-        error = future.exception()
-        if isinstance(error, DestinationError):
-            raise error
-        if error is not None:
-            raise error
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

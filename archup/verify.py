@@ -30,10 +30,10 @@ from typing import Any, Union
 from . import manifest
 from .errors import DestinationError, TransferError, VerificationFailed
 from .journal import BatchRecord, Journal
-from .scan import FILES_DIR
-from .states import BatchState, FileState
 from .manifest import reader
 from .manifest.reader import BadLine, Entry, ManifestDefect, SealedStream, Summary
+from .scan import FILES_DIR
+from .states import BatchState, FileState
 from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
 CHUNK_SIZE = 1024 * 1024

@@ -143,8 +143,9 @@ def store_faults(monkeypatch: pytest.MonkeyPatch) -> Faults:
     """Faults for every store the CLI's commands open in this process (tests/faultstore.py):
     each store archup.run opens is wrapped in a FaultStore following this script. The one
     place a test reaches inside archup for its stores: run.py opens them itself."""
-    import archup.run
     from faultstore import Faults
+
+    import archup.run
 
     faults = Faults()
     real_open_store = archup.run.open_store

@@ -195,9 +195,10 @@ class FaultStore(StoreWrapper):
     def get_bytes(self, key: str) -> bytes:
         return self.faults.through("get_bytes", key, lambda _: super(FaultStore, self).get_bytes(key))
 
-    def open_object(self, key: str, *, start: int = 0, if_match: str | None = None) -> ObjectReader | None:
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> ObjectReader | None:
         return self.faults.through("open_object", key, lambda _: super(FaultStore, self).open_object(
-            key, start=start, if_match=if_match))
+            key, start=start, length=length, if_match=if_match))
 
     def list_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         return self.faults.through("list_objects", prefix, lambda _: super(FaultStore, self).list_objects(

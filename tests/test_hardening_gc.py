@@ -9,8 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from test_lifecycle import finalized, other_source  # noqa: F401 -- a fixture
 from test_crash import open_uploads
+from test_lifecycle import finalized, other_source  # noqa: F401 -- a fixture
 from ulid import ULID
 
 from archup.clock import utcnow
@@ -21,7 +21,7 @@ def _orphan(s3: Any, bucket: str, age: timedelta, name: str = "x") -> tuple[str,
     return key, s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
 
 
-def test_gc_aborts_only_orphans_older_than_24h_by_default(cli: Any, s3: Any, other_source: Path) -> None:
+def test_gc_aborts_only_orphans_older_than_24h_by_default(cli: Any, s3: Any, other_source: Path) -> None:  # noqa: F811
     finalized(cli, other_source)  # gc looks under the destinations the journal knows
     in_flight = _orphan(s3, cli.bucket, timedelta(minutes=5), "another-hosts-file")
     undated = ("staging/not-a-batch/files/y",
@@ -33,6 +33,7 @@ def test_gc_aborts_only_orphans_older_than_24h_by_default(cli: Any, s3: Any, oth
     report = json.loads(result.stdout)
     assert report["orphans_aborted"] == 1
     assert sorted(open_uploads(s3, cli.bucket)) == sorted([in_flight, undated])
+    assert stale not in open_uploads(s3, cli.bucket)
     kept = {orphan["key"]: orphan["reason"] for orphan in report["orphans_kept"]}
     assert kept == {in_flight[0]: "its batch began less than 24h ago",
                     undated[0]: "its key names no batch archup can date"}
@@ -42,7 +43,7 @@ def test_gc_aborts_only_orphans_older_than_24h_by_default(cli: Any, s3: Any, oth
     assert f"{in_flight[0]} ({in_flight[1]}) kept: its batch began less than 24h ago" in text.stdout
 
 
-def test_gc_older_than_sets_the_age_of_orphans_it_aborts(cli: Any, s3: Any, other_source: Path) -> None:
+def test_gc_older_than_sets_the_age_of_orphans_it_aborts(cli: Any, s3: Any, other_source: Path) -> None:  # noqa: F811
     finalized(cli, other_source)
     young = _orphan(s3, cli.bucket, timedelta(minutes=10))
     older = _orphan(s3, cli.bucket, timedelta(hours=2))

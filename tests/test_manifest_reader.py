@@ -11,8 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from archup.errors import UnsupportedManifest
-from archup.manifest import FORMAT, FORMAT_VERSION
-from archup.manifest import reader
+from archup.manifest import FORMAT, FORMAT_VERSION, reader
 from archup.store.memory import MemoryStore
 
 BATCH = "01M8HMF74FJFSWG6TZGBDTDP33"

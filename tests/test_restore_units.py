@@ -170,3 +170,24 @@ def test_bwlimit_meters_downloads_through_the_shared_budget() -> None:
         got += bytes(buffer[:count])
     assert got == b"x" * 3000
     assert sum(waits) == pytest.approx(2.0)  # 3,000 bytes at 1,000 B/s: the first 1,000 at once
+
+
+def test_a_failed_range_fails_its_file_only_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    from faultstore import Faults
+
+    from archup.errors import TransferError
+
+    inner = MemoryStore()
+    big = bytes(range(256)) * 20_000  # 5 MB: five ranges of 1 MiB
+    location = seal(inner, {"big.bin": big, **FILES})
+    faults = Faults()
+    faults.fail("open_object", "*/files/big.bin", TransferError("GetObject: 500", "InternalError"), nth=3)
+    report = restore_batch(faults.wrap(inner), location, tmp_path / "out",
+                           RestoreOptions(part_size=1024 * 1024, parallel=3))
+    assert [path for path, _ in report.failures] == ["big.bin"] and "GetObject: 500" in report.failures[0][1]
+    assert tree(tmp_path / "out") == FILES
+    assert not list((tmp_path / "out").rglob(".archup-restore-*"))
+
+    report = restore_batch(inner, location, tmp_path / "out", RestoreOptions(part_size=1024 * 1024, parallel=3))
+    assert (report.exit_code, report.files_restored, report.files_present) == (0, 1, len(FILES))
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big

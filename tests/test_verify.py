@@ -15,11 +15,10 @@ import typer
 from typer.testing import CliRunner
 
 import archup
-from archup import verify as verify_core
-from archup.manifest import reader as manifest_reader
 from archup.checksums import crc_b64, crc_of
 from archup.cli.verify import verify
 from archup.errors import TransferError
+from archup.manifest import reader as manifest_reader
 from archup.store import S3Store, StoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent

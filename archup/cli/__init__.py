@@ -27,7 +27,6 @@ from . import version as version_command
 from .common import Invocation, defer_error, emit_json, json_requested, report_error
 
 
-
 def _exit_codes_help(width: int = 76) -> str:
     """The table, each meaning wrapped under itself to fit 80 columns with click's indent: a
     terminal would otherwise break its long lines in the middle of a word. "\b" keeps click
