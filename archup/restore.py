@@ -492,7 +492,8 @@ class _Restore:
     def _download(self, entry: Entry, listed: ObjectInfo, fd: int) -> str | None:
         """GET the whole object into ``fd``, hashing as it streams; its SHA-256, or None if it
         ended short."""
-        body = self.store.open_object(entry.key, if_match=listed.etag or None)
+        # A range of exactly the entry's size: a bound the store can hold whole (the CRT's GET).
+        body = self.store.open_object(entry.key, length=entry.size, if_match=listed.etag or None)
         if body is None:
             raise TransferError(f"GetObject {entry.key}: the object is gone", "NoSuchKey")
         hasher = hashlib.sha256()

@@ -11,6 +11,7 @@ import typer
 from ..errors import BatchNotFound, RestoreIncomplete, ThawPending, UsageError
 from ..scan import display_path
 from ..select import read_files_from
+from ..store import DEFAULT_TRANSPORT, TransportKind
 from .common import check_batch_id, emit_json, handles_errors, invocation, open_journal, parse_size, print_fields
 from .metrics import MetricsFileOption, reports_metrics
 from .options import (
@@ -75,12 +76,13 @@ def _locate(batch_id: str, journal_path: str | None, bucket: str | None, prefix:
 
 
 def _config(bucket: str, endpoint: str | None, region: str | None, profile: str | None, parallel: int,
-            retries: int, timeout: float, connect_timeout: float, bwlimit: int | None) -> StoreConfig:
+            retries: int, timeout: float, connect_timeout: float, bwlimit: int | None,
+            transport_kind: TransportKind) -> StoreConfig:
     from ..store import StoreConfig
 
     return StoreConfig(bucket=bucket, endpoint_url=endpoint, region=region, profile=profile,
                        max_pool_connections=parallel + 4, max_attempts=retries + 1, read_timeout=timeout,
-                       connect_timeout=connect_timeout, bwlimit=bwlimit)
+                       connect_timeout=connect_timeout, bwlimit=bwlimit, transport=transport_kind)
 
 
 def _print_report(report: RestoreReport, named: set[str]) -> None:
@@ -143,6 +145,10 @@ def restore(
     timeout: TimeoutOption = 60.0,
     connect_timeout: ConnectTimeoutOption = 10.0,
     grace: GraceOption = 10.0,
+    transport_kind: Annotated[TransportKind, typer.Option(
+        "--transport", envvar="ARCHUP_TRANSPORT",
+        help="What sends each GET of a file or a range: crt (the AWS Common Runtime: signing and HTTP in C) "
+        "or botocore. Listings and the manifest always use botocore.")] = DEFAULT_TRANSPORT,
     quiet: QuietOption = False,
     metrics_file: MetricsFileOption = None,
     trust_recorded_endpoint: TrustEndpointOption = False,
@@ -177,7 +183,7 @@ def restore(
     location, bucket_name, endpoint, region_name = _locate(batch_id, journal_path, bucket, prefix, endpoint_url,
                                                            region, trust_recorded_endpoint)
     store = open_store(_config(bucket_name, endpoint, region_name, profile, parallel, retries, timeout,
-                               connect_timeout, limit))
+                               connect_timeout, limit, transport_kind))
     store.check_bucket()
     options = RestoreOptions(parallel=parallel, part_size=range_size, overwrite=overwrite,
                              includes=tuple(include or ()), excludes=tuple(exclude or ()), files_from=wanted,

@@ -37,12 +37,12 @@ import time
 import urllib.parse
 import weakref
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationError, TransferError
-from . import ChecksumMode
+from . import ChecksumMode, ObjectReader
 from .answers import answer_error
 from .putargs import put_args
 from .retry import RetryPolicy, Verdict
@@ -238,12 +238,52 @@ class CrtPut:
             type=S3RequestType.DEFAULT, operation_name="PutObject", signing_config=signing,
             request=HttpRequest("PUT", path, HttpHeaders(headers), io.BytesIO(body)),
             on_headers=seen.on_headers, on_progress=seen.on_progress)
+        self._wait(request, seen)
+        etag = seen.headers.get("etag")
+        if not etag:
+            raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
+        return etag
+
+    def get(self, key: str, *, start: int, length: int, if_match: str | None, what: str) -> CrtBody:
+        """GET ``length`` bytes of ``key`` from ``start`` (a Range request), whole into memory:
+        for bodies a caller bounds (restore's small files and ranges). Retried as put() is."""
+        path = self.endpoint.path_prefix + quote_key(key)
+        headers = [("Host", self.endpoint.host), ("Range", f"bytes={start}-{start + length - 1}")]
+        if if_match:
+            headers.append(("If-Match", if_match))
+        return self.retry.run(lambda: self._get_attempt(path, headers, length),
+                              lambda raised, last: self._meaning(raised, what, last=last))
+
+    def _get_attempt(self, path: str, headers: list[tuple[str, str]], length: int) -> CrtBody:
+        from awscrt.http import HttpHeaders, HttpRequest
+        from awscrt.s3 import S3RequestType
+
+        seen = _Attempt()
+        body = bytearray()
+
+        def on_body(chunk: bytes, **_: Any) -> None:
+            body.extend(chunk)
+            seen.moved = time.monotonic()
+
+        request = self._client.make_request(
+            type=S3RequestType.DEFAULT, operation_name="GetObject",
+            request=HttpRequest("GET", path, HttpHeaders(headers)),
+            on_headers=seen.on_headers, on_body=on_body, on_progress=seen.on_progress)
+        self._wait(request, seen)
+        expected = seen.headers.get("content-length")
+        if expected is not None and int(expected) != len(body) or len(body) > length:
+            raise TransferError(f"GetObject {path}: {len(body)} bytes of an answer of {expected}", "IncompleteRead")
+        return CrtBody(body, seen.headers)
+
+    def _wait(self, request: Any, seen: _Attempt) -> None:
+        """Wait for a request to finish; cancel it (``_Stalled``) when it makes no progress
+        for the read timeout (the first bytes wait for a connection too)."""
         done = request.finished_future
-        patience = self.connect_timeout + self.read_timeout  # the first bytes wait for a connection
+        patience = self.connect_timeout + self.read_timeout
         while True:
             try:
                 done.result(timeout=max(0.0, seen.moved + patience - time.monotonic()))
-                break
+                return
             except concurrent.futures.TimeoutError:
                 if time.monotonic() - seen.moved < patience:
                     continue
@@ -252,10 +292,6 @@ class CrtPut:
                 raise _Stalled() from None
             finally:
                 patience = self.read_timeout
-        etag = seen.headers.get("etag")
-        if not etag:
-            raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
-        return etag
 
     def _meaning(self, error: Exception, what: str, *, last: bool) -> tuple[Exception, Verdict]:
         """What a failed attempt's exception means, and what the retry policy makes of it."""
@@ -298,6 +334,38 @@ def _error_code(status: int, body: bytes | None) -> tuple[str, str]:
     return str(status), ""
 
 
+class CrtBody:
+    """A GET's answer held whole (an ObjectReader): its ETag, user metadata and bytes."""
+
+    def __init__(self, body: bytearray, headers: dict[str, str]) -> None:
+        self.etag = headers.get("etag", "")
+        self.metadata = {name[len("x-amz-meta-"):]: value for name, value in headers.items()
+                         if name.startswith("x-amz-meta-")}
+        self.size = len(body)
+        self._view = memoryview(body)
+        self._at = 0
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        count = min(len(buffer), self.size - self._at)
+        buffer[:count] = self._view[self._at:self._at + count]
+        self._at += count
+        return count
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        while self._at < self.size:
+            chunk = bytes(self._view[self._at:self._at + size])
+            self._at += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self._view.release()
+
+
+# A GET whose length the caller bounds at this or less goes through the CRT, held whole:
+# restore's files up to a part and its ranges (a worker holds one at a time).
+CRT_GET_MAX = 16 * 1024 * 1024
+
+
 class CrtPutStore(StoreWrapper):
     """``--transport crt``: a source file's PutObject (and every other put_object) through the
     CRT's S3 client; every other request goes to the S3 store inside. The CRT client is made
@@ -333,6 +401,22 @@ class CrtPutStore(StoreWrapper):
                     sign_payload=config.checksum is ChecksumMode.NONE)
                 self._crt.before_send.extend(self._before_put)
             return self._crt
+
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> ObjectReader | None:
+        """A bounded GET (``length`` at most CRT_GET_MAX) through the CRT; any other through
+        botocore, which streams it."""
+        if length is None or length > CRT_GET_MAX:
+            return super().open_object(key, start=start, length=length, if_match=if_match)
+        if length <= 0:
+            raise ValueError(f"GetObject {key}: a range of {length} bytes")
+        what = f"GetObject {key} bytes {start}-{start + length - 1}"
+        try:
+            return self._client().get(key, start=start, length=length, if_match=if_match, what=what)
+        except TransferError as error:
+            if error.code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
 
     def put_object(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
                    metadata: dict[str, str] | None = None, content_type: str | None = None,
