@@ -652,12 +652,27 @@ def profiled_child(argv: list[str]) -> int:
     return 0
 
 
+def report_main(argv: list[str]) -> int:
+    """Summaries of one or more --json-out files together (rounds of later files renumbered, so
+    pairs stay within one round of one run)."""
+    runs: list[Run] = []
+    offset = 0
+    for name in argv:
+        document = json.loads(Path(name).read_text())
+        batch = [Run(**{**r, "round": r["round"] + offset}) for r in document["runs"]]
+        runs += batch
+        offset = max([r.round for r in runs], default=-1) + 1
+    print(summarize(runs))
+    return 0
+
+
 # -- main -------------------------------------------------------------------------
 
 def main() -> int:
     if len(sys.argv) > 1:
         sub = {"_pool": pool_main, "_moto_seeded": moto_seeded_main, "million": million_main,
-               "profile": profile_main, "_profiled": profiled_child}.get(sys.argv[1])
+               "profile": profile_main, "_profiled": profiled_child,
+               "report": report_main}.get(sys.argv[1])
         if sub is not None:
             return sub(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
