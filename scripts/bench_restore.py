@@ -159,11 +159,13 @@ def tool_command(tool: str, *, server: Server, bucket: str, batch: str, dest: Pa
         cmd = [str(BENCH_VENV / "bin" / "aws"), "s3", "cp", "--recursive", "--only-show-errors",
                "--endpoint-url", server.endpoint, f"s3://{bucket}/{files_prefix}", str(dest)]
         return cmd, env
-    if tool == "boto3":
+    if tool in ("boto3", "boto3-n"):
         env["BOTO_DISABLE_CRT"] = "true"
         cmd = [str(POOL_PYTHON), str(Path(__file__).resolve()), "_pool", "--endpoint", server.endpoint,
                "--bucket", bucket, "--prefix", files_prefix, "--dest", str(dest), "--parallel", str(parallel),
                "--part-size", str(part_size)]
+        if tool == "boto3-n":
+            cmd += ["--large-concurrency", "1"]  # at most N requests in flight, as archup
         return cmd, env
     raise KeyError(tool)
 
@@ -177,6 +179,8 @@ def pool_main(argv: list[str]) -> int:
     parser.add_argument("--dest", required=True)
     parser.add_argument("--parallel", type=int, required=True)
     parser.add_argument("--part-size", type=int, default=PART_SIZE)
+    parser.add_argument("--large-concurrency", type=int, help="s3transfer threads per large file "
+                        "(default: N // min(N, large files))")
     args = parser.parse_args(argv)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -193,7 +197,7 @@ def pool_main(argv: list[str]) -> int:
                for item in page.get("Contents", [])]
     large = sum(1 for _, size in objects if size >= args.part_size)
     # Each download_file runs its own s3transfer pool: split N between the large files in flight.
-    per_file = max(1, args.parallel // max(1, min(args.parallel, large)))
+    per_file = args.large_concurrency or max(1, args.parallel // max(1, min(args.parallel, large)))
     transfer_config = boto3.s3.transfer.TransferConfig(multipart_threshold=args.part_size,
                                                        multipart_chunksize=args.part_size,
                                                        max_concurrency=per_file, use_threads=True)
@@ -287,11 +291,13 @@ def summarize(runs: list[Run]) -> str:
               "archup/aws CPU | archup peak RSS MiB (max) | RSS target MiB | load (1-min, range) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.server, r.cell) for r in runs})
+    extra = ["", "archup / boto3-n (the pool with one s3transfer thread per large file: at most N requests "
+             "in flight, as archup):", "", "| server | cell | N | rounds | wall | CPU |", "|---|---|---|---|---|---|"]
     for server, cell in keys:
         dataset, parallel, _ = CELLS[cell]
         nbytes = sum(size for _, size in dataset_files(dataset))
         by_tool: dict[str, dict[int, Run]] = {}
-        for tool in ("archup", "boto3", "aws"):
+        for tool in ("archup", "boto3", "boto3-n", "aws"):
             group = [r for r in runs if (r.server, r.cell, r.tool) == (server, cell, tool)]
             good = [r for r in group if r.ok]
             by_tool[tool] = {r.round: r for r in good}
@@ -323,11 +329,16 @@ def summarize(runs: list[Run]) -> str:
         cpu_b, _ = paired("boto3", "cpu")
         wall_a, rounds_a = paired("aws", "wall")
         cpu_a, _ = paired("aws", "cpu")
+        if by_tool["boto3-n"]:
+            wall_n, rounds_n = paired("boto3-n", "wall")
+            cpu_n, _ = paired("boto3-n", "cpu")
+            extra.append(f"| {server} | {cell} | {parallel} | {rounds_n} | {wall_n} | {cpu_n} |")
         ratios.append(f"| {server} | {cell} ({CELLS[cell][2]}) | {parallel} | {min(rounds, rounds_a)} | {wall_b} | "
                       f"{cpu_b} | {wall_a} | {cpu_a} | {statistics.median(rss):.0f} ({max(rss):.0f}) | "
                       f"{120 + parallel * PART_SIZE // MiB} | {statistics.median(loads):.1f} "
                       f"({min(loads):.1f}-{max(loads):.1f}) |")
-    return "\n".join(lines + ["", "archup / peer, median of same-round ratios (range in brackets):", ""] + ratios)
+    return "\n".join(lines + ["", "archup / peer, median of same-round ratios (range in brackets):", ""] + ratios
+                     + (extra if len(extra) > 5 else []))
 
 
 # -- the 1,000,000-entry manifest -------------------------------------------------
