@@ -117,6 +117,15 @@ RestoreAnswer = Literal["started", "ready", "in-progress"]
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """AWS credentials as of one signature (botocore's chain, frozen), for the CRT's signer."""
+
+    access_key: str
+    secret_key: str
+    token: str | None
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationError, TransferError
-from . import ChecksumMode, ObjectReader
+from . import ChecksumMode, Credentials, ObjectReader
 from .answers import answer_error
 from .putargs import put_args
 from .retry import RetryPolicy, Verdict
@@ -94,13 +94,6 @@ class Endpoint:
 def quote_key(key: str) -> str:
     """A key in a request path, as botocore writes it."""
     return urllib.parse.quote(key, safe="/~")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    token: str | None
 
 
 class _Stalled(Exception):

@@ -17,7 +17,7 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 # botocore signs with the CRT's signer whenever awscrt is importable (archup needs awscrt for
 # CRC64NVME). That signer costs 3.7 ms of CPU per 8 MiB part even with an unsigned payload
@@ -34,6 +34,7 @@ from ..logs import register_secrets  # noqa: E402
 from . import (  # noqa: E402
     CHECKSUM_REFUSED,
     ChecksumMode,
+    Credentials,
     MultipartChecksum,
     ObjectInfo,
     OpenUpload,
@@ -93,9 +94,6 @@ _NO_UPLOAD = ("NoSuchUpload", "404")            # an upload id the server no lon
 _EXISTS = ("PreconditionFailed", "412", "ConditionalRequestConflict")  # If-None-Match: * on a present key
 
 T = TypeVar("T")
-
-if TYPE_CHECKING:
-    from .crt import Credentials
 
 # A request without a body has nothing to send again: one attempt (botocore's own retries within).
 _ONCE = RetryPolicy(attempts=1)
@@ -292,8 +290,6 @@ class S3Store:
 
     def frozen_credentials(self) -> Credentials:
         """botocore's chain, asked at each signature (a refreshed token is registered as a secret)."""
-        from .crt import Credentials
-
         try:
             if self._credentials is None:
                 raise botocore.exceptions.NoCredentialsError()
