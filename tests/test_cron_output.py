@@ -213,11 +213,12 @@ BAD_OPTION = {
     "abort": ["--purge=yes", WELL_FORMED_UNKNOWN],
     "gc": ["--abort-orphans=maybe"],
     "version": ["--json=yes"],
+    "restore": ["--parallel", "many", WELL_FORMED_UNKNOWN, "DIR"],
 }
 
 COMMAND_ARGS = {"upload": ["DIR"], "status": [WELL_FORMED_UNKNOWN], "resume": [WELL_FORMED_UNKNOWN],
                 "finalize": [WELL_FORMED_UNKNOWN], "verify": [WELL_FORMED_UNKNOWN], "list": [],
-                "abort": [WELL_FORMED_UNKNOWN], "gc": [], "version": []}
+                "abort": [WELL_FORMED_UNKNOWN], "gc": [], "version": [], "restore": [WELL_FORMED_UNKNOWN, "DIR"]}
 
 
 def test_every_command_has_its_json_cases() -> None:
