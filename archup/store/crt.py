@@ -355,8 +355,11 @@ class CrtBody:
 
 
 # A GET whose length the caller bounds at this or less goes through the CRT, held whole:
-# restore's files up to a part and its ranges (a worker holds one at a time).
-CRT_GET_MAX = 16 * 1024 * 1024
+# small files, where botocore's per-request CPU is most of the cost. Larger reads (restore's
+# ranges of a large object) stream through botocore into the caller's buffer: held whole,
+# an 8 MiB range per worker cost the CRT's buffer and this one's (peak RSS 191 MiB against
+# 72 at N = 8, docs/benchmarks.md).
+CRT_GET_MAX = 1024 * 1024
 
 
 class CrtPutStore(StoreWrapper):
