@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -431,14 +432,13 @@ def boto3_upload(args: argparse.Namespace) -> int:
 
 # -- profiling (`bench.py profile`) --------------------------------------------
 
-def profiled_child(args: list[str]) -> int:
-    """Run archup (or the raw boto3 uploader) in this process under cProfile, every thread
-    profiled: `python -m cProfile` alone sees only the main thread, which mostly waits on
-    the pool. The timer is per-thread CPU time (or wall time with --wall)."""
+def profile_all_threads(out: str, timer_name: str, run: Callable[[], object]) -> int:
+    """Run ``run()`` in this process under cProfile with every thread profiled (`python -m
+    cProfile` alone sees only the main thread, which mostly waits on the pool), and dump the
+    merged stats to ``out``. The timer is per-thread CPU time, or wall time ("wall")."""
     import cProfile
     import threading
 
-    out, timer_name, target, rest = args[0], args[1], args[2], args[3:]
     timer = time.thread_time if timer_name == "cpu" else time.perf_counter
     profiles: list[cProfile.Profile] = []
     lock = threading.Lock()
@@ -454,12 +454,7 @@ def profiled_child(args: list[str]) -> int:
     threading.setprofile(start_thread_profile)
     main_profile.enable()
     try:
-        if target == "archup":
-            from archup.cli import main as archup_main
-            sys.argv = ["archup", *rest]
-            archup_main()
-        else:
-            boto3_upload(_boto3_parser().parse_args(["_boto3", *rest]))
+        run()
     except SystemExit:
         pass
     finally:
@@ -471,6 +466,21 @@ def profiled_child(args: list[str]) -> int:
         stats.add(profile)
     stats.dump_stats(out)
     return 0
+
+
+def run_archup_in_process(argv: list[str]) -> None:
+    from archup.cli import main as archup_main
+    sys.argv = ["archup", *argv]
+    archup_main()
+
+
+def profiled_child(args: list[str]) -> int:
+    """Run archup (or the raw boto3 uploader) in this process under cProfile, every thread
+    profiled (:func:`profile_all_threads`)."""
+    out, timer_name, target, rest = args[0], args[1], args[2], args[3:]
+    if target == "archup":
+        return profile_all_threads(out, timer_name, lambda: run_archup_in_process(rest))
+    return profile_all_threads(out, timer_name, lambda: boto3_upload(_boto3_parser().parse_args(["_boto3", *rest])))
 
 
 def _area(filename: str, name: str) -> str:

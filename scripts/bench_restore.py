@@ -53,13 +53,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (scripts/bench.py: servers, environment, run_child, profiling helpers)
 from bench import (  # noqa: E402
-    ACCESS_KEY,
     ARCHUP_PYTHON,
     BENCH_VENV,
     DATA_DIR,
     REGION,
     ROOT,
-    SECRET_KEY,
     KiB,
     MiB,
     Server,
@@ -626,41 +624,10 @@ def profile_main(argv: list[str]) -> int:
 
 def profiled_child(argv: list[str]) -> int:
     """bench.py's all-threads cProfile harness, with restore's two targets."""
-    import cProfile
-    import threading
-
     out, timer_name, target, rest = argv[0], argv[1], argv[2], argv[3:]
-    timer = time.thread_time if timer_name == "cpu" else time.perf_counter
-    profiles: list[cProfile.Profile] = []
-    lock = threading.Lock()
-
-    def start_thread_profile(*_: object) -> None:
-        profile = cProfile.Profile(timer)
-        with lock:
-            profiles.append(profile)
-        profile.enable()
-
-    main_profile = cProfile.Profile(timer)
-    threading.setprofile(start_thread_profile)
-    main_profile.enable()
-    try:
-        if target == "archup":
-            from archup.cli import main as archup_main
-            sys.argv = ["archup", *rest]
-            archup_main()
-        else:
-            pool_main(rest)
-    except SystemExit:
-        pass
-    finally:
-        main_profile.disable()
-        threading.setprofile(None)  # type: ignore[arg-type]
-    import pstats
-    stats = pstats.Stats(main_profile)
-    for profile in profiles:
-        stats.add(profile)
-    stats.dump_stats(out)
-    return 0
+    if target == "archup":
+        return bench.profile_all_threads(out, timer_name, lambda: bench.run_archup_in_process(rest))
+    return bench.profile_all_threads(out, timer_name, lambda: pool_main(rest))
 
 
 def report_main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_verify import make_source, upload
 
 MiB = 1024 * 1024
 
@@ -21,20 +22,6 @@ FILES = {
     "m\u00e9lange.txt": b"unicode name\n",
     "empty": b"",
 }
-
-
-def make_source(root: Path, files: dict[str, bytes]) -> Path:
-    for rel_path, body in files.items():
-        path = root / rel_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
-    return root
-
-
-def upload(cli: Any, source: Path, *args: str) -> dict[str, Any]:
-    result = cli("upload", "--json", *args, str(source))
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def restore(cli: Any, batch_id: str, target: Path, *args: str, journal: bool = True) -> tuple[int, dict[str, Any]]:

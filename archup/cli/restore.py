@@ -160,18 +160,14 @@ def restore(
     was refused, 75 if archived objects are thawing (run again later)."""
     from ..restore import RestoreOptions, restore_batch
     from ..store import open_store
-    from .upload import in_worker, stop_on_signals
+    from .upload import check_run_limits, in_worker, stop_on_signals
 
     batch_id = check_batch_id(batch_id)
     if not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
     if not 1 <= restore_days <= 36500:
         raise UsageError(f"--restore-days {restore_days}: must be between 1 and 36500")
-    if not 0 <= retries <= 50:
-        raise UsageError(f"--retries {retries}: must be between 0 and 50")
-    for name, value in (("--timeout", timeout), ("--connect-timeout", connect_timeout), ("--grace", grace)):
-        if not 0 < value <= 3600:
-            raise UsageError(f"{name} {value:g}: must be more than 0 and at most 3600 seconds")
+    check_run_limits(retries, timeout, connect_timeout, grace)
     range_size = parse_size(part_size)
     if range_size < 1024 * 1024:
         raise UsageError(f"--part-size {part_size}: must be at least 1MiB")

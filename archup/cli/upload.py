@@ -336,7 +336,7 @@ def _print_dry_run(report: dict[str, object]) -> None:
         print(f"  ... and {count - len(first)} more")
 
 
-def _check_run_limits(retries: int, timeout: float, connect_timeout: float, grace: float) -> None:
+def check_run_limits(retries: int, timeout: float, connect_timeout: float, grace: float) -> None:
     if not 0 <= retries <= 50:
         raise UsageError(f"--retries {retries}: must be between 0 and 50")
     for name, value in (("--timeout", timeout), ("--connect-timeout", connect_timeout), ("--grace", grace)):
@@ -430,7 +430,7 @@ def upload(
         raise UsageError(f"--part-size {part_size}: must be between 5MiB and 5GiB (S3's part limits)")
     if batch and new_batch:
         raise UsageError("--batch and --new-batch exclude each other")
-    _check_run_limits(retries, timeout, connect_timeout, grace)
+    check_run_limits(retries, timeout, connect_timeout, grace)
     if sse is not None and sse not in ("AES256", "aws:kms", "aws:kms:dsse"):
         raise UsageError(f"--sse {sse}: use AES256 or aws:kms")
     if sse_kms_key_id and sse not in ("aws:kms", "aws:kms:dsse"):
@@ -511,7 +511,7 @@ def resume(
 
     if parallel is not None:
         _check_parallel(parallel)
-    _check_run_limits(retries, timeout, connect_timeout, grace)
+    check_run_limits(retries, timeout, connect_timeout, grace)
     _check_lease(lease)
     batch_id = check_batch_id(batch_id)
     how = transport(endpoint_url, profile, region, trust_recorded_endpoint=trust_recorded_endpoint,
