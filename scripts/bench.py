@@ -107,16 +107,17 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
     raise KeyError(name)
 
 
-def build_dataset(name: str) -> Path:
-    """Create the dataset under bench-data/ once; a marker records that it is complete."""
-    files = dataset_files(name)
+def build_dataset(name: str, files: list[tuple[str, int]] | None = None, seed: int | None = None) -> Path:
+    """Create the dataset under bench-data/ once; a marker records that it is complete. Another
+    script's dataset gives its own ``files`` and ``seed``."""
+    files = dataset_files(name) if files is None else files
     target = DATA_DIR / name
     spec = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     marker = DATA_DIR / f".{name}.{spec}.done"
     if marker.exists():
         return target
     shutil.rmtree(target, ignore_errors=True)
-    rng = random.Random(DATASETS[name][1] * 7919)
+    rng = random.Random((DATASETS[name][1] if seed is None else seed) * 7919)
     for rel_path, size in files:
         path = target / rel_path
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,25 +88,7 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
 def build_dataset(name: str) -> Path:
     if name != "restore-a":
         return bench.build_dataset(name)
-    files = dataset_files(name)
-    target = DATA_DIR / name
-    spec = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-    marker = DATA_DIR / f".{name}.{spec}.done"
-    if marker.exists():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    rng = random.Random(11 * 7919)
-    for rel_path, size in files:
-        path = target / rel_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as handle:
-            left = size
-            while left:
-                chunk = min(left, 16 * MiB)
-                handle.write(rng.randbytes(chunk))
-                left -= chunk
-    marker.touch()
-    return target
+    return bench.build_dataset(name, dataset_files(name), seed=11)
 
 
 def loadavg() -> str:
