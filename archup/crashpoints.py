@@ -22,6 +22,13 @@ POINTS = (
     "after-manifest-entries",   # finalize wrote manifest.jsonl and manifest-skipped.jsonl, not the summary
     "after-manifest-summary",   # finalize wrote manifest.json, the journal says finalizing
 )
+PACK_POINTS = (
+    "before-put-shard",          # a shard's members are read and laid out, its PutObject not sent
+    "after-put-shard",           # the shard exists, the journal still says uploading
+    "after-create-shard-upload", # a large shard's upload id is in the journal, no part sent
+    "after-upload-shard-part",   # a shard's part is stored on the server, not yet in the journal
+    "after-complete-shard",      # a large shard exists, the journal still says uploading
+)
 RESTORE_POINTS = (
     "restore-range-written",    # one range of a large file is in its temporary file
     "restore-before-rename",    # a file's bytes are checked, its temporary file not yet renamed

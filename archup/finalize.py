@@ -20,13 +20,14 @@ from . import manifest
 from .clock import isoformat, utcnow
 from .crashpoints import crash_point
 from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
-from .journal import BatchRecord, FileRecord, Journal
+from .journal import BatchRecord, FileRecord, Journal, ShardRecord
+from .journal.records import SHARDS_DIR
 from .locations import resume_command
 from .manifest import reader
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, LISTED_BUT_MISSING, UNREADABLE_REASONS, display_path
 from .select import Selector
-from .states import BatchState, FileState
+from .states import BatchState, FileState, ShardState
 from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
 log = logging.getLogger("archup.finalize")
@@ -99,7 +100,8 @@ def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list
     """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
     listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
     problems: list[tuple[FileRecord, str]] = []
-    records = journal.iter_files(batch.batch_id, [FileState.UPLOADED])
+    records = (record for record in journal.iter_files(batch.batch_id, [FileState.UPLOADED])
+               if record.shard_no is None)  # a packed file is read back with its shard
     for paired in reader.merge_listing(records, lambda record: record.key, listing):
         record, current = paired.item, paired.listed
         if record is None:
@@ -110,6 +112,24 @@ def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list
             problems.append((record, f"object has {current.size} bytes, expected {record.size}"))
         elif record.etag and current.etag and current.etag != record.etag:
             problems.append((record, f"object was replaced (ETag {current.etag}, expected {record.etag})"))
+    return problems
+
+
+def _read_back_shards(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[ShardRecord, str]]:
+    """The same read-back for a packed batch's shards (their key order is their number order)."""
+    shards = journal.iter_shards(batch.batch_id, [ShardState.UPLOADED])
+    problems: list[tuple[ShardRecord, str]] = []
+    for paired in reader.merge_listing(shards, lambda shard: shard.key, store.list_objects(
+            batch.batch_prefix + SHARDS_DIR)):
+        shard, current = paired.item, paired.listed
+        if shard is None:
+            continue
+        if current is None:
+            problems.append((shard, "shard missing from the bucket"))
+        elif current.size != shard.size:
+            problems.append((shard, f"shard has {current.size} bytes, expected {shard.size}"))
+        elif shard.etag and current.etag and current.etag != shard.etag:
+            problems.append((shard, f"shard was replaced (ETag {current.etag}, expected {shard.etag})"))
     return problems
 
 
@@ -137,21 +157,28 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
 
     abort_leftover_uploads(store, batch)
     problems = _read_back(journal, store, batch)
-    if problems:
+    lost_shards = _read_back_shards(journal, store, batch)
+    if problems or lost_shards:
         for record, reason in problems:
             journal.reset_file(batch_id, record.rel_path, reason)
+        for shard, reason in lost_shards:
+            journal.drop_shard(batch_id, shard.shard_no, reason, {})  # its members are packed again
         journal.set_batch_state(batch_id, BatchState.FAILED,
-                                error=f"{len(problems)} object(s) failed the read-back before finalize")
-        named = [(record.rel_path, reason) for record, reason in problems]
+                                error=f"{len(problems) + len(lost_shards)} object(s) failed the read-back "
+                                "before finalize")
+        named = [(record.rel_path, reason) for record, reason in problems] + [
+            (shard.key, f"{reason}; its {shard.members} file(s) go into a new shard") for shard, reason in lost_shards]
         raise BatchIncomplete(
-            f"batch {batch_id}: {len(problems)} uploaded file(s) failed the read-back: "
+            f"batch {batch_id}: {len(named)} uploaded object(s) failed the read-back: "
             f"{_name_files(named, len(problems))}; run '{_resume(journal, batch)}' "
             "to send them again")
 
     summary_key = manifest.summary_key(batch)
-    entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]))
+    entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]), manifest.entry_for(batch))
     skipped = manifest.write_entries(journal.iter_files(batch_id, [FileState.SKIPPED]), manifest.skipped_entry)
-    with entries.handle, skipped.handle:
+    shard_list = list(journal.iter_shards(batch_id, [ShardState.UPLOADED]))
+    shards = manifest.write_entries(shard_list, manifest.shard_entry)
+    with entries.handle, skipped.handle, shards.handle:
         existing = _existing_summary(store, summary_key, batch_id)
         if existing is None:
             # The summary does not exist yet, so overwriting the entries and skipped objects
@@ -160,10 +187,14 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
                              metadata={SHA256_METADATA: entries.sha256})
             store.put_object(manifest.skipped_key(batch), skipped.handle.read(),
                              metadata={SHA256_METADATA: skipped.sha256})
+            if shards.count:
+                store.put_object(manifest.shards_key(batch), shards.handle.read(),
+                                 metadata={SHA256_METADATA: shards.sha256})
             crash_point("after-manifest-entries")
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(
-                manifest.summary(batch, entries, finalized_at=finalized_at, skipped=skipped))
+                manifest.summary(batch, entries, finalized_at=finalized_at, skipped=skipped, shards=shards,
+                                 files_packed=sum(shard.members for shard in shard_list)))
             summary_sha256 = hashlib.sha256(body).hexdigest()
             if store.put_if_absent(summary_key, body) is None:
                 existing = _existing_summary(store, summary_key, batch_id)
@@ -174,7 +205,7 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
                                         "PreconditionFailed")
             crash_point("after-manifest-summary")
         if existing is not None:
-            finalized_at = _adopt(existing.document, batch, entries, skipped, summary_key)
+            finalized_at = _adopt(existing.document, batch, entries, skipped, summary_key, shards)
             summary_sha256 = existing.sha256
     # The seal and the archived index, in one transaction.
     journal.seal_batch(batch_id, manifest_key=summary_key, finalized_at=finalized_at, summary_sha256=summary_sha256,
@@ -210,9 +241,16 @@ def walk_covers(journal: Journal, batch: BatchRecord) -> Callable[[str], bool] |
 
 
 def _adopt(existing: dict[str, Any], batch: BatchRecord, entries: manifest.EntriesFile,
-           skipped: manifest.EntriesFile, key: str) -> str:
-    """A summary is already there: accept it only if it seals exactly these entries (and skipped list)."""
+           skipped: manifest.EntriesFile, key: str, shards: manifest.EntriesFile) -> str:
+    """A summary is already there: accept it only if it seals exactly these entries (and
+    skipped list, and shard list)."""
     sealed, sealed_skipped = existing.get("entries"), existing.get("skipped")
+    sealed_shards = existing.get("shards")
+    if (sealed_shards.get("sha256") if isinstance(sealed_shards, dict) else None) != (
+            shards.sha256 if shards.count else None):
+        raise ManifestConflict(f"{key} already exists and describes other contents; "
+                               "archup will not overwrite a manifest (inspect it; to give the batch up, delete "
+                               "that manifest yourself, then 'archup abort' the batch)")
     same = (existing.get("batch_id") == batch.batch_id
             and isinstance(sealed, dict) and sealed.get("sha256") == entries.sha256
             # A summary from before the skipped list has none to compare.

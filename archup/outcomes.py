@@ -89,6 +89,22 @@ class Outcomes:
             self.result.files_uploaded += 1
         self.observer.on_file_done(record.rel_path, FileState.UPLOADED, record.size, None)
 
+    def packed(self, members: list[FileRecord]) -> None:
+        """A shard's members, committed uploaded with it."""
+        with self._lock:
+            self.result.files_uploaded += len(members)
+        for record in members:
+            self.observer.on_file_done(record.rel_path, FileState.UPLOADED, record.size, None)
+
+    def noted(self, record: FileRecord, state: FileState, reason: str) -> None:
+        """A member the journal already moved out of its shard, failed or skipped: counted and reported."""
+        log.info("%s %s: %s", state.value, record.rel_path, reason)
+        if state is FileState.FAILED:
+            with self._lock:
+                self.result.files_failed += 1
+                self.result.failures.append((record.rel_path, reason))
+        self.observer.on_file_done(record.rel_path, state, record.size, reason)
+
     def failed(self, record: FileRecord, reason: str) -> None:
         self.journal.fail_file(self.batch_id, record.rel_path, reason)
         log.info("failed %s: %s", record.rel_path, reason)

@@ -37,6 +37,7 @@ from .finalize import FinalizeSummary, finalize
 from .journal import DEFAULT_LEASE, BatchRecord, BatchSettings, BatchSummary, Destination, FileRecord, Journal
 from .locations import resume_command
 from .outcomes import UploadObserver, UploadResult
+from .packing import DEFAULT_SHARD_SIZE
 from .scan import UNREADABLE_REASONS, display_path, object_key, scan, scan_list
 from .select import Selector
 from .shared import finalize_shared, run_shared
@@ -405,7 +406,8 @@ def _upload_options(record: BatchRecord, settings: BatchSettings, parallel: int,
     return UploadOptions(parallel=parallel, part_size=record.part_size, multipart_threshold=record.part_size,
                          select=selector if selector.active else None, files_from=settings.files_from,
                          skip_archived=settings.skip_archived, prehash=prehash,
-                         follow_symlinks=settings.follow_symlinks)
+                         follow_symlinks=settings.follow_symlinks, pack_under=settings.pack_under,
+                         shard_size=settings.shard_size or DEFAULT_SHARD_SIZE)
 
 
 def _ended(journal: Journal, store: ObjectStore, outcome: RunOutcome, *, no_finalize: bool, tally: bool,

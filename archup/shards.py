@@ -52,6 +52,7 @@ class Placed:
     member: Member
     offset: int
     data_offset: int
+    head: bytes = b""  # its header block(s): ``data_offset - offset`` bytes
 
     @property
     def end(self) -> int:
@@ -96,8 +97,9 @@ def layout(members: Sequence[Member], *, index_mtime_ns: int = 0) -> Layout:
     offset = 0
     index_size = 0
     for member in members:
-        data_offset = offset + len(header(member.path, member.size, member.mtime_ns))
-        item = Placed(member, offset, data_offset)
+        head = header(member.path, member.size, member.mtime_ns)
+        data_offset = offset + len(head)
+        item = Placed(member, offset, data_offset, head)
         placed.append(item)
         offset = item.end
         index_size += len(index_line(member.path, data_offset, member.size, _PLACEHOLDER_DIGEST))
@@ -118,8 +120,7 @@ def index_member(shard: Layout, digests: Sequence[str], *, index_mtime_ns: int =
 
 def member_headers(shard: Layout) -> Iterable[tuple[Placed, bytes]]:
     for placed in shard.members:
-        member = placed.member
-        yield placed, header(member.path, member.size, member.mtime_ns)
+        yield placed, placed.head
 
 
 def parse_index(body: bytes) -> list[dict[str, Any]]:

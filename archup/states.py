@@ -35,6 +35,15 @@ class FileState(str, Enum):
     SKIPPED = "skipped"
 
 
+class ShardState(str, Enum):
+    """A packed shard's life: planned with its members fixed (uploading), stored (uploaded),
+    or given up (dropped: a member changed or could not be read; the others were re-planned)."""
+
+    UPLOADING = "uploading"
+    UPLOADED = "uploaded"
+    DROPPED = "dropped"
+
+
 # A batch a plain upload of its source and destination resumes (unless it expired).
 UNFINISHED = (BatchState.OPEN, BatchState.UPLOADING, BatchState.FAILED, BatchState.FINALIZING)
 

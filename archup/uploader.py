@@ -30,6 +30,7 @@ from .errors import ArchupError, TransferError
 from .journal import EncodedFiles, FileRecord, Journal, NewFile
 from .multipart import READERS, MultipartSender
 from .outcomes import CompletionWriter, NullObserver, Outcomes, UploadObserver, UploadResult
+from .packing import DEFAULT_SHARD_SIZE, ShardPlanner, ShardSender
 from .reconcile import Reconciler
 from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
 from .select import Selector
@@ -56,6 +57,8 @@ class UploadOptions:
     skip_archived: bool = False                   # skip files unchanged since an earlier finalized batch
     prehash: bool = False                         # hash a multipart file first, for its object metadata
     follow_symlinks: bool = False                 # take a symlink inside the source root as its target
+    pack_under: int | None = None                 # --pack-under: smaller files go into tar shards
+    shard_size: int = DEFAULT_SHARD_SIZE          # --shard-size: about this many bytes a shard
 
 
 class Uploader:
@@ -133,16 +136,18 @@ class Uploader:
         multipart = MultipartSender(self.journal, self.store, self.batch_id, self.tree, dispatcher, outcomes,
                                     self.reconciler, part_size=self.options.part_size, prehash=self.options.prehash,
                                     metadata=self._metadata)
+        shards = ShardSender(self.journal, self.store, self.batch_id, self.tree, dispatcher, outcomes,
+                             part_size=self.options.part_size, metadata=self._metadata)
         self._writer = CompletionWriter(self.journal, self.batch_id, outcomes.reported, outcomes.stop_with)
         try:
             with dispatcher.running():
-                self._dispatch(dispatcher, multipart, records)
+                self._dispatch(dispatcher, multipart, shards, records)
             # Uploads the server lost mid-run (NoSuchUpload: expired, aborted by someone else)
             # start over once, in this run, with a new upload.
             restarted = [self.journal.get_file(self.batch_id, rel_path) for rel_path in multipart.restarted]
             if restarted and not self.stop.is_set():
                 with dispatcher.running():
-                    self._dispatch(dispatcher, multipart, restarted)
+                    self._dispatch(dispatcher, multipart, shards, restarted)
         except ArchupError as error:
             outcomes.stop_with(error)
         finally:
@@ -204,19 +209,33 @@ class Uploader:
             return NewFile(item.rel_path, key, item.size, item.mtime_ns, FileState.SKIPPED, item.skip_reason)
         return NewFile(item.rel_path, key, item.size, item.mtime_ns, identity=item.identity)
 
-    def _dispatch(self, dispatcher: Dispatcher, multipart: MultipartSender,
+    def _dispatch(self, dispatcher: Dispatcher, multipart: MultipartSender, shards: ShardSender,
                   records: Iterable[FileRecord] | None = None) -> None:
         todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
+        pack_under = self.options.pack_under
+        planner = ShardPlanner(self.options.shard_size, shards.plan) if pack_under else None
+        resent: set[int] = set()
         for record in self.journal.iter_files(self.batch_id, todo) if records is None else records:
             if self.stop.is_set():
                 break
+            if record.shard_no is not None:
+                # A member of a shard an earlier run planned: the shard is sent again whole.
+                if record.state is FileState.UPLOADING and record.shard_no not in resent:
+                    resent.add(record.shard_no)
+                    shards.resend(record.shard_no)
+                continue
             path = self.tree.path(record)
             if record.state is FileState.FAILED:
                 record = self._rescan(record, path)
-            if record.size >= self.options.multipart_threshold or record.upload_id:
+            if (planner is not None and pack_under is not None and record.size < pack_under
+                    and record.state is not FileState.UPLOADING and not record.upload_id):
+                planner.add(record)
+            elif record.size >= self.options.multipart_threshold or record.upload_id:
                 multipart.send(record, path)
             else:
                 dispatcher.submit(self._send_single, record, path, reservation=dispatcher.reserve(record.size))
+        if planner is not None and not self.stop.is_set():
+            planner.flush()
 
     def _metadata(self, extra: dict[str, str]) -> dict[str, str]:
         return {"archup-batch": self.batch_id, **extra}

@@ -253,9 +253,9 @@ def test_a_schema_3_journal_is_migrated_and_keeps_its_batches(journal_path: Path
         handle.close()
 
     assert (batch.source_root, batch.settings) == ("/src", None)  # not recorded: the next run supplies them
-    assert (record.upload_id, record.checksum_kind) == ("up-1", None)
+    assert (record.upload_id, record.checksum_kind, record.shard_no) == ("up-1", None, None)
     with closing(raw_connection(journal_path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
 
 
 @pytest.mark.sqlite_only

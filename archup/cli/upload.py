@@ -344,6 +344,24 @@ def check_run_limits(retries: int, timeout: float, connect_timeout: float, grace
             raise UsageError(f"{name} {value:g}: must be more than 0 and at most 3600 seconds")
 
 
+def _packing(pack_under: str | None, shard_size: str, part_bytes: int) -> dict[str, int | None]:
+    """The batch settings --pack-under and --shard-size ask for (none without --pack-under)."""
+    from ..packing import MAX_SHARD_SIZE, MIN_SHARD_SIZE
+
+    if pack_under is None:
+        return {}
+    under = parse_size(pack_under)
+    if not 1 <= under <= part_bytes:
+        raise UsageError(f"--pack-under {pack_under}: must be more than 0 and at most the part size "
+                         f"({human.size(part_bytes)}); larger files are sent in parts")
+    size = parse_size(shard_size)
+    if not MIN_SHARD_SIZE <= size <= MAX_SHARD_SIZE:
+        raise UsageError(f"--shard-size {shard_size}: must be between 64KiB and 5GiB")
+    if size < under:
+        raise UsageError(f"--shard-size {shard_size} is smaller than --pack-under {pack_under}")
+    return {"pack_under": under, "shard_size": size}
+
+
 def _check_parallel(parallel: int) -> None:
     if not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel}: must be between 1 and {MAX_PARALLEL}")
@@ -364,6 +382,12 @@ def upload(
                                         help="Key prefix; the batch goes under <prefix><BATCH>/.")] = "staging/",
     part_size: Annotated[str, typer.Option("--part-size", help="Multipart part size (and threshold); grown "
                                            "automatically so no file needs more than 10,000 parts.")] = "8MiB",
+    pack_under: Annotated[str | None, typer.Option(
+        "--pack-under", help="Pack files smaller than this into tar shards (shards/NNNNNN.tar), each file "
+        "still restorable on its own; at most the part size. [default: off]", show_default=False)] = None,
+    shard_size: Annotated[str, typer.Option(
+        "--shard-size", help="About this many bytes a shard (with --pack-under); larger than the part "
+        "size, a shard is sent in parts.")] = "8MiB",
     checksum: ChecksumOption = ChecksumMode.SHA256,
     full_object_checksum: FullObjectOption = True,
     prehash: PrehashOption = False,
@@ -428,6 +452,7 @@ def upload(
     part_bytes = parse_size(part_size)
     if not MIN_PART_SIZE <= part_bytes <= MAX_PART_SIZE:
         raise UsageError(f"--part-size {part_size}: must be between 5MiB and 5GiB (S3's part limits)")
+    packing = _packing(pack_under, shard_size, part_bytes)
     if batch and new_batch:
         raise UsageError("--batch and --new-batch exclude each other")
     check_run_limits(retries, timeout, connect_timeout, grace)
@@ -445,7 +470,7 @@ def upload(
         skip_archived=skip_archived, follow_symlinks=follow_symlinks, storage_class=storage_class, sse=sse,
         sse_kms_key_id=sse_kms_key_id, metadata=tuple(parse_pairs("--metadata", metadata or [])),
         tags=tuple(parse_pairs("--tag", tag or [])), checksum=checksum.value,
-        full_object_checksum=full_object_checksum, parallel=parallel)
+        full_object_checksum=full_object_checksum, parallel=parallel, **packing)
     request = UploadRequest(
         source_root=str(directory.resolve()) if source_root is None else os.path.abspath(directory),
         local_root=str(local.resolve()) if source_root else None, lease=lease,

@@ -27,9 +27,11 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    ShardRecord,
     WorkerRecord,
     WorkLeft,
     encode_files,
+    shard_key,
 )
 from .sqlite import SQLiteJournal
 
@@ -65,9 +67,11 @@ __all__ = [
     "NewFile",
     "PartRecord",
     "SQLiteJournal",
+    "ShardRecord",
     "WorkLeft",
     "WorkerRecord",
     "encode_files",
     "is_shared_location",
+    "shard_key",
     "open_journal_at",
 ]

@@ -21,7 +21,7 @@ from ..errors import JournalBusy, JournalError, JournalTooNew
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
@@ -135,6 +135,39 @@ _MIGRATIONS: tuple[str, ...] = (
     # restore check the summary in the bucket against it (a batch sealed before stays NULL).
     """
     ALTER TABLE batches ADD COLUMN summary_sha256 TEXT;
+    """,
+    # 7: packed shards (--pack-under): a tar of small files is one object; its members'
+    # rows say which shard holds them and where their data starts.
+    """
+    ALTER TABLE files ADD COLUMN shard_no INTEGER;
+    ALTER TABLE files ADD COLUMN shard_offset INTEGER;
+    CREATE INDEX files_by_shard ON files (batch_id, shard_no, shard_offset) WHERE shard_no IS NOT NULL;
+    CREATE TABLE shards (
+        batch_id      TEXT NOT NULL REFERENCES batches(batch_id) ON DELETE CASCADE,
+        shard_no      INTEGER NOT NULL,
+        key           TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        members       INTEGER NOT NULL,
+        state         TEXT NOT NULL,
+        upload_id     TEXT,
+        part_size     INTEGER,
+        checksum_kind TEXT,
+        sha256        TEXT,
+        etag          TEXT,
+        error         TEXT,
+        updated_at    TEXT NOT NULL,
+        PRIMARY KEY (batch_id, shard_no)
+    ) WITHOUT ROWID;
+    CREATE TABLE shard_parts (
+        batch_id    TEXT NOT NULL,
+        shard_no    INTEGER NOT NULL,
+        part_number INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        etag        TEXT NOT NULL,
+        checksum    TEXT,
+        PRIMARY KEY (batch_id, shard_no, part_number),
+        FOREIGN KEY (batch_id, shard_no) REFERENCES shards(batch_id, shard_no) ON DELETE CASCADE
+    ) WITHOUT ROWID;
     """,
 )
 

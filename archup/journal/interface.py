@@ -8,13 +8,13 @@ backend's write lock, so concurrent workers never lose an update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Protocol
 
 from ..errors import IllegalTransition
-from ..states import BatchState, FileState
+from ..states import BatchState, FileState, ShardState
 from .records import (
     BATCH_TTL,
     ArchivedFile,
@@ -27,6 +27,7 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    ShardRecord,
     WorkerRecord,
     WorkLeft,
 )
@@ -182,6 +183,42 @@ class Journal(Protocol):
                    page_size: int = 2000) -> Iterator[FileRecord]: ...
 
     def get_state(self, batch_id: str, problem_limit: int = 20) -> BatchSummary: ...
+
+    # -- packed shards (docs/design.md, "Packed shards") --
+    def plan_shard(self, batch_id: str, members: Sequence[tuple[str, int]], size: int) -> ShardRecord:
+        """A new shard (the next number) of these (rel_path, data offset) members, in one
+        transaction: each must be pending or failed and in no shard, and becomes uploading in
+        it; else IllegalTransition and nothing is planned. ``size``: the whole tar's bytes."""
+        ...
+
+    def get_shard(self, batch_id: str, shard_no: int) -> ShardRecord: ...
+
+    def iter_shards(self, batch_id: str, states: Iterable[ShardState] | None = None) -> Iterator[ShardRecord]:
+        """The batch's shards in number order."""
+        ...
+
+    def shard_members(self, batch_id: str, shard_no: int) -> list[FileRecord]:
+        """A shard's member files in offset order."""
+        ...
+
+    def record_shard_upload(self, batch_id: str, shard_no: int, upload_id: str, part_size: int,
+                            checksum_kind: str | None) -> None: ...
+
+    def record_shard_part(self, batch_id: str, shard_no: int, part: PartRecord) -> None: ...
+
+    def list_shard_parts(self, batch_id: str, shard_no: int) -> list[PartRecord]: ...
+
+    def complete_shard(self, batch_id: str, shard_no: int, *, sha256: str, etag: str,
+                       digests: Sequence[tuple[str, str]]) -> None:
+        """The shard stored: it and its members (rel_path, SHA-256) -> uploaded, one transaction;
+        the digests must name exactly its members, else IllegalTransition."""
+        ...
+
+    def drop_shard(self, batch_id: str, shard_no: int, reason: str,
+                   problems: Mapping[str, tuple[FileState, str]]) -> None:
+        """Give a shard up (uploading, or uploaded and lost from the bucket): -> dropped, its members out of it; those in ``problems`` -> their
+        state (failed or skipped) with their reason, the others -> pending for a new shard."""
+        ...
 
     # -- several hosts (a shared journal; a single-owner one has no workers and no claims) --
     def list_workers(self, batch_id: str) -> list[WorkerRecord]:

@@ -37,7 +37,7 @@ log = logging.getLogger("archup.journal")
 
 T = TypeVar("T")
 
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
 SCHEMA = "archup"
 
 # Each entry upgrades the schema from version i to i + 1; never edit a shipped one.
@@ -153,6 +153,38 @@ _MIGRATIONS: tuple[str, ...] = (
     # 2: the SHA-256 of a batch's sealed manifest.json, written with the seal (see SQLite's 6).
     """
     ALTER TABLE batches ADD COLUMN summary_sha256 text;
+    """,
+    # 3: packed shards (see SQLite's 7).
+    """
+    ALTER TABLE files ADD COLUMN shard_no integer;
+    ALTER TABLE files ADD COLUMN shard_offset bigint;
+    CREATE INDEX files_by_shard ON files (batch_id, shard_no, shard_offset) WHERE shard_no IS NOT NULL;
+    CREATE TABLE shards (
+        batch_id      text COLLATE "C" NOT NULL REFERENCES batches(batch_id) ON DELETE CASCADE,
+        shard_no      integer NOT NULL,
+        key           text COLLATE "C" NOT NULL,
+        size          bigint NOT NULL,
+        members       integer NOT NULL,
+        state         text NOT NULL,
+        upload_id     text,
+        part_size     bigint,
+        checksum_kind text,
+        sha256        text,
+        etag          text,
+        error         text,
+        updated_at    text NOT NULL,
+        PRIMARY KEY (batch_id, shard_no)
+    );
+    CREATE TABLE shard_parts (
+        batch_id    text COLLATE "C" NOT NULL,
+        shard_no    integer NOT NULL,
+        part_number integer NOT NULL,
+        size        bigint NOT NULL,
+        etag        text NOT NULL,
+        checksum    text,
+        PRIMARY KEY (batch_id, shard_no, part_number),
+        FOREIGN KEY (batch_id, shard_no) REFERENCES shards(batch_id, shard_no) ON DELETE CASCADE
+    );
     """,
 )
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import NamedTuple
 
-from ..states import BatchState, FileState
+from ..states import BatchState, FileState, ShardState
 
 BATCH_TTL = timedelta(hours=24)
 DEFAULT_LEASE = 60.0  # seconds a host's claims on a shared batch last without a heartbeat (--lease)
@@ -36,6 +36,10 @@ class BatchSettings:
     full_object_checksum: bool = True
     # --parallel of the run that began it: resume's default (a flag wins, without a note).
     parallel: int | None = None
+    # --pack-under: files smaller than this go into tar shards of about shard_size bytes
+    # (None: every file is an object of its own).
+    pack_under: int | None = None
+    shard_size: int | None = None
 
     _FOLLOW_THE_RUN = ("checksum", "full_object_checksum", "parallel")
 
@@ -135,6 +139,36 @@ class FileRecord:
     updated_at: str
     identity: str | None = None
     checksum_kind: str | None = None  # a multipart upload's, as MultipartChecksum.encode() wrote it
+    shard_no: int | None = None       # packed: the shard holding it (None: an object of its own)
+    shard_offset: int | None = None   # packed: where its data starts in the shard
+
+
+SHARDS_DIR = "shards/"
+
+
+def shard_key(batch_prefix: str, shard_no: int) -> str:
+    """Where a batch's shard lives: beside ``files/``, so no source file name can collide."""
+    return f"{batch_prefix}{SHARDS_DIR}{shard_no:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A tar shard of packed files: its members (fixed when it was planned, in offset order)
+    live in their file rows (``shard_no``, ``shard_offset``)."""
+
+    batch_id: str
+    shard_no: int
+    key: str
+    size: int
+    members: int
+    state: ShardState
+    upload_id: str | None
+    part_size: int | None
+    checksum_kind: str | None
+    sha256: str | None
+    etag: str | None
+    error: str | None
+    updated_at: str
 
 
 @dataclass(frozen=True)
@@ -179,6 +213,8 @@ class BatchSummary:
     skipped: list[FileRecord] = field(default_factory=list)
     problem_limit: int = 20
     last_file_change: str | None = None  # the newest change to any of its file rows
+    shards: dict[ShardState, int] = field(default_factory=dict)  # packed batches: shards per state
+    shard_bytes: dict[ShardState, int] = field(default_factory=dict)
 
     @property
     def updated_at(self) -> str:

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import BatchClosed, BatchExists, BatchNotFound, FileAlreadyUploaded, IllegalTransition
-from ..states import BatchState, FileState, batch_can_move, file_can_move
-from .records import BatchRecord, BatchSettings, EncodedFiles, FileRecord, NewFile, encode_files
+from ..states import BatchState, FileState, ShardState, batch_can_move, file_can_move
+from .records import BatchRecord, BatchSettings, EncodedFiles, FileRecord, NewFile, ShardRecord, encode_files
 
 # The columns of a batch and of a file row, in the order of their records' fields.
 BATCH_FIELDS: tuple[str, ...] = (
@@ -20,9 +20,13 @@ BATCH_FIELDS: tuple[str, ...] = (
     "settings", "files_archived", "forgotten_at", "summary_sha256")
 FILE_FIELDS: tuple[str, ...] = (
     "batch_id", "rel_path", "key", "size", "mtime_ns", "state", "part_size", "upload_id", "sha256", "etag",
-    "error", "attempts", "updated_at", "identity", "checksum_kind")
+    "error", "attempts", "updated_at", "identity", "checksum_kind", "shard_no", "shard_offset")
+SHARD_FIELDS: tuple[str, ...] = (
+    "batch_id", "shard_no", "key", "size", "members", "state", "upload_id", "part_size", "checksum_kind",
+    "sha256", "etag", "error", "updated_at")
 BATCH_COLUMNS = ", ".join(BATCH_FIELDS)
 FILE_COLUMNS = ", ".join(FILE_FIELDS)
+SHARD_COLUMNS = ", ".join(SHARD_FIELDS)
 
 
 # -- what a row means ------------------------------------------------------------------
@@ -40,6 +44,27 @@ def file_from_row(row: Mapping[str, Any]) -> FileRecord:
     values = {name: row[name] for name in FILE_FIELDS}
     values["state"] = FileState(values["state"])
     return FileRecord(**values)
+
+
+def shard_from_row(row: Mapping[str, Any]) -> ShardRecord:
+    values = {name: row[name] for name in SHARD_FIELDS}
+    values["state"] = ShardState(values["state"])
+    return ShardRecord(**values)
+
+
+def members_not_plannable(batch_id: str, shard_no: int, wanted: int, moved: int) -> IllegalTransition:
+    return IllegalTransition(f"batch {batch_id}: shard {shard_no} plans {wanted} member(s), but only {moved} "
+                             "are pending or failed and in no shard; nothing was planned")
+
+
+def shard_not_uploading(batch_id: str, shard_no: int, state: ShardState | None) -> IllegalTransition:
+    return IllegalTransition(f"batch {batch_id}: shard {shard_no} is "
+                             f"{'unknown' if state is None else state.value}; only an uploading shard can change")
+
+
+def members_mismatch(batch_id: str, shard_no: int, expected: int, got: int) -> IllegalTransition:
+    return IllegalTransition(f"batch {batch_id}: shard {shard_no} has {expected} member(s) uploading, "
+                             f"and {got} were given; nothing was recorded")
 
 
 # -- batches -----------------------------------------------------------------------------

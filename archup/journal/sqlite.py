@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 from ..clock import isoformat, utcnow
 from ..errors import FileNotInBatch, IllegalTransition
 from ..lock import BatchLock, source_lock
-from ..states import UNFINISHED, BatchState, FileState
+from ..states import UNFINISHED, BatchState, FileState, ShardState
 from .database import DEFAULT_BUSY_TIMEOUT, SQLiteDatabase
 from .records import (
     BATCH_TTL,
@@ -27,11 +27,14 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    ShardRecord,
     WorkerRecord,
+    shard_key,
 )
 from .rules import (
     BATCH_COLUMNS,
     FILE_COLUMNS,
+    SHARD_COLUMNS,
     CommonOperations,
     batch_exists,
     batch_from_row,
@@ -42,6 +45,10 @@ from .rules import (
     check_rescannable,
     check_uploading,
     file_from_row,
+    members_mismatch,
+    members_not_plannable,
+    shard_from_row,
+    shard_not_uploading,
     unfinished_exists,
 )
 
@@ -363,6 +370,7 @@ class SQLiteJournal(CommonOperations):
                     (batch_id,)):
                 counts[file_state] = [count, total]
             conn.execute("DELETE FROM parts WHERE batch_id = ?", (batch_id,))
+            conn.execute("DELETE FROM shards WHERE batch_id = ?", (batch_id,))
             conn.execute("DELETE FROM files WHERE batch_id = ?", (batch_id,))
             conn.execute("UPDATE batches SET forgotten_at = ?, file_counts = ? WHERE batch_id = ?",
                          (isoformat(utcnow()), json.dumps(counts, sort_keys=True), batch_id))
@@ -569,8 +577,13 @@ class SQLiteJournal(CommonOperations):
                     file_from_row(r) for r in conn.execute(
                         f"SELECT {FILE_COLUMNS} FROM files {plan}WHERE batch_id = ? AND state = ? "
                         "ORDER BY key LIMIT ?", (batch_id, state.value, problem_limit))]
+            shards = {ShardState(state): (count, total) for state, count, total in conn.execute(
+                "SELECT state, count(*), coalesce(sum(size), 0) FROM shards WHERE batch_id = ? GROUP BY state",
+                (batch_id,))}
         return BatchSummary(batch_from_row(row), counts, sizes, listed[FileState.FAILED],
-                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change)
+                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change,
+                            shards={state: pair[0] for state, pair in shards.items()},
+                            shard_bytes={state: pair[1] for state, pair in shards.items()})
 
     @staticmethod
     def _problem_plan(problem_count: int, files_total: int, limit: int) -> str:
@@ -585,3 +598,128 @@ class SQLiteJournal(CommonOperations):
             return ""
         return "INDEXED BY files_by_state "
 
+
+    # -- packed shards ---------------------------------------------------------
+
+    def plan_shard(self, batch_id: str, members: Sequence[tuple[str, int]], size: int) -> ShardRecord:
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> int:
+            check_accepts_files(batch_id, self._batch_state(conn, batch_id))
+            prefix = conn.execute("SELECT prefix FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0]
+            shard_no = conn.execute("SELECT coalesce(max(shard_no), 0) + 1 FROM shards WHERE batch_id = ?",
+                                    (batch_id,)).fetchone()[0]
+            conn.execute("INSERT INTO shards (batch_id, shard_no, key, size, members, state, updated_at) "
+                         "VALUES (?,?,?,?,?,?,?)", (batch_id, shard_no, shard_key(f"{prefix}{batch_id}/", shard_no),
+                                                    size, len(members), ShardState.UPLOADING.value, now))
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE files SET state = 'uploading', shard_no = ?, shard_offset = ?, attempts = attempts + 1, "
+                "error = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ? "
+                "AND state IN ('pending', 'failed') AND shard_no IS NULL AND upload_id IS NULL",
+                [(shard_no, offset, now, batch_id, rel_path) for rel_path, offset in members])
+            moved = conn.total_changes - before
+            if moved != len(members):
+                raise members_not_plannable(batch_id, shard_no, len(members), moved)
+            return int(shard_no)
+
+        return self.get_shard(batch_id, self.db.write(body))
+
+    def get_shard(self, batch_id: str, shard_no: int) -> ShardRecord:
+        row = next(iter(self.db.query(f"SELECT {SHARD_COLUMNS} FROM shards WHERE batch_id = ? AND shard_no = ?",
+                                      (batch_id, shard_no))), None)
+        if row is None:
+            raise shard_not_uploading(batch_id, shard_no, None)
+        return shard_from_row(row)
+
+    def iter_shards(self, batch_id: str, states: Iterable[ShardState] | None = None) -> Iterator[ShardRecord]:
+        wanted = None if states is None else {state.value for state in states}
+        last = 0
+        while True:
+            rows = self.db.query(f"SELECT {SHARD_COLUMNS} FROM shards WHERE batch_id = ? AND shard_no > ? "
+                                 "ORDER BY shard_no LIMIT 1000", (batch_id, last))
+            if not rows:
+                return
+            for row in rows:
+                if wanted is None or row["state"] in wanted:
+                    yield shard_from_row(row)
+            last = rows[-1]["shard_no"]
+
+    def shard_members(self, batch_id: str, shard_no: int) -> list[FileRecord]:
+        return [file_from_row(row) for row in self.db.query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = ? AND shard_no = ? ORDER BY shard_offset",
+            (batch_id, shard_no))]
+
+    @staticmethod
+    def _require_shard_uploading(conn: Conn, batch_id: str, shard_no: int) -> int:
+        row = conn.execute("SELECT state, members FROM shards WHERE batch_id = ? AND shard_no = ?",
+                           (batch_id, shard_no)).fetchone()
+        state = None if row is None else ShardState(row[0])
+        if state is not ShardState.UPLOADING:
+            raise shard_not_uploading(batch_id, shard_no, state)
+        return int(row[1])
+
+    def record_shard_upload(self, batch_id: str, shard_no: int, upload_id: str, part_size: int,
+                            checksum_kind: str | None) -> None:
+        def body(conn: Conn) -> None:
+            self._require_shard_uploading(conn, batch_id, shard_no)
+            conn.execute("UPDATE shards SET upload_id = ?, part_size = ?, checksum_kind = ?, updated_at = ? "
+                         "WHERE batch_id = ? AND shard_no = ?",
+                         (upload_id, part_size, checksum_kind, isoformat(utcnow()), batch_id, shard_no))
+            conn.execute("DELETE FROM shard_parts WHERE batch_id = ? AND shard_no = ?", (batch_id, shard_no))
+        self.db.write(body)
+
+    def record_shard_part(self, batch_id: str, shard_no: int, part: PartRecord) -> None:
+        def body(conn: Conn) -> None:
+            self._require_shard_uploading(conn, batch_id, shard_no)
+            conn.execute(
+                "INSERT INTO shard_parts (batch_id, shard_no, part_number, size, etag, checksum) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (batch_id, shard_no, part_number) DO UPDATE SET "
+                "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
+                (batch_id, shard_no, part.part_number, part.size, part.etag, part.checksum))
+        self.db.write(body)
+
+    def list_shard_parts(self, batch_id: str, shard_no: int) -> list[PartRecord]:
+        rows = self.db.query("SELECT part_number, size, etag, checksum FROM shard_parts WHERE batch_id = ? "
+                             "AND shard_no = ? ORDER BY part_number", (batch_id, shard_no))
+        return [PartRecord(**dict(row)) for row in rows]
+
+    def complete_shard(self, batch_id: str, shard_no: int, *, sha256: str, etag: str,
+                       digests: Sequence[tuple[str, str]]) -> None:
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> None:
+            members = self._require_shard_uploading(conn, batch_id, shard_no)
+            before = conn.total_changes
+            conn.executemany("UPDATE files SET state = 'uploaded', sha256 = ?, etag = NULL, error = NULL, "
+                             "updated_at = ? WHERE batch_id = ? AND rel_path = ? AND shard_no = ? "
+                             "AND state = 'uploading'",
+                             [(digest, now, batch_id, rel_path, shard_no) for rel_path, digest in digests])
+            moved = conn.total_changes - before
+            if moved != members or len(digests) != members:
+                raise members_mismatch(batch_id, shard_no, members, moved)
+            conn.execute("UPDATE shards SET state = ?, sha256 = ?, etag = ?, error = NULL, updated_at = ? "
+                         "WHERE batch_id = ? AND shard_no = ?",
+                         (ShardState.UPLOADED.value, sha256, etag, now, batch_id, shard_no))
+            conn.execute("DELETE FROM shard_parts WHERE batch_id = ? AND shard_no = ?", (batch_id, shard_no))
+        self.db.write(body)
+
+    def drop_shard(self, batch_id: str, shard_no: int, reason: str,
+                   problems: Mapping[str, tuple[FileState, str]]) -> None:
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> None:
+            row = conn.execute("SELECT state FROM shards WHERE batch_id = ? AND shard_no = ?",
+                               (batch_id, shard_no)).fetchone()
+            if row is None or ShardState(row[0]) is ShardState.DROPPED:
+                raise shard_not_uploading(batch_id, shard_no, None if row is None else ShardState(row[0]))
+            conn.execute("UPDATE files SET state = 'pending', error = ?, shard_no = NULL, shard_offset = NULL, "
+                         "updated_at = ? WHERE batch_id = ? AND shard_no = ?", (reason, now, batch_id, shard_no))
+            conn.executemany("UPDATE files SET state = ?, error = ?, updated_at = ? WHERE batch_id = ? "
+                             "AND rel_path = ? AND state = 'pending' AND error = ?",
+                             [(state.value, why, now, batch_id, rel_path, reason)
+                              for rel_path, (state, why) in problems.items()])
+            conn.execute("UPDATE shards SET state = ?, error = ?, updated_at = ? WHERE batch_id = ? AND shard_no = ?",
+                         (ShardState.DROPPED.value, reason, now, batch_id, shard_no))
+            conn.execute("DELETE FROM shard_parts WHERE batch_id = ? AND shard_no = ?", (batch_id, shard_no))
+        self.db.write(body)

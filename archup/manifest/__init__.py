@@ -1,11 +1,13 @@
 """The manifest: what a finalized batch holds, written once under its prefix.
 
-Three objects (docs/manifest.md):
+Three objects (docs/manifest.md), four for a packed batch:
 
 * ``<batch prefix>manifest.jsonl``: one JSON object per uploaded file, in key
   order, streamed from the journal to a temporary file (never held in memory);
 * ``<batch prefix>manifest-skipped.jsonl``: one JSON object per file the scan found
   and did not upload (skipped by policy, or unreadable), with its reason, in key order;
+* ``<batch prefix>manifest-shards.jsonl`` (a packed batch only): one JSON object per tar
+  shard, in number order: its key, size, SHA-256, ETag and member count;
 * ``<batch prefix>manifest.json``: the summary, written last with
   ``If-None-Match: *``. It names the other two with their SHA-256, so it seals
   them: the summary's existence is what "finalized" means in the bucket.
@@ -20,13 +22,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..journal import BatchRecord, FileRecord
+from ..journal import BatchRecord, FileRecord, ShardRecord, shard_key
 
 FORMAT = "archup-manifest"
 # Fields are added within version 1 (readers ignore what they do not know): "skipped", the
 # seal on the list of what was not archived, came after the first manifests, which lack it.
-FORMAT_VERSION = 1
+# Version 2: a packed batch (--pack-under). Its entries may name a shard and an offset
+# instead of an object of their own, which a version-1 reader would take for a whole object:
+# it refuses the batch instead (it refuses any newer version). A batch without shards is
+# still written as version 1, readable by every archup.
+FORMAT_VERSION = 2
+UNPACKED_VERSION = 1
 SUMMARY_NAME = "manifest.json"
+SHARDS_NAME = "manifest-shards.jsonl"
 ENTRIES_NAME = "manifest.jsonl"
 SKIPPED_NAME = "manifest-skipped.jsonl"
 
@@ -43,10 +51,31 @@ def skipped_key(batch: BatchRecord) -> str:
     return f"{batch.batch_prefix}{SKIPPED_NAME}"
 
 
+def shards_key(batch: BatchRecord) -> str:
+    return f"{batch.batch_prefix}{SHARDS_NAME}"
+
+
 def skipped_entry(record: FileRecord) -> dict[str, Any]:
     """A file the batch does not hold, and why (the reason as the scan recorded it)."""
     return {"path": record.rel_path, "reason": record.error or "skipped", "size": record.size,
             "mtime_ns": record.mtime_ns}
+
+
+def entry_for(batch: BatchRecord) -> Callable[[FileRecord], dict[str, Any]]:
+    """Entries of this batch's files: a packed file's names its shard and data offset."""
+    prefix = batch.batch_prefix
+
+    def encode(record: FileRecord) -> dict[str, Any]:
+        if record.shard_no is None:
+            return entry(record)
+        return {"path": record.rel_path, "shard": shard_key(prefix, record.shard_no), "offset": record.shard_offset,
+                "size": record.size, "sha256": record.sha256, "mtime_ns": record.mtime_ns}
+    return encode
+
+
+def shard_entry(shard: ShardRecord) -> dict[str, Any]:
+    return {"key": shard.key, "size": shard.size, "sha256": shard.sha256, "etag": shard.etag,
+            "members": shard.members, "part_size": shard.part_size}
 
 
 def entry(record: FileRecord) -> dict[str, Any]:
@@ -70,8 +99,7 @@ class EntriesFile:
     total_bytes: int
 
 
-def write_entries(records: Iterable[FileRecord],
-                  encode: Callable[[FileRecord], dict[str, Any]] = entry) -> EntriesFile:
+def write_entries(records: Iterable[Any], encode: Callable[[Any], dict[str, Any]] = entry) -> EntriesFile:
     """Stream entries (``encode``: uploaded files' or skipped files') to a temporary file,
     hashing as it goes; the caller closes the handle."""
     handle = tempfile.TemporaryFile()
@@ -92,10 +120,13 @@ def seal(key: str, sealed: EntriesFile) -> dict[str, Any]:
     return {"key": key, "sha256": sealed.sha256, "bytes": sealed.size, "count": sealed.count}
 
 
-def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, skipped: EntriesFile) -> dict[str, Any]:
-    return {
+def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, skipped: EntriesFile,
+            shards: EntriesFile | None = None, files_packed: int = 0) -> dict[str, Any]:
+    """``shards``: a packed batch's shard list (None or empty: written as version 1)."""
+    packed = shards is not None and shards.count > 0
+    document = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if packed else UNPACKED_VERSION,
         "batch_id": batch.batch_id,
         "created_at": batch.created_at,
         "finalized_at": finalized_at,
@@ -111,6 +142,11 @@ def summary(batch: BatchRecord, entries: EntriesFile, *, finalized_at: str, skip
         "entries": seal(entries_key(batch), entries),
         "skipped": seal(skipped_key(batch), skipped),
     }
+    if packed:
+        assert shards is not None
+        document["shards"] = seal(shards_key(batch), shards)
+        document["files_packed"] = files_packed
+    return document
 
 
 def encode_summary(document: dict[str, Any]) -> bytes:

@@ -70,6 +70,7 @@ class Summary:
     sha256: str
     entries: Seal
     skipped: Seal | None  # absent in manifests written before the skipped list
+    shards: Seal | None = None  # a packed batch's shard list (format_version 2)
 
     @property
     def batch_id(self) -> str:
@@ -89,7 +90,8 @@ class Summary:
 
 @dataclass(frozen=True)
 class Entry:
-    """One line of manifest.jsonl, its types checked (its path is not: see restore)."""
+    """One line of manifest.jsonl, its types checked (its path is not: see restore). A packed
+    file's ``key`` is its shard's, and ``offset`` where its bytes start in it."""
 
     path: str
     key: str
@@ -98,10 +100,27 @@ class Entry:
     etag: str | None
     part_size: int | None
     mtime_ns: int | None
+    offset: int | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.offset is not None
 
     @property
     def multipart(self) -> bool:
-        return self.part_size is not None or "-" in (self.etag or "")
+        return not self.packed and (self.part_size is not None or "-" in (self.etag or ""))
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One line of manifest-shards.jsonl, its types checked."""
+
+    key: str
+    size: int
+    sha256: str
+    etag: str | None
+    members: int
+    part_size: int | None
 
 
 @dataclass(frozen=True)
@@ -289,7 +308,8 @@ def read_summary(store: ObjectStore, key: str, batch_id: str) -> Summary:
         raise ManifestDefect("invalid", key, "batch_id", batch_id, str(document.get("batch_id"))[:200])
     entries = _seal(document, "entries", key)
     skipped = _seal(document, "skipped", key) if document.get("skipped") is not None else None
-    return Summary(key, document, hashlib.sha256(body).hexdigest(), entries, skipped)
+    shards = _seal(document, "shards", key) if document.get("shards") is not None else None
+    return Summary(key, document, hashlib.sha256(body).hexdigest(), entries, skipped, shards)
 
 
 # -- entries ------------------------------------------------------------------
@@ -299,6 +319,14 @@ def entry_problem(document: Any) -> str | None:
     """Why a parsed line is not a usable entry, or None."""
     if not isinstance(document, dict):
         return "not a JSON object"
+    if "shard" in document:  # a packed file: its shard's key and the offset of its bytes
+        if "key" in document:
+            return "both key and shard"
+        if not isinstance(document.get("shard"), str):
+            return "shard is not a string"
+        if not is_count(document.get("offset")):
+            return "offset is not a non-negative integer"
+        document = {**document, "key": document["shard"]}
     for name in ("path", "key", "sha256"):
         if not isinstance(document.get(name), str):
             return f"{name} is not a string"
@@ -314,9 +342,35 @@ def entry_problem(document: Any) -> str | None:
 
 
 def to_entry(document: dict[str, Any]) -> Entry:
+    if "shard" in document:
+        return Entry(path=document["path"], key=document["shard"], size=document["size"],
+                     sha256=document["sha256"], etag=None, part_size=None, mtime_ns=document.get("mtime_ns"),
+                     offset=document["offset"])
     return Entry(path=document["path"], key=document["key"], size=document["size"], sha256=document["sha256"],
                  etag=document.get("etag"), part_size=document.get("part_size"),
                  mtime_ns=document.get("mtime_ns"))
+
+
+def parse_shard(line: bytes | LineTooLong, number: int) -> ShardEntry | BadLine:
+    """A line of manifest-shards.jsonl, or why it is not a usable one."""
+    if isinstance(line, LineTooLong):
+        return BadLine(number, f"line longer than {MAX_LINE_BYTES} bytes ({line.length})")
+    try:
+        document = parse_json(line)
+    except ValueError as error:
+        return BadLine(number, f"JSON: {error}")
+    if not isinstance(document, dict) or not isinstance(document.get("key"), str):
+        return BadLine(number, "a shard: key is not a string")
+    if not is_count(document.get("size")) or not is_count(document.get("members")):
+        return BadLine(number, "a shard: size or members is not a non-negative integer")
+    if not _is_digest(document.get("sha256")):
+        return BadLine(number, "a shard: sha256 is not 64 lowercase hex digits")
+    if document.get("etag") is not None and not isinstance(document["etag"], str):
+        return BadLine(number, "a shard: etag is not a string")
+    if document.get("part_size") is not None and not is_count(document["part_size"]):
+        return BadLine(number, "a shard: part_size is not an integer")
+    return ShardEntry(document["key"], document["size"], document["sha256"], document.get("etag"),
+                      document["members"], document.get("part_size"))
 
 
 def parse_entry(line: bytes | LineTooLong, number: int) -> Entry | BadLine:
