@@ -445,9 +445,11 @@ class SQLiteJournal(CommonOperations):
         self.db.write(body)
 
     def upload_ids(self, batch_id: str) -> set[str]:
-        """The multipart upload ids the journal records for a batch (files still uploading)."""
+        """The multipart upload ids the journal records for a batch (files and shards still uploading)."""
         rows = self.db.query(
-            "SELECT upload_id FROM files WHERE batch_id = ? AND upload_id IS NOT NULL", (batch_id,))
+            "SELECT upload_id FROM files WHERE batch_id = ?1 AND upload_id IS NOT NULL UNION ALL "
+            "SELECT upload_id FROM shards WHERE batch_id = ?1 AND state = 'uploading' AND upload_id IS NOT NULL",
+            (batch_id,))
         return {row[0] for row in rows}
 
     def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
