@@ -49,9 +49,11 @@ _DIGEST_PLACEHOLDER = "0" * 64
 REPLANNED = "its shard was planned again without a member that changed or could not be read"
 
 
-def member_cost(record: FileRecord) -> int:
-    """What one member adds to a shard: header(s), data, padding and index line."""
-    head = header(record.rel_path, record.size, record.mtime_ns)
+def member_cost(record: FileRecord, head: bytes | None = None) -> int:
+    """What one member adds to a shard, about: header(s), data, padding and index line
+    (whose offset has at most 12 digits more than 0)."""
+    if head is None:
+        head = header(record.rel_path, record.size, record.mtime_ns)
     return (len(head) + record.size + padding(record.size)
             + len(index_line(record.rel_path, 0, record.size, _DIGEST_PLACEHOLDER)) + 12)
 
@@ -64,27 +66,31 @@ def shard_overhead() -> int:
 class ShardPlanner:
     """Gathers small files into groups of about ``shard_size`` bytes (the dispatching thread)."""
 
-    def __init__(self, shard_size: int, emit: Callable[[list[FileRecord]], None]) -> None:
+    def __init__(self, shard_size: int, emit: Callable[[list[FileRecord], list[bytes]], None]) -> None:
         self.shard_size = shard_size
         self._emit = emit
         self._members: list[FileRecord] = []
+        self._heads: list[bytes] = []
         self._bytes = shard_overhead()
 
     def add(self, record: FileRecord) -> None:
-        cost = member_cost(record)
+        head = header(record.rel_path, record.size, record.mtime_ns)
+        cost = member_cost(record, head)
         if self._members and self._bytes + cost > self.shard_size:
             self.flush()
         self._members.append(record)
+        self._heads.append(head)
         self._bytes += cost
 
     def flush(self) -> None:
-        members, self._members, self._bytes = self._members, [], shard_overhead()
+        members, heads = self._members, self._heads
+        self._members, self._heads, self._bytes = [], [], shard_overhead()
         if members:
-            self._emit(members)
+            self._emit(members, heads)
 
 
-def layout_of(records: Sequence[FileRecord]) -> Layout:
-    return layout([Member(record.rel_path, record.size, record.mtime_ns) for record in records])
+def layout_of(records: Sequence[FileRecord], heads: Sequence[bytes] | None = None) -> Layout:
+    return layout([Member(record.rel_path, record.size, record.mtime_ns) for record in records], heads=heads)
 
 
 class _Problems(Exception):
@@ -117,9 +123,9 @@ class ShardSender:
 
     # -- the dispatching thread -------------------------------------------------
 
-    def plan(self, records: list[FileRecord]) -> None:
+    def plan(self, records: list[FileRecord], heads: list[bytes] | None = None) -> None:
         """Fix a new shard of these files in the journal, then queue it."""
-        shape = layout_of(records)
+        shape = layout_of(records, heads)
         shard = self.journal.plan_shard(self.batch_id, [(record.rel_path, placed.data_offset)
                                                         for record, placed in zip(records, shape.members)],
                                         shape.size)

@@ -73,9 +73,31 @@ def padding(size: int) -> int:
     return -size % BLOCK
 
 
+# A ustar block after its type flag: no link name, the magic and version, empty owner
+# names, device numbers and prefix, and the block's padding.
+_AFTER_TYPE = bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_FIXED_SUM = 8 * 0x20 + ord("0") + sum(_AFTER_TYPE)  # the checksum field counted as spaces, the type
+_MAX_OCTAL_11 = 8 ** 11
+
+
 def header(path: str, size: int, mtime_ns: int) -> bytes:
     """The tar header block(s) of one member: a pax extended header first where the name
-    needs one (long, or not ASCII), then the ustar header."""
+    needs one (long, or not ASCII), then the ustar header.
+
+    The common member (an ASCII name of at most 100 bytes, a size and mtime that fit their
+    octal fields) gets its one block built here, byte for byte what ``tarfile`` writes
+    (tests/test_shards.py holds the two to each other), at a tenth of the cost; any other
+    goes through ``tarfile``."""
+    mtime = mtime_ns // 1_000_000_000
+    if path.isascii() and len(path) <= 100 and 0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11:
+        name = path.encode("ascii")
+        fields = b"0000644\x000000000\x000000000\x00%011o\x00%011o\x00" % (size, mtime)
+        checksum = sum(name) + sum(fields) + _FIXED_SUM
+        return b"".join((name, bytes(100 - len(name)), fields, b"%06o\x00 0" % checksum, _AFTER_TYPE))
+    return _tarfile_header(path, size, mtime_ns)
+
+
+def _tarfile_header(path: str, size: int, mtime_ns: int) -> bytes:
     info = tarfile.TarInfo(path)
     info.size = size
     info.mtime = mtime_ns // 1_000_000_000
@@ -87,17 +109,19 @@ def header(path: str, size: int, mtime_ns: int) -> bytes:
 
 
 def index_line(path: str, data_offset: int, size: int, sha256: str) -> bytes:
-    return (json.dumps({"path": path, "offset": data_offset, "size": size, "sha256": sha256},
-                       ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    """``{"path","offset","size","sha256"}`` as compact JSON (the path encoded as json.dumps does)."""
+    return b'{"path":%s,"offset":%d,"size":%d,"sha256":"%s"}\n' % (
+        json.dumps(path, ensure_ascii=False).encode("utf-8"), data_offset, size, sha256.encode("ascii"))
 
 
-def layout(members: Sequence[Member], *, index_mtime_ns: int = 0) -> Layout:
-    """Where everything goes, from the member list alone."""
+def layout(members: Sequence[Member], *, index_mtime_ns: int = 0, heads: Sequence[bytes] | None = None) -> Layout:
+    """Where everything goes, from the member list alone (``heads``: their headers, if the
+    caller has them already)."""
     placed: list[Placed] = []
     offset = 0
     index_size = 0
-    for member in members:
-        head = header(member.path, member.size, member.mtime_ns)
+    for number, member in enumerate(members):
+        head = heads[number] if heads is not None else header(member.path, member.size, member.mtime_ns)
         data_offset = offset + len(head)
         item = Placed(member, offset, data_offset, head)
         placed.append(item)

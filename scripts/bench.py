@@ -81,6 +81,7 @@ DATASETS = {
     # name: (description, seed)
     "small": ("2,000 files x 4 KiB in nested directories", 1),
     "tiny": ("20,000 files x 1 KiB in nested directories", 6),
+    "tiny100k": ("100,000 files x 1 KiB in nested directories", 7),
     "mixed": ("200 files, 1 KiB to 2 MiB (log-uniform)", 2),
     "large": ("4 files x 128 MiB", 3),
     "large64": ("4 files x 64 MiB", 4),
@@ -96,6 +97,8 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
         return [(f"d{i // 200:02d}/s{(i // 20) % 10}/f{i:05d}.bin", 4 * KiB) for i in range(2000)]
     if name == "tiny":
         return [(f"t{i // 1000:02d}/s{(i // 100) % 10}/f{i:05d}.bin", KiB) for i in range(20000)]
+    if name == "tiny100k":
+        return [(f"t{i // 1000:03d}/s{(i // 100) % 10}/f{i:06d}.bin", KiB) for i in range(100000)]
     if name == "mixed":
         return [(f"m{i % 8}/file-{i:04d}.dat", int(2 ** rng.uniform(10, 21))) for i in range(200)]
     if name == "large":
@@ -264,6 +267,8 @@ ARCHUP_VARIANTS: dict[str, list[str]] = {
     "archup-prehash": ["--prehash"],
     "archup-crt": ["--transport", "crt"],
     "archup-botocore": ["--transport", "botocore"],
+    # Files under 64 KiB packed into tar shards (8 MiB each, the default: one PutObject a shard).
+    "archup-packed": ["--pack-under", "64KiB"],
 }
 
 @dataclass
@@ -541,6 +546,8 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "profiles")
     parser.add_argument("--tree", type=Path, help="the checkout archup runs from (default: this one)")
+    parser.add_argument("--archup-args", default="", help="more archup upload flags, e.g. '--pack-under 64KiB'")
+    parser.add_argument("--only-archup", action="store_true", help="profile archup alone (not the boto3 yardstick)")
     args = parser.parse_args(argv)
     src = build_dataset(args.dataset)
     files = len(dataset_files(args.dataset))
@@ -550,7 +557,7 @@ def profile_main(argv: list[str]) -> int:
     server.start()
     try:
         client = admin_client(server.endpoint)
-        for target in ("archup", "boto3"):
+        for target in ("archup",) if args.only_archup else ("archup", "boto3"):
             for timer in ("cpu", "wall"):
                 bucket = f"prof-{target}-{timer}"
                 client.create_bucket(Bucket=bucket)
@@ -558,7 +565,7 @@ def profile_main(argv: list[str]) -> int:
                 if target == "archup":
                     rest = ["upload", str(src), "--bucket", bucket, "--endpoint-url", server.endpoint, "--region",
                             REGION, "--parallel", str(args.parallel), "--journal", str(work / f"{bucket}.db"),
-                            "--json", "--quiet"]
+                            "--json", "--quiet", *args.archup_args.split()]
                     python = ARCHUP_PYTHON
                 else:
                     rest = ["--endpoint", server.endpoint, "--bucket", bucket, "--src", str(src),

@@ -83,3 +83,21 @@ def test_index_needs_one_digest_per_member() -> None:
     _, shard = build({"a": b"a"})
     with pytest.raises(ValueError):
         shards.index_member(shard, [])
+
+
+def test_the_fast_header_is_byte_for_byte_tarfiles() -> None:
+    """The common member's header is built without tarfile; it must be exactly what tarfile writes."""
+    import random
+
+    from archup.shards import _tarfile_header, header
+
+    rng = random.Random(20261206)
+    for _ in range(5000):
+        path = "".join(rng.choice("abcdefghij/._-XYZ0123 ") for _ in range(rng.randrange(1, 101)))
+        size = rng.choice([0, 1, 511, 512, 1023, rng.randrange(0, 8 ** 11)])
+        mtime_ns = rng.choice([0, rng.randrange(0, 8 ** 11) * 10 ** 9 + rng.randrange(10 ** 9)])
+        assert header(path, size, mtime_ns) == _tarfile_header(path, size, mtime_ns), (path, size, mtime_ns)
+    # Past the fast path's limits (non-ASCII, over 100 bytes, sizes past 11 octal digits) both agree too.
+    for path, size in (("m\u00e9lange", 5), ("x" * 101, 5), ("big", 8 ** 11)):
+        assert header(path, size, 0) == _tarfile_header(path, size, 0)
+        assert len(header(path, size, 0)) > 512
