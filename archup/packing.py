@@ -211,8 +211,7 @@ class ShardSender:
             body[placed.data_offset:placed.data_offset + len(data)] = data
             digests.append(hashlib.sha256(data).hexdigest())
         body[shape.index_offset:] = index_member(shape, digests)
-        whole = bytes(body)
-        del body
+        whole = body  # sent as it is: a copy would hold the shard twice
         digest = hashlib.sha256(whole).digest()
         crash_point("before-put-shard")
         etag = self.store.put_object(shard.key, whole, sha256_digest=digest, content_type=SHARD_CONTENT_TYPE,

@@ -181,3 +181,32 @@ def test_journal_records_each_members_shard_and_offset(cli, packed) -> None:
     entry_offsets = {entry["path"]: entry["offset"] for entry in packed["entries"] if "shard" in entry}
     assert {row[0]: row[2] for row in rows if row[1] is not None} == entry_offsets
     assert journal_rows(cli.journal, "SELECT shard_no, state, members FROM shards") == [(1, "uploaded", len(SMALL))]
+
+
+def test_a_packed_manifest_matches_the_schema_and_the_docs(cli, s3, packed) -> None:
+    import jsonschema
+    from test_verify import ROOT, SCHEMA_PATH
+
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+    def validator(name: str) -> Any:
+        return jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": f"#/$defs/{name}"})
+
+    validator("summary").validate(packed["summary"])
+    kinds = {"entry": [e for e in packed["entries"] if "key" in e],
+             "packed_entry": [e for e in packed["entries"] if "shard" in e], "shard_entry": packed["shards"]}
+    assert all(kinds.values())
+    for name, documents in kinds.items():
+        for document in documents:
+            validator(name).validate(document)
+            jsonschema.Draft202012Validator(schema).validate(document)
+    with pytest.raises(jsonschema.ValidationError):  # a packed line is no plain entry, and the reverse
+        validator("entry").validate(kinds["packed_entry"][0])
+    with pytest.raises(jsonschema.ValidationError):
+        validator("packed_entry").validate(kinds["entry"][0])
+    docs = (ROOT / "docs" / "manifest.md").read_text(encoding="utf-8")
+    for name, document in (("summary", packed["summary"]), ("packed_entry", kinds["packed_entry"][0]),
+                           ("shard_entry", packed["shards"][0])):
+        assert set(document) == set(schema["$defs"][name]["properties"]), name
+        for field in document:
+            assert f"`{field}`" in docs, f"docs/manifest.md does not document {field}"
