@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 from .checksums import CRC_ALGORITHMS, crc_of, part_matches
@@ -45,6 +46,10 @@ MIN_SHARD_SIZE = 64 * 1024
 MAX_SHARD_SIZE = 5 * 1024 * MiB
 SHARD_CONTENT_TYPE = "application/x-tar"
 SHARD_METADATA = "archup-shard-members"
+# Shards planned or in flight at once. Packing is bound by reading and hashing the members
+# (the CPU), not by the network: more would hold more members' records and shard bodies in
+# memory (a 1,000,000-file batch within 150 MiB) without sending faster.
+SHARDS_IN_FLIGHT = 4
 _DIGEST_PLACEHOLDER = "0" * 64
 REPLANNED = "its shard was planned again without a member that changed or could not be read"
 
@@ -120,6 +125,7 @@ class ShardSender:
         self.part_size = part_size
         self._metadata = metadata
         self._stop = outcomes.stop
+        self._in_flight = threading.BoundedSemaphore(max(1, min(dispatcher.parallel, SHARDS_IN_FLIGHT)))
 
     # -- the dispatching thread -------------------------------------------------
 
@@ -148,14 +154,25 @@ class ShardSender:
         self._queue(shard, members, shape)
 
     def _queue(self, shard: ShardRecord, members: list[FileRecord], shape: Layout) -> None:
-        for record in members:
-            self.outcomes.started(record)
-        held = min(shape.size, self.part_size)
-        self.dispatcher.submit(self._send, shard, members, shape, reservation=self.dispatcher.reserve(held))
+        self._in_flight.acquire()
+        try:
+            for record in members:
+                self.outcomes.started(record)
+            held = min(shape.size, self.part_size)
+            self.dispatcher.submit(self._send, shard, members, shape, reservation=self.dispatcher.reserve(held))
+        except BaseException:
+            self._in_flight.release()
+            raise
 
     # -- an upload stream -----------------------------------------------------------
 
     def _send(self, shard: ShardRecord, members: list[FileRecord], shape: Layout) -> None:
+        try:
+            self._send_shard(shard, members, shape)
+        finally:
+            self._in_flight.release()
+
+    def _send_shard(self, shard: ShardRecord, members: list[FileRecord], shape: Layout) -> None:
         while True:
             if self._stop.is_set():
                 return  # left uploading as planned: the resumer sends it
