@@ -101,6 +101,23 @@ _NOT_FOUND = ("FROM archived WHERE source_id = ?1 AND (seen_by IS NULL OR seen_b
               "AND f.state != 'skipped')")
 
 
+def _each_member(conn: Conn, update: str, batch_id: str, pairs: Sequence[tuple[str, Any]], shard_no: int,
+                 now: str) -> None:
+    """One UPDATE for a shard's members, ``pairs`` of (rel_path, value) as a JSON array read by
+    json_each (a statement per member costs ten times as much); row by row where a path
+    holds a NUL, which SQLite's JSON functions end a string at. ``update`` names the pair's
+    parts {path} and {value}; ?1 is the batch, ?3 the shard, ?4 the time."""
+    text = json.dumps(pairs, ensure_ascii=False)
+    if "\\u0000" in text:
+        conn.executemany(update.format(path="?5", value="?2"),
+                         [(batch_id, value, shard_no, now, rel_path) for rel_path, value in pairs])
+        return
+    conn.execute(update.format(path="m.path", value="m.value").replace(
+        "UPDATE files SET", "UPDATE files SET", 1).replace(" WHERE batch_id = ?1", " FROM (SELECT "
+        "json_extract(value, '$[0]') AS path, json_extract(value, '$[1]') AS value FROM json_each(?2)) AS m "
+        "WHERE batch_id = ?1", 1), (batch_id, text, shard_no, now))
+
+
 class SQLiteJournal(CommonOperations):
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
@@ -615,11 +632,10 @@ class SQLiteJournal(CommonOperations):
                          "VALUES (?,?,?,?,?,?,?)", (batch_id, shard_no, shard_key(f"{prefix}{batch_id}/", shard_no),
                                                     size, len(members), ShardState.UPLOADING.value, now))
             before = conn.total_changes
-            conn.executemany(
-                "UPDATE files SET state = 'uploading', shard_no = ?, shard_offset = ?, attempts = attempts + 1, "
-                "error = NULL, updated_at = ? WHERE batch_id = ? AND rel_path = ? "
-                "AND state IN ('pending', 'failed') AND shard_no IS NULL AND upload_id IS NULL",
-                [(shard_no, offset, now, batch_id, rel_path) for rel_path, offset in members])
+            _each_member(conn, "UPDATE files SET state = 'uploading', shard_no = ?3, shard_offset = {value}, "
+                         "attempts = attempts + 1, error = NULL, updated_at = ?4 WHERE batch_id = ?1 "
+                         "AND rel_path = {path} AND state IN ('pending', 'failed') AND shard_no IS NULL "
+                         "AND upload_id IS NULL", batch_id, members, shard_no, now)
             moved = conn.total_changes - before
             if moved != len(members):
                 raise members_not_plannable(batch_id, shard_no, len(members), moved)
@@ -693,10 +709,9 @@ class SQLiteJournal(CommonOperations):
         def body(conn: Conn) -> None:
             members = self._require_shard_uploading(conn, batch_id, shard_no)
             before = conn.total_changes
-            conn.executemany("UPDATE files SET state = 'uploaded', sha256 = ?, etag = NULL, error = NULL, "
-                             "updated_at = ? WHERE batch_id = ? AND rel_path = ? AND shard_no = ? "
-                             "AND state = 'uploading'",
-                             [(digest, now, batch_id, rel_path, shard_no) for rel_path, digest in digests])
+            _each_member(conn, "UPDATE files SET state = 'uploaded', sha256 = {value}, etag = NULL, error = NULL, "
+                         "updated_at = ?4 WHERE batch_id = ?1 AND rel_path = {path} AND shard_no = ?3 "
+                         "AND state = 'uploading'", batch_id, digests, shard_no, now)
             moved = conn.total_changes - before
             if moved != members or len(digests) != members:
                 raise members_mismatch(batch_id, shard_no, members, moved)
