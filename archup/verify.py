@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import chain, zip_longest
+from itertools import chain
 from typing import Any, Union
 
 from . import manifest
@@ -61,8 +61,8 @@ from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
 # A shard's index member is held to be compared with the entries only up to this size (an
-# 8 MiB shard's index is at most some 2 MiB); a larger one is not compared.
-MAX_INDEX_BYTES = 4 * 1024 * 1024
+# 8 MiB shard's index is at most some 1.5 MiB); a larger one is not compared.
+MAX_INDEX_BYTES = 2 * 1024 * 1024
 
 
 class Source(str, Enum):
@@ -700,22 +700,35 @@ class _Verification:
     @staticmethod
     def _index_differences(shard: ShardEntry, members: Iterable[tuple[str, int, int, str]],
                            hashes: _MemberHashes) -> list[Difference]:
-        """The shard's own index member against the entries naming it, line by line."""
+        """The shard's own index member against the entries naming it, by path: an entry the
+        index describes otherwise or not at all, and an index line no entry matches."""
         index = _index_of(bytes(hashes.tail))
         if isinstance(index, str):
             return [Difference(shard.key, None, Problem.SHARD_INDEX_MISMATCH,
                                f"{INDEX_NAME} at byte {hashes.index_offset}", index)]
+        described: dict[str, bytes] = {}  # bounded: the index is at most MAX_INDEX_BYTES
+        unreadable = 0
+        for line in reader.split_lines([index]):
+            try:
+                path = reader.parse_json(line).get("path") if isinstance(line, bytes) else None
+            except (ValueError, AttributeError):
+                path = None
+            if isinstance(path, str) and isinstance(line, bytes) and path not in described:
+                described[path] = line
+            else:
+                unreadable += 1
         found: list[Difference] = []
-        lines = reader.split_lines([index])
-        for member, line in zip_longest(members, lines):
-            expected = index_line(*member).rstrip(b"\n") if member is not None else None
-            if isinstance(line, reader.LineTooLong):
-                line = b"(a line too long)"
-            if expected != line:
-                found.append(Difference(shard.key, member[0] if member is not None else None,
-                                        Problem.SHARD_INDEX_MISMATCH,
-                                        expected.decode("utf-8", "replace") if expected is not None else None,
-                                        line.decode("utf-8", "replace") if line is not None else None))
+        for path, offset, size, sha256 in members:
+            expected = index_line(path, offset, size, sha256).rstrip(b"\n")
+            actual = described.pop(path, None)
+            if actual != expected:
+                found.append(Difference(shard.key, path, Problem.SHARD_INDEX_MISMATCH, _text(expected),
+                                        _text(actual)))
+        found += [Difference(shard.key, path, Problem.SHARD_INDEX_MISMATCH, None, _text(line))
+                  for path, line in described.items()]
+        if unreadable:
+            found.append(Difference(shard.key, None, Problem.SHARD_INDEX_MISMATCH, "a member per line",
+                                    f"{unreadable} line(s) without a path of their own"))
         return found
 
     def _hash_object(self, item: ExpectedFile) -> list[Difference]:
@@ -771,6 +784,10 @@ class _Verification:
     def _report(self, done: Future[list[Difference]] | list[Difference]) -> None:
         for difference in done.result() if isinstance(done, Future) else done:
             self.add(difference)
+
+
+def _text(line: bytes | None) -> str | None:
+    return None if line is None else line.decode("utf-8", "backslashreplace")
 
 
 def _place(entry: Entry) -> str:
