@@ -20,6 +20,7 @@ from .errors import ArchupError
 
 LAST_SUCCESS = "archup_last_success_timestamp_seconds"
 STATES = ("uploaded", "failed", "skipped")
+SHARD_STATES = ("uploaded", "uploading", "dropped")
 
 
 class MetricsError(ArchupError):
@@ -38,6 +39,11 @@ class JobMetrics:
     duration_s: float = 0.0
     files: dict[str, int] = field(default_factory=dict)   # per state: uploaded, failed, skipped
     bytes: dict[str, int] = field(default_factory=dict)
+    # A packed batch (--pack-under): its tar shards per state, their bytes, and the files in
+    # uploaded shards (empty, and not written, for a batch without shards).
+    shards: dict[str, int] = field(default_factory=dict)
+    shard_bytes: dict[str, int] = field(default_factory=dict)
+    files_packed: int | None = None
     extra: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (help, value)
 
     @property
@@ -78,6 +84,14 @@ def render(metrics: JobMetrics, last_success: float | None) -> str:
               [({"state": state}, metrics.files.get(state, 0)) for state in STATES])
         gauge("archup_last_run_bytes", "Bytes of the last run's batch, by state.",
               [({"state": state}, metrics.bytes.get(state, 0)) for state in STATES])
+    if metrics.shards:
+        gauge("archup_last_run_shards", "Tar shards of the last run's packed batch, by state.",
+              [({"state": state}, metrics.shards.get(state, 0)) for state in SHARD_STATES])
+        gauge("archup_last_run_shard_bytes", "Bytes of the last run's packed batch's shards, by state.",
+              [({"state": state}, metrics.shard_bytes.get(state, 0)) for state in SHARD_STATES])
+    if metrics.files_packed is not None:
+        gauge("archup_last_run_files_packed", "Files of the last run's batch stored in uploaded shards.",
+              [({}, metrics.files_packed)])
     for name, (help_text, value) in sorted(metrics.extra.items()):
         gauge(name, help_text, [({}, value)])
     if last_success is not None:

@@ -509,7 +509,11 @@ def _unreadable(journal: Journal, batch_id: str) -> list[dict[str, str | None]]:
 def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContextManager[Journal | None]]
             ) -> dict[str, Any]:
     """Scan with the selection applied and say what an upload would send; no bucket, and the
-    journal only read, for --skip-archived (``journal_opener`` yields None when there is none)."""
+    journal only read, for --skip-archived (``journal_opener`` yields None when there is none).
+
+    Also the objects and requests the files take, each file an object of its own and, with
+    --pack-under, packed (:class:`RequestPlan`), and for an archive storage class the billed
+    overhead per object that packing avoids."""
     settings = request.settings
     selector = Selector(settings.includes, settings.excludes)
     select = selector if selector.active else None
@@ -519,7 +523,8 @@ def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContext
     destination = Destination(request.source_root, request.bucket, request.prefix, request.transport.endpoint_url)
     count = total = skipped = already = 0
     first: list[str] = []
-    with (journal_opener() if settings.skip_archived and request.bucket else nullcontext(None)) as reader:
+    with (journal_opener() if settings.skip_archived and request.bucket else nullcontext(None)) as reader, \
+            RequestPlan(request.part_size, settings.pack_under, settings.shard_size or DEFAULT_SHARD_SIZE) as plan:
         for item in items:
             if item.skip_reason:
                 skipped += 1
@@ -529,10 +534,147 @@ def dry_run(request: UploadRequest, journal_opener: Callable[[], AbstractContext
                 continue
             count += 1
             total += item.size
+            key = object_key(f"{request.prefix}<BATCH>/", item.rel_path)
+            plan.add(key, item.rel_path, item.size, item.mtime_ns)
             if len(first) < SHOW_AT_MOST:
-                first.append(display_path(object_key(f"{request.prefix}<BATCH>/", item.rel_path)))
+                first.append(display_path(key))
+        requests = plan.report(settings.storage_class)
     return {"dry_run": True, "source_root": request.source_root, "files": count, "bytes": total,
-            "files_skipped": skipped, "files_already_archived": already, "first_keys": first}
+            "files_skipped": skipped, "files_already_archived": already, "first_keys": first, **requests}
+
+
+KiB = 1024
+# S3 Glacier Flexible Retrieval and Deep Archive bill every object 40 KiB more than its bytes:
+# 32 KiB of index at the archive class's rate, 8 KiB of name and metadata at STANDARD's.
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+ARCHIVE_OVERHEAD = 32 * KiB
+STANDARD_OVERHEAD = 8 * KiB
+# AWS's published price of PUT-class requests into DEEP_ARCHIVE (noted 2026-12-06; prices change).
+PUT_PRICE_PER_1000 = {"DEEP_ARCHIVE": 0.05}
+PRICE_NOTE = "AWS's published price noted 2026-12-06; check the S3 pricing page"
+
+
+@dataclass
+class Requests:
+    """Objects and requests of one way of sending the files: a PutObject per object up to the
+    part size, CreateMultipartUpload + a request per part + CompleteMultipartUpload above."""
+
+    objects: int = 0
+    requests: int = 0
+    multipart_objects: int = 0
+
+    def add(self, size: int, part_size: int, *, multipart: bool) -> None:
+        self.objects += 1
+        if multipart:
+            self.multipart_objects += 1
+            self.requests += -(-size // part_size) + 2
+        else:
+            self.requests += 1
+
+
+class RequestPlan:
+    """The requests a batch's files take, unpacked and packed. Small files are laid out into
+    shards as the upload does (:class:`archup.packing.ShardPlanner`, in key order): they are
+    kept in key order in a private temporary SQLite file meanwhile (the scan yields them in
+    walk order), so a million files do not sit in memory."""
+
+    _BATCH = 1000
+
+    def __init__(self, part_size: int, pack_under: int | None, shard_size: int) -> None:
+        self.part_size = part_size
+        self.pack_under = pack_under
+        self.shard_size = shard_size
+        self.unpacked = Requests()
+        self.packed = Requests()
+        self.shards = 0
+        self.files_packed = 0
+        self._db: Any = None
+        self._pending: list[tuple[bytes, str, int, int]] = []
+
+    def __enter__(self) -> RequestPlan:
+        if self.pack_under is not None:
+            import sqlite3
+
+            self._db = sqlite3.connect("")  # "": a private temporary file, deleted on close
+            self._db.execute("CREATE TABLE small (key BLOB, path TEXT, size INTEGER, mtime_ns INTEGER)")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _file(self, size: int, packed: bool) -> None:
+        from .multipart import part_size_for
+
+        multipart = size >= self.part_size
+        part_size = part_size_for(size, self.part_size) if multipart else self.part_size
+        self.unpacked.add(size, part_size, multipart=multipart)
+        if not packed:
+            self.packed.add(size, part_size, multipart=multipart)
+
+    def add(self, key: str, rel_path: str, size: int, mtime_ns: int) -> None:
+        small = self.pack_under is not None and size < self.pack_under
+        self._file(size, small)
+        if small:
+            # Bytes, so names with undecodable bytes sort as the journal's keys do (UTF-8 bytes).
+            self._pending.append((key.encode("utf-8", "surrogateescape"), rel_path, size, mtime_ns))
+            if len(self._pending) >= self._BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT INTO small VALUES (?, ?, ?, ?)", self._pending)
+        self._pending.clear()
+
+    def _lay_out(self) -> None:
+        from .packing import ShardPlanner, layout_of
+
+        def shard(members: list[FileRecord]) -> None:
+            size = layout_of(members).size
+            self.shards += 1
+            self.files_packed += len(members)
+            self.packed.add(size, self.part_size, multipart=size > self.part_size)
+
+        self._flush()
+        planner = ShardPlanner(self.shard_size, shard)
+        for key, rel_path, size, mtime_ns in self._db.execute("SELECT key, path, size, mtime_ns FROM small "
+                                                             "ORDER BY key"):
+            planner.add(FileRecord("", rel_path, key.decode("utf-8", "surrogateescape"), size, mtime_ns,
+                                   FileState.PENDING, None, None, None, None, None, 0, ""))
+        planner.flush()
+
+    def report(self, storage_class: str | None) -> dict[str, Any]:
+        """``unpacked``; with --pack-under ``packed``; in GLACIER or DEEP_ARCHIVE ``archive_overhead``."""
+        document: dict[str, Any] = {"unpacked": vars(self.unpacked).copy()}
+        if self.pack_under is not None:
+            self._lay_out()
+            document["packed"] = {**vars(self.packed), "shards": self.shards, "files_packed": self.files_packed,
+                                  "pack_under": self.pack_under, "shard_size": self.shard_size}
+        if storage_class in ARCHIVE_CLASSES:
+            document["archive_overhead"] = self._overhead(storage_class)
+        return document
+
+    def _overhead(self, storage_class: str) -> dict[str, Any]:
+        per_object = ARCHIVE_OVERHEAD + STANDARD_OVERHEAD
+        packed = self.packed.objects if self.pack_under is not None else self.unpacked.objects
+        avoided = self.unpacked.objects - packed
+        requests_avoided = self.unpacked.requests - (self.packed.requests if self.pack_under is not None
+                                                     else self.unpacked.requests)
+        price = PUT_PRICE_PER_1000.get(storage_class)
+        return {
+            "storage_class": storage_class,
+            "bytes_per_object": per_object,
+            "unpacked_bytes": self.unpacked.objects * per_object,
+            "packed_bytes": packed * per_object,
+            "objects_avoided": avoided,
+            "bytes_avoided": avoided * per_object,
+            "archive_rate_bytes_avoided": avoided * ARCHIVE_OVERHEAD,
+            "standard_rate_bytes_avoided": avoided * STANDARD_OVERHEAD,
+            "requests_avoided": requests_avoided,
+            # One-time, not monthly: the requests' price (where known), in US dollars.
+            "request_usd_avoided": round(requests_avoided * price / 1000, 6) if price is not None else None,
+            "request_usd_per_1000": price,
+            "price_note": PRICE_NOTE if price is not None else None,
+        }
 
 
 def read_only(open_reader: Callable[[], Journal]) -> Iterator[Journal | None]:

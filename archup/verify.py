@@ -14,30 +14,55 @@ without ``--prehash``, the default, has none, so its size and ETag are its check
 object's bytes re-hashed with SHA-256 as they stream. The per-object requests
 run on a small thread pool behind a bounded window, and their results are
 taken back in key order, so the differences come out in key order.
+
+A packed batch (``--pack-under``) has its small files in tar shards under
+``<batch prefix>shards/``. Its shard list (``manifest-shards.jsonl``, or the
+journal's uploaded shards) is read first and held (one small record per shard:
+a shard holds megabytes of files, so a batch has few). A packed entry is not
+looked for under ``files/``: it must name a listed shard and lie inside it, and
+the number of entries naming a shard must be its member count. After the
+files, the shard list is merged with the listing of ``shards/`` like the files'
+(missing, size, ETag, unexpected objects, ``archup-sha256`` metadata). With
+``deep`` each shard is streamed once, its whole SHA-256 checked, and every
+member's bytes re-hashed at its offset against its entry: the packed entries
+come in file order, not shard order, so they are spooled to a temporary SQLite
+file on disk and read back per shard in offset order (memory stays one chunk
+and a cursor). The shard's own index member is compared with the entries where
+it is at most ``MAX_INDEX_BYTES`` (larger indexes are not compared).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sqlite3
+import tarfile
+import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import chain
 from typing import Any, Union
 
 from . import manifest
 from .errors import DestinationError, TransferError, VerificationFailed
 from .journal import BatchRecord, Journal
+from .journal.records import SHARDS_DIR
 from .manifest import reader
-from .manifest.reader import BadLine, Entry, ManifestDefect, SealedStream, Summary
-from .scan import FILES_DIR
-from .states import BatchState, FileState
+from .manifest.reader import BadLine, Entry, ManifestDefect, SealedStream, ShardEntry, Summary
+from .scan import FILES_DIR, object_key
+from .shards import BLOCK, INDEX_NAME, index_line
+from .states import BatchState, FileState, ShardState
 from .store import SHA256_METADATA, ObjectInfo, ObjectStore
 
 CHUNK_SIZE = 1024 * 1024
 DEFAULT_PARALLEL = 8
+# A shard's index member is held to be compared with the entries only up to this size (an
+# 8 MiB shard's index is at most some 1.5 MiB); a larger one is not compared.
+MAX_INDEX_BYTES = 2 * 1024 * 1024
 
 
 class Source(str, Enum):
@@ -74,6 +99,17 @@ class Problem(str, Enum):
     SKIPPED_SIZE_MISMATCH = "skipped_size_mismatch"
     SKIPPED_COUNT_MISMATCH = "skipped_count_mismatch"
     SKIPPED_ENTRY_INVALID = "skipped_entry_invalid"
+    # A packed batch's shard list (manifest-shards.jsonl) and its shards
+    SHARDS_MISSING = "shards_missing"                          # the summary seals a shard list that is not there
+    SHARDS_CHECKSUM_MISMATCH = "shards_checksum_mismatch"
+    SHARDS_SIZE_MISMATCH = "shards_size_mismatch"
+    SHARDS_COUNT_MISMATCH = "shards_count_mismatch"
+    SHARD_ENTRY_INVALID = "shard_entry_invalid"                # expected: line N; actual: what is wrong
+    FILES_PACKED_MISMATCH = "files_packed_mismatch"            # summary's files_packed / packed entries
+    SHARD_UNKNOWN = "shard_unknown"                            # a packed entry names a shard not in the list
+    OUTSIDE_SHARD = "outside_shard"                            # expected: shard size; actual: offset + size
+    SHARD_MEMBERS_MISMATCH = "shard_members_mismatch"          # members: shard list / entries naming it
+    SHARD_INDEX_MISMATCH = "shard_index_mismatch"              # the shard's own index vs the entries (deep)
 
 
 Value = Union[str, int, None]
@@ -85,6 +121,8 @@ _ENTRIES_SEAL = {"sha256": Problem.ENTRIES_CHECKSUM_MISMATCH, "bytes": Problem.E
                  "count": Problem.ENTRIES_COUNT_MISMATCH}
 _SKIPPED_SEAL = {"sha256": Problem.SKIPPED_CHECKSUM_MISMATCH, "bytes": Problem.SKIPPED_SIZE_MISMATCH,
                  "count": Problem.SKIPPED_COUNT_MISMATCH}
+_SHARDS_SEAL = {"sha256": Problem.SHARDS_CHECKSUM_MISMATCH, "bytes": Problem.SHARDS_SIZE_MISMATCH,
+                "count": Problem.SHARDS_COUNT_MISMATCH}
 
 
 @dataclass(frozen=True)
@@ -108,6 +146,9 @@ class VerifyReport:
     checked: int = 0
     differences: list[Difference] = field(default_factory=list)  # the first MAX_DIFFERENCES
     omitted: int = 0  # differences found past those
+    packed: bool = False  # a packed batch: the two counts below are reported
+    files_packed: int = 0  # of ``checked``, the files in shards
+    shards_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -130,6 +171,9 @@ class VerifyReport:
                     "ok": self.ok, "differences": [d.as_dict() for d in self.differences]}
         if self.omitted:
             document["differences_omitted"] = self.omitted
+        if self.packed:
+            document["files_packed"] = self.files_packed
+            document["shards_checked"] = self.shards_checked
         return document
 
     def failure(self) -> VerificationFailed:
@@ -160,6 +204,140 @@ def _bare_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag is not None else None
 
 
+class _MemberSpool:
+    """The packed entries of the batch on local disk, to be read back per shard in offset
+    order (they arrive in file order). One temporary SQLite file; each worker thread reads
+    it through a connection of its own, once the writes are done."""
+
+    _BATCH = 1000
+
+    def __init__(self) -> None:
+        self._directory = tempfile.TemporaryDirectory(prefix="archup-verify-")
+        self._path = os.path.join(self._directory.name, "members.db")
+        self._writer = sqlite3.connect(self._path)
+        self._writer.execute("PRAGMA journal_mode = OFF")  # a scratch file: nothing to recover
+        self._writer.execute("PRAGMA synchronous = OFF")
+        self._writer.execute("CREATE TABLE members (shard TEXT, offset INTEGER, size INTEGER, sha256 TEXT, "
+                             "path TEXT)")
+        self._pending: list[tuple[str, int, int, str, str]] = []
+
+    def add(self, entry: Entry) -> None:
+        assert entry.offset is not None
+        self._pending.append((entry.key, entry.offset, entry.size, entry.sha256, entry.path))
+        if len(self._pending) >= self._BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._writer.executemany("INSERT INTO members VALUES (?, ?, ?, ?, ?)", self._pending)
+        self._pending.clear()
+
+    def finish(self) -> None:
+        """The writes are done: index them for the per-shard reads."""
+        self._flush()
+        self._writer.execute("CREATE INDEX members_by_shard ON members (shard, offset, path)")
+        self._writer.commit()
+        self._writer.close()
+
+    def members(self, shard_key: str) -> Iterator[tuple[str, int, int, str]]:
+        """(path, offset, size, sha256) of a shard's entries, in offset order (any thread)."""
+        connection = sqlite3.connect(self._path)
+        try:
+            yield from connection.execute("SELECT path, offset, size, sha256 FROM members WHERE shard = ? "
+                                          "ORDER BY offset, path", (shard_key,))
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._writer.close()  # a no-op once finished
+        self._directory.cleanup()
+
+
+class _MemberHashes:
+    """Re-hashes a shard's members as its bytes stream past, in one pass: members (in offset
+    order) start when the stream reaches them and end at their last byte. Once every member
+    has started, the bytes from the end of the last one (the index member, if the entries
+    are all of the shard's) are kept, up to ``MAX_INDEX_BYTES`` and a header."""
+
+    def __init__(self, members: Iterator[tuple[str, int, int, str]]) -> None:
+        self._members = members
+        self._next = next(members, None)
+        self._active: list[tuple[str, int, int, str, Any]] = []
+        self.mismatches: list[tuple[str, str, str]] = []  # path, expected, actual
+        self._end_of_members = 0
+        self._tail_from: int | None = None
+        self.tail = bytearray()
+        self.tail_complete = True  # False: the tail was longer than the limit and cut
+
+    def feed(self, position: int, chunk: bytes) -> None:
+        end = position + len(chunk)
+        view = memoryview(chunk)
+        while self._next is not None and self._next[1] <= end:
+            path, offset, size, sha256 = self._next
+            self._active.append((path, offset, size, sha256, hashlib.sha256()))
+            self._end_of_members = max(self._end_of_members, offset + size + (-size % BLOCK))
+            self._next = next(self._members, None)
+        still: list[tuple[str, int, int, str, Any]] = []
+        for member in self._active:
+            path, offset, size, sha256, hasher = member
+            start, stop = max(offset, position), min(offset + size, end)
+            if stop > start:
+                hasher.update(view[start - position:stop - position])
+            if offset + size <= end:
+                self._done(member)
+            else:
+                still.append(member)
+        self._active = still
+        if self._next is None and self._tail_from is None:
+            self._tail_from = self._end_of_members
+        if self._tail_from is not None and end > self._tail_from:
+            room = BLOCK + MAX_INDEX_BYTES - len(self.tail)
+            piece = view[max(self._tail_from - position, 0):]
+            if len(piece) > room:
+                self.tail_complete = False
+            self.tail += piece[:max(room, 0)]
+
+    def _done(self, member: tuple[str, int, int, str, Any]) -> None:
+        path, _, _, sha256, hasher = member
+        actual = hasher.hexdigest()
+        if actual != sha256:
+            self.mismatches.append((path, sha256, actual))
+
+    def finish(self) -> None:
+        """The object ended: members it ended inside of are hashed as far as they went."""
+        for member in self._active:
+            self._done(member)
+        self._active = []
+
+    @property
+    def index_offset(self) -> int:
+        return self._end_of_members
+
+
+def _index_of(tail: bytes) -> bytes | str:
+    """The index member's JSON lines at the start of ``tail``, or why there is none."""
+    if len(tail) < BLOCK:
+        return "no tar header where the members end"
+    try:
+        info = tarfile.TarInfo.frombuf(tail[:BLOCK], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as error:
+        return f"no tar header where the members end ({error})"
+    if info.name != INDEX_NAME:
+        return f"{info.name!r} where the members end, not {INDEX_NAME}"
+    if BLOCK + info.size > len(tail):
+        return "the index runs past the end of the shard"
+    return bytes(tail[BLOCK:BLOCK + info.size])
+
+
+@dataclass
+class _Shards:
+    """A packed batch's shards as its list (or journal) names them, and how many of the
+    entries name each."""
+
+    listed: dict[str, ShardEntry] = field(default_factory=dict)
+    named: dict[str, int] = field(default_factory=dict)
+    spool: _MemberSpool | None = None  # deep: the packed entries, to re-hash per shard
+
+
 # A step of the merge: differences known at once, or a check that needs the network.
 ObjectCheck = Callable[[], list[Difference]]
 Step = Union[list[Difference], ObjectCheck]
@@ -178,6 +356,7 @@ class _Verification:
         self.report = VerifyReport(batch.batch_id, Source.MANIFEST, deep)
         # Differences about the manifest as a whole, known only once its entries were read.
         self.trailing: list[Difference] = []
+        self.shards: _Shards | None = None  # a packed batch's shards (None: no shard list to check)
 
     def add(self, difference: Difference) -> None:
         if self.report.keep(difference) and self.on_difference is not None:
@@ -194,11 +373,30 @@ class _Verification:
             if self.batch.forgotten_at is not None:
                 return None  # the journal forgot the file list: the manifest was the only one left
         self.report.source = Source.JOURNAL
+        self.shards = self._journal_shards()
         return self._journal_files()
 
+    def _new_shards(self) -> _Shards:
+        self.report.packed = True
+        return _Shards(spool=_MemberSpool() if self.deep else None)
+
+    def _journal_shards(self) -> _Shards | None:
+        """The batch's uploaded shards as its journal records them (None: it has none)."""
+        shards: _Shards | None = None
+        for record in self.journal.iter_shards(self.batch.batch_id, [ShardState.UPLOADED]):
+            shards = shards or self._new_shards()
+            shards.listed[record.key] = ShardEntry(record.key, record.size, record.sha256 or "", record.etag,
+                                                   record.members, record.part_size)
+        return shards
+
     def _journal_files(self) -> Iterator[Expected]:
+        encode = manifest.entry_for(self.batch)
         for record in self.journal.iter_files(self.batch.batch_id, [FileState.UPLOADED]):
-            yield ExpectedFile.from_entry(reader.to_entry(manifest.entry(record)))
+            entry = reader.to_entry(encode(record))
+            if entry.packed:
+                yield from self._packed(entry)
+            else:
+                yield ExpectedFile.from_entry(entry)
 
     def _open_manifest(self) -> Iterator[Expected] | None:
         """The manifest's entries, or None (the problem reported) when it cannot be used."""
@@ -220,6 +418,8 @@ class _Verification:
             return None
         if summary.skipped is not None:
             self.trailing.extend(self._check_skipped(summary, summary.skipped))
+        if summary.shards is not None:
+            self._read_shards(summary.shards)
         stream = SealedStream.open(self.store, summary.entries.key)
         if stream is None:
             self.add(Difference(summary.entries.key, None, Problem.ENTRIES_MISSING, summary.entries.sha256, None))
@@ -243,9 +443,53 @@ class _Verification:
         found += [Difference(seal.key, None, problem, expected, actual) for problem, expected, actual in checks]
         return found
 
+    def _read_shards(self, seal: reader.Seal) -> None:
+        """The shard list, against its seal, held for the entries and the listing to be checked
+        against (left None when it is missing: its shards cannot be checked)."""
+        stream = SealedStream.open(self.store, seal.key)
+        if stream is None:
+            self.report.packed = True
+            self.trailing.append(Difference(seal.key, None, Problem.SHARDS_MISSING, seal.sha256, None))
+            return
+        shards = self._new_shards()
+        shards_prefix = self.batch.batch_prefix + SHARDS_DIR
+        for number, line in enumerate(stream.lines(), start=1):
+            item = reader.parse_shard(line, number)
+            reason = (item.reason if isinstance(item, BadLine)
+                      else f"{item.key} is not under {shards_prefix}" if not item.key.startswith(shards_prefix)
+                      else f"{item.key} is listed twice" if item.key in shards.listed else None)
+            if reason is not None:
+                self.trailing.append(Difference(seal.key, None, Problem.SHARD_ENTRY_INVALID, f"line {number}",
+                                                reason))
+            elif isinstance(item, ShardEntry):
+                shards.listed[item.key] = item
+        self.trailing.extend(Difference(seal.key, None, _SHARDS_SEAL[what], expected, actual)
+                             for what, expected, actual in stream.against(seal))
+        self.shards = shards
+
+    def _packed(self, entry: Entry) -> list[Difference]:
+        """A packed entry against the shard list: a listed shard, and inside it."""
+        self.report.checked += 1
+        self.report.files_packed += 1
+        shards = self.shards
+        if shards is None:
+            if self.report.source is Source.MANIFEST and self.report.packed:
+                return []  # the shard list is missing (reported once): nothing to hold it against
+            return [Difference(entry.key, entry.path, Problem.SHARD_UNKNOWN, "a shard of the list", entry.key)]
+        shard = shards.listed.get(entry.key)
+        if shard is None:
+            return [Difference(entry.key, entry.path, Problem.SHARD_UNKNOWN, "a shard of the list", entry.key)]
+        shards.named[entry.key] = shards.named.get(entry.key, 0) + 1
+        assert entry.offset is not None
+        if entry.offset + entry.size > shard.size:
+            return [Difference(entry.key, entry.path, Problem.OUTSIDE_SHARD, shard.size, entry.offset + entry.size)]
+        if shards.spool is not None:
+            shards.spool.add(entry)
+        return []
+
     def _manifest_files(self, summary: Summary, stream: SealedStream) -> Iterator[Expected]:
         seal = summary.entries
-        count = total_bytes = 0
+        count = total_bytes = packed = 0
         previous_key: str | None = None
         checked = self._journal_check()
         for item in reader.entries(stream.lines()):
@@ -255,14 +499,20 @@ class _Verification:
                 continue
             count += 1
             total_bytes += item.size
-            if previous_key is not None and item.key <= previous_key:
+            # Entries are in file-key order; a packed entry's file key is the one it would have had.
+            file_key = self._file_key(item)
+            if previous_key is not None and file_key <= previous_key:
                 # The merge-join needs strict key order; an entry out of it cannot be placed.
-                yield Difference(item.key, item.path, Problem.ENTRY_OUT_OF_ORDER,
+                yield Difference(file_key, item.path, Problem.ENTRY_OUT_OF_ORDER,
                                  f"after {previous_key}", f"line {stream.lines_read}")
                 continue
-            previous_key = item.key
+            previous_key = file_key
             yield from checked(item)
-            yield ExpectedFile.from_entry(item)
+            if item.packed:
+                packed += 1
+                yield from self._packed(item)
+            else:
+                yield ExpectedFile.from_entry(item)
         # The seal is checked only now, after the last byte: the entries were never held whole.
         checks = [(_ENTRIES_SEAL[what], expected, actual) for what, expected, actual in stream.against(seal)
                   if what != "count"]
@@ -271,6 +521,9 @@ class _Verification:
         total = summary.count("total_bytes")
         if total is not None and total != total_bytes:
             checks.append((Problem.TOTAL_BYTES_MISMATCH, total, total_bytes))
+        files_packed = summary.count("files_packed")
+        if (files_packed or 0) != packed:
+            checks.append((Problem.FILES_PACKED_MISMATCH, files_packed or 0, packed))
         for problem, expected, actual in checks:
             self.trailing.append(Difference(seal.key, None, problem, expected, actual))
 
@@ -282,18 +535,29 @@ class _Verification:
         rows = self.journal.iter_files(self.batch.batch_id, [FileState.UPLOADED])
         pending = next(rows, None)
 
+        encode = manifest.entry_for(self.batch)
+
         def check(entry: Entry) -> list[Difference]:
             nonlocal pending
-            while pending is not None and pending.key < entry.key:
+            file_key = self._file_key(entry)
+            while pending is not None and pending.key < file_key:
                 pending = next(rows, None)
-            if pending is None or pending.key != entry.key:
+            if pending is None or pending.key != file_key:
                 return [Difference(entry.key, entry.path, Problem.ENTRY_NOT_IN_JOURNAL, None, entry.sha256)]
             if pending.sha256 != entry.sha256 or pending.size != entry.size:
                 return [Difference(entry.key, entry.path, Problem.ENTRY_DIFFERS_FROM_JOURNAL,
                                    pending.sha256, entry.sha256)]
+            recorded = reader.to_entry(encode(pending))
+            if (recorded.key, recorded.offset) != (entry.key, entry.offset):
+                # Same bytes, another place: where the journal put it is where they are.
+                return [Difference(entry.key, entry.path, Problem.ENTRY_DIFFERS_FROM_JOURNAL,
+                                   _place(recorded), _place(entry))]
             return []
 
         return check
+
+    def _file_key(self, entry: Entry) -> str:
+        return object_key(self.batch.batch_prefix, entry.path) if entry.packed else entry.key
 
     # -- the merge ---------------------------------------------------------
 
@@ -316,6 +580,43 @@ class _Verification:
                     yield [Difference(item.key, item.path, Problem.MISSING, item.size, None)]
                 else:
                     yield self._object_check(item, listed)
+
+    def shard_steps(self) -> Iterator[Step]:
+        """The shard list merged with the listing of ``shards/`` (after the files: every entry
+        naming a shard has been counted, and spooled for ``deep``)."""
+        shards = self.shards
+        if shards is None:
+            return
+        if shards.spool is not None:
+            shards.spool.finish()
+        shards_prefix = self.batch.batch_prefix + SHARDS_DIR
+        ordered = sorted(shards.listed.values(), key=lambda shard: shard.key)
+        for paired in reader.merge_listing(ordered, lambda shard: shard.key, self.store.list_objects(shards_prefix)):
+            shard, listed = paired.item, paired.listed
+            if shard is None:
+                assert listed is not None
+                yield [Difference(listed.key, None, Problem.UNEXPECTED, None, listed.size)]
+                continue
+            self.report.shards_checked += 1
+            found: list[Difference] = []
+            named = shards.named.get(shard.key, 0)
+            if named != shard.members:
+                found.append(Difference(shard.key, None, Problem.SHARD_MEMBERS_MISMATCH, shard.members, named))
+            if listed is None:
+                yield found + [Difference(shard.key, None, Problem.MISSING, shard.size, None)]
+            elif listed.size != shard.size:
+                yield found + [Difference(shard.key, None, Problem.SIZE_MISMATCH, shard.size, listed.size)]
+            else:
+                expected_etag, actual_etag = _bare_etag(shard.etag), _bare_etag(listed.etag)
+                if expected_etag is not None and actual_etag and expected_etag != actual_etag:
+                    found.append(Difference(shard.key, None, Problem.ETAG_MISMATCH, expected_etag, actual_etag))
+                yield self._shard_check(shard, found)
+
+    def _shard_check(self, shard: ShardEntry, found: list[Difference]) -> ObjectCheck:
+        def check() -> list[Difference]:
+            return found + (self._hash_shard(shard) if self.deep else self._check_shard_metadata(shard))
+
+        return check
 
     @staticmethod
     def _unexpected(listed: ObjectInfo, files_prefix: str) -> Difference:
@@ -350,6 +651,86 @@ class _Verification:
             return [Difference(item.key, item.path, Problem.METADATA_CHECKSUM_MISMATCH, item.sha256, recorded)]
         return []
 
+    def _check_shard_metadata(self, shard: ShardEntry) -> list[Difference]:
+        info = self.store.head(shard.key)
+        if info is None:
+            return [Difference(shard.key, None, Problem.MISSING, shard.size, None)]
+        recorded = info.metadata.get(SHA256_METADATA)
+        if recorded is not None and recorded != shard.sha256:
+            return [Difference(shard.key, None, Problem.METADATA_CHECKSUM_MISMATCH, shard.sha256, recorded)]
+        return []
+
+    def _hash_shard(self, shard: ShardEntry) -> list[Difference]:
+        """One pass over the shard: its whole SHA-256, every member's at its offset, and its index."""
+        assert self.shards is not None and self.shards.spool is not None
+        spool = self.shards.spool
+        members = spool.members(shard.key)
+        hashes = _MemberHashes(members)
+        whole = hashlib.sha256()
+        position = 0
+        try:
+            reader = self.store.open_object(shard.key)
+            if reader is None:
+                return [Difference(shard.key, None, Problem.MISSING, shard.size, None)]
+            with closing(reader):
+                for chunk in reader.chunks(CHUNK_SIZE):
+                    whole.update(chunk)
+                    hashes.feed(position, chunk)
+                    position += len(chunk)
+        except DestinationError:
+            raise
+        except TransferError as error:
+            return [Difference(shard.key, None, Problem.UNREADABLE, shard.sha256, str(error))]
+        finally:
+            members.close()  # type: ignore[attr-defined]  # a generator: its connection closes
+        hashes.finish()
+        found: list[Difference] = []
+        recorded = reader.metadata.get(SHA256_METADATA)
+        if recorded is not None and recorded != shard.sha256:
+            found.append(Difference(shard.key, None, Problem.METADATA_CHECKSUM_MISMATCH, shard.sha256, recorded))
+        actual = whole.hexdigest()
+        if actual != shard.sha256:
+            found.append(Difference(shard.key, None, Problem.CHECKSUM_MISMATCH, shard.sha256, actual))
+        found += [Difference(shard.key, path, Problem.CHECKSUM_MISMATCH, expected, digest)
+                  for path, expected, digest in hashes.mismatches]
+        if hashes.tail_complete:
+            found += self._index_differences(shard, spool.members(shard.key), hashes)
+        return found
+
+    @staticmethod
+    def _index_differences(shard: ShardEntry, members: Iterable[tuple[str, int, int, str]],
+                           hashes: _MemberHashes) -> list[Difference]:
+        """The shard's own index member against the entries naming it, by path: an entry the
+        index describes otherwise or not at all, and an index line no entry matches."""
+        index = _index_of(bytes(hashes.tail))
+        if isinstance(index, str):
+            return [Difference(shard.key, None, Problem.SHARD_INDEX_MISMATCH,
+                               f"{INDEX_NAME} at byte {hashes.index_offset}", index)]
+        described: dict[str, bytes] = {}  # bounded: the index is at most MAX_INDEX_BYTES
+        unreadable = 0
+        for line in reader.split_lines([index]):
+            try:
+                path = reader.parse_json(line).get("path") if isinstance(line, bytes) else None
+            except (ValueError, AttributeError):
+                path = None
+            if isinstance(path, str) and isinstance(line, bytes) and path not in described:
+                described[path] = line
+            else:
+                unreadable += 1
+        found: list[Difference] = []
+        for path, offset, size, sha256 in members:
+            expected = index_line(path, offset, size, sha256).rstrip(b"\n")
+            actual = described.pop(path, None)
+            if actual != expected:
+                found.append(Difference(shard.key, path, Problem.SHARD_INDEX_MISMATCH, _text(expected),
+                                        _text(actual)))
+        found += [Difference(shard.key, path, Problem.SHARD_INDEX_MISMATCH, None, _text(line))
+                  for path, line in described.items()]
+        if unreadable:
+            found.append(Difference(shard.key, None, Problem.SHARD_INDEX_MISMATCH, "a member per line",
+                                    f"{unreadable} line(s) without a path of their own"))
+        return found
+
     def _hash_object(self, item: ExpectedFile) -> list[Difference]:
         try:
             reader = self.store.open_object(item.key)
@@ -372,6 +753,13 @@ class _Verification:
     # -- the run -----------------------------------------------------------
 
     def run(self) -> VerifyReport:
+        try:
+            return self._run()
+        finally:
+            if self.shards is not None and self.shards.spool is not None:
+                self.shards.spool.close()
+
+    def _run(self) -> VerifyReport:
         expected = self.expected_files()
         if expected is None:
             return self.report
@@ -380,7 +768,8 @@ class _Verification:
         limit = self.parallel * 4
         pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="archup-verify")
         try:
-            for step in self.steps(expected):
+            # chain: the shards' steps begin only once the files' merge has read every entry.
+            for step in chain(self.steps(expected), self.shard_steps()):
                 window.append(pool.submit(step) if callable(step) else step)
                 while len(window) > limit:
                     self._report(window.popleft())
@@ -395,6 +784,14 @@ class _Verification:
     def _report(self, done: Future[list[Difference]] | list[Difference]) -> None:
         for difference in done.result() if isinstance(done, Future) else done:
             self.add(difference)
+
+
+def _text(line: bytes | None) -> str | None:
+    return None if line is None else line.decode("utf-8", "backslashreplace")
+
+
+def _place(entry: Entry) -> str:
+    return entry.key if entry.offset is None else f"{entry.key} at byte {entry.offset}"
 
 
 def verify_batch(journal: Journal, store: ObjectStore, batch_id: str, *, deep: bool = False,

@@ -14,7 +14,7 @@ import typer
 
 from .. import metrics
 from ..errors import ArchupError, ExitCode, Interrupted, exit_code_for
-from ..states import FileState
+from ..states import FileState, ShardState
 from .common import invocation, normalize_prefix
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def _labels(command: str, kwargs: dict[str, Any], outcome: RunOutcome | None) ->
     return {"bucket": "", "prefix": "", "source": ""}
 
 
-def _count(job: metrics.JobMetrics, outcome: RunOutcome | None) -> None:
+def _count(job: metrics.JobMetrics, outcome: RunOutcome | None, journal_path: str | None) -> None:
     if outcome is None:
         return
     if job.outcome != "interrupted":  # an interrupted run's outcome is "stopped"; say why it stopped
@@ -60,8 +60,26 @@ def _count(job: metrics.JobMetrics, outcome: RunOutcome | None) -> None:
         for state in metrics.STATES:
             job.files[state] = outcome.tally.counts[FileState(state)]
             job.bytes[state] = outcome.tally.bytes_by_state[FileState(state)]
+        if outcome.tally.shards:
+            for state in metrics.SHARD_STATES:
+                job.shards[state] = outcome.tally.shards.get(ShardState(state), 0)
+                job.shard_bytes[state] = outcome.tally.shard_bytes.get(ShardState(state), 0)
+            job.files_packed = _files_packed(journal_path, outcome.batch_id)
     job.extra["archup_last_run_bytes_sent"] = ("Bytes the last run sent (parts resumed are not sent again).",
                                               outcome.result.bytes_sent)
+
+
+def _files_packed(journal_path: str | None, batch_id: str) -> int | None:
+    """The files in the batch's uploaded shards: their members, read from the journal once the
+    run closed it (None, and the metric left out, if it cannot be read now)."""
+    from .common import open_journal
+
+    try:
+        with open_journal(journal_path, create=False) as journal:
+            return sum(shard.members for shard in journal.iter_shards(batch_id, [ShardState.UPLOADED]))
+    except ArchupError as error:
+        log.warning("metrics: files packed not counted: %s", error)
+        return None
 
 
 def reports_metrics(command: str) -> Callable[[F], F]:
@@ -99,7 +117,7 @@ def reports_metrics(command: str) -> Callable[[F], F]:
 
                 outcome = run.outcome if isinstance(run.outcome, RunOutcome) else None
                 job.labels = _labels(command, kwargs, outcome)
-                _count(job, outcome)
+                _count(job, outcome, kwargs.get("journal_path"))
                 if command == "restore" and isinstance(run.result, dict):
                     for name, text in RESTORE_METRICS:
                         job.extra[f"archup_restore_{name}"] = (text, int(run.result.get(name, 0)))

@@ -9,7 +9,7 @@ import typer
 
 from ..journal import BatchRecord, BatchSummary, FileRecord, WorkerRecord
 from ..scan import display_path
-from ..states import FileState
+from ..states import FileState, ShardState
 from . import human
 from .common import (
     check_batch_id,
@@ -37,6 +37,26 @@ def file_list(batch: BatchRecord) -> str:
     if batch.forgotten_at is None:
         return "journal"
     return "manifest" if batch.manifest_key else "none"
+
+
+def is_packed(summary: BatchSummary) -> bool:
+    """A batch begun with --pack-under, or one with shards (its settings unrecorded)."""
+    settings = summary.batch.settings
+    return bool(summary.shards) or (settings is not None and settings.pack_under is not None)
+
+
+def packing_document(summary: BatchSummary, files_packed: int) -> dict[str, Any]:
+    """A packed batch's shards: counts and bytes per state, and the files in uploaded shards."""
+    settings = summary.batch.settings
+    return {
+        "pack_under": settings.pack_under if settings is not None else None,
+        "shard_size": settings.shard_size if settings is not None else None,
+        "files_packed": files_packed,
+        "shards": {state.value: summary.shards.get(state, 0) for state in ShardState}
+        | {"total": sum(summary.shards.values())},
+        "shard_bytes": {state.value: summary.shard_bytes.get(state, 0) for state in ShardState}
+        | {"total": sum(summary.shard_bytes.values())},
+    }
 
 
 def status_document(summary: BatchSummary) -> dict[str, Any]:
@@ -74,10 +94,16 @@ def status_document(summary: BatchSummary) -> dict[str, Any]:
 @handles_errors
 def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_output: JsonOption = False,
            show_all: AllOption = False) -> None:
-    """Show a batch: state, counts per file state, bytes, times, failed and skipped files."""
+    """Show a batch: state, counts per file state, bytes, shards of a packed batch, times, failed and
+    skipped files."""
     batch_id = check_batch_id(batch_id)
     with open_journal(journal_path, create=False) as journal:
-        document = status_document(journal.get_state(batch_id, problem_limit=-1 if show_all else PROBLEM_LIMIT))
+        summary = journal.get_state(batch_id, problem_limit=-1 if show_all else PROBLEM_LIMIT)
+        document = status_document(summary)
+        if is_packed(summary):
+            # A shard is committed uploaded with its members: their count is the files packed.
+            files_packed = sum(shard.members for shard in journal.iter_shards(batch_id, [ShardState.UPLOADED]))
+            document |= packing_document(summary, files_packed)
         if journal.claims() is not None:  # hosts share the batch: their processes are listed
             document["workers"] = [_worker(worker) for worker in journal.list_workers(batch_id)]
     if json_output:
@@ -95,6 +121,10 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
          + (f"; {document['files_already_archived']} already archived" if document["files_already_archived"]
             else "")),
         ("bytes", f"{amount(document['bytes_uploaded'])} of {amount(document['bytes_total'])} uploaded"),
+        *([("shards", _shards(document)),
+           ("shard bytes", f"{amount(document['shard_bytes']['uploaded'])} of "
+                           f"{amount(document['shard_bytes']['uploaded'] + document['shard_bytes']['uploading'])}"
+                           " uploaded")] if "shards" in document else []),
         ("created", document["created_at"]),
         ("updated", document["updated_at"]),
         ("expires", document["expires_at"] if not document["finalized_at"] else "never (finalized)"),
@@ -114,6 +144,13 @@ def status(batch_id: BatchArgument, journal_path: JournalOption = None, json_out
         if document["problems_omitted"][state]:
             print(f"... and {document['problems_omitted'][state]} more {state} "
                   f"('archup status {batch_id} --all' lists them all)")
+
+
+def _shards(document: dict[str, Any]) -> str:
+    """``2 uploaded, 1 dropped, 3 total; 1200 files packed``."""
+    counts = ", ".join(f"{count} {state}" for state, count in document["shards"].items()
+                       if count or state == "total")
+    return f"{counts}; {document['files_packed']} files packed"
 
 
 def _worker(worker: WorkerRecord) -> dict[str, Any]:

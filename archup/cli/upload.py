@@ -324,16 +324,42 @@ def _read_only_journal(location: str | None) -> Iterator[Journal | None]:
                              else SQLiteJournal(where, read_only=True))
 
 
-def _print_dry_run(report: dict[str, object]) -> None:
-    count, first = int(str(report["files"])), list(report["first_keys"])  # type: ignore[call-overload]
-    already = int(str(report["files_already_archived"]))
-    print(f"would upload {human.count(count, 'file')}, {human.size(int(str(report['bytes'])))}, "
+def _print_dry_run(report: dict) -> None:  # the dry run's JSON document
+    count, first = int(report["files"]), list(report["first_keys"])
+    already = int(report["files_already_archived"])
+    print(f"would upload {human.count(count, 'file')}, {human.size(int(report['bytes']))}, "
           f"from {report['source_root']} "
           f"({report['files_skipped']} skipped" + (f", {already} already archived" if already else "") + ")")
     for key in first:
         print(f"  {key}")
     if count > len(first):
         print(f"  ... and {count - len(first)} more")
+
+    def sending(plan: dict) -> str:
+        parts = f", {plan['multipart_objects']} of them in parts" if plan["multipart_objects"] else ""
+        return (f"{human.count(plan['objects'], 'object')} ({human.count(plan['requests'], 'request')}"
+                f"{parts})")
+
+    unpacked, packed = report["unpacked"], report.get("packed")
+    print(f"each file an object: {sending(unpacked)}")
+    if packed is not None:
+        print(f"packed (under {human.size(packed['pack_under'])}, shards of about {human.size(packed['shard_size'])}): "
+              f"{sending(packed)}: {human.count(packed['files_packed'], 'file')} in "
+              f"{human.count(packed['shards'], 'shard')}")
+    overhead = report.get("archive_overhead")
+    if overhead is not None:
+        ways = (f"{human.size(overhead['unpacked_bytes'])} each file an object"
+                + (f", {human.size(overhead['packed_bytes'])} packed" if packed is not None else ""))
+        print(f"{overhead['storage_class']} bills {human.size(overhead['bytes_per_object'])} more per object "
+              f"(32 KiB at its rate, 8 KiB at STANDARD's): {ways}")
+        if packed is not None:
+            print(f"packing avoids {human.size(overhead['bytes_avoided'])} of billed overhead "
+                  f"({human.size(overhead['archive_rate_bytes_avoided'])} at {overhead['storage_class']}'s rate, "
+                  f"{human.size(overhead['standard_rate_bytes_avoided'])} at STANDARD's) and "
+                  f"{human.count(overhead['requests_avoided'], 'request')}"
+                  + (f", ${overhead['request_usd_avoided']:.4f} once at ${overhead['request_usd_per_1000']} "
+                     f"per 1,000 requests ({overhead['price_note']})"
+                     if overhead["request_usd_avoided"] is not None else ""))
 
 
 def check_run_limits(retries: int, timeout: float, connect_timeout: float, grace: float) -> None:

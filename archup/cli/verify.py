@@ -22,7 +22,8 @@ from .options import (
 
 MAX_PARALLEL = 256
 _BYTE_COUNTS = frozenset({Problem.MISSING, Problem.UNEXPECTED, Problem.SIZE_MISMATCH,
-                          Problem.ENTRIES_SIZE_MISMATCH, Problem.TOTAL_BYTES_MISMATCH})
+                          Problem.ENTRIES_SIZE_MISMATCH, Problem.TOTAL_BYTES_MISMATCH, Problem.OUTSIDE_SHARD,
+                          Problem.SHARDS_SIZE_MISMATCH})
 
 
 def describe(difference: Difference) -> str:
@@ -36,6 +37,8 @@ def describe(difference: Difference) -> str:
         return str(value)
 
     name = difference.path or difference.key or "(batch)"
+    if difference.path and difference.key and "/shards/" in difference.key:
+        name = f"{difference.path} (in {difference.key.rsplit('/', 1)[-1]})"  # a member: which shard
     # Names, keys and found values come from the bucket: escaped, so none reaches the terminal raw.
     return display_path(f"{difference.problem.value}: {name}: expected {show(difference.expected)}, "
                         f"found {show(difference.actual)}")
@@ -44,14 +47,15 @@ def describe(difference: Difference) -> str:
 @handles_errors
 def verify(batch_id: BatchArgument,
            deep: Annotated[bool, typer.Option("--deep", help="Download every object and re-hash its bytes "
-                                              "(SHA-256).")] = False,
+                                              "(SHA-256); every shard of a packed batch whole and each "
+                                              "of its files at its offset.")] = False,
            parallel: Annotated[int, typer.Option("--parallel", "-p", help="Concurrent requests "
                                                  "(HEAD, or GET with --deep).")] = DEFAULT_PARALLEL,
            endpoint_url: EndpointOption = None, profile: ProfileOption = None, region: RegionOption = None,
            journal_path: JournalOption = None, json_output: JsonOption = False,
            trust_recorded_endpoint: TrustEndpointOption = False) -> None:
     """Check the bucket against a batch's manifest (or its journal, before finalize): missing, changed
-    and unexpected objects. Exits 3 on any difference."""
+    and unexpected objects (files, and a packed batch's shards). Exits 3 on any difference."""
     from ..run import store_factory
 
     batch_id = check_batch_id(batch_id)
@@ -71,7 +75,9 @@ def verify(batch_id: BatchArgument,
         emit_json(report.as_dict())
     else:
         how = "re-hashed" if deep else "checked"
-        print(f"batch {batch_id}: {report.checked} file(s) {how} against the {report.source.value}: "
+        packed = (f" ({report.files_packed} of them in {report.shards_checked} shard(s))" if report.packed
+                  else "")
+        print(f"batch {batch_id}: {report.checked} file(s) {how}{packed} against the {report.source.value}: "
               f"{report.total_differences} difference(s)"
               + (f" ({report.omitted} not listed)" if report.omitted else ""))
     if not report.ok:
