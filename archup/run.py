@@ -628,8 +628,8 @@ class RequestPlan:
     def _lay_out(self) -> None:
         from .packing import ShardPlanner, layout_of
 
-        def shard(members: list[FileRecord]) -> None:
-            size = layout_of(members).size
+        def shard(members: list[FileRecord], heads: list[bytes] | None = None) -> None:
+            size = layout_of(members, heads).size
             self.shards += 1
             self.files_packed += len(members)
             self.packed.add(size, self.part_size, multipart=size > self.part_size)
