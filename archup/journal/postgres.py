@@ -76,6 +76,11 @@ Conn = psycopg.Connection[Any]
 CHUNK_FILES = 1000
 MIN_CHUNK_FILES = 16
 
+# A packed batch's chunk holds about one shard of small files (packed_chunks); this many files
+# at most, so a claim stays one query however small its files are (8 MiB of empty files with
+# short names are about 13,000).
+MAX_PACKED_CHUNK_FILES = 16 * CHUNK_FILES
+
 # A chunk nobody holds: never claimed, given back, or its holder's lease ran out (a chunk done
 # keeps its last owner, with no lease, and is free once reopened).
 _FREE = "(owner IS NULL OR coalesce(lease_until, '-infinity') < now())"
@@ -84,6 +89,34 @@ _HAS_FILES = "EXISTS (SELECT 1 FROM files f WHERE f.batch_id = b.batch_id AND f.
 _HAS_OPEN = _HAS_FILES.format(states="'pending', 'uploading'")
 _HAS_FAILED = _HAS_FILES.format(states="'failed'")
 _OPEN_FILE_STATES = (FileState.PENDING.value, FileState.UPLOADING.value, FileState.FAILED.value)
+
+
+def packed_chunks(rows: Sequence[Sequence[Any]], pack_under: int, shard_size: int | None, per: int) -> list[int]:
+    """The chunk (from 0) of each of a packed batch's new rows (``encode_files``'s, in their
+    order): a chunk ends where its small files would fill more than a shard, cut by the rule the
+    uploader's ShardPlanner cuts shards by, so on a fresh scan a chunk of small files is one shard
+    and a shard is one host's claim; its other files (large, or skipped) end it at ``per``."""
+    from ..packing import DEFAULT_SHARD_SIZE, member_cost, shard_overhead  # the planner's rule (not at import: a cycle)
+
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
+
+    chunk_of: list[int] = []
+    chunk = files = others = packed = 0
+    packed_bytes = empty = shard_overhead()
+    for rel_path, key, size, mtime_ns, state, *_ in rows:
+        small = size < pack_under and state == FileState.PENDING.value
+        cost = member_cost(FileRecord("", rel_path, key, size, mtime_ns, FileState.PENDING, None, None, None, None,
+                                      None, 0, "")) if small else 0
+        if files and ((small and packed and packed_bytes + cost > shard_size) or (not small and others >= per)
+                      or files >= MAX_PACKED_CHUNK_FILES):
+            chunk, files, others, packed, packed_bytes = chunk + 1, 0, 0, 0, empty
+        chunk_of.append(chunk)
+        files += 1
+        if small:
+            packed, packed_bytes = packed + 1, packed_bytes + cost
+        else:
+            others += 1
+    return chunk_of
 
 
 class PostgresJournal(CommonOperations):
@@ -221,7 +254,7 @@ class PostgresJournal(CommonOperations):
 
         def body(conn: Conn) -> int:
             # FOR UPDATE: the chunk numbering is the batch row's, one scan group at a time.
-            row = conn.execute("SELECT state, next_chunk FROM batches WHERE batch_id = %s FOR UPDATE",
+            row = conn.execute("SELECT state, next_chunk, settings FROM batches WHERE batch_id = %s FOR UPDATE",
                                (batch_id,)).fetchone()
             if row is None:
                 raise batch_not_found(batch_id, self.location, hint=False)
@@ -232,18 +265,26 @@ class PostgresJournal(CommonOperations):
                 return 0
             first = int(row["next_chunk"])
             per = max(MIN_CHUNK_FILES, min(CHUNK_FILES, -(-encoded.count // 8)))
+            settings = BatchSettings.from_json(row["settings"])
+            if settings is not None and settings.pack_under:
+                chunk_of = packed_chunks(json.loads(encoded.rows_json), settings.pack_under,
+                                         settings.shard_size, per)
+                chunks, chunk_sql = chunk_of[-1] + 1, "%(first)s + (%(chunk_of)s::int[])[ord]"
+            else:
+                chunk_of, chunks = [], -(-encoded.count // per)
+                chunk_sql = "%(first)s + (ord - 1) / %(per)s"
             added = conn.execute(
                 "WITH input AS (SELECT r, ord FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS t(r, ord)), "
                 "added AS (INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, "
                 "updated_at, chunk_no) SELECT %(b)s, r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint, r->>4, r->>5, "
-                "r->>6, %(now)s, %(first)s + (ord - 1) / %(per)s FROM input ORDER BY r->>1 "
+                f"r->>6, %(now)s, {chunk_sql} FROM input ORDER BY r->>1 "
                 "ON CONFLICT (batch_id, rel_path) DO NOTHING RETURNING chunk_no) "
                 "INSERT INTO chunks (batch_id, chunk_no, files) SELECT %(b)s, chunk_no, count(*) FROM added "
                 "GROUP BY chunk_no RETURNING files",
-                {"rows": encoded.rows_json, "b": batch_id, "now": now, "first": first, "per": per}).fetchall()
+                {"rows": encoded.rows_json, "b": batch_id, "now": now, "first": first, "per": per,
+                 "chunk_of": chunk_of}).fetchall()
             count = sum(int(r["files"]) for r in added)
-            conn.execute("UPDATE batches SET next_chunk = %s WHERE batch_id = %s",
-                         (first + -(-encoded.count // per), batch_id))
+            conn.execute("UPDATE batches SET next_chunk = %s WHERE batch_id = %s", (first + chunks, batch_id))
             return count
 
         if "\\u0000" in encoded.rows_json:
