@@ -259,3 +259,35 @@ def test_walk_covers_keeps_what_the_walk_skipped_as_present_and_drops_a_listed_p
         assert [covers(p) for p in ("secret/a.txt", "secret", "secretly.txt")] == [False, False, True]
     finally:
         journal.close()
+
+
+def test_a_forgotten_packed_batch_loses_its_file_and_shard_rows_and_its_packed_files_stay_archived(
+        cli, s3, bucket, tmp_path: Path) -> None:
+    """Packed files are archived like any: after gc forgets the batch (files, shards and shard
+    parts gone from the journal), the next --skip-archived batch sends only what changed."""
+    source = _tree(tmp_path / "src", count=8)
+    (source / "big.bin").write_bytes(b"b" * 70_000)
+    first = _upload(cli, source, "--pack-under", "64KiB", "--skip-archived")
+    batch_id = first["batch_id"]
+    with sqlite3.connect(cli.journal) as conn:
+        assert conn.execute("SELECT count(*) FROM shards WHERE batch_id = ?", (batch_id,)).fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM files WHERE batch_id = ? AND shard_no IS NOT NULL",
+                            (batch_id,)).fetchone()[0] == 8
+
+    assert _gc(cli, "--forget-after", "0s")["forgotten"] == [batch_id]
+
+    with sqlite3.connect(cli.journal) as conn:
+        for table in ("files", "shards", "shard_parts", "parts"):
+            assert conn.execute(f"SELECT count(*) FROM {table} WHERE batch_id = ?", (batch_id,)).fetchone()[0] == 0
+    status = json.loads(cli("status", "--json", batch_id).stdout)
+    assert (status["files"]["uploaded"], status["file_list"]) == (9, "manifest")
+    assert _index(cli, source) == {**{f"docs/f{n}.txt": batch_id for n in range(8)}, "big.bin": batch_id}
+
+    (source / "docs" / "f3.txt").write_text("changed\n")
+    second = _upload(cli, source, "--pack-under", "64KiB", "--skip-archived")
+    assert second["files_already_archived"] == 8
+    summary = json.loads(s3.get_object(Bucket=bucket, Key=second["manifest_key"])["Body"].read())
+    entries = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key=summary["entries"]["key"])["Body"]
+               .read().splitlines()]
+    assert [(e["path"], "shard" in e) for e in entries] == [("docs/f3.txt", True)]
+    assert _index(cli, source)["docs/f3.txt"] == second["batch_id"]

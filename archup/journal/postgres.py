@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
@@ -28,7 +28,7 @@ import psycopg
 
 from ..clock import isoformat, utcnow
 from ..errors import FileNotInBatch, IllegalTransition, JournalError, LeaseLost
-from ..states import UNFINISHED, BatchState, FileState
+from ..states import UNFINISHED, BatchState, FileState, ShardState
 from .pgdatabase import PgDatabase
 from .records import (
     BATCH_TTL,
@@ -42,12 +42,15 @@ from .records import (
     FileRecord,
     NewFile,
     PartRecord,
+    ShardRecord,
     WorkerRecord,
     WorkLeft,
+    shard_key,
 )
 from .rules import (
     BATCH_COLUMNS,
     FILE_COLUMNS,
+    SHARD_COLUMNS,
     CommonOperations,
     batch_exists,
     batch_from_row,
@@ -59,6 +62,10 @@ from .rules import (
     check_rescannable,
     check_uploading,
     file_from_row,
+    members_mismatch,
+    members_not_plannable,
+    shard_from_row,
+    shard_not_uploading,
     unfinished_exists,
 )
 
@@ -69,6 +76,11 @@ Conn = psycopg.Connection[Any]
 CHUNK_FILES = 1000
 MIN_CHUNK_FILES = 16
 
+# A packed batch's chunk holds about one shard of small files (packed_chunks); this many files
+# at most, so a claim stays one query however small its files are (8 MiB of empty files with
+# short names are about 13,000).
+MAX_PACKED_CHUNK_FILES = 16 * CHUNK_FILES
+
 # A chunk nobody holds: never claimed, given back, or its holder's lease ran out (a chunk done
 # keeps its last owner, with no lease, and is free once reopened).
 _FREE = "(owner IS NULL OR coalesce(lease_until, '-infinity') < now())"
@@ -77,6 +89,34 @@ _HAS_FILES = "EXISTS (SELECT 1 FROM files f WHERE f.batch_id = b.batch_id AND f.
 _HAS_OPEN = _HAS_FILES.format(states="'pending', 'uploading'")
 _HAS_FAILED = _HAS_FILES.format(states="'failed'")
 _OPEN_FILE_STATES = (FileState.PENDING.value, FileState.UPLOADING.value, FileState.FAILED.value)
+
+
+def packed_chunks(rows: Sequence[Sequence[Any]], pack_under: int, shard_size: int | None, per: int) -> list[int]:
+    """The chunk (from 0) of each of a packed batch's new rows (``encode_files``'s, in their
+    order): a chunk ends where its small files would fill more than a shard, cut by the rule the
+    uploader's ShardPlanner cuts shards by, so on a fresh scan a chunk of small files is one shard
+    and a shard is one host's claim; its other files (large, or skipped) end it at ``per``."""
+    from ..packing import DEFAULT_SHARD_SIZE, member_cost, shard_overhead  # the planner's rule (not at import: a cycle)
+
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
+
+    chunk_of: list[int] = []
+    chunk = files = others = packed = 0
+    packed_bytes = empty = shard_overhead()
+    for rel_path, key, size, mtime_ns, state, *_ in rows:
+        small = size < pack_under and state == FileState.PENDING.value
+        cost = member_cost(FileRecord("", rel_path, key, size, mtime_ns, FileState.PENDING, None, None, None, None,
+                                      None, 0, "")) if small else 0
+        if files and ((small and packed and packed_bytes + cost > shard_size) or (not small and others >= per)
+                      or files >= MAX_PACKED_CHUNK_FILES):
+            chunk, files, others, packed, packed_bytes = chunk + 1, 0, 0, 0, empty
+        chunk_of.append(chunk)
+        files += 1
+        if small:
+            packed, packed_bytes = packed + 1, packed_bytes + cost
+        else:
+            others += 1
+    return chunk_of
 
 
 class PostgresJournal(CommonOperations):
@@ -214,7 +254,7 @@ class PostgresJournal(CommonOperations):
 
         def body(conn: Conn) -> int:
             # FOR UPDATE: the chunk numbering is the batch row's, one scan group at a time.
-            row = conn.execute("SELECT state, next_chunk FROM batches WHERE batch_id = %s FOR UPDATE",
+            row = conn.execute("SELECT state, next_chunk, settings FROM batches WHERE batch_id = %s FOR UPDATE",
                                (batch_id,)).fetchone()
             if row is None:
                 raise batch_not_found(batch_id, self.location, hint=False)
@@ -225,18 +265,26 @@ class PostgresJournal(CommonOperations):
                 return 0
             first = int(row["next_chunk"])
             per = max(MIN_CHUNK_FILES, min(CHUNK_FILES, -(-encoded.count // 8)))
+            settings = BatchSettings.from_json(row["settings"])
+            if settings is not None and settings.pack_under:
+                chunk_of = packed_chunks(json.loads(encoded.rows_json), settings.pack_under,
+                                         settings.shard_size, per)
+                chunks, chunk_sql = chunk_of[-1] + 1, "%(first)s + (%(chunk_of)s::int[])[ord]"
+            else:
+                chunk_of, chunks = [], -(-encoded.count // per)
+                chunk_sql = "%(first)s + (ord - 1) / %(per)s"
             added = conn.execute(
                 "WITH input AS (SELECT r, ord FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS t(r, ord)), "
                 "added AS (INSERT INTO files (batch_id, rel_path, key, size, mtime_ns, state, error, identity, "
                 "updated_at, chunk_no) SELECT %(b)s, r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint, r->>4, r->>5, "
-                "r->>6, %(now)s, %(first)s + (ord - 1) / %(per)s FROM input ORDER BY r->>1 "
+                f"r->>6, %(now)s, {chunk_sql} FROM input ORDER BY r->>1 "
                 "ON CONFLICT (batch_id, rel_path) DO NOTHING RETURNING chunk_no) "
                 "INSERT INTO chunks (batch_id, chunk_no, files) SELECT %(b)s, chunk_no, count(*) FROM added "
                 "GROUP BY chunk_no RETURNING files",
-                {"rows": encoded.rows_json, "b": batch_id, "now": now, "first": first, "per": per}).fetchall()
+                {"rows": encoded.rows_json, "b": batch_id, "now": now, "first": first, "per": per,
+                 "chunk_of": chunk_of}).fetchall()
             count = sum(int(r["files"]) for r in added)
-            conn.execute("UPDATE batches SET next_chunk = %s WHERE batch_id = %s",
-                         (first + -(-encoded.count // per), batch_id))
+            conn.execute("UPDATE batches SET next_chunk = %s WHERE batch_id = %s", (first + chunks, batch_id))
             return count
 
         if "\\u0000" in encoded.rows_json:
@@ -358,6 +406,7 @@ class PostgresJournal(CommonOperations):
                                   "WHERE batch_id = %s GROUP BY state", (batch_id,)):
                 counts[r["state"]] = [int(r["n"]), int(r["total"])]
             conn.execute("DELETE FROM parts WHERE batch_id = %s", (batch_id,))
+            conn.execute("DELETE FROM shards WHERE batch_id = %s", (batch_id,))  # their parts cascade
             conn.execute("DELETE FROM files WHERE batch_id = %s", (batch_id,))
             conn.execute("DELETE FROM chunks WHERE batch_id = %s", (batch_id,))
             conn.execute("UPDATE batches SET forgotten_at = %s, file_counts = %s WHERE batch_id = %s",
@@ -604,8 +653,202 @@ class PostgresJournal(CommonOperations):
                 listed[state] = [file_from_row(r) for r in conn.execute(
                     f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = %s AND state = %s ORDER BY key{limit}",
                     (batch_id, state.value))]
+            shards = {ShardState(r["state"]): (int(r["n"]), int(r["total"])) for r in conn.execute(
+                "SELECT state, count(*) AS n, coalesce(sum(size), 0) AS total FROM shards WHERE batch_id = %s "
+                "GROUP BY state", (batch_id,))}
         return BatchSummary(batch_from_row(row), counts, sizes, listed[FileState.FAILED],
-                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change)
+                            listed[FileState.SKIPPED], problem_limit, last_file_change=last_change,
+                            shards={state: pair[0] for state, pair in shards.items()},
+                            shard_bytes={state: pair[1] for state, pair in shards.items()})
+
+    # -- packed shards, fenced ----------------------------------------------------
+    #
+    # A shard is one unit of work: one host plans it, sends it and completes or drops it. On a
+    # shared journal each of those writes checks, in its own transaction, that this handle's
+    # worker owns the chunk of every member (the file fence, over the set), holding those chunk
+    # rows FOR KEY SHARE to the commit; members are handled as sets (jsonb), one statement each.
+
+    def _fence_members(self, conn: Conn, batch_id: str, what: str, members_sql: str, args: dict[str, Any]) -> None:
+        """LeaseLost unless this handle's worker owns the chunk of every file ``members_sql``
+        selects (a query of ``files`` rows by ``%(b)s``), those chunk rows held to the commit."""
+        if self.worker_id is None:
+            return
+        row = conn.execute(
+            "WITH fence AS (SELECT c.chunk_no, c.owner FROM chunks c WHERE c.batch_id = %(b)s "
+            f"AND c.chunk_no IN (SELECT m.chunk_no FROM ({members_sql}) AS m) FOR KEY SHARE OF c) "
+            "SELECT ARRAY(SELECT chunk_no FROM fence WHERE owner IS DISTINCT FROM %(w)s ORDER BY chunk_no) AS lost, "
+            "bool_or(owner IS NOT NULL) FILTER (WHERE owner IS DISTINCT FROM %(w)s) AS taken FROM fence",
+            {**args, "b": batch_id, "w": self.worker_id}).fetchone()
+        assert row is not None
+        if row["lost"]:
+            raise LeaseLost(f"batch {batch_id}: {what} is no longer this host's to record (the claim on its "
+                            f"chunk(s) {', '.join(map(str, row['lost'][:5]))} ran out and "
+                            f"{'another host took it' if row['taken'] else 'it was released'}); "
+                            "this host stops sending")
+
+    def _shard_row(self, conn: Conn, batch_id: str, shard_no: int) -> dict[str, Any] | None:
+        """The shard's row, locked FOR UPDATE (its changes are one at a time); the batch row FOR SHARE."""
+        row = conn.execute(
+            "WITH b AS (SELECT state FROM batches WHERE batch_id = %(b)s FOR SHARE) "
+            "SELECT (SELECT state FROM b) AS batch_state, s.state, s.members FROM (SELECT 1) AS one "
+            "LEFT JOIN (SELECT state, members FROM shards WHERE batch_id = %(b)s AND shard_no = %(n)s FOR UPDATE) AS s "
+            "ON true", {"b": batch_id, "n": shard_no}).fetchone()
+        assert row is not None
+        if row["batch_state"] is None:
+            raise batch_not_found(batch_id, self.location, hint=False)
+        return None if row["state"] is None else row
+
+    def _uploading_shard(self, conn: Conn, batch_id: str, shard_no: int) -> int:
+        """Check the shard is uploading and this worker's to change (the fence); its member count."""
+        row = self._shard_row(conn, batch_id, shard_no)
+        state = None if row is None else ShardState(row["state"])
+        if row is None or state is not ShardState.UPLOADING:
+            raise shard_not_uploading(batch_id, shard_no, state)
+        self._fence_members(conn, batch_id, f"shard {shard_no}",
+                            "SELECT chunk_no FROM files WHERE batch_id = %(b)s AND shard_no = %(n)s", {"n": shard_no})
+        return int(row["members"])
+
+    def plan_shard(self, batch_id: str, members: Sequence[tuple[str, int]], size: int) -> ShardRecord:
+        now = isoformat(utcnow())
+        args: dict[str, Any] = {"b": batch_id, "m": json.dumps([list(m) for m in members], ensure_ascii=False),
+                                "now": now, "size": size, "count": len(members)}
+
+        def body(conn: Conn) -> int:
+            # Numbers are max + 1, so planners of one batch (on any host) take turns for the
+            # number alone; this lock is held to the commit and blocks no file write.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('archup-shards:' || %s))", (batch_id,))
+            row = conn.execute(
+                "SELECT state, prefix, (SELECT coalesce(max(shard_no), 0) + 1 FROM shards WHERE batch_id = %(b)s) "
+                "AS next FROM batches WHERE batch_id = %(b)s FOR SHARE", args).fetchone()
+            if row is None:
+                raise batch_not_found(batch_id, self.location, hint=False)
+            check_accepts_files(batch_id, BatchState(row["state"]))
+            shard_no = int(row["next"])
+            self._fence_members(conn, batch_id, f"a member of shard {shard_no}",
+                                "SELECT f.chunk_no FROM files f JOIN jsonb_array_elements(%(m)s::jsonb) AS j(r) "
+                                "ON f.batch_id = %(b)s AND f.rel_path = j.r->>0", args)
+            moved = conn.execute(
+                "WITH s AS (INSERT INTO shards (batch_id, shard_no, key, size, members, state, updated_at) "
+                "VALUES (%(b)s, %(n)s, %(key)s, %(size)s, %(count)s, 'uploading', %(now)s)), "
+                "moved AS (UPDATE files f SET state = 'uploading', shard_no = %(n)s, shard_offset = (j.r->>1)::bigint, "
+                "attempts = f.attempts + 1, error = NULL, updated_at = %(now)s "
+                "FROM jsonb_array_elements(%(m)s::jsonb) AS j(r) WHERE f.batch_id = %(b)s AND f.rel_path = j.r->>0 "
+                "AND f.state IN ('pending', 'failed') AND f.shard_no IS NULL AND f.upload_id IS NULL RETURNING 1) "
+                "SELECT count(*) AS n FROM moved",
+                {**args, "n": shard_no, "key": shard_key(f"{row['prefix']}{batch_id}/", shard_no)}).fetchone()
+            assert moved is not None
+            if int(moved["n"]) != len(members):  # raised inside the transaction: nothing is planned
+                raise members_not_plannable(batch_id, shard_no, len(members), int(moved["n"]))
+            return shard_no
+
+        return self.get_shard(batch_id, self.db.write(body))
+
+    def get_shard(self, batch_id: str, shard_no: int) -> ShardRecord:
+        rows = self.db.query(f"SELECT {SHARD_COLUMNS} FROM shards WHERE batch_id = %s AND shard_no = %s",
+                             (batch_id, shard_no))
+        if not rows:
+            raise shard_not_uploading(batch_id, shard_no, None)
+        return shard_from_row(rows[0])
+
+    def iter_shards(self, batch_id: str, states: Iterable[ShardState] | None = None) -> Iterator[ShardRecord]:
+        wanted = None if states is None else [state.value for state in states]
+        if wanted == []:
+            return
+        filter_sql = "" if wanted is None else " AND state = ANY(%s)"
+        last = 0
+        while True:
+            rows = self.db.query(f"SELECT {SHARD_COLUMNS} FROM shards WHERE batch_id = %s AND shard_no > %s"
+                                 f"{filter_sql} ORDER BY shard_no LIMIT 1000",
+                                 (batch_id, last, *(() if wanted is None else (wanted,))))
+            if not rows:
+                return
+            for row in rows:
+                yield shard_from_row(row)
+            last = rows[-1]["shard_no"]
+
+    def shard_members(self, batch_id: str, shard_no: int) -> list[FileRecord]:
+        return [file_from_row(row) for row in self.db.query(
+            f"SELECT {FILE_COLUMNS} FROM files WHERE batch_id = %s AND shard_no = %s ORDER BY shard_offset",
+            (batch_id, shard_no))]
+
+    def record_shard_upload(self, batch_id: str, shard_no: int, upload_id: str, part_size: int,
+                            checksum_kind: str | None) -> None:
+        def body(conn: Conn) -> None:
+            self._uploading_shard(conn, batch_id, shard_no)
+            conn.execute(
+                "WITH s AS (UPDATE shards SET upload_id = %(u)s, part_size = %(p)s, checksum_kind = %(k)s, "
+                "updated_at = %(now)s WHERE batch_id = %(b)s AND shard_no = %(n)s) "
+                "DELETE FROM shard_parts WHERE batch_id = %(b)s AND shard_no = %(n)s",
+                {"u": upload_id, "p": part_size, "k": checksum_kind, "now": isoformat(utcnow()), "b": batch_id,
+                 "n": shard_no})
+        self.db.write(body)
+
+    def record_shard_part(self, batch_id: str, shard_no: int, part: PartRecord) -> None:
+        def body(conn: Conn) -> None:
+            self._uploading_shard(conn, batch_id, shard_no)
+            conn.execute(
+                "INSERT INTO shard_parts (batch_id, shard_no, part_number, size, etag, checksum) "
+                "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (batch_id, shard_no, part_number) DO UPDATE SET "
+                "size = excluded.size, etag = excluded.etag, checksum = excluded.checksum",
+                (batch_id, shard_no, part.part_number, part.size, part.etag, part.checksum))
+        self.db.write(body)
+
+    def list_shard_parts(self, batch_id: str, shard_no: int) -> list[PartRecord]:
+        rows = self.db.query("SELECT part_number, size, etag, checksum FROM shard_parts WHERE batch_id = %s "
+                             "AND shard_no = %s ORDER BY part_number", (batch_id, shard_no))
+        return [PartRecord(**row) for row in rows]
+
+    def complete_shard(self, batch_id: str, shard_no: int, *, sha256: str, etag: str,
+                       digests: Sequence[tuple[str, str]]) -> None:
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> None:
+            members = self._uploading_shard(conn, batch_id, shard_no)
+            row = conn.execute(
+                "WITH moved AS (UPDATE files f SET state = 'uploaded', sha256 = j.r->>1, etag = NULL, error = NULL, "
+                "updated_at = %(now)s FROM jsonb_array_elements(%(d)s::jsonb) AS j(r) WHERE f.batch_id = %(b)s "
+                "AND f.rel_path = j.r->>0 AND f.shard_no = %(n)s AND f.state = 'uploading' RETURNING 1), "
+                "s AS (UPDATE shards SET state = 'uploaded', sha256 = %(sha)s, etag = %(etag)s, error = NULL, "
+                "updated_at = %(now)s WHERE batch_id = %(b)s AND shard_no = %(n)s), "
+                "p AS (DELETE FROM shard_parts WHERE batch_id = %(b)s AND shard_no = %(n)s) "
+                "SELECT count(*) AS n FROM moved",
+                {"now": now, "d": json.dumps([list(d) for d in digests], ensure_ascii=False), "b": batch_id,
+                 "n": shard_no, "sha": sha256, "etag": etag}).fetchone()
+            assert row is not None
+            if int(row["n"]) != members or len(digests) != members:  # nothing is recorded
+                raise members_mismatch(batch_id, shard_no, members, int(row["n"]))
+        self.db.write(body)
+
+    def drop_shard(self, batch_id: str, shard_no: int, reason: str,
+                   problems: Mapping[str, tuple[FileState, str]]) -> None:
+        """An uploading shard is dropped by its sender (fenced); an uploaded one by finalize's
+        read-back, which is not fenced (as reset_file) and reopens its members' done chunks."""
+        now = isoformat(utcnow())
+
+        def body(conn: Conn) -> None:
+            row = self._shard_row(conn, batch_id, shard_no)
+            state = None if row is None else ShardState(row["state"])
+            if state is None or state is ShardState.DROPPED:
+                raise shard_not_uploading(batch_id, shard_no, state)
+            if state is ShardState.UPLOADING:
+                self._fence_members(conn, batch_id, f"shard {shard_no}",
+                                    "SELECT chunk_no FROM files WHERE batch_id = %(b)s AND shard_no = %(n)s",
+                                    {"n": shard_no})
+            # Its members leave it: to their problem's state and reason, or pending for a new shard.
+            conn.execute(
+                "WITH moved AS (UPDATE files f SET state = coalesce(%(p)s::jsonb -> f.rel_path ->> 0, 'pending'), "
+                "error = coalesce(%(p)s::jsonb -> f.rel_path ->> 1, %(why)s), shard_no = NULL, shard_offset = NULL, "
+                "updated_at = %(now)s WHERE f.batch_id = %(b)s AND f.shard_no = %(n)s RETURNING f.chunk_no), "
+                "c AS (UPDATE chunks SET done = false, owner = NULL, lease_until = NULL WHERE batch_id = %(b)s "
+                "AND done AND %(reopen)s AND chunk_no IN (SELECT chunk_no FROM moved)), "
+                "s AS (UPDATE shards SET state = 'dropped', error = %(why)s, updated_at = %(now)s "
+                "WHERE batch_id = %(b)s AND shard_no = %(n)s) "
+                "DELETE FROM shard_parts WHERE batch_id = %(b)s AND shard_no = %(n)s",
+                {"p": json.dumps({path: [target.value, why] for path, (target, why) in problems.items()},
+                                 ensure_ascii=False),
+                 "why": reason, "now": now, "b": batch_id, "n": shard_no,
+                 "reopen": state is ShardState.UPLOADED})
+        self.db.write(body)
 
     # -- several hosts: workers, claims, elections --------------------------------
 
