@@ -265,8 +265,8 @@ class SharedWorker:
     # -- claims ----------------------------------------------------------------------
 
     def claimed_files(self, settle: Callable[[list[FileRecord]], int],
-                      scan: Callable[[], None]) -> Iterator[FileRecord]:
-        """The files of each chunk this worker claims, chunk after chunk, until the scan is
+                      scan: Callable[[], None]) -> Iterator[FileRecord | None]:
+        """The files of each chunk this worker claims, chunk after chunk (None after each), until the scan is
         complete and no chunk is left to claim. ``settle(records)`` runs on a chunk another
         worker held before (it adopts PUTs that finished unrecorded); ``scan()`` runs when the
         scanning host died and this one is elected to take the scan over."""
@@ -299,6 +299,7 @@ class SharedWorker:
                     records = self.journal.chunk_files(self.batch_id, chunk_no)
             self._held.append(chunk_no)
             yield from records
+            yield None  # the chunk ends: a shard never spans two chunks (each is one unit of claim)
 
     def _finish_handled(self) -> None:
         """Mark done the held chunks whose files have all reached an end (committed)."""

@@ -127,9 +127,10 @@ class Uploader:
         if not self.journal.get_batch(self.batch_id).scan_complete:
             self.scan_into_journal()
 
-    def send(self, records: Iterable[FileRecord] | None = None) -> UploadResult:
+    def send(self, records: Iterable[FileRecord | None] | None = None) -> UploadResult:
         """Upload every file the journal says still needs it (or these ``records``: the files
-        this host claimed of a shared batch); never raises for one file's failure."""
+        this host claimed of a shared batch, None where a claimed chunk ends); never raises for
+        one file's failure."""
         outcomes = self.outcomes
         dispatcher = Dispatcher(self.options.parallel, self.options.parallel * self.options.part_size,
                                 outcomes.stop_with, readers=min(self.options.parallel, READERS))
@@ -210,7 +211,7 @@ class Uploader:
         return NewFile(item.rel_path, key, item.size, item.mtime_ns, identity=item.identity)
 
     def _dispatch(self, dispatcher: Dispatcher, multipart: MultipartSender, shards: ShardSender,
-                  records: Iterable[FileRecord] | None = None) -> None:
+                  records: Iterable[FileRecord | None] | None = None) -> None:
         todo = (FileState.PENDING, FileState.FAILED, FileState.UPLOADING)
         pack_under = self.options.pack_under
         planner = ShardPlanner(self.options.shard_size, shards.plan) if pack_under else None
@@ -218,6 +219,10 @@ class Uploader:
         for record in self.journal.iter_files(self.batch_id, todo) if records is None else records:
             if self.stop.is_set():
                 break
+            if record is None:  # a claimed chunk ends: its small files' last shard with it
+                if planner is not None:
+                    planner.flush()
+                continue
             if record.shard_no is not None:
                 # A member of a shard an earlier run planned: the shard is sent again whole.
                 if record.state is FileState.UPLOADING and record.shard_no not in resent:

@@ -110,7 +110,7 @@ def test_a_packed_batchs_chunks_are_the_shards_the_planner_makes() -> None:
     chunk_of = packed_chunks(rows, 16 * KiB, 64 * KiB, 375)
     assert chunk_of == sorted(chunk_of) and len(set(chunk_of)) > 20
     planned: list[list[str]] = []
-    planner = ShardPlanner(64 * KiB, lambda members: planned.append([m.rel_path for m in members]))
+    planner = ShardPlanner(64 * KiB, lambda members, _heads: planned.append([m.rel_path for m in members]))
     for rel_path, key, size, mtime_ns, *_ in rows:
         if size < 16 * KiB:
             planner.add(FileRecord("b", rel_path, key, size, mtime_ns, FileState.PENDING, None, None, None, None,
@@ -161,6 +161,10 @@ def test_three_hosts_seal_one_packed_batch_each_file_once(pg_url: str, moto_endp
     assert len({s["finalized_at"] for s in summaries}) == 1 and {s["files_uploaded"] for s in summaries} == {len(files)}
     summary = check_packed_record(s3, bucket, hosts.batch_id, files)
     assert summary["shards"]["count"] >= 10
+    # Three hosts claim chunks out of order; still no shard spans two chunks (the planner ends
+    # a shard where each claimed chunk ends), so a takeover never needs two hosts' chunks.
+    spanning = {shard: held for shard, held in chunks_of_shards(pg_url, hosts.batch_id).items() if len(held) > 1}
+    assert spanning == {}
     journal = PostgresJournal(pg_url)
     try:
         state = journal.get_state(hosts.batch_id)

@@ -495,7 +495,9 @@ class PostgresJournal(CommonOperations):
         self.db.write(body)
 
     def upload_ids(self, batch_id: str) -> set[str]:
-        rows = self.db.query("SELECT upload_id FROM files WHERE batch_id = %s AND upload_id IS NOT NULL", (batch_id,))
+        rows = self.db.query("SELECT upload_id FROM files WHERE batch_id = %(b)s AND upload_id IS NOT NULL "
+                             "UNION ALL SELECT upload_id FROM shards WHERE batch_id = %(b)s AND state = 'uploading' "
+                             "AND upload_id IS NOT NULL", {"b": batch_id})
         return {row["upload_id"] for row in rows}
 
     def list_parts(self, batch_id: str, rel_path: str) -> list[PartRecord]:
