@@ -20,8 +20,9 @@ from tcpproxy import TcpProxy
 from test_restore import entries, reseal, restore, tree
 from test_verify import make_source, upload
 
+from archup.errors import TransferError
 from archup.manifest.reader import Entry, ShardEntry
-from archup.restore import GET_COST, _PackedPlan, fetch_whole
+from archup.restore import GET_COST, _PackedPlan, _ShardStream, fetch_whole
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -322,3 +323,57 @@ def test_the_plan_of_many_packed_entries_lives_on_disk() -> None:
         plan.close()
     assert seen == count
     assert peak < 2 * MiB, peak
+
+
+class _BreakingStore:
+    """Each of the first ``breaks`` GETs breaks after 100 bytes; the later ones do not."""
+
+    def __init__(self, data: bytes, breaks: int) -> None:
+        self.data = data
+        self.breaks = breaks
+        self.gets: list[tuple[int, str | None]] = []
+
+    def open_object(self, key: str, *, start: int = 0, length: int | None = None,
+                    if_match: str | None = None) -> Any:
+        self.gets.append((start, if_match))
+        return _Body(self.data[start:], 100 if len(self.gets) <= self.breaks else None)
+
+
+class _Body:
+    def __init__(self, data: bytes, break_after: int | None) -> None:
+        self.data = data
+        self.break_after = break_after
+        self.read = 0
+
+    def readinto(self, view: memoryview) -> int:
+        if self.break_after is not None and self.read >= self.break_after:
+            raise TransferError("GetObject shard: ConnectionResetError", "ConnectionResetError")
+        count = min(len(view), len(self.data) - self.read, 64)
+        view[:count] = self.data[self.read:self.read + count]
+        self.read += count
+        return count
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_shard_stream_resumes_where_it_broke_then_gives_up_without_more_requests() -> None:
+    data = os.urandom(1000)
+    store = _BreakingStore(data, breaks=_ShardStream.RESUMES)
+    stream = _ShardStream(store, "b/shards/000001.tar", '"etag"')
+    buffer = bytearray(4096)
+    received = bytearray()
+    while count := stream.readinto(memoryview(buffer)):
+        received += buffer[:count]
+    assert bytes(received) == data and stream.hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+    # Each resume from the byte it reached, pinned to the same ETag.
+    assert [start for start, _ in store.gets] == [0, 128, 256, 384] and {etag for _, etag in store.gets} == {'"etag"'}
+
+    store = _BreakingStore(data, breaks=100)
+    stream = _ShardStream(store, "b/shards/000001.tar", None)
+    with pytest.raises(TransferError):
+        while stream.readinto(memoryview(buffer)):
+            pass
+    with pytest.raises(TransferError):
+        stream.readinto(memoryview(buffer))
+    assert len(store.gets) == 1 + _ShardStream.RESUMES  # broken: no request after the last resume
