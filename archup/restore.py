@@ -21,6 +21,29 @@ A file already in the target is kept when its size and SHA-256 are the entry's (
 after a crash downloads nothing that is already in place); otherwise it is replaced only
 with ``overwrite``. The filesystem is the restore's only state: a re-run redoes what is not
 in place, and its temporary names are fixed per file, so it reuses and removes them.
+
+Packed files (a format_version 2 batch, ``upload --pack-under``) live in tar shards under
+``<batch prefix>shards/``. The shard list (manifest-shards.jsonl) is spooled and checked
+against its seal with the other lists. A packed entry is refused by name when its shard is
+not in that list (or the list names it twice, or outside ``shards/``), or when its offset
+and size run past the shard's listed size. The packed entries wanted are set aside in a
+private temporary SQLite file (disk, not memory: a million of them cost a page cache),
+then taken shard by shard in offset order. For each shard, the members that still need
+their bytes (no regular file of their size at their name yet) decide how it is read:
+
+* **whole**, one GET of the whole shard, when more than half of its members are needed, or
+  when the bytes of the shard beyond the needed members' own are at most ``GET_COST`` (64
+  KiB) for each GET this saves (a GET's round trip counted as that much transfer). The
+  members are written from the stream as it passes, in offset order; the shard's own
+  SHA-256 is taken on the way, and a difference from the shard list is logged: it decides
+  nothing, since each member is checked against its own entry anyway;
+* **ranged** otherwise: each needed member is a ranged GET of its own bytes only (ranges of
+  ``part_size`` if it is larger). Restoring one packed file thus transfers its own bytes,
+  or, from a shard of that one file, the shard (its headers and index are a few KiB).
+
+Either way a member goes through the same steps as a file of its own: temporary name,
+SHA-256 against its entry, mtime, rename. An archived shard is thawed once, whatever the
+number of its members wanted; the run exits LATER as for any archived object.
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sqlite3
 import stat
 import tempfile
 import threading
@@ -41,8 +65,9 @@ from typing import IO, Any, Protocol
 
 from .crashpoints import crash_point
 from .errors import ExitCode, Interrupted, SealBroken, TransferError, UsageError
+from .journal.records import SHARDS_DIR
 from .manifest import reader
-from .manifest.reader import BadLine, Entry
+from .manifest.reader import BadLine, Entry, ShardEntry
 from .scan import FILES_DIR, display_path
 from .select import Selector
 from .store import ARCHIVE_CLASSES, ObjectInfo, ObjectStore, thaw_state
@@ -63,6 +88,11 @@ THAW_TIERS = ("Standard", "Bulk", "Expedited")
 THAW_HOURS = {"Expedited": ("1-5 minutes", "not offered"), "Standard": ("3-5 hours", "up to 12 hours"),
               "Bulk": ("5-12 hours", "up to 48 hours")}
 TEMP_PREFIX = ".archup-restore-"
+# A packed file's shard is read whole when what it brings beyond the wanted members is at
+# most this many bytes for each GET it saves (one GET's round trip, counted as transfer).
+GET_COST = 64 * 1024
+# Packed entries are read back from the plan this many at a time.
+MEMBER_PAGE = 512
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
@@ -285,6 +315,203 @@ class _Large:
     finished: bool = False  # sealed or given up (once)
 
 
+def fetch_whole(members: int, needed: int, needed_bytes: int, shard_size: int) -> bool:
+    """Whether a shard is read whole (one GET) rather than one ranged GET per needed member:
+    when more than half of its ``members`` are needed, or when what it holds beyond the
+    needed bytes is at most GET_COST for each GET saved. One member of several is never
+    read whole: its restore transfers its own bytes only."""
+    if needed <= 0:
+        return False
+    if 2 * needed > members:
+        return True
+    return shard_size - needed_bytes <= (needed - 1) * GET_COST
+
+
+@dataclass(frozen=True)
+class _ShardGroup:
+    """One shard of the sealed list, and what this restore wants of it."""
+
+    key: str
+    size: int
+    sha256: str
+    members: int       # as the shard list says
+    wanted: int        # entries this restore wants from it
+    wanted_bytes: int
+
+
+class _PackedPlan:
+    """The sealed shard list and the packed entries this restore wants, in a private
+    temporary SQLite file (deleted when closed; its page cache bounded), so a million
+    packed entries cost disk, not memory. Each entry is checked against its shard's row as
+    it is added; they are read back a shard at a time, in offset order, a page at a time.
+    One connection, used by the workers too, under one lock."""
+
+    def __init__(self, shards_prefix: str) -> None:
+        self.shards_prefix = shards_prefix
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-4096"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.executescript("""
+            CREATE TABLE shard (shard_key TEXT PRIMARY KEY, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+                                members INTEGER NOT NULL, problem TEXT);
+            CREATE TABLE member (path TEXT NOT NULL UNIQUE, shard_key TEXT NOT NULL, data_start INTEGER NOT NULL,
+                                 size INTEGER NOT NULL, sha256 TEXT NOT NULL, mtime_ns INTEGER);
+            CREATE INDEX member_place ON member (shard_key, data_start);
+            BEGIN;
+        """)
+        self._last: tuple[str, tuple[int, str | None] | None] | None = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add_shard(self, shard: ShardEntry) -> None:
+        """A line of the sealed shard list. A key outside the batch's ``shards/``, or listed
+        twice, leaves the shard unusable: its members are refused."""
+        problem = None if shard.key.startswith(self.shards_prefix) else f"is outside {self.shards_prefix}"
+        try:
+            added = self.db.execute("INSERT OR IGNORE INTO shard VALUES (?, ?, ?, ?, ?)",
+                                    (shard.key, shard.size, shard.sha256, shard.members, problem)).rowcount
+        except UnicodeEncodeError:
+            return  # a key no S3 object can have: its members find no shard
+        if not added:
+            self.db.execute("UPDATE shard SET problem = 'is listed twice in the shard list' WHERE shard_key = ?",
+                            (shard.key,))
+
+    def _shard(self, key: str) -> tuple[int, str | None] | None:
+        if self._last is None or self._last[0] != key:
+            row = self.db.execute("SELECT size, problem FROM shard WHERE shard_key = ?", (key,)).fetchone()
+            self._last = (key, None if row is None else (row[0], row[1]))
+        return self._last[1]
+
+    def add(self, entry: Entry) -> str | None:
+        """Set a wanted packed entry aside; why it is refused, or None."""
+        assert entry.offset is not None
+        try:
+            shard = self._shard(entry.key)
+        except UnicodeEncodeError:
+            shard = None
+        if shard is None:
+            return f"its shard {entry.key!r} is not in the sealed shard list"
+        size, problem = shard
+        if problem is not None:
+            return f"its shard {entry.key} {problem}"
+        if entry.offset + entry.size > size:
+            return (f"its bytes ({entry.size} from offset {entry.offset}) run past the end of its shard "
+                    f"{entry.key} ({size} bytes)")
+        try:
+            self.db.execute("INSERT INTO member VALUES (?, ?, ?, ?, ?, ?)", (
+                entry.path, entry.key, entry.offset, entry.size, entry.sha256, entry.mtime_ns))
+        except sqlite3.IntegrityError:
+            return "listed twice in the manifest"
+        except UnicodeEncodeError:
+            return "its path is not valid UTF-8"
+        return None
+
+    def loaded(self) -> None:
+        self.db.execute("COMMIT")
+
+    def any(self) -> bool:
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM member LIMIT 1").fetchone() is not None
+
+    def groups(self) -> Iterator[_ShardGroup]:
+        """The shards with wanted members, in key order (SQLite compares text as UTF-8
+        bytes: the listing's order)."""
+        after = ""
+        while True:
+            with self.lock:
+                rows = self.db.execute(
+                    "SELECT m.shard_key, s.size, s.sha256, s.members, count(*), sum(m.size) FROM member m "
+                    "JOIN shard s ON s.shard_key = m.shard_key WHERE m.shard_key > ? "
+                    "GROUP BY m.shard_key ORDER BY m.shard_key LIMIT ?", (after, MEMBER_PAGE)).fetchall()
+            for row in rows:
+                yield _ShardGroup(*row)
+            if len(rows) < MEMBER_PAGE:
+                return
+            after = rows[-1][0]
+
+    def members(self, shard_key: str) -> Iterator[Entry]:
+        """A shard's wanted members, in offset order."""
+        start, rowid = -1, -1
+        while True:
+            with self.lock:
+                rows = self.db.execute(
+                    "SELECT data_start, rowid, path, size, sha256, mtime_ns FROM member WHERE shard_key = ? "
+                    "AND (data_start > ? OR (data_start = ? AND rowid > ?)) ORDER BY data_start, rowid LIMIT ?",
+                    (shard_key, start, start, rowid, MEMBER_PAGE)).fetchall()
+            for offset, _, path, size, sha256, mtime_ns in rows:
+                yield Entry(path=path, key=shard_key, size=size, sha256=sha256, etag=None, part_size=None,
+                            mtime_ns=mtime_ns, offset=offset)
+            if len(rows) < MEMBER_PAGE:
+                return
+            start, rowid = rows[-1][0], rows[-1][1]
+
+
+class _ShardStream:
+    """One GET of a whole shard, read once from its first byte to its last and hashed on the
+    way. A read that breaks resumes from where it was, with a ranged GET pinned to the same
+    ETag (a replaced shard is a 412), up to RESUMES times; past that, or when the GET itself
+    is refused, the stream stays broken: every later read raises the same error, and no
+    further request is sent."""
+
+    RESUMES = 3
+
+    def __init__(self, store: ObjectStore, key: str, etag: str | None) -> None:
+        self.store = store
+        self.key = key
+        self.etag = etag
+        self.body: Any = None
+        self.position = 0
+        self.hasher = hashlib.sha256()
+        self.ended = False
+        self.resumes = 0
+        self.broken: TransferError | OSError | None = None
+
+    def readinto(self, view: memoryview) -> int:
+        """Bytes from the current position into ``view``; 0 at the shard's end."""
+        while not self.ended:
+            if self.broken is not None:
+                raise self.broken
+            if self.body is None:
+                try:
+                    # A refused GET (412, 403, an archived shard) was retried by the store already.
+                    self.body = self.store.open_object(self.key, start=self.position, if_match=self.etag)
+                except (TransferError, OSError) as error:
+                    self.broken = error
+                    continue
+                if self.body is None:
+                    self.broken = TransferError(f"GetObject {self.key}: the shard is gone", "NoSuchKey")
+                    continue
+            try:
+                count = self.body.readinto(view)
+            except (TransferError, OSError) as error:
+                self.close()
+                self.resumes += 1
+                if self.resumes > self.RESUMES:
+                    self.broken = error
+                continue
+            if count == 0:
+                self.ended = True
+                break
+            self.hasher.update(view[:count])
+            self.position += count
+            return count
+        return 0
+
+    def skip_to(self, offset: int, buffer: bytearray) -> None:
+        """Read (and hash) up to ``offset``, or to the end if the shard is shorter."""
+        view = memoryview(buffer)
+        while self.position < offset:
+            if self.readinto(view[:min(len(view), offset - self.position)]) == 0:
+                return
+
+    def close(self) -> None:
+        if self.body is not None:
+            body, self.body = self.body, None
+            body.close()
+
+
 class _Restore:
     def __init__(self, store: ObjectStore, location: BatchLocation, target: Path, options: RestoreOptions,
                  observer: RestoreObserver, stop: threading.Event, *, clock: Callable[[], float] = time.monotonic,
@@ -303,8 +530,9 @@ class _Restore:
         self.select = Selector(options.includes, options.excludes)
         self.files_prefix = location.batch_prefix + FILES_DIR
         self.thaw_times: list[float] = []
-        self.waiting: list[tuple[Entry, ObjectInfo]] = []
+        self.waiting: list[tuple[Entry | _ShardGroup, ObjectInfo]] = []
         self.target: Target | None = None
+        self.packed = _PackedPlan(location.batch_prefix + SHARDS_DIR)
         # Restored files get the mode a new file gets here (0666 less the umask), as cp gives them.
         umask = os.umask(0o022)
         os.umask(umask)
@@ -352,22 +580,34 @@ class _Restore:
             raise SealBroken(f"batch {location.batch_id}: {location.summary_key} is not the summary the journal "
                              f"recorded at seal time (SHA-256 {summary.sha256}, recorded "
                              f"{location.recorded_summary_sha256}); nothing was restored")
-        for seal in (summary.entries, summary.skipped):
+        for seal in (summary.entries, summary.skipped, summary.shards):
             if seal is None:
                 continue
             if not seal.key.startswith(location.batch_prefix):
                 raise SealBroken(f"batch {location.batch_id}: the summary seals {seal.key}, outside the batch "
                                  f"prefix {location.batch_prefix}; nothing was restored")
-            if seal is summary.skipped:
+            if seal is summary.entries:
+                broken = reader.spool(self.store, seal, spool)
+            else:
                 with tempfile.TemporaryFile() as scratch:
                     broken = reader.spool(self.store, seal, scratch)
-            else:
-                broken = reader.spool(self.store, seal, spool)
+                    if not broken and seal is summary.shards:
+                        self._load_shards(scratch)
             if broken:
                 what = "; ".join(f"{name}: sealed {expected}, read {actual}" for name, expected, actual in broken)
                 raise SealBroken(f"batch {location.batch_id}: {seal.key} does not match its seal ({what}); "
                                  "nothing was restored")
         return summary
+
+    def _load_shards(self, spooled: IO[bytes]) -> None:
+        """The sealed shard list into the plan; an unusable line is reported (its shard's
+        members then find no shard and are refused by name)."""
+        for number, line in enumerate(reader.local_lines(spooled), start=1):
+            shard = reader.parse_shard(line, number)
+            if isinstance(shard, BadLine):
+                self.fail(f"(shard list line {shard.number})", f"unusable shard: {shard.reason}")
+            else:
+                self.packed.add_shard(shard)
 
     # -- planning ---------------------------------------------------------------
 
@@ -378,7 +618,7 @@ class _Restore:
                 self.fail(f"(manifest line {item.number})", f"unusable entry: {item.reason}")
                 continue
             problem = path_problem(item.path)
-            if problem is None and item.key != self.files_prefix + item.path:
+            if problem is None and not item.packed and item.key != self.files_prefix + item.path:
                 problem = f"key {item.key!r} is not the path's key"
             if problem is not None:
                 self.fail(item.path, f"refused: {problem}")
@@ -492,8 +732,10 @@ class _Restore:
     def _download(self, entry: Entry, listed: ObjectInfo, fd: int) -> str | None:
         """GET the whole object into ``fd``, hashing as it streams; its SHA-256, or None if it
         ended short."""
-        # A range of exactly the entry's size: a bound the store can hold whole (the CRT's GET).
-        body = self.store.open_object(entry.key, length=entry.size, if_match=listed.etag or None)
+        # A range of exactly the entry's size: a bound the store can hold whole (the CRT's GET);
+        # for a packed file, its own bytes in its shard and nothing else.
+        body = self.store.open_object(entry.key, start=entry.offset or 0, length=entry.size,
+                                      if_match=listed.etag or None)
         if body is None:
             raise TransferError(f"GetObject {entry.key}: the object is gone", "NoSuchKey")
         hasher = hashlib.sha256()
@@ -576,7 +818,8 @@ class _Restore:
         self._finish_large(large)
 
     def _fetch_range(self, large: _Large, start: int, length: int) -> None:
-        body = self.store.open_object(large.entry.key, start=start, length=length, if_match=large.etag)
+        body = self.store.open_object(large.entry.key, start=(large.entry.offset or 0) + start, length=length,
+                                      if_match=large.etag)
         if body is None:
             raise TransferError(f"GetObject {large.entry.key}: the object is gone", "NoSuchKey")
         view = memoryview(self._buffer())
@@ -616,17 +859,17 @@ class _Restore:
 
     # -- archived objects ---------------------------------------------------------
 
-    def _thaw_state(self, entry: Entry, listed: ObjectInfo) -> tuple[str, ObjectInfo]:
+    def _thaw_state(self, key: str, listed: ObjectInfo) -> tuple[str, ObjectInfo]:
         """readable / archived / thawing, with HEAD's answer for an object of an archive class."""
         storage_class = (listed.storage_class or "").upper()
         if storage_class not in ARCHIVE_CLASSES and storage_class != "INTELLIGENT_TIERING":
             return "readable", listed
-        info = self.store.head(entry.key)
+        info = self.store.head(key)
         if info is None:
-            raise TransferError(f"HeadObject {entry.key}: the object is gone", "NoSuchKey")
+            raise TransferError(f"HeadObject {key}: the object is gone", "NoSuchKey")
         return thaw_state(info), info
 
-    def _request_thaw(self, entry: Entry, info: ObjectInfo) -> None:
+    def _request_thaw(self, key: str, info: ObjectInfo) -> None:
         # At most MAX_THAW_REQUESTS_PER_SECOND, whatever the parallelism: S3's own limit.
         now = self.clock()
         with self.lock:
@@ -639,7 +882,7 @@ class _Restore:
             self.thaw_times.append(now + delay)
         if delay > 0:
             self.sleep(delay)
-        self.store.restore_object(entry.key, days=self.options.restore_days, tier=self.options.restore_tier,
+        self.store.restore_object(key, days=self.options.restore_days, tier=self.options.restore_tier,
                                   storage_class=info.storage_class)
         with self.lock:
             self.report.thaw_requests += 1
@@ -675,13 +918,13 @@ class _Restore:
             self._done(entry, False, f"the object has {listed.size} bytes, the manifest says {entry.size}")
             return []
         try:
-            state, info = self._thaw_state(entry, listed)
+            state, info = self._thaw_state(entry.key, listed)
             if state != "readable":
                 if self.options.dry_run:
                     self.report.planned.append(("thaw", entry.path, entry.size))
                     return []
                 if state == "archived":
-                    self._request_thaw(entry, info)
+                    self._request_thaw(entry.key, info)
                 if self.options.wait:
                     self.waiting.append((entry, listed))
                 else:
@@ -700,12 +943,19 @@ class _Restore:
 
     def _download_or_empty(self, entry: Entry, listed: ObjectInfo, fd: int) -> str | None:
         """An empty object's bytes are known without a GET (the listing said it is there and
-        empty); its digest is still the one checked against the entry."""
-        if entry.size == 0 and listed.size == 0:
+        empty, or it is a packed file of no bytes); its digest is still the one checked
+        against the entry."""
+        if entry.size == 0 and (entry.packed or listed.size == 0):
             return _EMPTY_SHA256
         return self._download(entry, listed, fd)
 
     def run(self) -> RestoreReport:
+        try:
+            return self._run()
+        finally:
+            self.packed.close()
+
+    def _run(self) -> RestoreReport:
         started = time.monotonic()
         with tempfile.TemporaryFile() as spool:
             summary = self.read_seal(spool)
@@ -739,13 +989,182 @@ class _Restore:
     def _send(self, entries: Iterator[Entry | BadLine]) -> None:
         listing = self.store.list_objects(self.files_prefix)
         with _Window(self.options.parallel) as window:
-            for paired in reader.merge_listing(self.wanted(entries), lambda entry: entry.key, listing):
+            for paired in reader.merge_listing(self._set_packed_aside(self.wanted(entries)), lambda entry: entry.key,
+                                               listing):
                 if paired.item is None:
                     continue  # an object the manifest does not name: not part of the batch
                 if self.stop.is_set():
                     break
                 for task in self.plan_item(paired.item, paired.listed):
                     window.submit(task)
+        self.packed.loaded()
+        if self.stop.is_set() or not self.packed.any():
+            return
+        # The packed files only once every file of its own is done: a forged manifest may give
+        # one path both ways, and two workers must never write one temporary file.
+        shards = self.store.list_objects(self.location.batch_prefix + SHARDS_DIR)
+        with _Window(self.options.parallel) as window:
+            for paired in reader.merge_listing(self.packed.groups(), lambda group: group.key, shards):
+                if paired.item is None:
+                    continue
+                if self.stop.is_set():
+                    break
+                for task in self.plan_shard(paired.item, paired.listed):
+                    window.submit(task)
+
+    def _set_packed_aside(self, entries: Iterator[Entry]) -> Iterator[Entry]:
+        """The entries of files of their own; packed ones go into the plan (or are refused)."""
+        for entry in entries:
+            if not entry.packed:
+                yield entry
+                continue
+            problem = self.packed.add(entry)
+            if problem is not None:
+                self._done(entry, False, f"refused: {problem}")
+
+    # -- packed files: their shards --------------------------------------------------
+
+    def _fail_members(self, group: _ShardGroup, reason: str) -> None:
+        for member in self.packed.members(group.key):
+            self._done(member, False, reason)
+
+    def plan_shard(self, group: _ShardGroup, listed: ObjectInfo | None) -> Iterator[Callable[[], None]]:
+        """What one shard's wanted members need: nothing (reported), a thaw, one GET of the
+        whole shard, or a ranged GET of each (see the module's docstring for which)."""
+        if listed is None:
+            self._fail_members(group, f"its shard {group.key} is missing from the bucket")
+            return
+        try:
+            state, info = self._thaw_state(group.key, listed)
+        except TransferError as error:
+            self._fail_members(group, str(error))
+            return
+        if state != "readable":
+            if self.options.dry_run:
+                for member in self.packed.members(group.key):
+                    self.report.planned.append(("thaw", member.path, member.size))
+                return
+            if state == "archived":
+                self._request_thaw(group.key, info)  # once for the shard, whatever its members wanted
+            if self.options.wait:
+                self.waiting.append((group, listed))
+            else:
+                with self.lock:
+                    self.report.objects_thawing += 1
+            return
+        yield from self._shard_tasks(group, listed)
+
+    def _shard_tasks(self, group: _ShardGroup, listed: ObjectInfo) -> Iterator[Callable[[], None]]:
+        if self.options.dry_run:
+            for member in self.packed.members(group.key):
+                self.report.planned.append((self._dry_action(member), member.path, member.size))
+            return
+        needed = needed_bytes = 0
+        for member in self.packed.members(group.key):
+            if self._likely_needed(member):
+                needed += 1
+                needed_bytes += member.size
+        if fetch_whole(group.members, needed, needed_bytes, group.size):
+            yield lambda: self.fetch_shard(group, listed)
+            return
+        for member in self.packed.members(group.key):
+            if member.size > self.options.part_size:
+                yield from self.ranges(member, listed)
+            else:
+                yield lambda member=member: self.fetch_small(member, listed)
+
+    def _likely_needed(self, entry: Entry) -> bool:
+        """Whether a member will need its bytes, at a glance (a regular file of its size at its
+        name counts as in place; its fetch, or its skip, checks the SHA-256): what decides how
+        its shard is read, so a re-run does not read a shard again for files already there."""
+        assert self.target is not None
+        try:
+            parent_fd = self.target.open_parent(entry.path, create=False)
+        except (UnsafePath, OSError):
+            return False  # refused when its turn comes
+        if parent_fd is None:
+            return True
+        try:
+            info = os.stat(entry.path.rsplit("/", 1)[-1], dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(parent_fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size == entry.size:
+            return False
+        return self.options.overwrite
+
+    def fetch_shard(self, group: _ShardGroup, listed: ObjectInfo) -> None:
+        """One GET of the whole shard: each wanted member is written from the stream as it
+        passes, in offset order, and checked against its own entry; the shard's SHA-256 is
+        taken on the way, for the log. A member whose bytes start before the stream's place
+        (entries that overlap: a forged manifest) gets a ranged GET of its own."""
+        stream = _ShardStream(self.store, group.key, listed.etag or None)
+        try:
+            for member in self.packed.members(group.key):
+                if self.stop.is_set():
+                    return
+                if member.offset is not None and member.offset < stream.position:
+                    self.fetch_small(member, listed)
+                    continue
+                self.observer.on_file_started(member.path, member.size)
+                prepared = self._prepare(member)
+                if prepared is not None:
+                    self._member_from_stream(member, stream, *prepared)
+            if self.stop.is_set():
+                return
+            if stream.position or stream.body is not None:
+                # To its sealed end (never further: a replaced shard may be any size), for its SHA-256.
+                stream.skip_to(group.size, self._buffer())
+                digest = stream.hasher.hexdigest()
+                if digest != group.sha256 or listed.size != group.size:
+                    log.warning("restore: shard %s: %d bytes with SHA-256 %s (the first %d), the shard list says %d "
+                                "bytes with %s; each of its members was checked against its own entry", group.key,
+                                listed.size, digest, stream.position, group.size, group.sha256)
+        except (TransferError, OSError) as failure:
+            # The stream broke past its resumes: the members it did not reach fail by name.
+            log.warning("restore: shard %s: %s", group.key, _reason(failure))
+        finally:
+            stream.close()
+
+    def _member_from_stream(self, entry: Entry, stream: _ShardStream, parent_fd: int, name: str) -> None:
+        """One member's bytes from the whole shard's stream into its temporary file, hashed,
+        checked and renamed as a file of its own is."""
+        assert entry.offset is not None
+        fd = -1
+        temp = ""
+        error: str | None = None
+        end = entry.offset + entry.size
+        try:
+            fd, temp = self._open_temp(parent_fd, name)
+            buffer = self._buffer()
+            stream.skip_to(entry.offset, buffer)
+            view = memoryview(buffer)
+            hasher = hashlib.sha256()
+            while stream.position < end:
+                if self.stop.is_set():
+                    raise _Stopped()
+                count = stream.readinto(view[:min(len(view), end - stream.position)])
+                if count == 0:
+                    break
+                hasher.update(view[:count])
+                os.write(fd, view[:count])
+                self.observer.on_bytes(count)
+            digest = hasher.hexdigest() if stream.position == end else None
+            error = self._seal_file(entry, parent_fd, fd, temp, name, digest)
+        except (TransferError, OSError, _Stopped) as failure:
+            if temp:
+                _unlink_quietly(temp, parent_fd)
+            error = _reason(failure)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.close(parent_fd)
+        if error == _STOPPED:
+            return
+        self._done(entry, error is None, error)
 
     def _wait_and_fetch(self) -> None:
         """--wait: poll the thawing objects with backoff; fetch each once it is readable."""
@@ -753,12 +1172,15 @@ class _Restore:
         deadline = None if self.options.wait_limit is None else self.clock() + self.options.wait_limit
         waiting = self.waiting
         while waiting and not self.stop.is_set():
-            still: list[tuple[Entry, ObjectInfo]] = []
-            ready: list[tuple[Entry, ObjectInfo]] = []
+            still: list[tuple[Entry | _ShardGroup, ObjectInfo]] = []
+            ready: list[tuple[Entry | _ShardGroup, ObjectInfo]] = []
             for entry, listed in waiting:
                 info = self.store.head(entry.key)
                 if info is None:
-                    self._done(entry, False, "missing from the bucket")
+                    if isinstance(entry, _ShardGroup):
+                        self._fail_members(entry, f"its shard {entry.key} is missing from the bucket")
+                    else:
+                        self._done(entry, False, "missing from the bucket")
                 elif thaw_state(info) == "readable":
                     ready.append((entry, listed))
                 else:
@@ -777,13 +1199,21 @@ class _Restore:
             self.sleep(delay)
             delay = min(delay * 2, self.options.poll_max)
 
-    def _send_ready(self, ready: list[tuple[Entry, ObjectInfo]]) -> None:
+    def _send_ready(self, ready: list[tuple[Entry | _ShardGroup, ObjectInfo]]) -> None:
+        # Files of their own first, then shards, as in _send: never one path in both at once.
         with _Window(self.options.parallel) as window:
             for entry, listed in ready:
+                if isinstance(entry, _ShardGroup):
+                    continue
                 tasks = self.ranges(entry, listed) if entry.size > self.options.part_size else \
                     [lambda entry=entry, listed=listed: self.fetch_small(entry, listed)]
                 for task in tasks:
                     window.submit(task)
+        with _Window(self.options.parallel) as window:
+            for group, listed in ready:
+                if isinstance(group, _ShardGroup):
+                    for task in self._shard_tasks(group, listed):
+                        window.submit(task)
 
 
 class _Window:

@@ -12,6 +12,10 @@ their bytes go to the target (a test PostgreSQL server) and back, until the test
 - ``reset_all()``: every connection is closed with an RST on both sides (``SO_LINGER`` 0), as a
   firewall or a dying middlebox does.
 - ``close()``: stops accepting and resets every connection; threads end within a poll interval.
+- ``bytes_to_client`` and ``bytes_to_target``: what crossed, counted as the proxy hands it on
+  (read them after ``close()``, when no thread moves a byte any more). With ``record=True``
+  the proxy also keeps what each connection sent to the target, and ``requests()`` reads the
+  HTTP/1.1 requests out of it (for a test that counts a client's GETs and their ranges).
 
 What a user-space proxy cannot do: the proxy's kernel keeps acknowledging what the peers send,
 and answers their TCP keepalives, while cut. So a peer's TCP-level detection
@@ -42,8 +46,12 @@ _JOIN_SECONDS: Final = 5.0
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` (an ephemeral port) to ``target_host``:``target_port``."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, record: bool = False) -> None:
         self.target = (target_host, target_port)
+        self.record = record
+        self.bytes_to_client = 0
+        self.bytes_to_target = 0
+        self._sent_to_target: list[bytearray] = []  # one per connection, with record=True
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -117,6 +125,26 @@ class TcpProxy:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """(method, target, headers with lower-case names) of each HTTP/1.1 request sent through
+        the proxy, with ``record=True``; bodies are skipped by their Content-Length."""
+        found = []
+        for stream in self._sent_to_target:
+            data = bytes(stream)
+            while data:
+                head, sep, rest = data.partition(b"\r\n\r\n")
+                if not sep:
+                    break
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                headers = {}
+                for line in lines:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                found.append((method, target, headers))
+                data = rest[int(headers.get("content-length", "0")):]
+        return found
+
     # -- threads ------------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
@@ -147,6 +175,11 @@ class _Link:
         self.upstream: socket.socket | None = None
         self.reset_requested = threading.Event()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.sent_to_target: bytearray | None = None
+        if proxy.record:
+            self.sent_to_target = bytearray()
+            with proxy._links_lock:
+                proxy._sent_to_target.append(self.sent_to_target)
 
     def _stopping(self) -> bool:
         return self.reset_requested.is_set() or self.proxy._closing.is_set()
@@ -174,6 +207,19 @@ class _Link:
             return socket.create_connection(self.proxy.target, timeout=_CONNECT_SECONDS)
         except OSError:
             return None  # target down: the client sees an RST, as it would connecting directly
+
+    def _forward(self, to_client: bool, outbox: bytearray) -> None:
+        """Send what outbox holds to its socket, counting (and with record=True keeping) what went."""
+        sock = self.client if to_client else self.upstream
+        assert sock is not None
+        pending = bytes(outbox) if not to_client and self.sent_to_target is not None else b""
+        sent = _send(sock, outbox)
+        if to_client:
+            self.proxy.bytes_to_client += sent
+        else:
+            self.proxy.bytes_to_target += sent
+            if self.sent_to_target is not None:
+                self.sent_to_target += pending[:sent]
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         client.setblocking(False)
@@ -213,7 +259,7 @@ class _Link:
                                 else:
                                     upstream_eof = True
                         if event & select.POLLOUT:
-                            _send(sock, to_client if sock is client else to_upstream)
+                            self._forward(sock is client, to_client if sock is client else to_upstream)
                     # A FIN is passed on only after the bytes before it, like any byte.
                     if client_eof and not to_upstream and not upstream_shut:
                         _shutdown_write(upstream)
@@ -266,12 +312,14 @@ def _receive(sock: socket.socket, inbox: bytearray) -> int | None:
     return len(chunk)
 
 
-def _send(sock: socket.socket, outbox: bytearray) -> None:
+def _send(sock: socket.socket, outbox: bytearray) -> int:
+    """Send what the socket takes of outbox now; how many bytes that was."""
     try:
         sent = sock.send(outbox)
     except BlockingIOError:
-        return
+        return 0
     del outbox[:sent]
+    return sent
 
 
 def _shutdown_write(sock: socket.socket) -> None:
