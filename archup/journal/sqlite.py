@@ -103,19 +103,12 @@ _NOT_FOUND = ("FROM archived WHERE source_id = ?1 AND (seen_by IS NULL OR seen_b
 
 def _each_member(conn: Conn, update: str, batch_id: str, pairs: Sequence[tuple[str, Any]], shard_no: int,
                  now: str) -> None:
-    """One UPDATE for a shard's members, ``pairs`` of (rel_path, value) as a JSON array read by
-    json_each (a statement per member costs ten times as much); row by row where a path
-    holds a NUL, which SQLite's JSON functions end a string at. ``update`` names the pair's
-    parts {path} and {value}; ?1 is the batch, ?3 the shard, ?4 the time."""
-    text = json.dumps(pairs, ensure_ascii=False)
-    if "\\u0000" in text:
-        conn.executemany(update.format(path="?5", value="?2"),
-                         [(batch_id, value, shard_no, now, rel_path) for rel_path, value in pairs])
-        return
-    conn.execute(update.format(path="m.path", value="m.value").replace(
-        "UPDATE files SET", "UPDATE files SET", 1).replace(" WHERE batch_id = ?1", " FROM (SELECT "
-        "json_extract(value, '$[0]') AS path, json_extract(value, '$[1]') AS value FROM json_each(?2)) AS m "
-        "WHERE batch_id = ?1", 1), (batch_id, text, shard_no, now))
+    """One UPDATE a member, ``pairs`` of (rel_path, value): ``update`` names the pair's parts
+    {path} and {value}; ?1 is the batch, ?3 the shard, ?4 the time. (executemany: 2 us a member
+    by its primary key. One UPDATE ... FROM json_each(...) plans files as the outer loop: 40 s
+    for 500 members of a 100,000-file batch.)"""
+    conn.executemany(update.format(path="?5", value="?2"),
+                     [(batch_id, value, shard_no, now, rel_path) for rel_path, value in pairs])
 
 
 class SQLiteJournal(CommonOperations):
