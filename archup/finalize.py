@@ -17,18 +17,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import manifest
+from .checksums import CRC_ALGORITHMS, crc_of
 from .clock import isoformat, utcnow
 from .crashpoints import crash_point
-from .errors import BatchClosed, BatchIncomplete, ManifestConflict, TransferError
-from .journal import BatchRecord, FileRecord, Journal, ShardRecord
+from .errors import ArchupError, BatchClosed, BatchIncomplete, ManifestConflict, TransferError
+from .journal import BatchRecord, FileRecord, Journal, PartRecord, ShardRecord
 from .journal.records import SHARDS_DIR
 from .locations import resume_command
 from .manifest import reader
+from .multipart import full_crc
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, LISTED_BUT_MISSING, UNREADABLE_REASONS, display_path
 from .select import Selector
 from .states import BatchState, FileState, ShardState
-from .store import SHA256_METADATA, ObjectInfo, ObjectStore
+from .store import CHECKSUM_REFUSED, SHA256_METADATA, ObjectInfo, ObjectStore, UploadedPart
 
 log = logging.getLogger("archup.finalize")
 
@@ -133,6 +135,42 @@ def _read_back_shards(journal: Journal, store: ObjectStore, batch: BatchRecord) 
     return problems
 
 
+def put_list(store: ObjectStore, key: str, written: manifest.EntriesFile, part_size: int) -> None:
+    """Store one of the manifest's lists from its temporary file: one PUT up to a part,
+    else a multipart upload of part-size reads (a million entries are some 200 MB, never
+    held in memory whole)."""
+    metadata = {SHA256_METADATA: written.sha256}
+    if written.size <= part_size:
+        store.put_object(key, written.handle.read(), metadata=metadata)
+        return
+    checksum = store.multipart_checksum()
+    try:
+        upload_id = store.create_multipart(key, checksum, metadata=metadata, content_type="application/jsonl")
+    except TransferError as error:
+        if error.code != CHECKSUM_REFUSED:
+            raise
+        checksum = store.multipart_checksum()
+        upload_id = store.create_multipart(key, checksum, metadata=metadata, content_type="application/jsonl")
+    parts: list[PartRecord] = []
+    try:
+        while True:
+            body = written.handle.read(part_size)
+            if not body:
+                break
+            algorithm = checksum.algorithm
+            crc = crc_of(algorithm, body) if algorithm in CRC_ALGORITHMS else None
+            sent = store.upload_part(key, upload_id, len(parts) + 1, body, checksum, crc=crc)
+            parts.append(PartRecord(len(parts) + 1, len(body), sent.etag, sent.checksum))
+        store.complete_multipart(key, upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts],
+                                 checksum, full_crc=full_crc(checksum, parts), size=written.size)
+    except BaseException:
+        try:
+            store.abort_multipart(key, upload_id)
+        except ArchupError:
+            pass  # under the batch prefix: the next finalize's sweep aborts it
+        raise
+
+
 def _existing_summary(store: ObjectStore, key: str, batch_id: str) -> reader.Summary | None:
     """The summary already at ``key``, None if there is none; ManifestConflict if it is not
     a summary of this batch."""
@@ -183,13 +221,10 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
         if existing is None:
             # The summary does not exist yet, so overwriting the entries and skipped objects
             # is safe: nothing seals them until the summary below is written.
-            store.put_object(manifest.entries_key(batch), entries.handle.read(),
-                             metadata={SHA256_METADATA: entries.sha256})
-            store.put_object(manifest.skipped_key(batch), skipped.handle.read(),
-                             metadata={SHA256_METADATA: skipped.sha256})
+            put_list(store, manifest.entries_key(batch), entries, batch.part_size)
+            put_list(store, manifest.skipped_key(batch), skipped, batch.part_size)
             if shards.count:
-                store.put_object(manifest.shards_key(batch), shards.handle.read(),
-                                 metadata={SHA256_METADATA: shards.sha256})
+                put_list(store, manifest.shards_key(batch), shards, batch.part_size)
             crash_point("after-manifest-entries")
             finalized_at = isoformat(utcnow())
             body = manifest.encode_summary(

@@ -165,7 +165,7 @@ def _resumed_checksum(reported: MultipartChecksum, recorded: list[PartRecord],
     return configured
 
 
-def _full_crc(checksum: MultipartChecksum, parts: list[PartRecord]) -> int | None:
+def full_crc(checksum: MultipartChecksum, parts: list[PartRecord]) -> int | None:
     """The whole file's CRC from its parts' CRCs (as each stream computed and sent them, or as
     a resumed run checked them against the bytes it read), combined in part order."""
     algorithm = checksum.algorithm
@@ -386,7 +386,7 @@ class MultipartSender:
         try:
             etag = self.store.complete_multipart(
                 record.key, transfer.upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts],
-                transfer.checksum, full_crc=_full_crc(transfer.checksum, parts), size=record.size)
+                transfer.checksum, full_crc=full_crc(transfer.checksum, parts), size=record.size)
         except TransferError as error:
             if error.code == "NoSuchUpload" and self.reconciler.settle_lost_completion(record):
                 return  # a retried Complete whose first answer was lost

@@ -30,7 +30,7 @@ from .crashpoints import crash_point
 from .dispatch import Dispatcher
 from .errors import ArchupError, TransferError
 from .journal import FileRecord, Journal, PartRecord, ShardRecord
-from .multipart import _full_crc
+from .multipart import full_crc
 from .outcomes import Outcomes
 from .shards import BLOCK, Layout, Member, Placed, header, index_line, index_member, layout, padding
 from .source import FileChanged, SourceTree, describe_read_error
@@ -284,7 +284,7 @@ class ShardSender:
             raise TransferError(f"shard {shard.key}: the journal's parts do not make up the shard", "Internal")
         etag = self.store.complete_multipart(
             shard.key, upload_id, [UploadedPart(p.part_number, p.etag, p.checksum) for p in parts], checksum,
-            full_crc=_full_crc(checksum, parts), size=shape.size)
+            full_crc=full_crc(checksum, parts), size=shape.size)
         crash_point("after-complete-shard")
         self._complete(shard, members, hasher.hexdigest(), etag, digests)
 

@@ -23,7 +23,7 @@ import archup.multipart
 from archup.checksums import crc_b64, crc_combine, crc_of
 from archup.dispatch import BufferPool, ByteBudget, Dispatcher
 from archup.journal import PartRecord, SQLiteJournal
-from archup.multipart import _full_crc
+from archup.multipart import full_crc
 from archup.store import MultipartChecksum
 from archup.store.memory import MemoryStore
 from archup.uploader import Uploader, UploadOptions
@@ -132,10 +132,10 @@ def test_the_full_object_crc_is_the_parts_crcs_combined_in_part_order(algorithm:
     parts = [PartRecord(n, len(body), f'"e{n}"', crc_b64(algorithm, crc_of(algorithm, body)))
              for n, body in enumerate(bodies, start=1)]
     whole = crc_of(algorithm, b"".join(bodies))
-    assert _full_crc(MultipartChecksum(algorithm, full_object=True), parts) == whole
+    assert full_crc(MultipartChecksum(algorithm, full_object=True), parts) == whole
     swapped = [parts[1], parts[0], parts[2]]
-    assert _full_crc(MultipartChecksum(algorithm, full_object=True), swapped) != whole
-    assert _full_crc(MultipartChecksum(algorithm), parts) is None  # composite: no whole-object CRC
+    assert full_crc(MultipartChecksum(algorithm, full_object=True), swapped) != whole
+    assert full_crc(MultipartChecksum(algorithm), parts) is None  # composite: no whole-object CRC
     assert crc_combine(algorithm, crc_of(algorithm, b"ab"), crc_of(algorithm, b"cd"), 2) == crc_of(algorithm, b"abcd")
 
 
