@@ -46,10 +46,10 @@ MIN_SHARD_SIZE = 64 * 1024
 MAX_SHARD_SIZE = 5 * 1024 * MiB
 SHARD_CONTENT_TYPE = "application/x-tar"
 SHARD_METADATA = "archup-shard-members"
-# Shards planned or in flight at once. Packing is bound by reading and hashing the members
-# (the CPU), not by the network: more would hold more members' records and shard bodies in
-# memory (a 1,000,000-file batch within 150 MiB) without sending faster.
-SHARDS_IN_FLIGHT = 4
+# Shards planned or in flight at once: one being read while one is sent. Packing is bound
+# by reading the members (the CPU), not by the network: 4 held 57 MiB more at 100,000 files
+# and sent no faster (docs/benchmarks.md).
+SHARDS_IN_FLIGHT = 2
 _DIGEST_PLACEHOLDER = "0" * 64
 REPLANNED = "its shard was planned again without a member that changed or could not be read"
 

@@ -82,6 +82,7 @@ DATASETS = {
     "small": ("2,000 files x 4 KiB in nested directories", 1),
     "tiny": ("20,000 files x 1 KiB in nested directories", 6),
     "tiny100k": ("100,000 files x 1 KiB in nested directories", 7),
+    "tiny1m": ("1,000,000 files x 1 KiB in nested directories", 8),
     "mixed": ("200 files, 1 KiB to 2 MiB (log-uniform)", 2),
     "large": ("4 files x 128 MiB", 3),
     "large64": ("4 files x 64 MiB", 4),
@@ -97,6 +98,8 @@ def dataset_files(name: str) -> list[tuple[str, int]]:
         return [(f"d{i // 200:02d}/s{(i // 20) % 10}/f{i:05d}.bin", 4 * KiB) for i in range(2000)]
     if name == "tiny":
         return [(f"t{i // 1000:02d}/s{(i // 100) % 10}/f{i:05d}.bin", KiB) for i in range(20000)]
+    if name == "tiny1m":
+        return [(f"t{i // 1000:03d}/s{(i // 100) % 10}/f{i:07d}.bin", KiB) for i in range(1_000_000)]
     if name == "tiny100k":
         return [(f"t{i // 1000:03d}/s{(i // 100) % 10}/f{i:06d}.bin", KiB) for i in range(100000)]
     if name == "mixed":
