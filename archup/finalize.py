@@ -25,7 +25,7 @@ from .journal import BatchRecord, FileRecord, Journal, PartRecord, ShardRecord
 from .journal.records import SHARDS_DIR
 from .locations import resume_command
 from .manifest import reader
-from .multipart import full_crc
+from .multipart import MAX_PARTS, full_crc
 from .reconcile import abort_leftover_uploads
 from .scan import FILES_DIR, LISTED_BUT_MISSING, UNREADABLE_REASONS, display_path
 from .select import Selector
@@ -35,6 +35,7 @@ from .store import CHECKSUM_REFUSED, SHA256_METADATA, ObjectInfo, ObjectStore, U
 log = logging.getLogger("archup.finalize")
 
 SHOW_AT_MOST = 20
+MAX_SINGLE_PUT = 5 * 1024 ** 3  # S3's largest PutObject
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,18 @@ def _read_back_shards(journal: Journal, store: ObjectStore, batch: BatchRecord) 
 
 
 def put_list(store: ObjectStore, key: str, written: manifest.EntriesFile, part_size: int) -> None:
-    """Store one of the manifest's lists from its temporary file: one PUT up to a part,
-    else a multipart upload of part-size reads (a million entries are some 200 MB, never
-    held in memory whole)."""
+    """Store one of the manifest's lists from its temporary file, never held whole (a million
+    entries are some 200 MB): one PUT of its bytes up to a part; past that one PUT streamed
+    from the file (up to S3's 5 GiB); past that a multipart upload of part-size reads."""
     metadata = {SHA256_METADATA: written.sha256}
     if written.size <= part_size:
         store.put_object(key, written.handle.read(), metadata=metadata)
         return
+    if written.size <= MAX_SINGLE_PUT:  # streamed from the file: one request, a part's memory
+        store.put_file(key, written.handle, written.size, sha256_digest=bytes.fromhex(written.sha256),
+                       metadata=metadata, content_type="application/jsonl")
+        return
+    part_size = max(part_size, -(-written.size // MAX_PARTS))
     checksum = store.multipart_checksum()
     try:
         upload_id = store.create_multipart(key, checksum, metadata=metadata, content_type="application/jsonl")

@@ -212,25 +212,34 @@ def test_a_packed_manifest_matches_the_schema_and_the_docs(cli, s3, packed) -> N
             assert f"`{field}`" in docs, f"docs/manifest.md does not document {field}"
 
 
-def test_a_manifest_list_larger_than_a_part_is_stored_in_parts(s3, bucket, tmp_path) -> None:
-    """finalize never holds a list whole: past a part it goes up in part-size reads."""
+@pytest.mark.parametrize("largest_put, etag_end", [(None, ""), (4 * MiB, "-3")])
+def test_a_manifest_list_larger_than_a_part_is_never_held_whole(s3, bucket, tmp_path, monkeypatch, largest_put,
+                                                                 etag_end) -> None:
+    """finalize streams a list past a part from its file in one PUT, and past S3's largest
+    PUT (here made 4 MiB) in part-size reads."""
     import tempfile
 
-    from archup.finalize import put_list
+    from archup import finalize
     from archup.manifest import EntriesFile
-    from archup.store import StoreConfig, open_store
+    from archup.store import ChecksumMode, StoreConfig, open_store
 
+    if largest_put is not None:
+        monkeypatch.setattr(finalize, "MAX_SINGLE_PUT", largest_put)
     body = b"".join(b'{"path":"f%07d","sha256":"%s"}\n' % (i, os.urandom(32).hex().encode()) for i in range(120_000))
     assert len(body) > 2 * 5 * MiB
-    handle = tempfile.TemporaryFile()
-    handle.write(body)
-    handle.seek(0)
-    store = open_store(StoreConfig(bucket=bucket, endpoint_url=s3.meta.endpoint_url, region="us-east-1"))
-    with handle:
-        put_list(store, "staging/B/manifest.jsonl", EntriesFile(handle, hashlib.sha256(body).hexdigest(), len(body),
-                                                                120_000, 0), 5 * MiB)
-    head = s3.head_object(Bucket=bucket, Key="staging/B/manifest.jsonl")
-    assert head["ETag"].strip('"').endswith("-3") and head["Metadata"]["archup-sha256"] == hashlib.sha256(
-        body).hexdigest()
-    assert get(s3, bucket, "staging/B/manifest.jsonl") == body
+    for mode in ChecksumMode:
+        handle = tempfile.TemporaryFile()
+        handle.write(body)
+        store = open_store(StoreConfig(bucket=bucket, endpoint_url=s3.meta.endpoint_url, region="us-east-1",
+                                       checksum=mode))
+        key = f"staging/B/{mode.value}/manifest.jsonl"
+        with handle:
+            handle.seek(0)
+            finalize.put_list(store, key, EntriesFile(handle, hashlib.sha256(body).hexdigest(), len(body), 120_000,
+                                                      0), 5 * MiB)
+        head = s3.head_object(Bucket=bucket, Key=key)
+        etag = head["ETag"].strip('"')
+        assert ("-" in etag) == bool(etag_end) and etag.endswith(etag_end), (mode, etag)
+        assert head["Metadata"]["archup-sha256"] == hashlib.sha256(body).hexdigest()
+        assert get(s3, bucket, key) == body
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

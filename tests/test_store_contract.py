@@ -91,6 +91,20 @@ def test_open_object_reads_from_a_byte_and_is_pinned_to_an_etag(store: ObjectSto
     assert store.open_object("absent") is None
 
 
+def test_put_file_streams_a_body_from_its_start(store: ObjectStore, tmp_path) -> None:
+    body = bytes(range(256)) * 9000
+    with open(tmp_path / "list.jsonl", "w+b") as handle:
+        handle.write(body)  # left at its end: put_file reads from the start
+        etag = store.put_file("m/manifest.jsonl", handle, len(body), sha256_digest=hashlib.sha256(body).digest(),
+                              metadata={"archup-sha256": hashlib.sha256(body).hexdigest()},
+                              content_type="application/jsonl")
+    assert etag == _etag(body)
+    info = store.head("m/manifest.jsonl")
+    assert info is not None and info.size == len(body) and info.metadata["archup-sha256"] == hashlib.sha256(
+        body).hexdigest()
+    assert store.get_bytes("m/manifest.jsonl") == body
+
+
 def test_put_if_absent_writes_once(store: ObjectStore) -> None:
     first = store.put_if_absent("m/manifest.json", b'{"a": 1}')
     assert first == _etag(b'{"a": 1}')

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 from ..checksums import crc32_b64, crc32_combine
 
@@ -226,6 +226,11 @@ class ObjectStore(Protocol):
                    archive: bool = False) -> str:
         """PUT one object, returning its ETag; ``archive`` marks a source file's object
         (storage class, tags, user metadata)."""
+
+    def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
+                 metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+        """PUT ``size`` bytes read from ``handle`` (from its start), streamed, never held whole
+        (a manifest list of a million entries); its checksum as put_object's. The ETag."""
 
     def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:

@@ -8,6 +8,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from ..checksums import b64, crc_b64, crc_of
 from ..errors import DestinationError, TransferError
@@ -121,6 +122,14 @@ class MemoryStore:
         with self._lock:
             self._objects[key] = stored
         return stored.etag
+
+    def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
+                 metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+        handle.seek(0)
+        body = handle.read(size)
+        if len(body) != size:
+            raise TransferError(f"PutObject {key}: the file gave {len(body)} of {size} bytes", "IncompleteBody")
+        return self.put_object(key, body, sha256_digest=sha256_digest, metadata=metadata, content_type=content_type)
 
     def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:

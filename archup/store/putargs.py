@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from ..checksums import b64, crc_b64, crc_of
 from . import ChecksumMode, StoreConfig
@@ -67,6 +67,25 @@ def checksum_fields(mode: ChecksumMode, body: bytes | bytearray, sha256_digest: 
     if mode is ChecksumMode.MD5:
         return [("ContentMD5", "Content-MD5", b64(hashlib.md5(body).digest()))]
     return []
+
+
+def file_checksum_fields(mode: ChecksumMode, handle: IO[bytes], sha256_digest: bytes) -> list[Field]:
+    """:func:`checksum_fields` of a body read from ``handle`` (from where it is, in 1 MiB
+    reads; left where it was): the SHA-256 is the caller's, a CRC32 or MD5 is computed."""
+    if mode not in (ChecksumMode.CRC32, ChecksumMode.MD5):
+        return checksum_fields(mode, b"", sha256_digest)
+    start = handle.tell()
+    crc, md5 = 0, hashlib.md5()
+    while chunk := handle.read(1024 * 1024):
+        if mode is ChecksumMode.CRC32:
+            crc = crc_of("CRC32", chunk, crc)
+        else:
+            md5.update(chunk)
+    handle.seek(start)
+    if mode is ChecksumMode.CRC32:
+        return [(None, "x-amz-sdk-checksum-algorithm", "CRC32"), ("ChecksumCRC32", "x-amz-checksum-crc32",
+                                                                   crc_b64("CRC32", crc))]
+    return [("ContentMD5", "Content-MD5", b64(md5.digest()))]
 
 
 def put_args(config: StoreConfig, body: bytes | bytearray, *, sha256_digest: bytes | None = None,

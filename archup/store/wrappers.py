@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import IO
 
 from .. import crashpoints
 from . import (
@@ -40,6 +41,11 @@ class StoreWrapper:
                    archive: bool = False) -> str:
         return self.inner.put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
                                      content_type=content_type, archive=archive)
+
+    def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
+                 metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+        return self.inner.put_file(key, handle, size, sha256_digest=sha256_digest, metadata=metadata,
+                                   content_type=content_type)
 
     def put_if_absent(self, key: str, body: bytes, *, content_type: str = "application/json",
                       metadata: dict[str, str] | None = None) -> str | None:
@@ -118,6 +124,12 @@ class RateLimitedStore(StoreWrapper):
         self._wait_for(len(body))
         return super().put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
                                   content_type=content_type, archive=archive)
+
+    def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
+                 metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
+        self._wait_for(size)
+        return super().put_file(key, handle, size, sha256_digest=sha256_digest, metadata=metadata,
+                                content_type=content_type)
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes | bytearray,
                     checksum: MultipartChecksum, *, crc: int | None = None) -> UploadedPart:
