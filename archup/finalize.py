@@ -103,8 +103,8 @@ def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list
     """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
     listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
     problems: list[tuple[FileRecord, str]] = []
-    records = (record for record in journal.iter_files(batch.batch_id, [FileState.UPLOADED])
-               if record.shard_no is None)  # a packed file is read back with its shard
+    # A packed file is read back with its shard.
+    records = journal.iter_files(batch.batch_id, [FileState.UPLOADED], packed=False)
     for paired in reader.merge_listing(records, lambda record: record.key, listing):
         record, current = paired.item, paired.listed
         if record is None:

@@ -471,3 +471,13 @@ def test_shard_rows_of_another_batch_are_left_alone(journal: Journal, batch_id: 
     journal.drop_shard(other, 1, "gone", {})
     assert journal.get_shard(batch_id, 1).state is ShardState.UPLOADING
     assert journal.get_file(batch_id, "a").shard_no == 1
+
+
+def test_iter_files_takes_only_packed_or_only_unpacked_files(journal: Journal, batch_id: str) -> None:
+    add(journal, batch_id, "a", "b", "c", "d")
+    plan(journal, batch_id, "b", "d")
+    assert [r.rel_path for r in journal.iter_files(batch_id, packed=True)] == ["b", "d"]
+    assert [r.rel_path for r in journal.iter_files(batch_id, packed=False)] == ["a", "c"]
+    assert [r.rel_path for r in journal.iter_files(batch_id)] == ["a", "b", "c", "d"]
+    assert [r.rel_path for r in journal.iter_files(batch_id, [FileState.PENDING], packed=False)] == ["a", "c"]
+    assert list(journal.iter_files(batch_id, [FileState.PENDING], packed=True)) == []

@@ -610,11 +610,13 @@ class PostgresJournal(CommonOperations):
         return self.get_file(batch_id, rel_path)
 
     def iter_files(self, batch_id: str, states: Iterable[FileState] | None = None,
-                   page_size: int = 2000) -> Iterator[FileRecord]:
+                   page_size: int = 2000, *, packed: bool | None = None) -> Iterator[FileRecord]:
         wanted = [state.value for state in states] if states is not None else None
         if wanted == []:
             return
         filter_sql = " AND state = ANY(%s)" if wanted else ""
+        if packed is not None:  # only the files in shards, or only those of their own
+            filter_sql += " AND shard_no IS NOT NULL" if packed else " AND shard_no IS NULL"
         last_key = ""
         while True:
             args: tuple[Any, ...] = (batch_id, last_key, *((wanted,) if wanted else ()), page_size)
