@@ -218,7 +218,8 @@ def finalize(journal: Journal, store: ObjectStore, batch_id: str) -> FinalizeSum
             "to send them again")
 
     summary_key = manifest.summary_key(batch)
-    entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]), manifest.entry_for(batch))
+    entries = manifest.write_entries(journal.iter_files(batch_id, [FileState.UPLOADED]),
+                                     line_of=manifest.entry_line_for(batch))
     skipped = manifest.write_entries(journal.iter_files(batch_id, [FileState.SKIPPED]), manifest.skipped_entry)
     shard_list = list(journal.iter_shards(batch_id, [ShardState.UPLOADED]))
     shards = manifest.write_entries(shard_list, manifest.shard_entry)

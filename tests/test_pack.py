@@ -243,3 +243,21 @@ def test_a_manifest_list_larger_than_a_part_is_never_held_whole(s3, bucket, tmp_
         assert head["Metadata"]["archup-sha256"] == hashlib.sha256(body).hexdigest()
         assert get(s3, bucket, key) == body
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_an_entry_line_is_its_entry_as_compact_json() -> None:
+    """finalize writes packed lines directly; they must be what the entry dict dumps to."""
+    from dataclasses import replace
+
+    from archup.journal import BatchRecord, FileRecord
+    from archup.manifest import compact_line, entry_for, entry_line_for
+    from archup.states import BatchState, FileState
+
+    batch = BatchRecord("01M96Y4D6WTQ6DGEXPF5DPF9C2", BatchState.FINALIZING, "/src", "b", "staging/", None, None,
+                        8 * MiB, True, None, None, "t", "t", "t", None)
+    base = FileRecord(batch.batch_id, "x", "staging/B/files/x", 1024, 1_700_000_000_123_456_789, FileState.UPLOADED,
+                      None, None, "ab" * 32, '"e"', None, 1, "t")
+    for path in ("a.txt", "dir/m\u00e9lange \"quoted\"\\.txt", "tab\there", "\u65e5\u672c/\u8a9e"):
+        for shard_no, offset in ((None, None), (1, 512), (123456, 10 ** 12)):
+            record = replace(base, rel_path=path, shard_no=shard_no, shard_offset=offset)
+            assert entry_line_for(batch)(record) == compact_line(entry_for(batch)(record)), (path, shard_no)

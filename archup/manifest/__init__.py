@@ -73,6 +73,26 @@ def entry_for(batch: BatchRecord) -> Callable[[FileRecord], dict[str, Any]]:
     return encode
 
 
+def entry_line_for(batch: BatchRecord) -> Callable[[FileRecord], bytes]:
+    """The lines of :func:`entry_for`'s entries, byte for byte (tests/test_pack.py holds them
+    to each other): a packed file's written directly, its path alone through json.dumps
+    (a million of them)."""
+    prefix = batch.batch_prefix
+    keys: dict[int, bytes] = {}
+
+    def line(record: FileRecord) -> bytes:
+        if record.shard_no is None or record.sha256 is None or record.shard_offset is None:
+            return compact_line(entry(record))
+        key = keys.get(record.shard_no)
+        if key is None:
+            key = keys[record.shard_no] = json.dumps(shard_key(prefix, record.shard_no),
+                                                     ensure_ascii=False).encode("utf-8")
+        return b'{"path":%s,"shard":%s,"offset":%d,"size":%d,"sha256":"%s","mtime_ns":%d}\n' % (
+            json.dumps(record.rel_path, ensure_ascii=False).encode("utf-8"), key, record.shard_offset, record.size,
+            record.sha256.encode("ascii"), record.mtime_ns)
+    return line
+
+
 def shard_entry(shard: ShardRecord) -> dict[str, Any]:
     return {"key": shard.key, "size": shard.size, "sha256": shard.sha256, "etag": shard.etag,
             "members": shard.members, "part_size": shard.part_size}
@@ -99,14 +119,19 @@ class EntriesFile:
     total_bytes: int
 
 
-def write_entries(records: Iterable[Any], encode: Callable[[Any], dict[str, Any]] = entry) -> EntriesFile:
-    """Stream entries (``encode``: uploaded files' or skipped files') to a temporary file,
-    hashing as it goes; the caller closes the handle."""
+def compact_line(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def write_entries(records: Iterable[Any], encode: Callable[[Any], dict[str, Any]] = entry, *,
+                  line_of: Callable[[Any], bytes] | None = None) -> EntriesFile:
+    """Stream entries (``encode``: uploaded files' or skipped files'; or ``line_of``, a whole
+    line) to a temporary file, hashing as it goes; the caller closes the handle."""
     handle = tempfile.TemporaryFile()
     hasher = hashlib.sha256()
     count = total_bytes = size = 0
     for record in records:
-        line = (json.dumps(encode(record), ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        line = line_of(record) if line_of is not None else compact_line(encode(record))
         handle.write(line)
         hasher.update(line)
         size += len(line)
