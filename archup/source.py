@@ -1,11 +1,16 @@
 """Safe reading of source files: open only what the scan found, and notice any change.
 
-Every read of a source file goes through :func:`open_regular`: it never follows a
-symlink or blocks on a FIFO that replaced the file since the scan, and a
-:class:`PathGuard` checks what the kernel actually opened. The read helpers check
-the file unchanged (size, mtime, identity) around the read, so a file that
+Every read of a source file opens it through :func:`_open_checked` (``os.open`` of its
+path): it never follows a symlink or blocks on a FIFO that replaced the file since the
+scan, and a :class:`PathGuard` checks what the kernel actually opened. The read helpers
+check the file unchanged (size, mtime, identity) around the read, so a file that
 changes, vanishes or cannot be read is never recorded as uploaded (PRODUCT.md,
 guarantee 4).
+
+A small file costs :func:`read_whole` two ``fstat`` calls and no ``readlink`` where the
+kernel has openat2 (docs/benchmarks.md, "Per-file costs"): the look-up of its path with
+no symlink on the way, the open, one ``fstat`` for its type and its size, mtime and
+identity as the scan recorded them, the read, and one ``fstat`` after it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .journal import FileRecord
 from .scan import identity_of, inside
@@ -91,25 +97,39 @@ _openat2_missing = sys.platform != "linux"
 _libc: Any = None
 
 
-def _resolved_without_symlinks(path: str) -> tuple[int, int] | None:
-    """The (device, inode) ``path`` resolves to with no symlink on any component, looked up
-    with openat2(O_PATH, RESOLVE_NO_SYMLINKS): O_PATH opens nothing (no device, no FIFO is
-    touched). None where the kernel (or a seccomp filter) has no openat2. OSError otherwise."""
+# openat2's arguments for a look-up that opens nothing: O_PATH touches no device and no FIFO.
+_LOOK_UP = _OpenHow(getattr(os, "O_PATH", 0) | os.O_NOFOLLOW | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+_T = TypeVar("_T")
+
+
+def _look_up_without_symlinks(path: str) -> int | None:
+    """An O_PATH descriptor of what ``path`` resolves to with no symlink on any component
+    (openat2, RESOLVE_NO_SYMLINKS); the caller closes it. None where the kernel (or a seccomp
+    filter) has no openat2. OSError otherwise."""
     global _openat2_missing, _libc
     if _openat2_missing:
         return None
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
-    how = _OpenHow(os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
     fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(os.fsencode(path)),
-                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+                       ctypes.byref(_LOOK_UP), ctypes.c_size_t(ctypes.sizeof(_LOOK_UP)))
     if fd < 0:
         code = ctypes.get_errno()
         if code in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
             _openat2_missing = True  # an old kernel or a sandbox: today's open() and checks
             return None
         raise OSError(code, os.strerror(code), path)
+    return int(fd)
+
+
+def _resolved_without_symlinks(path: str) -> tuple[int, int] | None:
+    """The (device, inode) ``path`` resolves to with no symlink on any component, looked up
+    with openat2(O_PATH, RESOLVE_NO_SYMLINKS): O_PATH opens nothing (no device, no FIFO is
+    touched). None where the kernel (or a seccomp filter) has no openat2. OSError otherwise."""
+    fd = _look_up_without_symlinks(path)
+    if fd is None:
+        return None
     try:
         info = os.fstat(fd)
     finally:
@@ -117,11 +137,12 @@ def _resolved_without_symlinks(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def _check_no_symlink_on_the_way(path: str) -> tuple[int, int] | None:
-    """Before opening a file of the tree (its root resolved, so any symlink on the way was put
-    there since the scan): refuse a path through a symlink before anything out there is opened."""
+def _refusing_symlinks_on_the_way(look_up: Callable[[str], _T], path: str) -> _T | None:
+    """``look_up(path)``, with a symlink on the way (ELOOP) refused as PathEscaped: before
+    opening a file of the tree (its root resolved, so any symlink on the way was put there
+    since the scan), nothing out there is opened. None if the file itself is a symlink."""
     try:
-        return _resolved_without_symlinks(path)
+        return look_up(path)
     except OSError as error:
         if error.errno == errno.ELOOP and not os.path.islink(path):
             # A symlink on the way, not the file itself: a directory was swapped for one.
@@ -131,45 +152,104 @@ def _check_no_symlink_on_the_way(path: str) -> tuple[int, int] | None:
         raise
 
 
-def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader:
-    """Open for reading without following a symlink or blocking on a FIFO that replaced the
-    file since the scan; anything but a regular file is refused. Then the guard is checked
-    against what the kernel says it opened."""
+def _check_no_symlink_on_the_way(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of ``path`` looked up with no symlink on the way (None: not looked
+    up, or the file itself is a symlink); a symlink on the way is PathEscaped."""
+    return _refusing_symlinks_on_the_way(_resolved_without_symlinks, path)
+
+
+def _no_symlink_on_the_way(path: str) -> bool:
+    """Whether ``path`` was looked up with no symlink on the way (False: no openat2, or the
+    file itself is a symlink); a symlink on the way is PathEscaped. Costs no fstat: the caller
+    checks the opened file's identity against the scan's instead."""
+    fd = _refusing_symlinks_on_the_way(_look_up_without_symlinks, path)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _open_checked(path: str, guard: PathGuard | None, record: FileRecord | None = None) -> int:
+    """A descriptor of the regular file at ``path``, opened without following a symlink or
+    blocking on a FIFO that replaced the file since the scan (anything but a regular file is
+    refused), the guard checked against what the kernel opened. With a
+    ``record``, the file is also checked unchanged since the scan (size, mtime, identity)."""
     expected = None
+    looked_up = False
     if guard is not None and guard.exact and guard.beneath and inside(guard.beneath, path):
-        expected = _check_no_symlink_on_the_way(path)
+        if record is not None and record.identity is not None:
+            # The opened file's inode is checked against the scan's below (check_unchanged): it
+            # is then the file a walk without symlinks found, as the look-up's inode would say.
+            looked_up = _no_symlink_on_the_way(path)
+        else:
+            expected = _check_no_symlink_on_the_way(path)
+            looked_up = expected is not None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        if expected is not None:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != expected:  # swapped between the look-up and the open
-                raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
-        opened = _opened_path(fd) if guard is not None else None
+        info = os.fstat(fd)
+        if expected is not None and (info.st_dev, info.st_ino) != expected:
+            raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")  # swapped meanwhile
+        # What the kernel says it opened: needed where no look-up refused symlinks on the way
+        # (no openat2; following symlinks, where it must still lie inside the root).
+        opened = _opened_path(fd) if guard is not None and not looked_up else None
         if guard is not None and opened is not None:
             if guard.exact and opened != path:
                 raise PathEscaped("a directory on its path was replaced by a symlink (not followed)")
             if guard.within and not inside(guard.within, opened):
                 raise PathEscaped("a symlink on its path now leads out of the source root (not followed)")
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, "replaced by a directory", path)
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(info.st_mode):
             raise FileChanged("no longer a regular file (replaced by a fifo, socket or device)")
+        if record is not None:
+            check_unchanged(info, record)
         os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: str, guard: PathGuard | None = None) -> io.BufferedReader:
+    """Open for reading without following a symlink or blocking on a FIFO that replaced the
+    file since the scan; anything but a regular file is refused. Then the guard is checked
+    against what the kernel says it opened."""
+    fd = _open_checked(path, guard)
+    try:
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd``: fewer only at its end."""
+    body = os.read(fd, limit)
+    if not body or len(body) == limit:
+        return body
+    pieces = [body]
+    got = len(body)
+    while got < limit:
+        more = os.read(fd, limit - got)  # b"" at the end (the common case: one call)
+        if not more:
+            break
+        pieces.append(more)
+        got += len(more)
+    return body if len(pieces) == 1 else b"".join(pieces)
+
+
 def read_whole(path: str, record: FileRecord, guard: PathGuard | None = None) -> bytes:
     """The whole file, checked unchanged around the read (a single-request object's body)."""
-    with open_regular(path, guard) as handle:
-        check_unchanged(os.fstat(handle.fileno()), record)
-        body = handle.read(record.size + 1)
+    fd = _open_checked(path, guard, record)  # checked unchanged before the read
+    try:
+        body = _read_at_most(fd, record.size + 1)  # one byte more: a file that grew says so
         if len(body) != record.size:
             raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
-        check_unchanged(os.fstat(handle.fileno()), record)
+        # The size read proves no growth or truncation; a rewrite in place during the read
+        # keeps the size and moves only mtime and ctime, which only a second fstat sees.
+        check_unchanged(os.fstat(fd), record)
+    finally:
+        os.close(fd)
     return body
 
 

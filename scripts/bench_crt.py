@@ -11,6 +11,12 @@ botocore? Both send the same objects to the same local server (started here, on
   crt       ``awscrt.s3.S3Client.make_request(type=PUT_OBJECT)`` with N requests in flight
             (static credentials, SigV4, plain http, CRC32 header computed by the CRT)
 
+With ``--modes crtput-delegate,crtput-static`` it measures archup's own CRT path instead
+(``archup.store.crt.CrtPut``: N worker threads, each blocking on its request, as the
+uploader's pool does), with its credentials asked from Python at every signature (a
+delegate provider, what refreshable credentials get) or given once (a static provider,
+what keys that cannot change get).
+
 Each mode runs in its own child process; its CPU is the process's CPU time from the
 client's creation to the last answer (every thread, the CRT's event-loop threads
 included; interpreter start and imports left out), so the figure is the client's
@@ -18,6 +24,7 @@ whole cost per request. Rounds alternate the modes; the table gives
 medians and the median of the same-round ratios.
 
     .venv/bin/python scripts/bench_crt.py --server s3rver --size 4096 --count 2000 --parallel 16 --rounds 3
+    .venv/bin/python scripts/bench_crt.py --server s3rver --modes crtput-delegate,crtput-static --parallel 8 --rounds 5
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import ACCESS_KEY, REGION, SECRET_KEY, Server, admin_client, clean_env, count_and_empty  # noqa: E402
 
-MODES = ("botocore", "crt")
+MODES = ("botocore", "crt", "crtput-delegate", "crtput-static")
 
 
 def run_botocore(endpoint: str, bucket: str, body: bytes, count: int, parallel: int) -> None:
@@ -122,10 +129,31 @@ def run_crt(endpoint: str, bucket: str, body: bytes, count: int, parallel: int) 
     assert len(etags) == count and all(etags)
 
 
+def run_crtput(endpoint: str, bucket: str, body: bytes, count: int, parallel: int, *, static: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from archup.store import Credentials
+    from archup.store.crt import CrtPut, Endpoint
+    from archup.store.retry import RetryPolicy
+
+    keys = Credentials(ACCESS_KEY, SECRET_KEY, None)
+    put = CrtPut(Endpoint("http", endpoint.split("://", 1)[1], f"/{bucket}/", REGION), keys if static else lambda: keys,
+                 retry=RetryPolicy(attempts=1), connect_timeout=10, read_timeout=60, max_connections=parallel,
+                 sign_payload=False)
+    headers = [("Content-Type", "application/octet-stream")]
+    with ThreadPoolExecutor(parallel) as pool:
+        etags = list(pool.map(lambda index: put.put(f"p/{index:06d}", body, headers, what="PutObject"),
+                              range(count)))
+    assert len(etags) == count and all(etags)
+
+
 def child(mode: str, endpoint: str, bucket: str, size: int, count: int, parallel: int) -> int:
     body = os.urandom(size)
     start, cpu = time.perf_counter(), time.process_time()  # every thread of the process, the CRT's too
-    (run_crt if mode == "crt" else run_botocore)(endpoint, bucket, body, count, parallel)
+    if mode.startswith("crtput-"):
+        run_crtput(endpoint, bucket, body, count, parallel, static=mode == "crtput-static")
+    else:
+        (run_crt if mode == "crt" else run_botocore)(endpoint, bucket, body, count, parallel)
     print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
     return 0
 
@@ -156,14 +184,18 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="botocore,crt", help=f"two or more of {', '.join(MODES)}; ratios are "
+                        "to the first")
     args = parser.parse_args()
+    modes = tuple(mode for mode in args.modes.split(",") if mode)
+    assert len(modes) >= 2 and set(modes) <= set(MODES), modes
     work = Path(tempfile.mkdtemp(prefix="archup-crt-"))
     server = Server(args.server, work)
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     try:
         server.start()
         for round_no in range(args.rounds):
-            order = MODES if round_no % 2 == 0 else MODES[::-1]
+            order = modes if round_no % 2 == 0 else modes[::-1]
             for mode in order:
                 result = measure(mode, server, args.size, args.count, args.parallel)
                 results[mode].append(result)
@@ -173,15 +205,19 @@ def main() -> int:
         server.stop()
     print(f"{args.server}, {args.count} x {args.size} B, N = {args.parallel}, {args.rounds} rounds\n")
     print("| mode | wall s | files/s | CPU s | CPU ms/file | CPU s with start and imports |\n|---|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in modes:
         wall = statistics.median(r["wall"] for r in results[mode])
         cpu = statistics.median(r["cpu"] for r in results[mode])
         whole = statistics.median(r["cpu_with_start"] for r in results[mode])
         print(f"| {mode} | {wall:.2f} | {args.count / wall:,.0f} | {cpu:.2f} | {cpu / args.count * 1e3:.3f} | "
               f"{whole:.2f} |")
-    ratio_cpu = statistics.median(c["cpu"] / b["cpu"] for c, b in zip(results["crt"], results["botocore"]))
-    ratio_wall = statistics.median(c["wall"] / b["wall"] for c, b in zip(results["crt"], results["botocore"]))
-    print(f"\ncrt / botocore, same-round medians: CPU {ratio_cpu:.2f}, wall {ratio_wall:.2f}")
+    first = modes[0]
+    for mode in modes[1:]:
+        pairs = list(zip(results[mode], results[first]))
+        cpu_ratios = sorted(c["cpu"] / b["cpu"] for c, b in pairs)
+        ratio_wall = statistics.median(c["wall"] / b["wall"] for c, b in pairs)
+        print(f"\n{mode} / {first}, same-round medians: CPU {statistics.median(cpu_ratios):.2f} "
+              f"({cpu_ratios[0]:.2f}-{cpu_ratios[-1]:.2f}), wall {ratio_wall:.2f}")
     return 0
 
 

@@ -10,7 +10,9 @@ test_cli_errors, test_journal_faults):
   metadata, content type, storage class, tags, encryption and checksum;
 - keys that need quoting (spaces, non-ASCII, ``+ % ? # ~ =``) land under their own name;
 - the addressing (path-style, virtual-hosted, region) is botocore's;
-- a failure of botocore's credential chain reaches the user as itself, exit 5.
+- a failure of botocore's credential chain reaches the user as itself, exit 5;
+- keys that cannot change reach the CRT once (a static provider: no call into Python per
+  request), refreshable ones are asked for at each signature and a refreshed key is used.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +197,88 @@ def test_a_glacier_batch_is_sealed_with_its_manifest_readable(kind: str, cli: Cl
     assert summary["manifest_key"] in listed
     assert {value for key, value in listed.items() if "/files/" not in key} == {"STANDARD"}
     assert json.loads(s3.get_object(Bucket=bucket, Key=summary["manifest_key"])["Body"].read())
+
+
+@pytest.fixture
+def delegates(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every callable handed to the CRT as a delegate credentials provider (the CRT calls it,
+    on its own thread and holding the GIL, for every request it signs)."""
+    from awscrt.auth import AwsCredentialsProvider
+
+    made: list[Any] = []
+    original = AwsCredentialsProvider.new_delegate
+
+    def recording(cls: type, get_credentials: Any) -> Any:
+        made.append(get_credentials)
+        return original(get_credentials)
+
+    monkeypatch.setattr(AwsCredentialsProvider, "new_delegate", classmethod(recording))
+    return made
+
+
+def _put_keys_signed_with(heads: list[RequestHead]) -> list[str]:
+    """The access key of each file PutObject's signature, in order."""
+    return [(head.header("Authorization") or "").partition("Credential=")[2].split("/")[0]
+            for head in heads if head.operation == "PutObject" and "/files/" in head.path]
+
+
+@pytest.mark.parametrize("source", ["environment", "credentials-file"])
+def test_keys_that_cannot_change_are_given_to_the_crt_once(
+        source: str, delegates: list[Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        moto_endpoint: str, bucket: str, s3: Any) -> None:
+    expected = "testing-access-key"  # conftest's AWS_ACCESS_KEY_ID
+    if source == "credentials-file":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        credentials = tmp_path / "credentials"
+        credentials.write_text("[default]\naws_access_key_id = from-the-file\naws_secret_access_key = its-secret\n")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+        expected = "from-the-file"
+    with FaultProxy(moto_endpoint) as proxy:
+        heads = _recording(proxy)
+        store = open_store(StoreConfig(bucket=bucket, endpoint_url=proxy.url, transport=TransportKind.CRT))
+        assert isinstance(store, CrtPutStore)
+        for name in ("a", "b", "c"):
+            store.put_object(f"staging/x/files/{name}", name.encode(), archive=True)
+    assert delegates == []
+    assert _put_keys_signed_with(heads) == [expected] * 3
+    assert s3.get_object(Bucket=bucket, Key="staging/x/files/c")["Body"].read() == b"c"
+
+
+# A credential_process whose every answer is a new key that expires in 12 minutes: inside
+# botocore's advisory refresh window (15 minutes) and outside its mandatory one (10), so each
+# signature refreshes, without blocking.
+_CREDENTIAL_PROCESS = textwrap.dedent("""\
+    import datetime, json, pathlib, sys
+    counter = pathlib.Path(sys.argv[1])
+    count = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(count))
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=12)
+    print(json.dumps({"Version": 1, "AccessKeyId": f"refreshed-{count}", "SecretAccessKey": f"secret-{count}",
+                      "SessionToken": f"token-{count}", "Expiration": expires.isoformat()}))
+""")
+
+
+def test_refreshable_credentials_are_asked_for_at_each_signature(
+        delegates: list[Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, moto_endpoint: str, bucket: str,
+        s3: Any) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    script = tmp_path / "credential_process.py"
+    script.write_text(_CREDENTIAL_PROCESS)
+    config = tmp_path / "config"
+    config.write_text(f"[default]\ncredential_process = {sys.executable} {script} {tmp_path / 'answers'}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    with FaultProxy(moto_endpoint) as proxy:
+        heads = _recording(proxy)
+        store = open_store(StoreConfig(bucket=bucket, endpoint_url=proxy.url, transport=TransportKind.CRT))
+        assert isinstance(store, CrtPutStore)
+        assert store.s3.fixed_credentials() is None
+        store.put_object("staging/x/files/a", b"a", archive=True)
+        store.put_object("staging/x/files/b", b"b", archive=True)
+    assert len(delegates) == 1
+    first, second = _put_keys_signed_with(heads)
+    assert first.startswith("refreshed-") and second.startswith("refreshed-")
+    # The second request was signed with a key refreshed after the first's.
+    assert int(second.removeprefix("refreshed-")) > int(first.removeprefix("refreshed-"))
+    assert s3.get_object(Bucket=bucket, Key="staging/x/files/b")["Body"].read() == b"b"

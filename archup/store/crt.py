@@ -14,9 +14,11 @@ What stays archup's, and why (docs/design.md, "The CRT transport"):
 - **Timeouts.** The CRT has a connect timeout but no read timeout: an attempt that sees no
   progress (bytes sent, an answer's headers) for ``read_timeout`` seconds is cancelled
   and counts as a failed attempt, as a botocore read timeout does.
-- **Credentials** come from botocore's chain (profiles, environment, instance roles), asked
-  for each signature through a delegate provider; a failure of the chain is kept and raised
-  as itself, not as the CRT's bare delegate error.
+- **Credentials** come from botocore's chain (profiles, environment, instance roles). Keys
+  that cannot change (the environment's, a profile's) are handed to the CRT once, as a
+  static provider; refreshable ones are asked for at each signature through a delegate
+  provider (a call into Python on the CRT's thread, per request), and a failure of the
+  chain is kept and raised as itself, not as the CRT's bare delegate error.
 - **Addressing.** The URL of a key (path-style or virtual-hosted, region) is what botocore
   would use: taken once from a PutObject that botocore builds and signs but never sends.
 
@@ -160,7 +162,7 @@ class CrtPut:
 
     One client per endpoint: the CRT pools connections by host name, not by port."""
 
-    def __init__(self, endpoint: Endpoint, credentials: Callable[[], Credentials], *, retry: RetryPolicy,
+    def __init__(self, endpoint: Endpoint, credentials: Credentials | Callable[[], Credentials], *, retry: RetryPolicy,
                  connect_timeout: float, read_timeout: float, max_connections: int, sign_payload: bool) -> None:
         from awscrt.auth import AwsCredentials, AwsCredentialsProvider, AwsSignedBodyValue
         from awscrt.s3 import (
@@ -175,21 +177,26 @@ class CrtPut:
         self.retry = retry
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._credentials = credentials
         self._credential_error: BaseException | None = None
         self.before_send: list[Callable[[str], None]] = []
+        if isinstance(credentials, Credentials):
+            # Keys that cannot change: no call into Python (and its GIL) per signature.
+            provider = AwsCredentialsProvider.new_static(credentials.access_key, credentials.secret_key,
+                                                         credentials.token)
+        else:
+            chain = credentials
 
-        def delegate() -> Any:
-            try:
-                found = credentials()
-            except BaseException as error:  # kept and raised as itself by put()
-                self._credential_error = error
-                raise
-            return AwsCredentials(found.access_key, found.secret_key, found.token)
+            def delegate() -> Any:
+                try:
+                    found = chain()
+                except BaseException as error:  # kept and raised as itself by put()
+                    self._credential_error = error
+                    raise
+                return AwsCredentials(found.access_key, found.secret_key, found.token)
 
-        _quiet_delegate_failures()
-        _DELEGATES.add(delegate)
-        provider = AwsCredentialsProvider.new_delegate(delegate)
+            _quiet_delegate_failures()
+            _DELEGATES.add(delegate)
+            provider = AwsCredentialsProvider.new_delegate(delegate)
         signing = create_default_s3_signing_config(region=endpoint.region, credential_provider=provider)
         assert signing.signed_body_value == AwsSignedBodyValue.UNSIGNED_PAYLOAD
         # --checksum none: the signature's SHA-256 is the body's only check. The S3 client
@@ -391,7 +398,8 @@ class CrtPutStore(StoreWrapper):
 
                 config = self.s3.config
                 self._crt = CrtPut(
-                    Endpoint.from_request(*self.s3.signed_put_url(), ENDPOINT_PROBE), self.s3.frozen_credentials,
+                    Endpoint.from_request(*self.s3.signed_put_url(), ENDPOINT_PROBE),
+                    self.s3.fixed_credentials() or self.s3.frozen_credentials,
                     retry=self.s3.retry, connect_timeout=config.connect_timeout, read_timeout=config.read_timeout,
                     max_connections=config.max_pool_connections,
                     sign_payload=config.checksum is ChecksumMode.NONE)

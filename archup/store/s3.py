@@ -288,6 +288,20 @@ class S3Store:
         assert seen, "the probe PutObject was not built"
         return seen[0]
 
+    def fixed_credentials(self) -> Credentials | None:
+        """The credentials, if they can never change: keys from the environment, a profile or
+        a credentials file (botocore's plain ``Credentials``, whose ``method`` says which). None
+        for those botocore refreshes (roles, SSO, a credential_process with an expiry; with
+        AWS_CREDENTIAL_EXPIRATION even the environment's are refreshable, so ``method`` alone
+        cannot tell) and when the chain found none: those are asked for at each signature."""
+        import botocore.credentials
+
+        # The exact type: a subclass (RefreshableCredentials and any other) may change.
+        if type(self._credentials) is not botocore.credentials.Credentials:
+            return None
+        frozen = self._credentials.get_frozen_credentials()
+        return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
     def frozen_credentials(self) -> Credentials:
         """botocore's chain, asked at each signature (a refreshed token is registered as a secret)."""
         try:
