@@ -157,6 +157,35 @@ def _bootstrap() -> Any:
         return _shared
 
 
+class _BodyStream(io.RawIOBase):
+    """A request body read in place (io.BytesIO would copy it: an 8 MiB shard held twice)."""
+
+    def __init__(self, body: bytes | bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(body)
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), len(self._view) - self._at)
+        buffer[:count] = self._view[self._at:self._at + count]
+        self._at += count
+        return count
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, min(len(self._view), base + offset))
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+
 class CrtPut:
     """PutObject of one store's bucket through one ``awscrt.s3.S3Client``.
 
@@ -236,7 +265,7 @@ class CrtPut:
             signed_body_value=hashlib.sha256(body).hexdigest())
         request = self._client.make_request(
             type=S3RequestType.DEFAULT, operation_name="PutObject", signing_config=signing,
-            request=HttpRequest("PUT", path, HttpHeaders(headers), io.BytesIO(body)),
+            request=HttpRequest("PUT", path, HttpHeaders(headers), _BodyStream(body)),
             on_headers=seen.on_headers, on_progress=seen.on_progress)
         self._wait(request, seen)
         etag = seen.headers.get("etag")
