@@ -40,6 +40,27 @@ def requests_in(log: Path, start: int) -> Counter[str]:
         return Counter(match.group(1).decode() for match in REQUEST_LINE.finditer(handle.read()))
 
 
+STAMP = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def phases_of(log: Path, started: float) -> dict[str, float]:
+    """Seconds from the process start to the first shard stored (the scan, then one shard's
+    packing), to the last (the send), and to the run's end (finalize), from archup's -v log."""
+    import datetime
+
+    def at(line: bytes) -> float:
+        match = STAMP.match(line)
+        assert match is not None
+        return datetime.datetime.strptime(match.group(1).decode(), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    shards = [line for line in log.read_bytes().splitlines() if b"uploaded shard" in line]
+    done = [line for line in log.read_bytes().splitlines() if b"done:" in line]
+    if not shards or not done:
+        return {}
+    return {"first_shard": round(at(shards[0]) - started, 2), "last_shard": round(at(shards[-1]) - started, 2),
+            "done": round(at(done[-1]) - started, 2)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_pack.py")
     parser.add_argument("--dataset", default="tiny1m")
@@ -60,12 +81,16 @@ def main(argv: list[str]) -> int:
         client.create_bucket(Bucket=bucket)
         log = next(work.glob("moto-*.log"))
         before = log.stat().st_size
-        cmd = [str(bench.ARCHUP_PYTHON), "-m", "archup", "upload", str(src), "--bucket", bucket,
+        log_file = work / "journal" / "archup.log"
+        cmd = [str(bench.ARCHUP_PYTHON), "-m", "archup", "-v", "--log-file", str(log_file), "upload", str(src),
+               "--bucket", bucket,
                "--endpoint-url", server.endpoint, "--region", bench.REGION, "--parallel", str(args.parallel),
                "--journal", str(work / "journal" / "journal.db"), "--json", "--quiet",
                "--pack-under", args.pack_under, *args.extra.split()]
         (work / "journal").mkdir(mode=0o700)
+        started = time.time()
         wall, cpu, maxrss, code = bench.run_child(cmd, bench.clean_env(), work / "out.log")
+        phases = phases_of(log_file, started)
         time.sleep(1.0)  # let the server flush its request log (it writes after answering)
         counted = requests_in(log, before)
         out = (work / "out.log").read_text(errors="replace").strip().splitlines()
@@ -81,19 +106,21 @@ def main(argv: list[str]) -> int:
             "files_uploaded": summary.get("files_uploaded"), "files_packed": summary.get("files_packed"),
             "shards": shards, "requests": dict(counted), "requests_total": sum(counted.values()),
             "bound_shards_x_parts_plus_10": shards * parts_per_shard + 10,
-            "load_average": os.getloadavg(),
+            "load_average": os.getloadavg(), "phases_s": phases,
         }
         if code != 0:
             result["error"] = "\n".join(out[-5:])
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"| dataset | N | exit | wall s | files/s | CPU s | peak RSS MiB | shards | requests (bound) | load |\n"
-          f"|---|---|---|---|---|---|---|---|---|---|\n"
+    print(f"| dataset | N | exit | wall s | files/s | CPU s | peak RSS MiB | shards | requests (bound) | load | "
+          f"first shard / last shard / done at (s) |\n"
+          f"|---|---|---|---|---|---|---|---|---|---|---|\n"
           f"| {result['dataset']} | {result['parallel']} | {result['exit']} | {result['wall_s']} | "
           f"{result['files_per_s']:,} | {result['cpu_s']} | {result['peak_rss_mib']} | {result['shards']} | "
           f"{result['requests_total']} ({result['bound_shards_x_parts_plus_10']}): {result['requests']} | "
-          f"{' '.join(f'{x:.2f}' for x in result['load_average'])} |")
+          f"{' '.join(f'{x:.2f}' for x in result['load_average'])} | "
+          f"{' / '.join(str(v) for v in result['phases_s'].values())} |")
     if "error" in result:
         print(result["error"])
     if args.json_out:
