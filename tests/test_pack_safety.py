@@ -173,3 +173,23 @@ def test_skip_archived_skips_packed_files_unchanged_since_a_packed_batch(cli, s3
     assert (report["files_uploaded"], report["files_already_archived"]) == (1, 49)
     summary = check_batch(s3, cli.bucket, report, {"d/f0001": b"a new version"})
     assert summary["files_packed"] == 1
+
+
+def test_a_shard_lost_before_finalize_is_packed_again_by_the_resume(cli, s3, tmp_path) -> None:
+    files = files_of(30, seed=9)
+    source = make_source(tmp_path / "src", files)
+    sent = cli("upload", "--no-finalize", *SINGLE, str(source))
+    assert sent.exit_code == 0, sent.stderr
+    batch_id = json.loads(sent.stdout)["batch_id"]
+    (lost, members), *_ = rows(cli.journal, "SELECT key, members FROM shards ORDER BY shard_no")
+    s3.delete_object(Bucket=cli.bucket, Key=lost)
+
+    refused = cli("finalize", batch_id, "--json")
+    assert refused.exit_code == 3, refused.stderr
+    assert "shard missing from the bucket" in refused.stderr and lost.rsplit("/", 1)[1] in refused.stderr
+    assert rows(cli.journal, f"SELECT state FROM shards WHERE key = '{lost}'") == [("dropped",)]
+    assert rows(cli.journal, "SELECT count(*) FROM files WHERE state = 'pending'") == [(members,)]
+
+    resumed = cli("resume", batch_id, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    check_batch(s3, cli.bucket, json.loads(resumed.stdout), files)
