@@ -8,10 +8,12 @@ shard, each large file an object of its own, and no multipart upload left open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -206,8 +208,10 @@ def test_a_host_killed_mid_shard_is_taken_over_and_every_member_lands_once(
     try:
         deadline = time.monotonic() + 120
         while not journal.db.query("SELECT 1 FROM chunks WHERE owner IS NOT NULL LIMIT 1", ()):
-            assert victim.poll() is None and time.monotonic() < deadline, "the victim never claimed a chunk"
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, "the victim never claimed a chunk"
+            with contextlib.suppress(subprocess.TimeoutExpired):  # waits on the victim's end, 20 ms a turn
+                victim.wait(0.02)
+                pytest.fail(f"the victim ended (exit {victim.returncode}) before claiming a chunk")
     finally:
         journal.close()
     other = hosts.start(*PACKING)
