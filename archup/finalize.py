@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import manifest
 from .checksums import CRC_ALGORITHMS, crc_of
@@ -100,39 +100,34 @@ def check_complete(journal: Journal, batch: BatchRecord) -> None:
 
 
 def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[FileRecord, str]]:
-    """Merge the bucket's listing with the journal's uploaded files; both come in key order."""
-    listing: Iterator[ObjectInfo] = store.list_objects(batch.batch_prefix + FILES_DIR)
-    problems: list[tuple[FileRecord, str]] = []
-    # A packed file is read back with its shard.
-    records = journal.iter_files(batch.batch_id, [FileState.UPLOADED], packed=False)
-    for paired in reader.merge_listing(records, lambda record: record.key, listing):
-        record, current = paired.item, paired.listed
-        if record is None:
-            continue  # an object no uploaded file names: verify reports those
-        if current is None:
-            problems.append((record, "object missing from the bucket"))
-        elif current.size != record.size:
-            problems.append((record, f"object has {current.size} bytes, expected {record.size}"))
-        elif record.etag and current.etag and current.etag != record.etag:
-            problems.append((record, f"object was replaced (ETag {current.etag}, expected {record.etag})"))
-    return problems
+    """Merge the bucket's listing of files/ with the journal's uploaded files of their own
+    (a packed file is read back with its shard); both come in key order."""
+    return _compare(journal.iter_files(batch.batch_id, [FileState.UPLOADED], packed=False),
+                    store.list_objects(batch.batch_prefix + FILES_DIR), "object")
 
 
 def _read_back_shards(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[ShardRecord, str]]:
-    """The same read-back for a packed batch's shards (their key order is their number order)."""
-    shards = journal.iter_shards(batch.batch_id, [ShardState.UPLOADED])
-    problems: list[tuple[ShardRecord, str]] = []
-    for paired in reader.merge_listing(shards, lambda shard: shard.key, store.list_objects(
-            batch.batch_prefix + SHARDS_DIR)):
-        shard, current = paired.item, paired.listed
-        if shard is None:
-            continue
+    """The same for a packed batch's shards (their key order is their number order)."""
+    return _compare(journal.iter_shards(batch.batch_id, [ShardState.UPLOADED]),
+                    store.list_objects(batch.batch_prefix + SHARDS_DIR), "shard")
+
+
+Stored = TypeVar("Stored", FileRecord, ShardRecord)
+
+
+def _compare(recorded: Iterable[Stored], listing: Iterator[ObjectInfo], noun: str) -> list[tuple[Stored, str]]:
+    """What the journal recorded stored, against the listing: missing, another size, replaced."""
+    problems: list[tuple[Stored, str]] = []
+    for paired in reader.merge_listing(recorded, lambda item: item.key, listing):
+        item, current = paired.item, paired.listed
+        if item is None:
+            continue  # an object the journal does not name: verify reports those
         if current is None:
-            problems.append((shard, "shard missing from the bucket"))
-        elif current.size != shard.size:
-            problems.append((shard, f"shard has {current.size} bytes, expected {shard.size}"))
-        elif shard.etag and current.etag and current.etag != shard.etag:
-            problems.append((shard, f"shard was replaced (ETag {current.etag}, expected {shard.etag})"))
+            problems.append((item, f"{noun} missing from the bucket"))
+        elif current.size != item.size:
+            problems.append((item, f"{noun} has {current.size} bytes, expected {item.size}"))
+        elif item.etag and current.etag and current.etag != item.etag:
+            problems.append((item, f"{noun} was replaced (ETag {current.etag}, expected {item.etag})"))
     return problems
 
 

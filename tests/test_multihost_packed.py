@@ -8,10 +8,13 @@ shard, each large file an object of its own, and no multipart upload left open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +195,25 @@ def test_on_one_host_each_chunk_of_small_files_is_one_shard(pg_url: str, moto_en
 @pytest.mark.parametrize("point", ["after-put-shard", "before-put-shard"])
 def test_a_host_killed_mid_shard_is_taken_over_and_every_member_lands_once(
         pg_url: str, moto_endpoint: str, bucket: str, s3, tree, point: str) -> None:  # type: ignore[no-untyped-def]
-    """One host dies (SIGKILL) at its second shard, stored or not, while another sends: its
+    """One host dies (SIGKILL) at its first shard, stored or not, while another sends: its
     chunks' leases run out, a host claims them, finds the shard uploading and sends it again
     from its recorded plan. Then a rerun (a host arriving late) and every earlier host end with
     the one seal; the dead host's shard is stored once, complete, or dropped and re-planned."""
     source, files = tree
     hosts = Hosts(pg_url, moto_endpoint, bucket, source, str(ULID()), lease=3.0)
-    victim = hosts.start(*PACKING, env={"ARCHUP_CRASH_AT": f"{point}:2"})
+    victim = hosts.start(*PACKING, env={"ARCHUP_CRASH_AT": f"{point}:1"})
+    # The other host starts once the victim holds a chunk: else it may claim them all first, and
+    # the victim, never reaching its shard, would end cleanly (a bounded poll, not a sleep).
+    journal = PostgresJournal(pg_url)
+    try:
+        deadline = time.monotonic() + 120
+        while not journal.db.query("SELECT 1 FROM chunks WHERE owner IS NOT NULL LIMIT 1", ()):
+            assert time.monotonic() < deadline, "the victim never claimed a chunk"
+            with contextlib.suppress(subprocess.TimeoutExpired):  # waits on the victim's end, 20 ms a turn
+                victim.wait(0.02)
+                pytest.fail(f"the victim ended (exit {victim.returncode}) before claiming a chunk")
+    finally:
+        journal.close()
     other = hosts.start(*PACKING)
     victim.communicate(timeout=240)
     assert victim.returncode == -signal.SIGKILL

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_inputs import after_scan
 from test_pack import get, manifest
 from test_verify import make_source
 
-from archup.uploader import Uploader
+from archup.packing import ShardSender
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -100,8 +99,15 @@ def test_a_member_changed_since_the_scan_fails_by_name_and_its_shard_is_planned_
     files = files_of(40, seed=7)
     source = make_source(tmp_path / "src", files)
     changed = source / "d/f0013"
-    scan = Uploader.scan
-    after_scan(monkeypatch, lambda: changed.write_bytes(b"rewritten after the scan, longer than before" * 100))
+    plan = ShardSender.plan
+
+    def plan_then_change(self: ShardSender, *args: Any) -> None:
+        # The shard is in the journal, not yet read: the file changes as the scan left it.
+        if not self.planned:
+            changed.write_bytes(b"rewritten after the scan, longer than before" * 100)
+        plan(self, *args)
+
+    monkeypatch.setattr(ShardSender, "plan", plan_then_change)
 
     result = cli("upload", "--pack-under", "64KiB", "--shard-size", "1MiB", "--json", str(source))
     assert result.exit_code == 3, result.stderr
@@ -122,7 +128,7 @@ def test_a_member_changed_since_the_scan_fails_by_name_and_its_shard_is_planned_
         s3.head_object(Bucket=cli.bucket, Key=report.get("prefix", f"staging/{report['batch_id']}/")
                        + "shards/000001.tar")
 
-    monkeypatch.setattr(Uploader, "scan", scan)
+    monkeypatch.setattr(ShardSender, "plan", plan)
     resumed = cli("resume", report["batch_id"], "--json")
     assert resumed.exit_code == 0, resumed.stderr
     check_batch(s3, cli.bucket, json.loads(resumed.stdout), {**files, "d/f0013": changed.read_bytes()})
@@ -173,3 +179,54 @@ def test_skip_archived_skips_packed_files_unchanged_since_a_packed_batch(cli, s3
     assert (report["files_uploaded"], report["files_already_archived"]) == (1, 49)
     summary = check_batch(s3, cli.bucket, report, {"d/f0001": b"a new version"})
     assert summary["files_packed"] == 1
+
+
+def test_a_shard_lost_before_finalize_is_packed_again_by_the_resume(cli, s3, tmp_path) -> None:
+    files = files_of(30, seed=9)
+    source = make_source(tmp_path / "src", files)
+    sent = cli("upload", "--no-finalize", *SINGLE, str(source))
+    assert sent.exit_code == 0, sent.stderr
+    batch_id = json.loads(sent.stdout)["batch_id"]
+    (lost, members), *_ = rows(cli.journal, "SELECT key, members FROM shards ORDER BY shard_no")
+    s3.delete_object(Bucket=cli.bucket, Key=lost)
+
+    refused = cli("finalize", batch_id, "--json")
+    assert refused.exit_code == 3, refused.stderr
+    assert "shard missing from the bucket" in refused.stderr and lost.rsplit("/", 1)[1] in refused.stderr
+    assert rows(cli.journal, f"SELECT state FROM shards WHERE key = '{lost}'") == [("dropped",)]
+    assert rows(cli.journal, "SELECT count(*) FROM files WHERE state = 'pending'") == [(members,)]
+
+    resumed = cli("resume", batch_id, "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    check_batch(s3, cli.bucket, json.loads(resumed.stdout), files)
+
+
+@pytest.mark.parametrize("display", [False, True])
+def test_packing_starts_while_the_walk_goes_on_unless_a_display_waits_for_totals(cli, s3, tmp_path, monkeypatch,
+                                                                                   display) -> None:
+    """Without a progress display (cron, --json) the first shard is planned before the scan is
+    complete; with one (a terminal), after it, as every upload did before packing."""
+    from archup.cli.upload import Talk
+    from archup.journal import SQLiteJournal
+
+    files = files_of(60, seed=21)
+    source = make_source(tmp_path / "src", files)
+    monkeypatch.setattr(Talk, "shows_progress", lambda self: display)
+    seen: list[bool] = []
+    plan = ShardSender.plan
+
+    def plan_and_look(self: ShardSender, *args: Any) -> None:
+        if not seen:
+            reader = SQLiteJournal(cli.journal)
+            try:
+                seen.append(reader.get_batch(self.batch_id).scan_complete)
+            finally:
+                reader.close()
+        plan(self, *args)
+
+    monkeypatch.setattr(ShardSender, "plan", plan_and_look)
+    result = cli("upload", *SINGLE, str(source))
+    assert result.exit_code == 0, result.stderr
+    assert seen == [display]
+    summary = check_batch(s3, cli.bucket, json.loads(result.stdout), files)
+    assert summary["shards"]["count"] >= 2
