@@ -199,34 +199,3 @@ def test_a_shard_lost_before_finalize_is_packed_again_by_the_resume(cli, s3, tmp
     resumed = cli("resume", batch_id, "--json")
     assert resumed.exit_code == 0, resumed.stderr
     check_batch(s3, cli.bucket, json.loads(resumed.stdout), files)
-
-
-@pytest.mark.parametrize("display", [False, True])
-def test_packing_starts_while_the_walk_goes_on_unless_a_display_waits_for_totals(cli, s3, tmp_path, monkeypatch,
-                                                                                   display) -> None:
-    """Without a progress display (cron, --json) the first shard is planned before the scan is
-    complete; with one (a terminal), after it, as every upload did before packing."""
-    from archup.cli.upload import Talk
-    from archup.journal import SQLiteJournal
-
-    files = files_of(60, seed=21)
-    source = make_source(tmp_path / "src", files)
-    monkeypatch.setattr(Talk, "shows_progress", lambda self: display)
-    seen: list[bool] = []
-    plan = ShardSender.plan
-
-    def plan_and_look(self: ShardSender, *args: Any) -> None:
-        if not seen:
-            reader = SQLiteJournal(cli.journal)
-            try:
-                seen.append(reader.get_batch(self.batch_id).scan_complete)
-            finally:
-                reader.close()
-        plan(self, *args)
-
-    monkeypatch.setattr(ShardSender, "plan", plan_and_look)
-    result = cli("upload", *SINGLE, str(source))
-    assert result.exit_code == 0, result.stderr
-    assert seen == [display]
-    summary = check_batch(s3, cli.bucket, json.loads(result.stdout), files)
-    assert summary["shards"]["count"] >= 2
