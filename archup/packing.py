@@ -126,8 +126,6 @@ class ShardSender:
         self._metadata = metadata
         self._stop = outcomes.stop
         self._in_flight = threading.BoundedSemaphore(max(1, min(dispatcher.parallel, SHARDS_IN_FLIGHT)))
-        # Shards this run planned (or planned again): never sent a second time as "left by a crash".
-        self.planned: set[int] = set()
 
     # -- the dispatching thread -------------------------------------------------
 
@@ -137,13 +135,10 @@ class ShardSender:
         shard = self.journal.plan_shard(self.batch_id, [(record.rel_path, placed.data_offset)
                                                         for record, placed in zip(records, shape.members)],
                                         shape.size)
-        self.planned.add(shard.shard_no)
         self._queue(shard, records, shape)
 
     def resend(self, shard_no: int) -> None:
         """Queue a shard an earlier run left uploading, as its plan recorded it."""
-        if shard_no in self.planned:
-            return  # this run's own: being sent, or sent
         shard = self.journal.get_shard(self.batch_id, shard_no)
         if shard.state is not ShardState.UPLOADING:
             return
@@ -363,7 +358,6 @@ class ShardSender:
         replanned = self.journal.plan_shard(self.batch_id, [(record.rel_path, placed.data_offset)
                                                             for record, placed in zip(rest, shape.members)],
                                             shape.size)
-        self.planned.add(replanned.shard_no)
         log.info("shard %s dropped (%d member(s) left out); its other members are shard %s",
                  shard.key, len(problems), replanned.key)
         return replanned, rest, shape

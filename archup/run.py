@@ -117,9 +117,6 @@ class RunListener(Protocol):
     def starting(self, batch: BatchRecord, parallel: int, resume_hint: str) -> None:
         """The batch is chosen and locked; sending begins."""
 
-    def shows_progress(self) -> bool:
-        """Whether progress() gives an observer (a display that wants the scan's totals first)."""
-
     def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
         """Around the send: an observer for progress, or None."""
 
@@ -142,9 +139,6 @@ class QuietListener:
 
     def starting(self, batch: BatchRecord, parallel: int, resume_hint: str) -> None:
         pass
-
-    def shows_progress(self) -> bool:
-        return False
 
     def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
         return nullcontext(None)
@@ -448,10 +442,6 @@ def _scan_and_send(journal: Journal, store: ObjectStore, batch_id: str, options:
     if resumed:
         uploader.sweep_orphan_uploads()
         uploader.settle_lost_puts()
-    if not listener.shows_progress() and uploader.can_pack_while_scanning():
-        # Packing starts while the walk goes on, unless a progress display needs the scan's
-        # totals first (a terminal's): cron, --quiet and --json never wait for the walk.
-        return uploader.send(scanning=True)
     uploader.scan()
     state = journal.get_state(batch_id, problem_limit=0)
     done = (FileState.UPLOADED, FileState.SKIPPED)

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import source
@@ -127,18 +127,10 @@ class Uploader:
         if not self.journal.get_batch(self.batch_id).scan_complete:
             self.scan_into_journal()
 
-    def can_pack_while_scanning(self) -> bool:
-        """A packed batch's first walk of a directory (no file in the journal yet): its small
-        files can be packed as the walk finds them, each group once it is in the journal."""
-        return (self.options.pack_under is not None and self.options.files_from is None
-                and not self.journal.get_batch(self.batch_id).scan_complete
-                and next(iter(self.journal.iter_files(self.batch_id, page_size=1)), None) is None)
-
-    def send(self, records: Iterable[FileRecord | None] | None = None, *, scanning: bool = False) -> UploadResult:
+    def send(self, records: Iterable[FileRecord | None] | None = None) -> UploadResult:
         """Upload every file the journal says still needs it (or these ``records``: the files
         this host claimed of a shared batch, None where a claimed chunk ends); never raises for
-        one file's failure. ``scanning``: walk the source first, packing its small files as
-        they are found (only where :meth:`can_pack_while_scanning`)."""
+        one file's failure."""
         outcomes = self.outcomes
         dispatcher = Dispatcher(self.options.parallel, self.options.parallel * self.options.part_size,
                                 outcomes.stop_with, readers=min(self.options.parallel, READERS))
@@ -150,8 +142,6 @@ class Uploader:
         self._writer = CompletionWriter(self.journal, self.batch_id, outcomes.reported, outcomes.stop_with)
         try:
             with dispatcher.running():
-                if scanning:
-                    self._scan_while_packing(shards)
                 self._dispatch(dispatcher, multipart, shards, records)
             # Uploads the server lost mid-run (NoSuchUpload: expired, aborted by someone else)
             # start over once, in this run, with a new upload.
@@ -171,26 +161,8 @@ class Uploader:
             self.journal.set_batch_state(self.batch_id, BatchState.FAILED, error=reason)
         return result
 
-    def _scan_while_packing(self, shards: ShardSender) -> None:
-        """The walk, each group's small files planned into shards once the group is in the
-        journal (the dispatching pass after it sends everything else)."""
-        self.journal.set_batch_state(self.batch_id, BatchState.UPLOADING)
-        planner = ShardPlanner(self.options.shard_size, shards.plan)
-        pack_under = self.options.pack_under or 0
-
-        def found(new_files: list[NewFile]) -> None:
-            for new in sorted(new_files, key=lambda new: new.key):  # neighbours share a shard
-                if new.state is FileState.PENDING and new.size < pack_under:
-                    planner.add(FileRecord(self.batch_id, new.rel_path, new.key, new.size, new.mtime_ns,
-                                           FileState.PENDING, None, None, None, None, None, 0, "", new.identity))
-
-        self.scan_into_journal(on_group=found)
-        if not self.stop.is_set():
-            planner.flush()
-
-    def scan_into_journal(self, on_group: Callable[[list[NewFile]], None] | None = None) -> None:
-        """Walk the source into the journal in groups; mark the scan complete unless stopped.
-        ``on_group``: given each group's new files once they are committed."""
+    def scan_into_journal(self) -> None:
+        """Walk the source into the journal in groups; mark the scan complete unless stopped."""
         prefix = self.batch.batch_prefix
         root, select = self.source_root, self.options.select
         follow = self.options.follow_symlinks
@@ -207,7 +179,7 @@ class Uploader:
                     return
                 yield item
 
-        def prepare(group: list[ScanItem]) -> tuple[EncodedFiles, list[str], list[NewFile]]:  # read_ahead's too
+        def prepare(group: list[ScanItem]) -> tuple[EncodedFiles, list[str]]:  # read_ahead's thread too
             nonlocal archived
             found: set[str] = set()
             if self.options.skip_archived:
@@ -217,17 +189,15 @@ class Uploader:
                     (item.rel_path, item.size, item.mtime_ns) for item in group if item.skip_reason is None])
                 archived += len(found)
             new = [self._new_file(prefix, item) for item in group if item.rel_path not in found]
-            return self.journal.encode_files(new), sorted(found), new if on_group is not None else []
+            return self.journal.encode_files(new), sorted(found)
 
         # The walk runs a few groups ahead in its own thread while this one inserts.
         groups = read_ahead(walked(), SCAN_GROUP, prepare)
         try:
-            for group, seen, new in groups:
+            for group, seen in groups:
                 if self.stop.is_set():
                     return
                 self.journal.add_files(self.batch_id, group, durable=False, seen_archived=seen)
-                if on_group is not None:
-                    on_group(new)
         finally:
             groups.close()  # stops the walking thread now, whatever ended the loop
         if not stopped:

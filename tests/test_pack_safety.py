@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_inputs import after_scan
 from test_pack import get, manifest
 from test_verify import make_source
 
-from archup.packing import ShardSender
+from archup.uploader import Uploader
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -99,15 +100,8 @@ def test_a_member_changed_since_the_scan_fails_by_name_and_its_shard_is_planned_
     files = files_of(40, seed=7)
     source = make_source(tmp_path / "src", files)
     changed = source / "d/f0013"
-    plan = ShardSender.plan
-
-    def plan_then_change(self: ShardSender, *args: Any) -> None:
-        # The shard is in the journal, not yet read: the file changes as the scan left it.
-        if not self.planned:
-            changed.write_bytes(b"rewritten after the scan, longer than before" * 100)
-        plan(self, *args)
-
-    monkeypatch.setattr(ShardSender, "plan", plan_then_change)
+    scan = Uploader.scan
+    after_scan(monkeypatch, lambda: changed.write_bytes(b"rewritten after the scan, longer than before" * 100))
 
     result = cli("upload", "--pack-under", "64KiB", "--shard-size", "1MiB", "--json", str(source))
     assert result.exit_code == 3, result.stderr
@@ -128,7 +122,7 @@ def test_a_member_changed_since_the_scan_fails_by_name_and_its_shard_is_planned_
         s3.head_object(Bucket=cli.bucket, Key=report.get("prefix", f"staging/{report['batch_id']}/")
                        + "shards/000001.tar")
 
-    monkeypatch.setattr(ShardSender, "plan", plan)
+    monkeypatch.setattr(Uploader, "scan", scan)
     resumed = cli("resume", report["batch_id"], "--json")
     assert resumed.exit_code == 0, resumed.stderr
     check_batch(s3, cli.bucket, json.loads(resumed.stdout), {**files, "d/f0013": changed.read_bytes()})

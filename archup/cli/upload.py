@@ -222,9 +222,6 @@ class Talk:
         self._say(f"archup: batch {batch.batch_id}: uploading {batch.source_root} to "
                   f"s3://{batch.bucket}/{batch.batch_prefix} with {parallel} streams")
 
-    def shows_progress(self) -> bool:
-        return self.talk and sys.stderr.isatty()
-
     def progress(self, files_todo: int, bytes_todo: int) -> AbstractContextManager[UploadObserver | None]:
         if self.talk and sys.stderr.isatty():
             from .progress import RichProgress
