@@ -112,6 +112,10 @@ class Stopping:
             os.write(1, (json.dumps({"error": error, "exit_code": code}, ensure_ascii=False) + "\n").encode())
         os._exit(code)
 
+    @property
+    def signalled(self) -> bool:
+        return self._signalled
+
     def handler(self, signum: int, frame: FrameType | None) -> None:
         if self._signalled:
             self._exit_now("second signal")
@@ -165,8 +169,12 @@ def stop_on_signals(grace: float = DEFAULT_GRACE, as_json: bool = False) -> Iter
         yield stopping
     finally:
         stopping.cancel()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        if not stopping.signalled:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        # Once signalled, the handler stays to the process's end: a second signal while the
+        # last lines are written still exits 130 at once, with its one line, rather than the
+        # default action killing the process between the live area and the error line.
 
 
 def in_worker(work: Callable[[], T]) -> T:
