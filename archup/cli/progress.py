@@ -21,6 +21,10 @@ from . import human
 
 _live: RichProgress | None = None  # the one drawn now, if any
 _live_lock = threading.Lock()
+# A note and the live area's end never interleave: a note printed while the area is being
+# taken off the screen was erased with it (the 'stopping' line, printed by a thread of its own,
+# lost under load). Reentrant: a second signal's handler clears in the thread it interrupted.
+_print_lock = threading.RLock()
 
 
 def _console() -> Console:
@@ -31,11 +35,12 @@ def _console() -> Console:
 
 def say(line: str) -> None:
     """A note on a line of its own: above the live area while one is drawn."""
-    live = _live
-    if live is not None:
-        live.console.print(line, markup=False, highlight=False)
-    else:
-        print(line, file=sys.stderr)
+    with _print_lock:
+        live = _live
+        if live is not None and not live.stopped:
+            live.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr)
 
 
 def clear() -> None:
@@ -101,12 +106,17 @@ class RichProgress:
                 _live = None
         self.stop()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def stop(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return  # cleared once
-            self._stopped = True
-        self._progress.stop()
+        with _print_lock:
+            with self._lock:
+                if self._stopped:
+                    return  # cleared once
+                self._stopped = True
+            self._progress.stop()
 
     def on_bytes(self, count: int) -> None:
         self._progress.advance(self._task, count)
