@@ -273,9 +273,11 @@ def test_a_signal_stops_with_130_and_the_same_command_finishes(cli, tmp_path) ->
         deadline = time.monotonic() + 60
         # A bounded poll for the first temporary file: the restore is then mid-file.
         while not (target.exists() and list(target.glob(".archup-restore-*"))) and time.monotonic() < deadline:
-            if proc.poll() is not None:
+            try:
+                proc.wait(0.02)  # a wait on the restore's end, 20 ms a turn
                 break
-            time.sleep(0.02)
+            except subprocess.TimeoutExpired:
+                pass
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
