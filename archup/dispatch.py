@@ -158,22 +158,29 @@ class Dispatcher:
         self._on_error = on_error
         self._pool: ThreadPoolExecutor | None = None
         self._reader_pool: ThreadPoolExecutor | None = None
+        self._held = 0  # slots held by work that runs on no pool thread (asynchronous PUTs)
+        self._held_cond = threading.Condition()
 
     @contextmanager
     def running(self) -> Iterator[Dispatcher]:
         """The pools for one pass over the work; on leaving, every task submitted has ended
-        (the readers first: they are what submits the streams' parts)."""
-        with ThreadPoolExecutor(self.parallel, thread_name_prefix="archup-upload") as pool:
-            self._pool = pool
-            try:
-                with ThreadPoolExecutor(self._readers, thread_name_prefix="archup-read") as readers:
-                    self._reader_pool = readers
-                    try:
-                        yield self
-                    finally:
-                        self._reader_pool = None  # the exit waits for the readers in flight
-            finally:
-                self._pool = None  # the pool's exit below waits for the parts in flight
+        (the readers first: they are what submits the streams' parts), and every hold()
+        was given back."""
+        try:
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="archup-upload") as pool:
+                self._pool = pool
+                try:
+                    with ThreadPoolExecutor(self._readers, thread_name_prefix="archup-read") as readers:
+                        self._reader_pool = readers
+                        try:
+                            yield self
+                        finally:
+                            self._reader_pool = None  # the exit waits for the readers in flight
+                finally:
+                    self._pool = None  # the pool's exit below waits for the parts in flight
+        finally:
+            with self._held_cond:  # and for the asynchronous PUTs still out
+                self._held_cond.wait_for(lambda: self._held == 0)
 
     def reserve(self, count: int) -> Reservation:
         """Block until ``count`` bytes (at most the whole budget) may be held in memory."""
@@ -189,6 +196,37 @@ class Dispatcher:
         released with the slot."""
         assert self._pool is not None, "submit() outside running()"
         self._queue(self._pool, self._slots, task, args, reservation)
+
+    def hold(self, size: int) -> Callable[[], None]:
+        """A slot of the upload streams and ``size`` bytes of the budget, for work that runs
+        on no pool thread (a PUT the CRT sends and calls back from); blocks as submit() does.
+        The callable gives both back (once; later calls do nothing). Leaving running()
+        waits until every hold is given back."""
+        self._slots.acquire()
+        try:
+            reservation = self.reserve(size)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._held_cond:
+            self._held += 1
+        released = False
+        lock = threading.Lock()
+
+        def release() -> None:
+            nonlocal released
+            with lock:
+                if released:
+                    return
+                released = True
+            reservation.release()
+            self._slots.release()
+            with self._held_cond:
+                self._held -= 1
+                if self._held == 0:
+                    self._held_cond.notify_all()
+
+        return release
 
     def read(self, task: Callable[..., None], *args: object) -> None:
         """Run a file's reader on the reader pool; blocks while every reader is busy."""

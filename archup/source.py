@@ -253,6 +253,56 @@ def read_whole(path: str, record: FileRecord, guard: PathGuard | None = None) ->
     return body
 
 
+# Where another reader in this process (the CRT) may open a descriptor's file again: the
+# kernel's link to the open file itself, not a path that could be swapped meanwhile.
+_FD_PATHS = os.path.isdir("/proc/self/fd")
+
+
+class HeldRead:
+    """A small file read whole (as :func:`read_whole`) and kept open until :meth:`close`:
+    the CRT may send it by reading the very file again through :attr:`fd_path`, and
+    :meth:`unchanged` says afterwards whether the file is still the one that was read."""
+
+    __slots__ = ("body", "fd", "_record")
+
+    def __init__(self, body: bytes, fd: int, record: FileRecord) -> None:
+        self.body = body
+        self.fd = fd
+        self._record = record
+
+    @property
+    def fd_path(self) -> str | None:
+        """A path that opens this very file (Linux), or None where there is none."""
+        return f"/proc/self/fd/{self.fd}" if _FD_PATHS and self.fd >= 0 else None
+
+    def unchanged(self) -> bool:
+        """Size, mtime and identity still those read (a third fstat)."""
+        try:
+            check_unchanged(os.fstat(self.fd), self._record)
+        except (OSError, FileChanged):
+            return False
+        return True
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_held(path: str, record: FileRecord, guard: PathGuard | None = None) -> HeldRead:
+    """:func:`read_whole`, the file kept open (:class:`HeldRead`)."""
+    fd = _open_checked(path, guard, record)
+    try:
+        body = _read_at_most(fd, record.size + 1)
+        if len(body) != record.size:
+            raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
+        check_unchanged(os.fstat(fd), record)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HeldRead(body, fd, record)
+
+
 def hash_handle(handle: IO[bytes], record: FileRecord, stop: threading.Event | None = None,
                 chunk: int = MiB) -> str | None:
     """SHA-256 of an open file from its start, checked unchanged around the read; leaves the
@@ -318,6 +368,9 @@ class SourceTree:
 
     def read_whole(self, path: str, record: FileRecord) -> bytes:
         return read_whole(path, record, self.guard)
+
+    def read_held(self, path: str, record: FileRecord) -> HeldRead:
+        return read_held(path, record, self.guard)
 
     def hash_file(self, record: FileRecord) -> str:
         return hash_file(self.path(record), record, self.guard)

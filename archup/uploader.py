@@ -10,7 +10,11 @@ Threads: the calling thread walks the directory and dispatches; a few readers ea
 read one large file part by part (:mod:`archup.multipart`); a pool of ``parallel``
 workers reads small files and does the network requests (:mod:`archup.dispatch`);
 one thread commits single-PUT completions in groups
-(:class:`archup.outcomes.CompletionWriter`).
+(:class:`archup.outcomes.CompletionWriter`). Where the store sends a PUT without a
+waiting thread (``--transport crt``: :func:`archup.store.async_puts`), the dispatching
+thread reads and hashes a small file itself and the store's callback hands its
+completion to the writer: no pool worker per small file, at most ``parallel`` x 2 of
+them out at once.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import source
 from .crashpoints import crash_point
@@ -34,9 +39,9 @@ from .packing import DEFAULT_SHARD_SIZE, ShardPlanner, ShardSender
 from .reconcile import Reconciler
 from .scan import ScanItem, identity_of, object_key, read_ahead, scan, scan_list
 from .select import Selector
-from .source import FileChanged, SourceTree, describe_read_error
+from .source import FileChanged, HeldRead, SourceTree, describe_read_error
 from .states import BatchState, FileState
-from .store import SHA256_METADATA, ObjectStore
+from .store import SHA256_METADATA, AsyncPuts, ObjectStore, async_puts
 from .unreadable import permanent_reason
 
 log = logging.getLogger("archup.upload")
@@ -45,6 +50,8 @@ MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
 SCAN_GROUP = 5000
 CHANGED_ATTEMPTS = 3  # reads of a small file that keeps changing before it is failed
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class Uploader:
         self.reconciler = Reconciler(journal, store, self.batch, self.tree, self.outcomes,
                                      options.multipart_threshold)
         self._writer: CompletionWriter  # one per send()
+        # A small file's PUT without a pool worker, where the store can (--transport crt).
+        self._async: AsyncPuts | None = async_puts(store)
 
     @property
     def result(self) -> UploadResult:
@@ -237,6 +246,8 @@ class Uploader:
                 planner.add(record)
             elif record.size >= self.options.multipart_threshold or record.upload_id:
                 multipart.send(record, path)
+            elif self._async is not None:
+                self._send_single_async(self._async, dispatcher, record, path)
             else:
                 dispatcher.submit(self._send_single, record, path, reservation=dispatcher.reserve(record.size))
         if planner is not None and not self.stop.is_set():
@@ -258,11 +269,13 @@ class Uploader:
         return self.journal.refresh_file(self.batch_id, record.rel_path, info.st_size, info.st_mtime_ns,
                                          identity_of(info))
 
-    def _read_single(self, record: FileRecord, path: str) -> tuple[FileRecord, bytes] | None:
-        """The file's bytes, read again (up to CHANGED_ATTEMPTS) while it keeps changing; None: failed."""
+    def _read_single(self, record: FileRecord, path: str,
+                     read: Callable[[str, FileRecord], T]) -> tuple[FileRecord, T] | None:
+        """The file's bytes, as ``read`` gives them (the tree's read_whole or read_held), read
+        again (up to CHANGED_ATTEMPTS) while it keeps changing; None: failed."""
         for attempt in range(1, CHANGED_ATTEMPTS + 1):
             try:
-                return record, self.tree.read_whole(path, record)
+                return record, read(path, record)
             except FileChanged as error:
                 fresh = self._rescan(record, path)
                 if attempt == CHANGED_ATTEMPTS or fresh is record:
@@ -285,7 +298,7 @@ class Uploader:
         if self.stop.is_set():
             return  # queued before the stop: the file stays pending for the resumer
         self.outcomes.started(record)
-        read = self._read_single(record, path)
+        read = self._read_single(record, path, self.tree.read_whole)
         if read is None:
             return
         record, body = read
@@ -302,3 +315,81 @@ class Uploader:
         crash_point("after-put-object")
         self.outcomes.sent(len(body))
         self._writer.put(record, sha256, etag)
+
+    def _send_single_async(self, puts: AsyncPuts, dispatcher: Dispatcher, record: FileRecord, path: str) -> None:
+        """A small file on the dispatching thread: read and hash it here, start its PUT, and
+        end it in the store's callback (no pool worker waits on it). Its slot and bytes are
+        held from the read to that callback, and the file kept open: the CRT sends it by
+        reading it again itself (through the descriptor's own path, never the file's name).
+        If the file is not what was read once the PUT ended, the bytes read and hashed are
+        sent again from memory, so the object is always the recorded one."""
+        release = dispatcher.hold(record.size)
+        held: HeldRead | None = None
+
+        def end() -> None:
+            if held is not None:
+                held.close()
+            release()
+
+        try:
+            self.outcomes.started(record)
+            read = self._read_single(record, path, self.tree.read_held)
+            if read is None:
+                end()
+                return
+            record, held = read
+            body = held.body
+            digest = hashlib.sha256(body).digest()
+            sha256 = digest.hex()
+            metadata = self._metadata({SHA256_METADATA: sha256})
+            content_type = source.content_type(record.rel_path)
+            crash_point("before-put-object")
+
+            def done(etag: str | None, error: Exception | None, *, from_file: bool = True) -> None:
+                # on the store's thread
+                try:
+                    if from_file and held is not None and not held.unchanged():
+                        # What the store read may not be what was hashed: a server that checks the
+                        # checksum (or, with --checksum none, the signed payload) refused it, one
+                        # that does not may have stored it.
+                        log.info("%s changed while it was sent; sending the bytes read again", record.rel_path)
+                        puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
+                                              content_type=content_type, archive=True,
+                                              done=lambda etag, error: done(etag, error, from_file=False))
+                        return  # ends with that PUT
+                    if error is None and etag is not None:
+                        crash_point("after-put-object")
+                        self.outcomes.sent(len(body))
+                        self._writer.put(record, sha256, etag)
+                    elif isinstance(error, TransferError):
+                        self.outcomes.failed(record, str(error))
+                    elif isinstance(error, ArchupError):
+                        self.outcomes.stop_with(error)
+                    else:
+                        self.outcomes.stop_with(ArchupError(f"internal error in an upload: {error!r}"))
+                except ArchupError as failure:
+                    self.outcomes.stop_with(failure)
+                except Exception as bug:  # a bug must stop the batch, never vanish in a callback
+                    self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+                end()
+
+        except ArchupError as error:
+            end()
+            self.outcomes.stop_with(error)
+            return
+        except Exception as bug:  # as a pool worker's: a bug stops the batch
+            end()
+            self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+            return
+        except BaseException:
+            end()
+            raise
+        try:
+            puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
+                                  content_type=content_type, archive=True, send_filepath=held.fd_path, done=done)
+        except ArchupError as error:
+            end()
+            self.outcomes.stop_with(error)
+        except Exception as bug:  # as a pool worker's: a bug stops the batch
+            end()
+            self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))

@@ -15,7 +15,9 @@ With ``--modes crtput-delegate,crtput-static`` it measures archup's own CRT path
 (``archup.store.crt.CrtPut``: N worker threads, each blocking on its request, as the
 uploader's pool does), with its credentials asked from Python at every signature (a
 delegate provider, what refreshable credentials get) or given once (a static provider,
-what keys that cannot change get).
+what keys that cannot change get). ``crtput-async`` is the upload's path for small files
+on the CRT transport: one thread starts ``CrtPut.put_async`` with at most 2 x N PUTs out
+(static credentials) and the CRT's callback ends each; no thread waits on a request.
 
 Each mode runs in its own child process; its CPU is the process's CPU time from the
 client's creation to the last answer (every thread, the CRT's event-loop threads
@@ -44,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import ACCESS_KEY, REGION, SECRET_KEY, Server, admin_client, clean_env, count_and_empty  # noqa: E402
 
-MODES = ("botocore", "crt", "crtput-delegate", "crtput-static")
+MODES = ("botocore", "crt", "crtput-delegate", "crtput-static", "crtput-async", "crtput-async-file")
 
 
 def run_botocore(endpoint: str, bucket: str, body: bytes, count: int, parallel: int) -> None:
@@ -147,10 +149,49 @@ def run_crtput(endpoint: str, bucket: str, body: bytes, count: int, parallel: in
     assert len(etags) == count and all(etags)
 
 
+def run_crtput_async(endpoint: str, bucket: str, body: bytes, count: int, parallel: int, *,
+                     from_file: bool = False) -> None:
+    from archup.store import Credentials
+    from archup.store.crt import CrtPut, Endpoint
+    from archup.store.retry import RetryPolicy
+
+    keys = Credentials(ACCESS_KEY, SECRET_KEY, None)
+    put = CrtPut(Endpoint("http", endpoint.split("://", 1)[1], f"/{bucket}/", REGION), keys,
+                 retry=RetryPolicy(attempts=1), connect_timeout=10, read_timeout=60, max_connections=parallel,
+                 sign_payload=False)
+    headers = [("Content-Type", "application/octet-stream")]
+    slots = threading.BoundedSemaphore(parallel * 2)  # as the uploader's Dispatcher.hold
+    etags: list[str | None] = []
+    errors: list[Exception] = []
+    finished = threading.Event()
+
+    def done(etag: str | None, error: Exception | None) -> None:
+        etags.append(etag)
+        if error is not None:
+            errors.append(error)
+        slots.release()
+        if len(etags) == count:
+            finished.set()
+
+    if from_file:  # the CRT reads the body itself (send_filepath), from one file of the body's bytes
+        source = tempfile.NamedTemporaryFile(prefix="bench-crt-")
+        source.write(body)
+        source.flush()
+    for index in range(count):
+        slots.acquire()
+        put.put_async(f"p/{index:06d}", body, headers, what="PutObject", done=done,
+                      send_filepath=source.name if from_file else None)
+    finished.wait()
+    assert not errors, errors[:3]
+    assert len(etags) == count and all(etags)
+
+
 def child(mode: str, endpoint: str, bucket: str, size: int, count: int, parallel: int) -> int:
     body = os.urandom(size)
     start, cpu = time.perf_counter(), time.process_time()  # every thread of the process, the CRT's too
-    if mode.startswith("crtput-"):
+    if mode.startswith("crtput-async"):
+        run_crtput_async(endpoint, bucket, body, count, parallel, from_file=mode == "crtput-async-file")
+    elif mode.startswith("crtput-"):
         run_crtput(endpoint, bucket, body, count, parallel, static=mode == "crtput-static")
     else:
         (run_crt if mode == "crt" else run_botocore)(endpoint, bucket, body, count, parallel)

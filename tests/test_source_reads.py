@@ -265,3 +265,58 @@ def test_with_openat2_a_read_costs_two_fstat_calls_and_no_readlink(tmp_path: Pat
                             lambda *args, _name=name, _real=real, **kwargs: calls.append(_name) or _real(*args, **kwargs))
     assert tree.read_whole(str(root / "d" / "a.bin"), record) == DATA
     assert calls == ["fstat", "fstat"]
+
+
+def test_a_held_read_keeps_the_very_file_open_for_another_reader(route: str, tmp_path: Path) -> None:
+    """read_held: the bytes as read_whole gives them; the file stays open until close(), and
+    its descriptor's own path opens that file even after its name is taken by another."""
+    root, tree = _tree(tmp_path)
+    path = root / "d" / "a.bin"
+    record = _scanned(path)
+    held = tree.read_held(str(path), record)
+    try:
+        assert held.body == DATA and held.unchanged()
+        assert held.fd_path is not None
+        os.rename(path, root / "d" / "moved.bin")
+        path.write_bytes(b"another file under the name\n")
+        with open(held.fd_path, "rb") as again:
+            assert again.read() == DATA
+    finally:
+        held.close()
+        held.close()  # closing twice closes nothing else
+    assert held.fd_path is None
+
+
+@pytest.mark.parametrize("change", ["rewrite", "grow", "truncate"])
+def test_a_held_file_changed_after_its_read_says_so(change: str, route: str, tmp_path: Path) -> None:
+    root, tree = _tree(tmp_path)
+    path = root / "a.bin"
+    record = _scanned(path)
+    held = tree.read_held(str(path), record)
+    try:
+        with open(path, "r+b") as handle:
+            if change == "rewrite":
+                handle.write(DATA.upper())  # the same size; only mtime and ctime move
+            elif change == "grow":
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"more")
+            else:
+                handle.truncate(3)
+        assert not held.unchanged()
+        assert held.body == DATA
+    finally:
+        held.close()
+
+
+def test_a_held_read_of_a_file_changed_during_the_read_is_refused_and_closed(
+        route: str, tmp_path: Path, reads: list[Callable[[int, int], None]]) -> None:
+    root, tree = _tree(tmp_path)
+    path = root / "a.bin"
+    record = _scanned(path)
+    opened: list[int] = []
+    reads.append(lambda fd, n: opened.append(fd) or path.write_bytes(DATA.upper()))
+    with pytest.raises(FileChanged):
+        tree.read_held(str(path), record)
+    with pytest.raises(OSError) as closed:
+        os.fstat(opened[0])
+    assert closed.value.errno == errno.EBADF

@@ -17,7 +17,7 @@ file, go on); "not there" is None where the method says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
@@ -25,9 +25,9 @@ from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 from ..checksums import crc32_b64, crc32_combine
 
 __all__ = ["ARCHIVED_STATE", "CHECKSUM_REFUSED", "DEFAULT_TRANSPORT", "SHA256_METADATA", "ChecksumMode", "Connection",
-           "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore", "OpenUpload", "RestoreAnswer", "S3Store",
+           "AsyncPuts", "MultipartChecksum", "ObjectInfo", "ObjectReader", "ObjectStore", "OpenUpload", "RestoreAnswer", "S3Store",
            "StoreConfig", "ThawState", "TransportKind", "UploadedPart", "connection_of", "crc32_b64", "crc32_combine",
-           "open_store", "thaw_state"]
+           "async_puts", "open_store", "thaw_state"]
 
 
 # The whole file's SHA-256 (hex) in a file object's user metadata (x-amz-meta-archup-sha256):
@@ -286,6 +286,27 @@ class ObjectStore(Protocol):
 
     def list_multipart_uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, upload_id) of every multipart upload in progress under a prefix."""
+
+
+class AsyncPuts(Protocol):
+    """PutObject without a thread waiting on it (``--transport crt``): what a store offers
+    through ``async_puts()`` when it can send a small file's PUT and call back when it ends."""
+
+    def put_object_async(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                         metadata: dict[str, str] | None = None, content_type: str | None = None,
+                         archive: bool = False, send_filepath: str | None = None,
+                         done: Callable[[str | None, Exception | None], None]) -> None:
+        """Start put_object(); ``done(etag, None)`` or ``done(None, error)`` (the error
+        put_object would raise) is called once when it ended, on another thread.
+        ``send_filepath``: a path from which the store may read ``body``'s bytes itself
+        instead of from ``body`` (the caller checks the file unchanged afterwards)."""
+
+
+def async_puts(store: ObjectStore) -> AsyncPuts | None:
+    """The store's asynchronous PUTs, if every layer of it sends them (a layer that changes
+    put_object and says nothing of them turns them off: its PUTs go through put_object)."""
+    offer = getattr(store, "async_puts", None)
+    return None if offer is None else offer()  # type: ignore[no-any-return]
 
 
 def open_store(config: StoreConfig) -> ObjectStore:

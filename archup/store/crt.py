@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import heapq
 import io
+import logging
 import os
 import sys
 import threading
@@ -52,6 +54,8 @@ from .wrappers import StoreWrapper
 
 if TYPE_CHECKING:
     from .s3 import S3Store
+
+log = logging.getLogger("archup.store")
 
 # The CRT's error names after which another attempt cannot help (the endpoint cannot be
 # reached at all is decided after the last attempt, as botocore's EndpointConnectionError).
@@ -186,6 +190,107 @@ class _BodyStream(io.RawIOBase):
         return self._at
 
 
+PutDone = Callable[[str | None, Exception | None], None]
+"""The end of an asynchronous PUT: ``done(etag, None)`` or ``done(None, error)``, called
+once, on the CRT's thread (or the retry thread); it must not raise."""
+
+# An asynchronous PUT of a body this size or smaller marks no progress while its bytes go
+# out (one call into Python less per request): it must see its answer's headers within the
+# connect and read timeouts from when it was handed to the CRT.
+QUIET_BODY = 64 * 1024
+
+
+class _Pending:
+    """An asynchronous PUT, from its first attempt to ``done``."""
+
+    __slots__ = ("path", "body", "headers", "what", "done", "attempt", "seen", "request", "stalled", "patience",
+                 "send_filepath")
+
+    def __init__(self, path: str, body: bytes, headers: list[tuple[str, str]], what: str, done: PutDone,
+                 send_filepath: str | None = None) -> None:
+        self.path = path
+        self.send_filepath = send_filepath
+        self.body = body
+        self.headers = headers
+        self.what = what
+        self.done: PutDone | None = done
+        self.attempt = 0
+        self.seen = _Attempt()
+        self.request: Any = None
+        self.stalled = False
+        self.patience = 0.0
+
+
+class _Watch:
+    """One thread for a client's asynchronous PUTs: it cancels an attempt that made no
+    progress for its patience (the read timeout), and starts the attempts a retry waits
+    for. It looks at the attempts in flight every ``tick`` seconds while there are any,
+    and ends after ``idle`` seconds with none (started again by the next)."""
+
+    def __init__(self, tick: float, idle: float = 5.0) -> None:
+        self.tick = tick
+        self.idle = idle
+        self._cond = threading.Condition()
+        self._inflight: set[_Pending] = set()
+        self._later: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = 0
+        self._running = False
+
+    def track(self, pending: _Pending) -> None:
+        with self._cond:
+            self._inflight.add(pending)
+            self._ensure()
+
+    def untrack(self, pending: _Pending) -> None:
+        with self._cond:
+            self._inflight.discard(pending)
+
+    def later(self, when: float, action: Callable[[], None]) -> None:
+        with self._cond:
+            self._order += 1
+            heapq.heappush(self._later, (when, self._order, action))
+            if self._later[0][1] == self._order:
+                self._cond.notify()  # sooner than what the thread waits for
+            self._ensure()
+
+    def _ensure(self) -> None:
+        if not self._running:
+            self._running = True
+            threading.Thread(target=self._run, name="archup-crt-watch", daemon=True).start()
+        elif len(self._inflight) == 1 and not self._later:
+            self._cond.notify()  # it may be waiting out its idle time without a tick
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due: list[Callable[[], None]] = []
+                while self._later and self._later[0][0] <= now:
+                    due.append(heapq.heappop(self._later)[2])
+                stalled = [(p, p.request) for p in self._inflight
+                           if not p.stalled and p.request is not None and now - p.seen.moved >= p.patience]
+                for pending, _ in stalled:
+                    pending.stalled = True
+                if self._inflight or self._later or due:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= self.idle:
+                    self._running = False
+                    return
+                wait = self.tick if self._inflight else self.idle
+                if self._later:
+                    wait = min(wait, self._later[0][0] - now)
+                if not due and not stalled:
+                    self._cond.wait(max(0.0, wait))
+                    continue
+            for _, request in stalled:
+                request.cancel()  # its future ends with an error; the attempt counts as stalled
+            for action in due:
+                action()
+
+
 class CrtPut:
     """PutObject of one store's bucket through one ``awscrt.s3.S3Client``.
 
@@ -208,6 +313,7 @@ class CrtPut:
         self.read_timeout = read_timeout
         self._credential_error: BaseException | None = None
         self.before_send: list[Callable[[str], None]] = []
+        self._watch = _Watch(tick=min(1.0, read_timeout / 4))
         if isinstance(credentials, Credentials):
             # Keys that cannot change: no call into Python (and its GIL) per signature.
             provider = AwsCredentialsProvider.new_static(credentials.access_key, credentials.secret_key,
@@ -272,6 +378,86 @@ class CrtPut:
         if not etag:
             raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
         return etag
+
+    def put_async(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str, done: PutDone,
+                  send_filepath: str | None = None) -> None:
+        """PUT ``body`` at ``key`` as put() does, without waiting: ``done`` is called with the
+        ETag, or with the error put() would have raised, when the last attempt ends. Nothing
+        waits on a thread meanwhile; the attempts a retry sends after a wait are started by
+        one thread of this client's (:class:`_Watch`), which also cancels a stalled one."""
+        path = self.endpoint.path_prefix + quote_key(key)
+        all_headers = [("Host", self.endpoint.host), ("Content-Length", str(len(body))), *headers]
+        self._send(_Pending(path, body, all_headers, what, done, send_filepath))
+
+    def _send(self, pending: _Pending) -> None:
+        from awscrt.http import HttpHeaders, HttpRequest
+        from awscrt.s3 import S3RequestType
+
+        pending.attempt += 1
+        pending.stalled = False
+        pending.request = None
+        pending.seen = seen = _Attempt()
+        pending.patience = self.connect_timeout + self.read_timeout
+        try:
+            for hook in self.before_send:
+                hook(f"{self.endpoint.scheme}://{self.endpoint.host}{pending.path}")
+            signing = None if self._signing is None else self._signing.replace(
+                signed_body_value=hashlib.sha256(pending.body).hexdigest())
+            progress = seen.on_progress if len(pending.body) > QUIET_BODY else None
+            self._watch.track(pending)
+            request = self._client.make_request(
+                type=S3RequestType.DEFAULT, operation_name="PutObject", signing_config=signing,
+                request=HttpRequest("PUT", pending.path, HttpHeaders(pending.headers),
+                                    None if pending.send_filepath else _BodyStream(pending.body)),
+                send_filepath=pending.send_filepath, on_headers=seen.on_headers, on_progress=progress)
+        except Exception as error:
+            self._watch.untrack(pending)
+            self._failed(pending, error)
+            return
+        pending.request = request
+        request.finished_future.add_done_callback(lambda future: self._finished(pending, future))
+
+    def _finished(self, pending: _Pending, future: concurrent.futures.Future[None]) -> None:
+        """An attempt ended (on the CRT's thread)."""
+        self._watch.untrack(pending)
+        raised = future.exception()
+        error = raised if raised is None or isinstance(raised, Exception) else Exception(repr(raised))
+        if error is None:
+            etag = pending.seen.headers.get("etag")
+            if etag:
+                self._end(pending, etag, None)
+                return
+            error = TransferError(f"PutObject {pending.path}: answer {pending.seen.status} without an ETag", "NoETag")
+        elif pending.stalled:
+            error = _Stalled()
+        self._failed(pending, error)
+
+    def _failed(self, pending: _Pending, raised: Exception) -> None:
+        """What the retry policy makes of a failed attempt: the end, or another attempt."""
+        try:
+            last = pending.attempt >= max(1, self.retry.attempts)
+            error, verdict = self._meaning(raised, pending.what, last=last)
+        except Exception as bug:
+            self._end(pending, None, bug)
+            return
+        if verdict == "fail" or last:
+            self._end(pending, None, error)
+            return
+        # Not from the CRT's own thread: another attempt starts on the watch thread.
+        wait = self.retry.backoff(pending.attempt) if verdict == "back-off" else 0.0
+        self._watch.later(time.monotonic() + wait, lambda: self._send(pending))
+
+    @staticmethod
+    def _end(pending: _Pending, etag: str | None, error: Exception | None) -> None:
+        done, pending.done = pending.done, None
+        pending.body = b""
+        pending.request = None
+        if done is None:
+            return
+        try:
+            done(etag, error)
+        except Exception:  # done must not raise; if it does, it is logged, never lost in the CRT
+            log.exception("the end of %s", pending.what)
 
     def get(self, key: str, *, start: int, length: int, if_match: str | None, what: str) -> CrtBody:
         """GET ``length`` bytes of ``key`` from ``start`` (a Range request), whole into memory:
@@ -457,4 +643,19 @@ class CrtPutStore(StoreWrapper):
         headers = put_args(self.s3.config, body, sha256_digest=sha256_digest, metadata=metadata,
                            content_type=content_type, archive=archive).headers()
         return self._client().put(key, body, headers, what=f"PutObject {key}")
+
+    def async_puts(self) -> CrtPutStore:
+        """PutObject without a waiting thread: :meth:`put_object_async`."""
+        return self
+
+    def put_object_async(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                         metadata: dict[str, str] | None = None, content_type: str | None = None,
+                         archive: bool = False, send_filepath: str | None = None, done: PutDone) -> None:
+        """put_object() without waiting for it: ``done(etag, None)`` or ``done(None, error)``
+        once it ended (see :meth:`CrtPut.put_async`). With ``send_filepath`` the CRT reads
+        the body from that file itself, no call into Python for it; the headers (its
+        length, its checksum: the server refuses other bytes) are ``body``'s."""
+        headers = put_args(self.s3.config, body, sha256_digest=sha256_digest, metadata=metadata,
+                           content_type=content_type, archive=archive).headers()
+        self._client().put_async(key, body, headers, what=f"PutObject {key}", done=done, send_filepath=send_filepath)
 

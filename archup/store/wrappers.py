@@ -11,6 +11,7 @@ from typing import IO
 
 from .. import crashpoints
 from . import (
+    AsyncPuts,
     ChecksumMode,
     MultipartChecksum,
     ObjectInfo,
@@ -19,6 +20,7 @@ from . import (
     OpenUpload,
     RestoreAnswer,
     UploadedPart,
+    async_puts,
 )
 
 
@@ -41,6 +43,13 @@ class StoreWrapper:
                    archive: bool = False) -> str:
         return self.inner.put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
                                      content_type=content_type, archive=archive)
+
+    def async_puts(self) -> AsyncPuts | None:
+        """The inner store's asynchronous PUTs, unless this layer changes put_object: a
+        layer that does must offer its own (see RateLimitedStore) or have none."""
+        if type(self).put_object is not StoreWrapper.put_object:
+            return None
+        return async_puts(self.inner)
 
     def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
                  metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
@@ -125,6 +134,10 @@ class RateLimitedStore(StoreWrapper):
         return super().put_object(key, body, sha256_digest=sha256_digest, metadata=metadata,
                                   content_type=content_type, archive=archive)
 
+    def async_puts(self) -> AsyncPuts | None:
+        inner = async_puts(self.inner)
+        return None if inner is None else _MeteredPuts(inner, self._wait_for)
+
     def put_file(self, key: str, handle: IO[bytes], size: int, *, sha256_digest: bytes,
                  metadata: dict[str, str] | None = None, content_type: str | None = None) -> str:
         self._wait_for(size)
@@ -140,6 +153,24 @@ class RateLimitedStore(StoreWrapper):
                     if_match: str | None = None) -> ObjectReader | None:
         reader = super().open_object(key, start=start, length=length, if_match=if_match)
         return None if reader is None else _MeteredReader(reader, self._wait_for)
+
+
+class _MeteredPuts:
+    """Asynchronous PUTs under --bwlimit: the caller waits until a body's bytes are due,
+    then the PUT starts (the caller is what sends, so the budget paces the sending)."""
+
+    def __init__(self, inner: AsyncPuts, wait_for: Callable[[int], None]) -> None:
+        self.inner = inner
+        self._wait_for = wait_for
+
+    def put_object_async(self, key: str, body: bytes, *, sha256_digest: bytes | None = None,
+                         metadata: dict[str, str] | None = None, content_type: str | None = None,
+                         archive: bool = False, send_filepath: str | None = None,
+                         done: Callable[[str | None, Exception | None], None]) -> None:
+        self._wait_for(len(body))
+        self.inner.put_object_async(key, body, sha256_digest=sha256_digest, metadata=metadata,
+                                    content_type=content_type, archive=archive, send_filepath=send_filepath,
+                                    done=done)
 
 
 class _MeteredReader:
@@ -182,6 +213,11 @@ class CrashPointStore(StoreWrapper):
         self._inside = before_send is not None
         if before_send is not None:
             before_send("PutObject", self._maybe_crash)
+
+    def async_puts(self) -> AsyncPuts | None:
+        """Inside a store with a ``before_send`` hook the crash point is the request's own
+        (the CRT calls the hook as an asynchronous PUT leaves too); otherwise none."""
+        return async_puts(self.inner) if self._inside else None
 
     @classmethod
     def _maybe_crash(cls, key_or_url: str) -> None:
