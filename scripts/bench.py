@@ -289,6 +289,7 @@ class Run:
     ok: bool
     note: str = ""
     inner: float = 0.0    # archup: the run's own elapsed_s from its --json report (after start-up and imports)
+    kernel: float = 0.0   # of cpu, the seconds spent in the kernel (ru_stime)
 
 
 def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: int, dataset: str,
@@ -348,6 +349,12 @@ def tool_command(tool: str, *, src: Path, bucket: str, endpoint: str, parallel: 
 
 def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, int, int]:
     """(wall s, CPU s, max RSS bytes, exit status) of one child, from os.wait4."""
+    wall, cpu, _, maxrss, code = run_child_usage(cmd, env, log)
+    return wall, cpu, maxrss, code
+
+
+def run_child_usage(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, int, int]:
+    """(wall s, CPU s, of which kernel s, max RSS bytes, exit status) of one child, from os.wait4."""
     # Peak RSS comes from GNU time's own wait4 of the tool: Linux carries the parent's
     # high-water RSS across fork + exec into the child's ru_maxrss, so a child forked
     # straight from this (boto3-laden) harness would never report less than the harness.
@@ -364,7 +371,7 @@ def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
         maxrss = int(rss_file.read_text().split()[-1]) * KiB
     except (OSError, ValueError, IndexError):
         pass
-    return wall, usage.ru_utime + usage.ru_stime, maxrss, proc.returncode
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_stime, maxrss, proc.returncode
 
 
 def one_run(tool: str, server: Server, dataset: str, parallel: int, round_no: int, work: Path,
@@ -376,7 +383,7 @@ def one_run(tool: str, server: Server, dataset: str, parallel: int, round_no: in
     src = DATA_DIR / dataset
     cmd, env = tool_command(tool, src=src, bucket=bucket, endpoint=server.endpoint, parallel=parallel,
                             dataset=dataset, tmp=tmp, sha256_peers=sha256_peers)
-    wall, cpu, maxrss, code = run_child(cmd, env, tmp / "out.log")
+    wall, cpu, kernel, maxrss, code = run_child_usage(cmd, env, tmp / "out.log")
     objects = count_and_empty(client, bucket)
     expected = len(dataset_files(dataset))
     if tool in PACKED_VARIANTS and code == 0:
@@ -398,7 +405,7 @@ def one_run(tool: str, server: Server, dataset: str, parallel: int, round_no: in
             pass
     if ok:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Run(server.kind, dataset, parallel, tool, round_no, wall, cpu, maxrss, objects, ok, note, inner)
+    return Run(server.kind, dataset, parallel, tool, round_no, wall, cpu, maxrss, objects, ok, note, inner, kernel)
 
 
 # -- the raw boto3 uploader (run as a child: `bench.py _boto3 ...`) -------------
@@ -613,6 +620,7 @@ class Summary:
     maxrss_mib: float
     rate: str
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+    kernel_share: float = float("nan")  # median over the runs of kernel CPU / CPU
 
 
 def summarize(runs: list[Run]) -> list[Summary]:
@@ -632,7 +640,8 @@ def summarize(runs: list[Run]) -> list[Summary]:
         rate = (f"{files / wall:,.0f} files/s" if dataset not in LARGE
                 else f"{dataset_bytes(dataset) / MiB / wall:,.0f} MiB/s")
         out.append(Summary(server, dataset, parallel, tool, len(group), len(group) - len(good), wall, cpu,
-                           cpu / files * 1000, statistics.median(r.maxrss for r in good) / MiB, rate))
+                           cpu / files * 1000, statistics.median(r.maxrss for r in good) / MiB, rate,
+                           kernel_share=statistics.median(r.kernel / r.cpu if r.cpu else 0.0 for r in good)))
     # archup / peer: ratio of medians and median of same-round ratios.
     by_key = {(s.server, s.dataset, s.parallel, s.tool): s for s in out}
     for summary in out:
@@ -659,13 +668,14 @@ def summarize(runs: list[Run]) -> list[Summary]:
 
 
 def markdown(summaries: list[Summary]) -> str:
-    lines = ["| server | dataset | N | tool | runs (failed) | wall s | rate | CPU s | CPU ms/file | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | dataset | N | tool | runs (failed) | wall s | rate | CPU s | CPU ms/file | kernel share of CPU "
+             "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {"archup": 0, "archup-noprehash": 0.5, "archup-prehash": 0.6, "boto3": 1, "aws": 2, "rclone": 3, "rclone-nohead": 4}
     summaries = sorted(summaries, key=lambda s: (s.server, s.dataset, s.parallel, order.get(s.tool, 9)))
     for s in summaries:
         lines.append(f"| {s.server} | {s.dataset} | {s.parallel} | {s.tool} | {s.runs} ({s.failed}) | "
-                     f"{s.wall:.2f} | {s.rate} | {s.cpu:.2f} | {s.cpu_per_file_ms:.2f} | {s.maxrss_mib:.0f} |")
+                     f"{s.wall:.2f} | {s.rate} | {s.cpu:.2f} | {s.cpu_per_file_ms:.2f} | {s.kernel_share:.0%} | "
+                     f"{s.maxrss_mib:.0f} |")
     lines += ["", "archup / peer (ratio of medians; in brackets the median of same-round ratios):", "",
               "| server | dataset | N | tool | vs | wall | CPU | peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for s in summaries:
