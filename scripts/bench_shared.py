@@ -22,6 +22,14 @@ the killed host's work.
     .venv/bin/python scripts/bench_shared.py transitions --files 10000,1000000 --claimers 16,64 --rounds 3
     .venv/bin/python scripts/bench_shared.py upload --files 2000
     .venv/bin/python scripts/bench_shared.py takeover --lease 10 --bwlimit 8MiB --kill-after 4
+
+``transitions --profile DIR`` also watches the server during each run: its wait events (every
+active session in pg_stat_activity, sampled from a connection of its own), the files table's
+dead rows and vacuums, checkpoints and WAL, and a sample of the statements' plans with their
+buffers (auto_explain); autovacuum and checkpoints are logged. The samples and the server's log
+go to DIR; a summary per tenth of each run's transitions is printed:
+
+    .venv/bin/python scripts/bench_shared.py transitions --files 1000000 --claimers 16 --rounds 1 --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +46,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # pgserver.py: the tests' server launcher
@@ -44,6 +54,15 @@ sys.path.insert(0, str(ROOT))
 
 DURABLE = (("fsync", "on"), ("synchronous_commit", "on"), ("full_page_writes", "on"),
            ("max_connections", "300"), ("shared_buffers", "2GB"))
+
+# --profile: what the server logs besides. A plan for one statement in PLAN_SAMPLE (with its
+# buffers and row counts; only a sampled statement is instrumented, so the others run as usual).
+PLAN_SAMPLE = 0.005
+PROFILE = (("log_autovacuum_min_duration", "0"), ("log_checkpoints", "on"),
+           ("log_line_prefix", "%m [%p] %a "), ("log_timezone", "UTC"), ("session_preload_libraries", "auto_explain"),
+           ("auto_explain.log_min_duration", "0"), ("auto_explain.sample_rate", str(PLAN_SAMPLE)),
+           ("auto_explain.log_analyze", "on"), ("auto_explain.log_buffers", "on"),
+           ("auto_explain.log_timing", "on"))
 
 COUNTER_PATCH = '''
 import psycopg, atexit, os, json
@@ -143,9 +162,165 @@ def claimers(url: str, batch_ids: list[str], threads: int, group: int, stamps: m
     stamps.put((done_at, dict(counts)))
 
 
+# What a session is doing, from the start of its statement (the benchmark's own statements).
+STATEMENT_KINDS = (("WITH b AS (SELECT state FROM batches", "complete"), ("UPDATE chunks c SET owner", "claim"),
+                   ("UPDATE chunks SET done", "finish"), ("SELECT ", "read"), ("COMMIT", "commit"),
+                   ("BEGIN", "begin"))
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[(\d+)\] (\S*) ?(\w+):  (.*)$")
+
+
+def statement_kind(query: str) -> str:
+    return next((kind for start, kind in STATEMENT_KINDS if query.startswith(start)), query[:30])
+
+
+class Profiler:
+    """The server seen from outside during one run: pg_stat_activity every SAMPLE_EVERY seconds
+    (each active session's wait event, or CPU when it waits on nothing), the files table's
+    counters, checkpoints and WAL every second; the server's log of the run (autovacuum,
+    checkpoints, sampled plans). Written to the directory, summarized per tenth of the run."""
+
+    SAMPLE_EVERY = 0.1
+
+    def __init__(self, directory: Path, log_path: Path) -> None:
+        self.directory = directory
+        self.log_path = log_path
+        directory.mkdir(parents=True, exist_ok=True)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._runs = 0
+
+    def start(self, url: str) -> None:
+        self._log_offset = self.log_path.stat().st_size
+        # Log lines carry the wall clock; the claimers' stamps are monotonic.
+        self._wall_minus_monotonic = time.time() - time.monotonic()
+        self._activity: list[tuple[float, list[tuple[str, str, str, str]]]] = []
+        self._counters: list[tuple[float, dict[str, Any]]] = []
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, url: str) -> None:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, application_name="bench-profile") as conn:
+            dbname = conn.info.dbname
+            last_counters = 0.0
+            while not self._stop.is_set():
+                now = time.monotonic()
+                rows = conn.execute(
+                    "SELECT backend_type, coalesce(wait_event_type, 'CPU'), coalesce(wait_event, 'CPU'), "
+                    "state, left(query, 60) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND "
+                    "(datname = %s OR datname IS NULL) AND (state IN ('active', 'idle in transaction') "
+                    "OR backend_type NOT IN ('client backend', 'walsender')) AND "
+                    "coalesce(wait_event_type, '') <> 'Activity'", (dbname,)).fetchall()
+                self._activity.append((now, [(backend, f"{wait_type}:{wait}", state or "",
+                                              query if backend == "autovacuum worker" else statement_kind(query))
+                                             for backend, wait_type, wait, state, query in rows]))
+                if now - last_counters >= 1.0:
+                    last_counters = now
+                    row = conn.execute(
+                        "SELECT t.n_live_tup, t.n_dead_tup, t.n_tup_upd, t.n_tup_hot_upd, t.autovacuum_count, "
+                        "t.autoanalyze_count, b.checkpoints_timed + b.checkpoints_req AS checkpoints, "
+                        "w.wal_bytes::bigint AS wal_bytes, w.wal_fpi, "
+                        "(SELECT string_agg(p.phase || ' ' || p.heap_blks_scanned || '/' || p.heap_blks_total, ',') "
+                        " FROM pg_stat_progress_vacuum p WHERE p.relid = t.relid) AS vacuum "
+                        "FROM pg_stat_user_tables t, pg_stat_bgwriter b, pg_stat_wal w "
+                        "WHERE t.schemaname = 'archup' AND t.relname = 'files'").fetchone()
+                    names = ("live", "dead", "updated", "hot_updated", "autovacuums", "autoanalyzes", "checkpoints",
+                             "wal_bytes", "wal_fpi", "vacuum")
+                    self._counters.append((now, dict(zip(names, row or ()))))
+                self._stop.wait(self.SAMPLE_EVERY)
+
+    def stop(self, name: str, started: float, times: list[float]) -> None:
+        self._runs += 1
+        name = f"{self._runs:02d}-{name}"  # one set of files per run
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            text = log.read().decode(errors="replace")
+        (self.directory / f"{name}.server.log").write_text(text)
+        with (self.directory / f"{name}.activity.jsonl").open("w") as out:
+            for at, sessions in self._activity:
+                out.write(json.dumps({"t": round(at - started, 3), "sessions": sessions}) + "\n")
+        with (self.directory / f"{name}.counters.jsonl").open("w") as out:
+            for at, counters in self._counters:
+                out.write(json.dumps({"t": round(at - started, 3), **counters}, default=str) + "\n")
+        print(f"\nprofile of {name} (files in {self.directory}):")
+        self.summarize(started, times, text)
+
+    def _log_entries(self, text: str, started: float) -> list[tuple[float, str, str]]:
+        """(seconds since the run's start, level, message with its continuation lines)."""
+        import datetime
+
+        entries: list[tuple[float, str, str]] = []
+        for line in text.splitlines():
+            match = LOG_LINE.match(line)
+            if match is None:
+                if entries:
+                    at, level, message = entries[-1]
+                    entries[-1] = (at, level, message + "\n" + line)
+                continue
+            stamp = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc)
+            entries.append((stamp.timestamp() - self._wall_minus_monotonic - started, match[4], match[5]))
+        return entries
+
+    def summarize(self, started: float, times: list[float], text: str) -> None:
+        total = len(times)
+        edges = [0.0] + [times[min(total - 1, total * k // 10)] - started for k in range(1, 10)] + [times[-1] - started]
+        entries = self._log_entries(text, started)
+        plans = [(at, message) for at, level, message in entries if "plan:" in message.split("\n", 1)[0]]
+        events = [(at, message.split("\n", 1)[0]) for at, level, message in entries
+                  if message.startswith(("automatic vacuum", "automatic analyze", "checkpoint"))]
+        print("| tenth | seconds | transitions/s | active sessions | wait events (share of active session samples) "
+              "| autovacuum on files | checkpoints | WAL MB (FPI) | dead rows at its end | sampled completions: "
+              "median ms, buffers per statement, plan |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for tenth in range(10):
+            low, high = edges[tenth], edges[tenth + 1]
+            seconds = high - low
+            samples = [sessions for at, sessions in self._activity if low <= at - started < high]
+            client = [s for sessions in samples for s in sessions if s[0] == "client backend"]
+            waits: dict[str, int] = {}
+            for _, wait, state, kind in client:
+                key = f"{kind} {wait}" if state == "active" else f"{kind} idle-in-tx"
+                waits[key] = waits.get(key, 0) + 1
+            top = ", ".join(f"{key} {100 * n / max(1, len(client)):.0f}%"
+                            for key, n in sorted(waits.items(), key=lambda item: -item[1])[:5])
+            vacuuming = sum(1 for sessions in samples if any(s[0] == "autovacuum worker" and "files" in s[3]
+                                                             for s in sessions))
+            counters = [c for at, c in self._counters if low <= at - started < high]
+            before = [c for at, c in self._counters if at - started < low]
+            first = before[-1] if before else (counters[0] if counters else {})
+            last = counters[-1] if counters else first
+            wal = (int(last.get("wal_bytes") or 0) - int(first.get("wal_bytes") or 0)) / 1e6
+            fpi = int(last.get("wal_fpi") or 0) - int(first.get("wal_fpi") or 0)
+            checkpoints = sum(1 for at, line in events if low <= at < high and line.startswith("checkpoint starting"))
+            mine = [message for at, message in plans if low <= at < high and "WITH b AS (SELECT state" in message]
+            durations = [float(re.search(r"duration: ([\d.]+) ms", m)[1]) for m in mine]  # type: ignore[index]
+            # The first Buffers line is the top node's: the whole statement's.
+            buffers = [sum(int(n) for n in re.findall(r"(?:hit|read|dirtied|written)=(\d+)",
+                                                      next((line for line in m.split("\n") if "Buffers:" in line), "")))
+                       for m in mine]
+            shapes = sorted({" > ".join(re.findall(r"(Seq Scan on \w+|Index (?:Only )?Scan using \w+|"
+                                                   r"Bitmap Index Scan on \w+|Hash Join|Nested Loop|Merge Join)", m))
+                             for m in mine})
+            plan = (f"{statistics.median(durations):.1f} ms, {statistics.median(buffers):.0f}, "
+                    f"{' | '.join(shapes)}" if mine else "-")
+            print(f"| {tenth + 1} | {seconds:.1f} | {total / 10 / max(seconds, 1e-9):,.0f} | "
+                  f"{len(client) / max(1, len(samples)):.1f} | {top} | {100 * vacuuming / max(1, len(samples)):.0f}% | "
+                  f"{checkpoints} | {wal:.0f} ({fpi:,}) | {int(last.get('dead') or 0):,} | {plan} |")
+        print("\nautovacuum and checkpoints (seconds from the run's start):")
+        for at, line in events:
+            print(f"  {at:7.1f} s  {line}")
+
+
 def run_transitions(url: str, files: int, total_claimers: int, processes: int, group: int,
-                    batches: int = 1) -> dict[str, float]:
+                    batches: int = 1, profile: Profiler | None = None) -> dict[str, float]:
     batch_ids = [fill(url, files) for _ in range(batches)]
+    if profile is not None:
+        profile.start(url)
     context = multiprocessing.get_context("spawn")
     stamps: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
     ready: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
@@ -165,6 +340,8 @@ def run_transitions(url: str, files: int, total_claimers: int, processes: int, g
     times = sorted(t for done, _ in results for t in done)
     total = files * batches
     assert len(times) == total, (len(times), total)
+    if profile is not None:
+        profile.stop(f"{files}-files-{total_claimers}-claimers", started, times)
     last_tenth = times[int(total * 0.9):]
     trips = sum(round_trips(counts) for _, counts in results)
     return {"files": files, "batches": batches, "claimers": total_claimers, "seconds": ended - started,
@@ -181,7 +358,8 @@ def transitions(args: argparse.Namespace) -> None:
     sizes = [int(f) for f in args.files.split(",")]
     counts = [int(c) for c in args.claimers.split(",")]
     runs: dict[tuple[int, int], list[dict[str, float]]] = {(f, c): [] for f in sizes for c in counts}
-    with PostgresServer(settings=DURABLE) as server:
+    with PostgresServer(settings=DURABLE + (PROFILE if args.profile else ())) as server:
+        profile = Profiler(Path(args.profile), server.log_path) if args.profile else None
         for _ in range(args.warmup):
             # A new server creates (and zero-fills) its WAL segments during its first big run,
             # which halves that run's rate; a server that has run a while recycles them. So one
@@ -197,7 +375,7 @@ def transitions(args: argparse.Namespace) -> None:
                     # A small batch is over in a fraction of a second: several, back to back, make
                     # a measurement of 100,000 transitions or more.
                     batches = max(1, -(-100_000 // files))
-                    run = run_transitions(url, files, total, args.processes, args.group, batches)
+                    run = run_transitions(url, files, total, args.processes, args.group, batches, profile)
                     runs[(files, total)].append(run)
                     server.drop_database(url)
                     print(json.dumps(run), flush=True)
@@ -338,6 +516,8 @@ def main() -> int:
     t.add_argument("--group", type=int, default=100, help="completions committed per transaction")
     t.add_argument("--rounds", type=int, default=3)
     t.add_argument("--warmup", type=int, default=1, help="runs of the largest size first, not counted")
+    t.add_argument("--profile", metavar="DIR", help="watch the server during each run (wait events, autovacuum, "
+                   "checkpoints, sampled plans): its samples and log into DIR, a summary per tenth printed")
     u = sub.add_parser("upload")
     u.add_argument("--files", type=int, default=2000)
     u.add_argument("--parallel", type=int, default=16)

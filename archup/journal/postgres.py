@@ -513,6 +513,36 @@ class PostgresJournal(CommonOperations):
                          (FileState.UPLOADED.value, sha256, etag, isoformat(utcnow()), batch_id, rel_path))
         self.db.write(body)
 
+    def _completion_statement(self, batch_id: str, completions: list[tuple[str, str, str]],
+                              now: str) -> tuple[str, dict[str, Any]]:
+        """complete_files' one statement and its arguments. One statement (round trips are what a
+        remote database costs): the batch row locked FOR SHARE and its state checked, as
+        _move_file does; bound to a worker, the chunks of these files that it holds, locked to
+        the commit (see _fence)."""
+        args: dict[str, Any] = {"b": batch_id, "rows": json.dumps(completions, ensure_ascii=False),
+                                "now": now, "open": list(_OPEN_FILE_STATES),
+                                "live": [state.value for state in BatchState if not state.terminal]}
+        mine = fence = ""
+        if self.worker_id is not None:
+            # The group's chunk numbers are computed once (ARRAY(...): an InitPlan), then looked up
+            # by key. Written as a semi-join (chunk_no IN (SELECT ...)), the planner may drive it
+            # from the worker's chunks, done ones included (a done chunk keeps its owner), and
+            # probe the whole group once per chunk: with the statistics the fill left (every
+            # owner NULL: one row expected) it did, and a worker's completions cost grew with the
+            # chunks it had finished, until an autovacuum's ANALYZE of chunks, or never.
+            mine = (", mine AS (SELECT c.chunk_no FROM chunks c WHERE c.batch_id = %(b)s "
+                    "AND c.chunk_no = ANY(ARRAY(SELECT DISTINCT g.chunk_no FROM jsonb_array_elements(%(rows)s::jsonb) "
+                    "AS j(r) JOIN files g ON g.batch_id = %(b)s AND g.rel_path = j.r->>0)) "
+                    "AND c.owner = %(w)s FOR KEY SHARE OF c)")
+            fence = "AND f.chunk_no IN (SELECT chunk_no FROM mine)"
+            args["w"] = self.worker_id
+        return (f"WITH b AS (SELECT state FROM batches WHERE batch_id = %(b)s FOR SHARE){mine}, "
+                "moved AS (UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
+                "updated_at = %(now)s FROM jsonb_array_elements(%(rows)s::jsonb) AS i(r) "
+                f"WHERE f.batch_id = %(b)s AND f.rel_path = i.r->>0 AND f.state = ANY(%(open)s) {fence} "
+                "AND (SELECT state FROM b) = ANY(%(live)s) RETURNING f.rel_path) "
+                "SELECT (SELECT state FROM b) AS batch_state, ARRAY(SELECT rel_path FROM moved) AS moved", args)
+
     def complete_files(self, batch_id: str,
                        completions: list[tuple[str, str, str]]) -> list[tuple[str, IllegalTransition]]:
         """Many (rel_path, sha256, etag) -> uploaded in one transaction: one statement moves every
@@ -520,32 +550,10 @@ class PostgresJournal(CommonOperations):
         looked at one by one for the reason they were refused, which is rare."""
         if not completions:
             return []
-        now = isoformat(utcnow())
+        sql, args = self._completion_statement(batch_id, completions, isoformat(utcnow()))
 
         def body(conn: Conn) -> list[tuple[str, IllegalTransition]]:
-            fence = ""
-            args: dict[str, Any] = {"b": batch_id, "rows": json.dumps(completions, ensure_ascii=False),
-                                    "now": now, "open": list(_OPEN_FILE_STATES),
-                                    "live": [state.value for state in BatchState if not state.terminal]}
-            # One statement (round trips are what a remote database costs): the batch row locked
-            # FOR SHARE and its state checked, as _move_file does; bound to a worker, the chunks of
-            # these files that it holds, locked to the commit (see _fence), looked up by key so
-            # the cost follows the group, not the batch.
-            mine = ""
-            if self.worker_id is not None:
-                mine = (", mine AS (SELECT c.chunk_no FROM chunks c WHERE c.batch_id = %(b)s AND c.owner = %(w)s "
-                        "AND c.chunk_no IN (SELECT g.chunk_no FROM files g JOIN jsonb_array_elements(%(rows)s::jsonb) "
-                        "AS j(r) ON g.batch_id = %(b)s AND g.rel_path = j.r->>0) FOR KEY SHARE OF c)")
-                fence = "AND f.chunk_no IN (SELECT chunk_no FROM mine)"
-                args["w"] = self.worker_id
-            row = conn.execute(
-                f"WITH b AS (SELECT state FROM batches WHERE batch_id = %(b)s FOR SHARE){mine}, "
-                "moved AS (UPDATE files f SET state = 'uploaded', sha256 = i.r->>1, etag = i.r->>2, error = NULL, "
-                "updated_at = %(now)s FROM jsonb_array_elements(%(rows)s::jsonb) AS i(r) "
-                f"WHERE f.batch_id = %(b)s AND f.rel_path = i.r->>0 AND f.state = ANY(%(open)s) {fence} "
-                "AND (SELECT state FROM b) = ANY(%(live)s) RETURNING f.rel_path) "
-                "SELECT (SELECT state FROM b) AS batch_state, ARRAY(SELECT rel_path FROM moved) AS moved",
-                args).fetchone()
+            row = conn.execute(sql, args).fetchone()
             assert row is not None
             if row["batch_state"] is None:
                 raise batch_not_found(batch_id, self.location, hint=False)
