@@ -11,6 +11,7 @@ can simply run again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -103,22 +104,29 @@ def _read_back(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list
     """Merge the bucket's listing of files/ with the journal's uploaded files of their own
     (a packed file is read back with its shard); both come in key order."""
     return _compare(journal.iter_files(batch.batch_id, [FileState.UPLOADED], packed=False),
-                    store.list_objects(batch.batch_prefix + FILES_DIR), "object")
+                    lambda: store.list_objects(batch.batch_prefix + FILES_DIR), "object")
 
 
 def _read_back_shards(journal: Journal, store: ObjectStore, batch: BatchRecord) -> list[tuple[ShardRecord, str]]:
     """The same for a packed batch's shards (their key order is their number order)."""
     return _compare(journal.iter_shards(batch.batch_id, [ShardState.UPLOADED]),
-                    store.list_objects(batch.batch_prefix + SHARDS_DIR), "shard")
+                    lambda: store.list_objects(batch.batch_prefix + SHARDS_DIR), "shard")
 
 
 Stored = TypeVar("Stored", FileRecord, ShardRecord)
 
 
-def _compare(recorded: Iterable[Stored], listing: Iterator[ObjectInfo], noun: str) -> list[tuple[Stored, str]]:
-    """What the journal recorded stored, against the listing: missing, another size, replaced."""
+def _compare(recorded: Iterable[Stored], listing: Callable[[], Iterator[ObjectInfo]],
+             noun: str) -> list[tuple[Stored, str]]:
+    """What the journal recorded stored, against the listing: missing, another size, replaced.
+    With nothing recorded there is nothing to find, and the bucket is not listed (a batch
+    without shards lists no shards/, a fully packed one no files/)."""
     problems: list[tuple[Stored, str]] = []
-    for paired in reader.merge_listing(recorded, lambda item: item.key, listing):
+    items = iter(recorded)
+    first = next(items, None)
+    if first is None:
+        return problems
+    for paired in reader.merge_listing(itertools.chain((first,), items), lambda item: item.key, listing()):
         item, current = paired.item, paired.listed
         if item is None:
             continue  # an object the journal does not name: verify reports those
