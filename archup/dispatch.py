@@ -153,6 +153,10 @@ class Dispatcher:
         self.budget = ByteBudget(budget_bytes)
         self._buffers = BufferPool(self.budget)
         self._slots = threading.BoundedSemaphore(parallel * 2)
+        # The upload streams themselves: a pool task holds one while it runs, a hold() from
+        # when it is taken until it is given back, so no more than ``parallel`` requests are
+        # out at once, whichever way they were sent.
+        self._streams = threading.BoundedSemaphore(parallel)
         self._reader_slots = threading.BoundedSemaphore(readers)
         self._readers = readers
         self._on_error = on_error
@@ -198,15 +202,16 @@ class Dispatcher:
         self._queue(self._pool, self._slots, task, args, reservation)
 
     def hold(self, size: int) -> Callable[[], None]:
-        """A slot of the upload streams and ``size`` bytes of the budget, for work that runs
-        on no pool thread (a PUT the CRT sends and calls back from); blocks as submit() does.
+        """One of the ``parallel`` upload streams and ``size`` bytes of the budget, for work
+        that runs on no pool thread (a PUT the CRT sends and calls back from); blocks until
+        both are free.
         The callable gives both back (once; later calls do nothing). Leaving running()
         waits until every hold is given back."""
-        self._slots.acquire()
+        self._streams.acquire()
         try:
             reservation = self.reserve(size)
         except BaseException:
-            self._slots.release()
+            self._streams.release()
             raise
         with self._held_cond:
             self._held += 1
@@ -220,7 +225,7 @@ class Dispatcher:
                     return
                 released = True
             reservation.release()
-            self._slots.release()
+            self._streams.release()
             with self._held_cond:
                 self._held -= 1
                 if self._held == 0:
@@ -231,10 +236,10 @@ class Dispatcher:
     def read(self, task: Callable[..., None], *args: object) -> None:
         """Run a file's reader on the reader pool; blocks while every reader is busy."""
         assert self._reader_pool is not None, "read() outside running()"
-        self._queue(self._reader_pool, self._reader_slots, task, args, None)
+        self._queue(self._reader_pool, self._reader_slots, task, args, None, stream=False)
 
     def _queue(self, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore, task: Callable[..., None],
-               args: tuple[object, ...], reservation: Reservation | None) -> None:
+               args: tuple[object, ...], reservation: Reservation | None, *, stream: bool = True) -> None:
         try:
             slots.acquire()
         except BaseException:
@@ -248,15 +253,19 @@ class Dispatcher:
             slots.release()
 
         try:
-            future = pool.submit(self._guarded, task, *args)
+            future = pool.submit(self._guarded, stream, task, *args)
         except BaseException:
             release()
             raise
         future.add_done_callback(release)
 
-    def _guarded(self, task: Callable[..., None], *args: object) -> None:
+    def _guarded(self, stream: bool, task: Callable[..., None], *args: object) -> None:
         try:
-            task(*args)
+            if stream:  # a request: it takes one of the streams (a reader only feeds them)
+                with self._streams:
+                    task(*args)
+            else:
+                task(*args)
         except ArchupError as error:
             self._on_error(error)
         except Exception as error:  # a bug must stop the batch, never vanish inside a future

@@ -13,8 +13,8 @@ one thread commits single-PUT completions in groups
 (:class:`archup.outcomes.CompletionWriter`). Where the store sends a PUT without a
 waiting thread (``--transport crt``: :func:`archup.store.async_puts`), the dispatching
 thread reads and hashes a small file itself and the store's callback hands its
-completion to the writer: no pool worker per small file, at most ``parallel`` x 2 of
-them out at once.
+completion to the writer: no pool worker per small file; a PUT sent that way holds one
+of the ``parallel`` streams as a pool worker's request does.
 """
 
 from __future__ import annotations

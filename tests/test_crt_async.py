@@ -237,11 +237,23 @@ def test_leaving_the_dispatcher_waits_for_every_hold_given_back() -> None:
     worker.join(timeout=30)
     assert seen == [False]
     assert dispatcher.budget.available == 1000
-    # every slot is back: as many holds as slots succeed without blocking
-    releases = [dispatcher.hold(1) for _ in range(4)]
+    # every stream is back: as many holds as streams succeed without blocking
+    releases = [dispatcher.hold(1) for _ in range(2)]
     for give_back in releases:
         give_back()
     assert dispatcher.budget.available == 1000
+
+
+def test_holds_and_pool_requests_share_the_parallel_streams() -> None:
+    """--parallel 1: while a PUT sent without a thread is out, no pool request starts."""
+    dispatcher = Dispatcher(1, 1000, lambda error: None)
+    started = threading.Event()
+    with dispatcher.running():
+        release = dispatcher.hold(10)
+        dispatcher.submit(started.set)
+        assert not started.wait(timeout=0.3)  # the only stream is held
+        release()
+        assert started.wait(timeout=30)
 
 
 ORIGINAL = b"the bytes archup read and hashed\n" * 8
