@@ -207,11 +207,14 @@ class Dispatcher:
         both are free.
         The callable gives both back (once; later calls do nothing). Leaving running()
         waits until every hold is given back."""
-        self._streams.acquire()
+        # The bytes first, then the stream: the order a part takes them in (its reader holds
+        # its buffer before the part waits for a stream). A stream held while waiting for
+        # bytes would wait for the very parts that cannot start without it.
+        reservation = self.reserve(size)
         try:
-            reservation = self.reserve(size)
+            self._streams.acquire()
         except BaseException:
-            self._streams.release()
+            reservation.release()
             raise
         with self._held_cond:
             self._held += 1

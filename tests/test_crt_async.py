@@ -295,3 +295,32 @@ def test_a_file_changed_after_its_read_is_stored_as_it_was_read(change: str, cli
     stored = s3.get_object(Bucket=bucket, Key=prefix + "files/a.txt")
     assert stored["Body"].read() == ORIGINAL
     assert stored["Metadata"]["archup-sha256"] == hashlib.sha256(ORIGINAL).hexdigest()
+
+
+def test_a_hold_waiting_for_bytes_keeps_no_stream_from_the_parts_that_free_them() -> None:
+    """A large file's reader holds the budget in a part's buffer; a small file's hold waits
+    for bytes. The part must still get a stream to be sent (and free the bytes): the hold
+    takes its bytes before its stream, as a part does."""
+    dispatcher = Dispatcher(1, 100, lambda error: None)
+    held: list[Callable[[], None]] = []
+    sent = threading.Event()
+    with dispatcher.running():
+        part = dispatcher.buffer(100)  # the whole budget
+        holder = threading.Thread(target=lambda: held.append(dispatcher.hold(10)))
+        holder.start()
+        assert dispatcher.budget.waiting_count(1, timeout=30)
+
+        def send_part() -> None:
+            sent.set()
+            part.release()
+
+        dispatcher.submit(send_part)
+        try:
+            assert sent.wait(timeout=30)
+        finally:  # whatever happened, let everything end (a deadlock here would hang the suite)
+            if not sent.is_set():
+                part.release()
+            holder.join(timeout=30)
+            for release in held:
+                release()
+        assert len(held) == 1
