@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -146,6 +145,7 @@ class CompletionWriter:
         self._on_committed = on_committed
         self._on_error = on_error
         self._queue: queue.SimpleQueue[tuple[FileRecord, str, str] | None] = queue.SimpleQueue()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="archup-journal-writer", daemon=True)
         self._thread.start()
 
@@ -154,6 +154,7 @@ class CompletionWriter:
 
     def close(self) -> None:
         """Commit whatever is still waiting, then stop."""
+        self._closing.set()  # no more lingering: the last group is committed at once
         self._queue.put(None)
         self._thread.join()
 
@@ -164,11 +165,14 @@ class CompletionWriter:
             if first is None:
                 return
             group = [first]
-            deadline = time.monotonic() + self._linger
+            # The first completion wakes this thread; the ones after it are left to queue up
+            # for the linger (no wake-up each) and taken in one go: one transaction, one fsync
+            # and one wake-up a group, however the completions trickle in.
+            if self._linger > 0:
+                self._closing.wait(self._linger)
             while len(group) < self.GROUP:
                 try:
-                    left = deadline - time.monotonic()
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ulid import ULID
@@ -1224,3 +1225,52 @@ def test_a_batch_is_updated_when_any_of_its_files_changes(journal: Journal, batc
         completed = reader.get_file(batch_id, "b.bin")
     assert summary.last_file_change == completed.updated_at
     assert summary.updated_at == max(summary.batch.updated_at, completed.updated_at)
+
+
+def _writer_with(journal: Journal, monkeypatch: pytest.MonkeyPatch, linger: float
+                 ) -> tuple[str, list[str], list[int], list[str]]:
+    """A batch of 20 pending files, the journal's commit_linger set, and its group commits counted."""
+    batch_id = open_batch(journal)
+    names = [f"f{index:02d}" for index in range(20)]
+    journal.add_files(batch_id, [new_file(batch_id, name) for name in names])
+    groups: list[int] = []
+    real = journal.complete_files
+
+    def counted(batch: str, completions: list[tuple[str, str, str]]) -> Any:
+        groups.append(len(completions))
+        return real(batch, completions)
+
+    monkeypatch.setattr(journal, "complete_files", counted)
+    monkeypatch.setattr(journal, "commit_linger", linger)
+    return batch_id, names, groups, []
+
+
+def test_completions_waiting_in_a_linger_are_one_group_and_close_ends_it(
+        journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's first completion starts the linger; the rest queue up meanwhile and go in
+    one transaction. close() ends the linger at once (the run's end waits for no timer)."""
+    from archup.outcomes import CompletionWriter
+
+    batch_id, names, groups, committed = _writer_with(journal, monkeypatch, 3600.0)
+    writer = CompletionWriter(journal, batch_id, lambda record, sha256, etag: committed.append(record.rel_path),
+                              lambda error: committed.append(f"error: {error}"))
+    for name in names:
+        writer.put(journal.get_file(batch_id, name), "ab" * 32, "etag")
+    writer.close()
+    assert groups == [20] and committed == names
+    assert all(journal.get_file(batch_id, name).state is FileState.UPLOADED for name in names)
+
+
+def test_a_lingering_group_is_committed_when_its_linger_ends(journal: Journal,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from archup.outcomes import CompletionWriter
+
+    batch_id, names, groups, _ = _writer_with(journal, monkeypatch, 0.05)
+    done = threading.Event()
+    writer = CompletionWriter(journal, batch_id, lambda record, sha256, etag: done.set(), lambda error: None)
+    try:
+        writer.put(journal.get_file(batch_id, names[0]), "ab" * 32, "etag")
+        assert done.wait(timeout=30)  # without close()
+        assert groups == [1] and journal.get_file(batch_id, names[0]).state is FileState.UPLOADED
+    finally:
+        writer.close()

@@ -57,8 +57,8 @@ class Journal(Protocol):
     """The batch-state authority. Safe to share between threads; closed once they are done."""
 
     location: str  # where it is, as archup prints it (a path, or a URL without its password)
-    # Seconds a group commit of completions waits for more after the first: a commit to a
-    # journal across the network is a round trip however small the group (0: a local commit).
+    # Seconds a group commit of completions waits for more after the first: a commit is a
+    # transaction and an fsync (across the network, a round trip too) however small the group.
     commit_linger: float
 
     def claims(self) -> Claims | None:

@@ -114,7 +114,9 @@ def _each_member(conn: Conn, update: str, batch_id: str, pairs: Sequence[tuple[s
 class SQLiteJournal(CommonOperations):
     """A handle on one journal file; safe to share between threads and to pass to forked children."""
 
-    commit_linger = 0.0  # a commit is local
+    # A commit is local, but each is a transaction and an fsync: completions that arrive
+    # within this long of the first are committed with it (crash: they are sent again).
+    commit_linger = 0.02
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                  synchronous: str = "FULL", read_only: bool = False) -> None:
