@@ -345,6 +345,18 @@ class Uploader:
             content_type = source.content_type(record.rel_path)
             crash_point("before-put-object")
 
+            def send_again() -> None:
+                try:
+                    puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
+                                          content_type=content_type, archive=True,
+                                          done=lambda etag, error: done(etag, error, from_file=False))
+                except ArchupError as error:
+                    self.outcomes.stop_with(error)
+                    end()
+                except Exception as bug:  # a bug must stop the batch, never vanish in a thread
+                    self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+                    end()
+
             def done(etag: str | None, error: Exception | None, *, from_file: bool = True) -> None:
                 # on the store's thread
                 try:
@@ -353,9 +365,9 @@ class Uploader:
                         # checksum (or, with --checksum none, the signed payload) refused it, one
                         # that does not may have stored it.
                         log.info("%s changed while it was sent; sending the bytes read again", record.rel_path)
-                        puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
-                                              content_type=content_type, archive=True,
-                                              done=lambda etag, error: done(etag, error, from_file=False))
+                        # From a thread of its own: this is the store's thread, which a --bwlimit
+                        # wait before the PUT would hold up for every other request.
+                        threading.Thread(target=send_again, name="archup-send-again", daemon=True).start()
                         return  # ends with that PUT
                     if error is None and etag is not None:
                         crash_point("after-put-object")
