@@ -12,6 +12,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime
@@ -1251,12 +1252,14 @@ def test_completions_waiting_in_a_linger_are_one_group_and_close_ends_it(
     one transaction. close() ends the linger at once (the run's end waits for no timer)."""
     from archup.outcomes import CompletionWriter
 
-    batch_id, names, groups, committed = _writer_with(journal, monkeypatch, 3600.0)
+    batch_id, names, groups, committed = _writer_with(journal, monkeypatch, 120.0)
     writer = CompletionWriter(journal, batch_id, lambda record, sha256, etag: committed.append(record.rel_path),
                               lambda error: committed.append(f"error: {error}"))
     for name in names:
         writer.put(journal.get_file(batch_id, name), "ab" * 32, "etag")
+    closing = time.monotonic()
     writer.close()
+    assert time.monotonic() - closing < 60  # not the linger's 120 s: close() ended it
     assert groups == [20] and committed == names
     assert all(journal.get_file(batch_id, name).state is FileState.UPLOADED for name in names)
 
