@@ -240,17 +240,9 @@ def _read_at_most(fd: int, limit: int) -> bytes:
 
 def read_whole(path: str, record: FileRecord, guard: PathGuard | None = None) -> bytes:
     """The whole file, checked unchanged around the read (a single-request object's body)."""
-    fd = _open_checked(path, guard, record)  # checked unchanged before the read
-    try:
-        body = _read_at_most(fd, record.size + 1)  # one byte more: a file that grew says so
-        if len(body) != record.size:
-            raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
-        # The size read proves no growth or truncation; a rewrite in place during the read
-        # keeps the size and moves only mtime and ctime, which only a second fstat sees.
-        check_unchanged(os.fstat(fd), record)
-    finally:
-        os.close(fd)
-    return body
+    held = read_held(path, record, guard)
+    held.close()
+    return held.body
 
 
 # Where another reader in this process (the CRT) may open a descriptor's file again: the
@@ -290,12 +282,14 @@ class HeldRead:
 
 
 def read_held(path: str, record: FileRecord, guard: PathGuard | None = None) -> HeldRead:
-    """:func:`read_whole`, the file kept open (:class:`HeldRead`)."""
-    fd = _open_checked(path, guard, record)
+    """The whole file, checked unchanged around the read, and kept open (:class:`HeldRead`)."""
+    fd = _open_checked(path, guard, record)  # checked unchanged before the read
     try:
-        body = _read_at_most(fd, record.size + 1)
+        body = _read_at_most(fd, record.size + 1)  # one byte more: a file that grew says so
         if len(body) != record.size:
             raise FileChanged(f"read {len(body)} bytes, expected {record.size}")
+        # The size read proves no growth or truncation; a rewrite in place during the read
+        # keeps the size and moves only mtime and ctime, which only a second fstat sees.
         check_unchanged(os.fstat(fd), record)
     except BaseException:
         os.close(fd)

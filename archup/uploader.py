@@ -350,11 +350,8 @@ class Uploader:
                     puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
                                           content_type=content_type, archive=True,
                                           done=lambda etag, error: done(etag, error, from_file=False))
-                except ArchupError as error:
-                    self.outcomes.stop_with(error)
-                    end()
-                except Exception as bug:  # a bug must stop the batch, never vanish in a thread
-                    self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+                except Exception as error:
+                    self._stop_for(error)
                     end()
 
             def done(etag: str | None, error: Exception | None, *, from_file: bool = True) -> None:
@@ -375,23 +372,15 @@ class Uploader:
                         self._writer.put(record, sha256, etag)
                     elif isinstance(error, TransferError):
                         self.outcomes.failed(record, str(error))
-                    elif isinstance(error, ArchupError):
-                        self.outcomes.stop_with(error)
                     else:
-                        self.outcomes.stop_with(ArchupError(f"internal error in an upload: {error!r}"))
-                except ArchupError as failure:
-                    self.outcomes.stop_with(failure)
-                except Exception as bug:  # a bug must stop the batch, never vanish in a callback
-                    self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+                        self._stop_for(error or ArchupError("PutObject answered without an ETag"))
+                except Exception as failure:  # never lost in the store's thread
+                    self._stop_for(failure)
                 end()
 
-        except ArchupError as error:
+        except Exception as error:
             end()
-            self.outcomes.stop_with(error)
-            return
-        except Exception as bug:  # as a pool worker's: a bug stops the batch
-            end()
-            self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+            self._stop_for(error)
             return
         except BaseException:
             end()
@@ -399,9 +388,12 @@ class Uploader:
         try:
             puts.put_object_async(record.key, body, sha256_digest=digest, metadata=metadata,
                                   content_type=content_type, archive=True, send_filepath=held.fd_path, done=done)
-        except ArchupError as error:
+        except Exception as error:
             end()
-            self.outcomes.stop_with(error)
-        except Exception as bug:  # as a pool worker's: a bug stops the batch
-            end()
-            self.outcomes.stop_with(ArchupError(f"internal error in an upload: {bug!r}"))
+            self._stop_for(error)
+
+    def _stop_for(self, error: Exception) -> None:
+        """A destination-wide error stops the batch as itself; anything else is a bug, which
+        stops it too (as in a pool worker: never lost in a callback or a thread)."""
+        self.outcomes.stop_with(error if isinstance(error, ArchupError)
+                                else ArchupError(f"internal error in an upload: {error!r}"))
