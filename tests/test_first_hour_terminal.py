@@ -14,15 +14,19 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Cli
+from tcpproxy import TcpProxy
 
 FILES = 8
 SIZE = 128 * 1024
@@ -66,9 +70,14 @@ def _controlling_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def _interrupt_in_a_terminal(args: list[str], presses: int) -> tuple[int, str]:
-    """Run in a pty; once the bar is drawn, type Ctrl-C ``presses`` times (the second once the
-    'stopping' line is out); everything written, and the exit code."""
+def _interrupt_in_a_terminal(args: list[str], presses: int, proxy: TcpProxy) -> tuple[int, str]:
+    """Run in a pty; once the bar names a file, type Ctrl-C ``presses`` times (the second once the
+    'stopping' line is out); everything written, and the exit code.
+
+    With two presses, the connection to the server (``proxy``) is cut before the first: the
+    requests in flight then never finish, so the second press always finds the run still
+    waiting for them (on a loaded machine they could otherwise all be done, and the run
+    ended, before it lands)."""
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
     env.pop("NO_COLOR", None)
@@ -88,7 +97,10 @@ def _interrupt_in_a_terminal(args: list[str], presses: int) -> tuple[int, str]:
             if not chunk:
                 break
             output += chunk
-            if pressed == 0 and re.search(rb"\d/\d+ files", output):
+            # The first press once the bar names a file in flight: the run has work to finish.
+            if pressed == 0 and re.search(rb"\d/\d+ files", output) and b"file-" in output:
+                if presses > 1:
+                    proxy.cut()
                 os.write(master, b"\x03")
                 pressed = 1
             elif pressed == 1 and presses > 1 and b"archup: stopping" in output:
@@ -99,13 +111,13 @@ def _interrupt_in_a_terminal(args: list[str], presses: int) -> tuple[int, str]:
     return proc.wait(timeout=30), output.decode("utf-8", "replace")
 
 
-def _slow_upload(cli: Cli, tmp_path: Path) -> list[str]:
+def _slow_upload(cli: Cli, tmp_path: Path, endpoint: str) -> list[str]:
     source = tmp_path / "src"
     source.mkdir()
     for index in range(FILES):
         (source / f"file-{index}.bin").write_bytes(os.urandom(SIZE))
     return [sys.executable, "-m", "archup", "upload", "--journal", str(cli.journal), "--bucket", cli.bucket,
-            "--endpoint-url", cli.endpoint, "--parallel", "2", "--bwlimit", "128KiB", str(source)]
+            "--endpoint-url", endpoint, "--parallel", "2", "--bwlimit", "128KiB", str(source)]
 
 
 def _bar_lines(lines: list[str]) -> list[str]:
@@ -115,17 +127,171 @@ def _bar_lines(lines: list[str]) -> list[str]:
 @pytest.mark.parametrize("presses", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
 def test_ctrl_c_clears_the_live_area_once_and_messages_stand_on_their_own_lines(cli: Cli, tmp_path: Path,
                                                                                  presses: int) -> None:
-    code, output = _interrupt_in_a_terminal(_slow_upload(cli, tmp_path), presses)
+    address = urllib.parse.urlsplit(cli.endpoint)
+    with TcpProxy(address.hostname or "127.0.0.1", address.port or 80) as proxy:
+        args = _slow_upload(cli, tmp_path, f"http://127.0.0.1:{proxy.port}")
+        code, output = _interrupt_in_a_terminal(args, presses, proxy)
     assert code == 130, output
     lines = _screen(output)
-    assert _bar_lines(lines) == [], lines  # the live area is gone, and no second one was drawn
+    # On failure: the screen, then what was written (pytest shortens a list, not a string).
+    shown = "\n".join(lines) + "\n--- written:\n" + repr(output)
+    assert _bar_lines(lines) == [], shown  # the live area is gone, and no second one was drawn
     stopping = [line for line in lines if "archup: stopping" in line]
-    assert len(stopping) == 1 and stopping[0].startswith("archup: stopping"), lines
+    assert len(stopping) == 1 and stopping[0].startswith("archup: stopping"), shown
     ends = [line for line in lines if "archup: error:" in line]
-    assert len(ends) == 1 and ends[0].startswith("archup: error:"), lines  # never after a '^C' or a bar
+    assert len(ends) == 1 and ends[0].startswith("archup: error:"), shown  # never after a '^C' or a bar
     if presses == 2:
-        assert "second signal" in ends[0], lines
-    assert not any("^C" in line and "archup" in line for line in lines), lines
+        assert "second signal" in ends[0], shown
+    assert not any("^C" in line and "archup" in line for line in lines), shown
+
+
+class _SlowTerminal:
+    """stderr on a terminal slow to take a line: each write waits for ``release`` (bounded)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.release.wait(30), "the test never let the write through"
+        written = self.real.write(text)
+        self.real.flush()
+        return int(written)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _Exited(Exception):
+    """os._exit, as the tests below take it: the caller goes no further, and the process stays."""
+
+
+@pytest.fixture
+def no_exit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Stopping's forced exits, recorded and raised as _Exited instead of taken; the note lock
+    is this test's own (a forced exit never releases it)."""
+    from archup.cli import upload
+
+    exits: list[int] = []
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(upload.os, "_exit", exit_now)
+    monkeypatch.setattr(upload, "_NOTE_LOCK", threading.RLock())
+    monkeypatch.setattr(upload, "_live_display", lambda: None)
+    return exits
+
+
+def test_a_second_signal_lets_the_stopping_note_finish_before_its_own_line(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], no_exit: list[int]) -> None:
+    """Seen on CI: the second Ctrl-C came while the 'stopping' note was being written; the
+    forced exit erased the half-written line ('\\r' and erase) and the note was gone."""
+    from archup.cli.common import Invocation
+    from archup.cli.upload import Stopping
+
+    terminal = _SlowTerminal(sys.stderr)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    stopping = Stopping(30.0, run_state=Invocation())
+    stopping.handler(signal.SIGINT, None)
+    try:
+        assert terminal.writing.wait(30)  # the note is being written
+        def second_signal() -> None:
+            with pytest.raises(_Exited):
+                stopping.handler(signal.SIGINT, None)
+
+        second = threading.Thread(target=second_signal)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive(), "the forced exit did not wait for the note being written"
+        terminal.release.set()
+        second.join(30)
+        assert not second.is_alive()
+    finally:
+        terminal.release.set()
+        stopping.cancel()
+    assert no_exit == [130]
+    err = capfd.readouterr().err
+    assert err.index("archup: stopping:") < err.index("archup: error: second signal"), err
+    assert "archup: stopping: finishing the requests in flight" in err.splitlines()[0], err
+
+
+def test_a_run_ends_only_once_its_stopping_note_is_out(monkeypatch: pytest.MonkeyPatch,
+                                                       capfd: pytest.CaptureFixture[str],
+                                                       no_exit: list[int]) -> None:
+    """The note's thread is a daemon: the run's end waits for it (settle), or the note could
+    come after the run's last line, or be cut off by the exit."""
+    from archup.cli.common import Invocation
+    from archup.cli.upload import Stopping
+
+    terminal = _SlowTerminal(sys.stderr)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    stopping = Stopping(30.0, run_state=Invocation())
+    stopping.handler(signal.SIGTERM, None)
+    try:
+        assert terminal.writing.wait(30)
+        settling = threading.Thread(target=stopping.settle)
+        settling.start()
+        settling.join(0.5)
+        assert settling.is_alive(), "the run ended while its stopping note was still being written"
+        terminal.release.set()
+        settling.join(30)
+        assert not settling.is_alive()
+    finally:
+        terminal.release.set()
+        stopping.cancel()
+    assert "archup: stopping: finishing the requests in flight" in capfd.readouterr().err
+    assert no_exit == []
+
+
+def test_a_signal_while_the_last_line_is_written_adds_no_second_line(capfd: pytest.CaptureFixture[str],
+                                                                      no_exit: list[int]) -> None:
+    from archup.cli.common import Invocation
+    from archup.cli.upload import Stopping
+
+    run = Invocation()
+    stopping = Stopping(30.0, run_state=run)
+    stopping.handler(signal.SIGINT, None)
+    stopping.settle()
+    assert run.signalled
+    run.last_error = "batch B interrupted; resume with 'archup resume B'"  # report_error's first step
+    stopping.handler(signal.SIGINT, None)
+    assert no_exit == []
+    assert "archup: error:" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("signalled", [True, False], ids=["signalled", "not-signalled"])
+def test_once_a_signalled_run_has_ended_signals_are_ignored_to_the_exit(monkeypatch: pytest.MonkeyPatch,
+                                                                        signalled: bool) -> None:
+    """The interpreter puts the default action back as it shuts down: a Ctrl-C then ended the
+    process by SIGINT (-2 to its parent) instead of with exit 130; seen on CI."""
+    import archup.cli as cli_module
+
+    def command(*, obj: Any, **_: Any) -> int:
+        obj.signalled = signalled
+        return 130 if signalled else 0
+
+    monkeypatch.setattr(cli_module, "app", command)
+    monkeypatch.setattr(sys, "argv", ["archup", "upload"])
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli_module.main()
+        after = {signum: signal.getsignal(signum) for signum in before}
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert ended.value.code == (130 if signalled else 0)
+    if signalled:
+        assert set(after.values()) == {signal.SIG_IGN}, after
+    else:
+        assert after == before
 
 
 def test_a_failed_file_is_named_once_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

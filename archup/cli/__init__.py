@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -151,4 +152,10 @@ def main() -> None:
     code = code if isinstance(code, int) else 0
     if as_json and code and not run.json_emitted:  # whatever exited non-zero without saying so in JSON
         emit_json({"error": run.last_error or f"exit {code}", "exit_code": code}, run=run)
+    if run.signalled:
+        # The run was stopped by a signal and its last line is out: another one changes nothing
+        # now. Ignored, not left to the default action that the interpreter puts back as it
+        # shuts down, which would end the process by SIGINT instead of with its exit code.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

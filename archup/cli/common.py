@@ -48,6 +48,7 @@ class Invocation:
     outcome: Any = None  # a sending command's RunOutcome, for --metrics-file
     last_error: str | None = None
     pending: tuple[str, int] | None = None
+    signalled: bool = False  # a SIGINT/SIGTERM stopped the run (cli.upload.Stopping)
 
     def begin(self, command: str | None) -> None:
         self.command = f"archup {command}" if command else "archup"
@@ -56,6 +57,7 @@ class Invocation:
         self.outcome = None
         self.last_error = None
         self.pending = None
+        self.signalled = False
 
 
 _OUTSIDE = Invocation()  # for the library's callers outside any command (never for a command run)

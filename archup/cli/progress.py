@@ -40,19 +40,21 @@ def say(line: str) -> None:
         if live is not None and not live.stopped:
             live.console.print(line, markup=False, highlight=False)
         else:
-            print(line, file=sys.stderr)
+            sys.stderr.write(line + "\n")  # one write: the line and its end together
+            sys.stderr.flush()
 
 
 def clear() -> None:
     """Take the live area off the screen (before an exit that will not unwind), and put
     the cursor at the start of an empty line, over any '^C' the terminal echoed there."""
     global _live
-    with _live_lock:
-        live, _live = _live, None
-    if live is not None:
-        live.stop()
-    if sys.stderr.isatty():
-        os.write(2, b"\r\x1b[K")
+    with _print_lock:  # not in the middle of a note
+        with _live_lock:
+            live, _live = _live, None
+        if live is not None:
+            live.stop()
+        if sys.stderr.isatty():
+            os.write(2, b"\r\x1b[K")
 
 
 class RateColumn(ProgressColumn):

@@ -81,6 +81,12 @@ MAX_PARALLEL = 256
 MAX_PART_SIZE = 5 * 1024 ** 3
 DEFAULT_GRACE = 30.0
 T = TypeVar("T")
+# One at a time on the terminal: the 'stopping' note and a forced exit's clearing and last line.
+# A second signal arriving while the note is written waits for it (at most NOTE_WAIT seconds),
+# so the clearing never erases a note half written, and the run's own end waits for the note
+# (its thread), so the note never comes after the run's last line or is cut off by the exit.
+_NOTE_LOCK = threading.RLock()
+NOTE_WAIT = 2.0
 
 
 class Stopping:
@@ -99,8 +105,11 @@ class Stopping:
         self._invocation = run_state or invocation()
         self._signalled = False
         self._timer: threading.Timer | None = None
+        self._note: threading.Thread | None = None
 
     def _exit_now(self, why: str) -> None:
+        # Never released: os._exit below. If the note cannot be had in time, exit all the same.
+        _NOTE_LOCK.acquire(timeout=NOTE_WAIT)
         _clear_terminal()  # no frame of the bar, no echoed '^C', before the last line
         message = f"archup: error: {why}; exiting now"
         if self.hint:
@@ -118,14 +127,21 @@ class Stopping:
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
         if self._signalled:
+            if self._invocation.last_error is not None:
+                # The command's last line is being written (report_error sets last_error first):
+                # the process is ending with its code anyway, and a second error line would
+                # follow the last one. main() ignores signals once the command is done.
+                return
             self._exit_now("second signal")
         self._signalled = True
+        self._invocation.signalled = True
         self.stop.set()
         # Printed by a thread of its own: a second signal arriving in the middle of this
         # print would otherwise interrupt it in this thread and clear the bar under it.
-        threading.Thread(target=_say, name="archup-stopping", daemon=True, args=(
+        self._note = threading.Thread(target=_say, name="archup-stopping", daemon=True, args=(
             f"archup: stopping: finishing the requests in flight (a second signal, or {self.grace:g} s, "
-            "exits at once)",)).start()
+            "exits at once)",))
+        self._note.start()
         self._timer = threading.Timer(self.grace, self._exit_now,
                                       args=(f"requests still in flight {self.grace:g} s after the signal",))
         self._timer.daemon = True
@@ -135,6 +151,14 @@ class Stopping:
         if self._timer is not None:
             self._timer.cancel()
 
+    def settle(self) -> None:
+        """The run ended on its own: no forced exit any more, and the 'stopping' note is out
+        before the run's last line (its thread, a daemon, would otherwise be cut off by the
+        process's exit, or print after that line)."""
+        self.cancel()
+        if self._note is not None:
+            self._note.join(NOTE_WAIT)
+
 
 def _live_display() -> ModuleType | None:
     """archup.cli.progress if a run loaded it (a terminal's bar): never imported for cron."""
@@ -142,12 +166,15 @@ def _live_display() -> ModuleType | None:
 
 
 def _say(line: str) -> None:
-    """A note on a line of its own, above the progress bar if one is drawn."""
-    display = _live_display()
-    if display is not None:
-        display.say(line)
-    else:
-        print(line, file=sys.stderr)
+    """A note on a line of its own, above the progress bar if one is drawn; written whole
+    before a forced exit may clear the terminal (:data:`_NOTE_LOCK`)."""
+    with _NOTE_LOCK:
+        display = _live_display()
+        if display is not None:
+            display.say(line)
+        else:
+            sys.stderr.write(line + "\n")  # one write: the line and its end together
+            sys.stderr.flush()
 
 
 def _clear_terminal() -> None:
@@ -168,7 +195,7 @@ def stop_on_signals(grace: float = DEFAULT_GRACE, as_json: bool = False) -> Iter
     try:
         yield stopping
     finally:
-        stopping.cancel()
+        stopping.settle()
         if not stopping.signalled:
             for sig, old in previous.items():
                 signal.signal(sig, old)
