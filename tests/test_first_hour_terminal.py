@@ -21,6 +21,7 @@ import termios
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +190,9 @@ def no_exit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return exits
 
 
-def test_a_second_signal_lets_the_stopping_note_finish_before_its_own_line(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], no_exit: list[int]) -> None:
-    """Seen on CI: the second Ctrl-C came while the 'stopping' note was being written; the
-    forced exit erased the half-written line ('\\r' and erase) and the note was gone."""
+def _waits_for_the_note(monkeypatch: pytest.MonkeyPatch, then: Callable[[Any], None], why: str) -> None:
+    """A first signal's 'stopping' note is being written to a slow terminal: ``then(stopping)``,
+    run in a thread, must wait until the note is written whole, and end after it."""
     from archup.cli.common import Invocation
     from archup.cli.upload import Stopping
 
@@ -202,20 +202,28 @@ def test_a_second_signal_lets_the_stopping_note_finish_before_its_own_line(
     stopping.handler(signal.SIGINT, None)
     try:
         assert terminal.writing.wait(30)  # the note is being written
-        def second_signal() -> None:
-            with pytest.raises(_Exited):
-                stopping.handler(signal.SIGINT, None)
-
-        second = threading.Thread(target=second_signal)
-        second.start()
-        second.join(0.5)
-        assert second.is_alive(), "the forced exit did not wait for the note being written"
+        waiting = threading.Thread(target=then, args=(stopping,))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive(), why
         terminal.release.set()
-        second.join(30)
-        assert not second.is_alive()
+        waiting.join(30)
+        assert not waiting.is_alive()
     finally:
         terminal.release.set()
         stopping.cancel()
+
+
+def test_a_second_signal_lets_the_stopping_note_finish_before_its_own_line(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], no_exit: list[int]) -> None:
+    """Seen on CI: the second Ctrl-C came while the 'stopping' note was being written; the
+    forced exit erased the half-written line ('\\r' and erase) and the note was gone."""
+
+    def second_signal(stopping: Any) -> None:
+        with pytest.raises(_Exited):
+            stopping.handler(signal.SIGINT, None)
+
+    _waits_for_the_note(monkeypatch, second_signal, "the forced exit did not wait for the note being written")
     assert no_exit == [130]
     err = capfd.readouterr().err
     assert err.index("archup: stopping:") < err.index("archup: error: second signal"), err
@@ -227,25 +235,8 @@ def test_a_run_ends_only_once_its_stopping_note_is_out(monkeypatch: pytest.Monke
                                                        no_exit: list[int]) -> None:
     """The note's thread is a daemon: the run's end waits for it (settle), or the note could
     come after the run's last line, or be cut off by the exit."""
-    from archup.cli.common import Invocation
-    from archup.cli.upload import Stopping
-
-    terminal = _SlowTerminal(sys.stderr)
-    monkeypatch.setattr(sys, "stderr", terminal)
-    stopping = Stopping(30.0, run_state=Invocation())
-    stopping.handler(signal.SIGTERM, None)
-    try:
-        assert terminal.writing.wait(30)
-        settling = threading.Thread(target=stopping.settle)
-        settling.start()
-        settling.join(0.5)
-        assert settling.is_alive(), "the run ended while its stopping note was still being written"
-        terminal.release.set()
-        settling.join(30)
-        assert not settling.is_alive()
-    finally:
-        terminal.release.set()
-        stopping.cancel()
+    _waits_for_the_note(monkeypatch, lambda stopping: stopping.settle(),
+                        "the run ended while its stopping note was still being written")
     assert "archup: stopping: finishing the requests in flight" in capfd.readouterr().err
     assert no_exit == []
 
