@@ -332,6 +332,9 @@ class Uploader:
             release()
 
         try:
+            if self.stop.is_set():
+                end()  # stopped while waiting for a stream: the file stays pending for the resumer
+                return
             self.outcomes.started(record)
             read = self._read_single(record, path, self.tree.read_held)
             if read is None:

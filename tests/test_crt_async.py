@@ -324,3 +324,32 @@ def test_a_hold_waiting_for_bytes_keeps_no_stream_from_the_parts_that_free_them(
             for release in held:
                 release()
         assert len(held) == 1
+
+
+def test_a_stop_while_waiting_for_a_stream_starts_no_further_file(cli: Cli, s3: Any, bucket: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--parallel 1: the dispatching thread waits in hold() for b.txt's stream while a.txt's PUT
+    is out, and the stop comes then (set as that wait begins). b.txt must stay pending for the
+    resumer, as a pool task queued before the stop does, not be read and sent once a.txt ends."""
+    source = write_tree(tmp_path / "src", {"a.txt": b"first\n", "b.txt": b"second\n"})
+    uploaders: list[Uploader] = []
+    real_init, real_hold = Uploader.__init__, Dispatcher.hold
+    holds: list[int] = []
+
+    def init(self: Uploader, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        uploaders.append(self)
+
+    def hold(self: Dispatcher, size: int) -> Callable[[], None]:
+        holds.append(size)
+        if len(holds) == 2:  # b.txt's: a.txt's PUT holds the one stream
+            uploaders[-1].stop.set()
+        return real_hold(self, size)
+
+    monkeypatch.setattr(Uploader, "__init__", init)
+    monkeypatch.setattr(Dispatcher, "hold", hold)
+    result = cli("upload", "--json", "--transport", "crt", "--parallel", "1", str(source))
+    assert result.exit_code == 130, result.stderr
+    assert len(holds) == 2
+    listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert sorted(item["Key"].rsplit("/files/", 1)[1] for item in listed if "/files/" in item["Key"]) == ["a.txt"]
