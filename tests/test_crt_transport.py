@@ -94,6 +94,46 @@ def test_the_crt_signs_the_payload_only_when_the_body_has_no_checksum(
         assert payload == "UNSIGNED-PAYLOAD" and put.header(header)
 
 
+class _RecordingHashlib:
+    """archup.store.crt's hashlib, keeping what it makes a SHA-256 of."""
+
+    def __init__(self) -> None:
+        self.hashed: list[bytes] = []
+
+    def sha256(self, data: bytes = b"") -> Any:
+        self.hashed.append(bytes(data))
+        return hashlib.sha256(data)
+
+
+def test_a_signed_payload_is_signed_with_the_digest_archup_has(moto_endpoint: str, bucket: str, s3: Any,
+                                                               tmp_path: Path, journal_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--checksum none: the signature carries the body's SHA-256, which archup computed as it
+    read the file; the CRT store does not hash the body a second time for it (on the
+    asynchronous PUT of a small file, nor on the waiting put()). The header's value is
+    checked by the test above."""
+    import archup.store.crt as crt_module
+
+    recording = _RecordingHashlib()
+    monkeypatch.setattr(crt_module, "hashlib", recording)
+    data = b"signed with archup's digest\n" * 40
+    source = write_tree(tmp_path / "src", {"a.txt": data})
+    result = Cli(moto_endpoint, bucket, journal_path)("upload", "--json", "--transport", "crt", "--checksum", "none",
+                                                      str(source))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["files_uploaded"] == 1
+    assert data not in recording.hashed  # (the batch's own small documents come without a digest)
+    body = b"waiting put\n"
+    put = CrtPut(Endpoint("http", moto_endpoint.split("://")[1], f"/{bucket}/", "us-east-1"),
+                 Credentials("testing", "testing", None), retry=RetryPolicy(attempts=1), connect_timeout=2,
+                 read_timeout=10, max_connections=2, sign_payload=True)
+    assert put.put("k/waiting.txt", body, [], what="PutObject k", body_sha256=hashlib.sha256(body).digest())
+    assert s3.get_object(Bucket=bucket, Key="k/waiting.txt")["Body"].read() == body
+    assert body not in recording.hashed
+    put.put("k/no-digest.txt", body, [], what="PutObject k")  # without the caller's digest: hashed here
+    assert recording.hashed.count(body) == 1
+
+
 def _stored(s3: Any, bucket: str, key: str) -> dict[str, Any]:
     head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     tags = s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]

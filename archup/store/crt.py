@@ -203,14 +203,15 @@ QUIET_BODY = 64 * 1024
 class _Pending:
     """An asynchronous PUT, from its first attempt to ``done``."""
 
-    __slots__ = ("path", "body", "headers", "what", "done", "attempt", "seen", "request", "stalled", "patience",
-                 "send_filepath")
+    __slots__ = ("path", "body", "payload", "headers", "what", "done", "attempt", "seen", "request", "stalled",
+                 "patience", "send_filepath")
 
-    def __init__(self, path: str, body: bytes, headers: list[tuple[str, str]], what: str, done: PutDone,
-                 send_filepath: str | None = None) -> None:
+    def __init__(self, path: str, body: bytes, payload: str, headers: list[tuple[str, str]], what: str,
+                 done: PutDone, send_filepath: str | None = None) -> None:
         self.path = path
         self.send_filepath = send_filepath
         self.body = body
+        self.payload = payload  # the body's SHA-256 (hex) that every attempt is signed with
         self.headers = headers
         self.what = what
         self.done: PutDone | None = done
@@ -352,23 +353,26 @@ class CrtPut:
             connect_timeout_ms=max(1, int(connect_timeout * 1000)),
             max_active_connections_override=max_connections)
 
-    def put(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str) -> str:
+    def put(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str,
+            body_sha256: bytes | None = None) -> str:
         """PUT ``body`` at ``key`` with these headers; the answer's ETag. Retried as the retry
-        policy says; the last failure is a TransferError or a DestinationError."""
+        policy says; the last failure is a TransferError or a DestinationError.
+        ``body_sha256``: the body's SHA-256 where the caller has it (the signature's payload
+        hash), so the body is not hashed again here."""
         path = self.endpoint.path_prefix + quote_key(key)
         all_headers = [("Host", self.endpoint.host), ("Content-Length", str(len(body))), *headers]
-        return self.retry.run(lambda: self._attempt(path, body, all_headers),
+        payload = self._payload_hash(body, body_sha256)
+        return self.retry.run(lambda: self._attempt(path, body, payload, all_headers),
                               lambda raised, last: self._meaning(raised, what, last=last))
 
-    def _attempt(self, path: str, body: bytes, headers: list[tuple[str, str]]) -> str:
+    def _attempt(self, path: str, body: bytes, payload: str, headers: list[tuple[str, str]]) -> str:
         from awscrt.http import HttpHeaders, HttpRequest
         from awscrt.s3 import S3RequestType
 
         for hook in self.before_send:
             hook(f"{self.endpoint.scheme}://{self.endpoint.host}{path}")
         seen = _Attempt()
-        signing = None if self._signing is None else self._signing.replace(
-            signed_body_value=hashlib.sha256(body).hexdigest())
+        signing = None if self._signing is None else self._signing.replace(signed_body_value=payload)
         request = self._client.make_request(
             type=S3RequestType.DEFAULT, operation_name="PutObject", signing_config=signing,
             request=HttpRequest("PUT", path, HttpHeaders(headers), _BodyStream(body)),
@@ -379,15 +383,27 @@ class CrtPut:
             raise TransferError(f"PutObject {path}: answer {seen.status} without an ETag", "NoETag")
         return etag
 
+    def _payload_hash(self, body: bytes, sha256: bytes | None) -> str:
+        """The signature's payload hash, once a PUT (every attempt is signed with it): the
+        body's SHA-256 as hex, from the caller's digest if it has one (archup hashed the body
+        already), else computed; nothing where the payload is not signed."""
+        if self._signing is None:
+            return ""
+        if sha256 is not None:
+            assert len(sha256) == 32, "a SHA-256 digest"
+            return sha256.hex()
+        return hashlib.sha256(body).hexdigest()
+
     def put_async(self, key: str, body: bytes, headers: list[tuple[str, str]], *, what: str, done: PutDone,
-                  send_filepath: str | None = None) -> None:
+                  send_filepath: str | None = None, body_sha256: bytes | None = None) -> None:
         """PUT ``body`` at ``key`` as put() does, without waiting: ``done`` is called with the
         ETag, or with the error put() would have raised, when the last attempt ends. Nothing
         waits on a thread meanwhile; the attempts a retry sends after a wait are started by
         one thread of this client's (:class:`_Watch`), which also cancels a stalled one."""
         path = self.endpoint.path_prefix + quote_key(key)
         all_headers = [("Host", self.endpoint.host), ("Content-Length", str(len(body))), *headers]
-        self._send(_Pending(path, body, all_headers, what, done, send_filepath))
+        self._send(_Pending(path, body, self._payload_hash(body, body_sha256), all_headers, what, done,
+                            send_filepath))
 
     def _send(self, pending: _Pending) -> None:
         from awscrt.http import HttpHeaders, HttpRequest
@@ -401,8 +417,7 @@ class CrtPut:
         try:
             for hook in self.before_send:
                 hook(f"{self.endpoint.scheme}://{self.endpoint.host}{pending.path}")
-            signing = None if self._signing is None else self._signing.replace(
-                signed_body_value=hashlib.sha256(pending.body).hexdigest())
+            signing = None if self._signing is None else self._signing.replace(signed_body_value=pending.payload)
             progress = seen.on_progress if len(pending.body) > QUIET_BODY else None
             self._watch.track(pending)
             request = self._client.make_request(
@@ -642,7 +657,7 @@ class CrtPutStore(StoreWrapper):
                    archive: bool = False) -> str:
         headers = put_args(self.s3.config, body, sha256_digest=sha256_digest, metadata=metadata,
                            content_type=content_type, archive=archive).headers()
-        return self._client().put(key, body, headers, what=f"PutObject {key}")
+        return self._client().put(key, body, headers, what=f"PutObject {key}", body_sha256=sha256_digest)
 
     def async_puts(self) -> CrtPutStore:
         """PutObject without a waiting thread: :meth:`put_object_async`."""
@@ -657,5 +672,6 @@ class CrtPutStore(StoreWrapper):
         length, its checksum: the server refuses other bytes) are ``body``'s."""
         headers = put_args(self.s3.config, body, sha256_digest=sha256_digest, metadata=metadata,
                            content_type=content_type, archive=archive).headers()
-        self._client().put_async(key, body, headers, what=f"PutObject {key}", done=done, send_filepath=send_filepath)
+        self._client().put_async(key, body, headers, what=f"PutObject {key}", done=done, send_filepath=send_filepath,
+                                 body_sha256=sha256_digest)
 
